@@ -1,0 +1,178 @@
+"""The audit database: the run journal and the append-only certificate chain.
+
+Tables live in the database of connection ``retention_audit`` (or the one configured).
+``purge_certificates`` refuses UPDATE, DELETE and TRUNCATE through triggers that fire
+even under ``session_replication_role = replica`` (PostgreSQL ``ENABLE ALWAYS``). That
+stops accidents and casual edits; a superuser can still drop a trigger, which is why
+trust rests on signatures and the hash chain (:mod:`retention.certificates`), not on
+the database.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects import mysql
+
+from retention.connections import ConnectionResolver, create_sql_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+DEFAULT_AUDIT_CONNECTION = "retention_audit"
+
+metadata = MetaData()
+
+_Timestamp = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+_LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+purge_runs = Table(
+    "purge_runs",
+    metadata,
+    Column("category", String(63), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("rule_path", String(500), nullable=False),
+    Column("rule_sha256", String(64), nullable=False),
+    Column("code_version", String(100), nullable=False),
+    Column("action", String(20), nullable=False),
+    Column("as_of", String(40), nullable=False, comment="ISO 8601 UTC, fixed for the run"),
+    Column("cutoff", String(40), nullable=False, comment="ISO 8601 UTC"),
+    Column("started_at", String(40), nullable=False),
+    Column("state", String(20), nullable=False, comment="running | certified"),
+    Column("certificate_seq", BigInteger, nullable=True),
+    PrimaryKeyConstraint("category", "run_id"),
+)
+
+purge_targets = Table(
+    "purge_targets",
+    metadata,
+    Column("category", String(63), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("target", String(63), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("location", String(500), nullable=False),
+    Column("definition", Text, nullable=False, comment="the target's rule, as JSON, for recovery"),
+    Column("state", String(20), nullable=False, comment="planned | running | complete | failed"),
+    Column("matched", BigInteger, nullable=True),
+    Column("remaining", BigInteger, nullable=True),
+    Column("error", String(500), nullable=True, comment="error class and code; never data"),
+    Column("started_at", String(40), nullable=True),
+    Column("finished_at", String(40), nullable=True),
+    PrimaryKeyConstraint("category", "run_id", "target"),
+)
+
+purge_batches = Table(
+    "purge_batches",
+    metadata,
+    Column("category", String(63), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("target", String(63), nullable=False),
+    Column("batch_no", Integer, nullable=False),
+    Column("state", String(10), nullable=False, comment="pending | done | void"),
+    Column("bounds", Text, nullable=False, comment="walk range as JSON, to settle a pending batch"),
+    Column("rows_planned", BigInteger, nullable=False),
+    Column("rows_done", BigInteger, nullable=True),
+    Column("recorded_at", String(40), nullable=False),
+    PrimaryKeyConstraint("category", "run_id", "target", "batch_no"),
+)
+
+purge_certificates = Table(
+    "purge_certificates",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("category", String(63), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("issued_at", _Timestamp, nullable=False),
+    Column("payload", _LongText, nullable=False, comment="the exact signed bytes: RFC 8785 JSON"),
+    Column("signature", String(200), nullable=False, comment="Ed25519, base64"),
+    Column("key_id", String(64), nullable=False, comment="SHA-256 of the raw public key"),
+    Column("prev_hash", String(64), nullable=False),
+    Column("entry_hash", String(64), nullable=False),
+    UniqueConstraint("prev_hash", name="purge_certificates_prev_hash_key"),
+    UniqueConstraint("entry_hash", name="purge_certificates_entry_hash_key"),
+    UniqueConstraint("category", "run_id", name="purge_certificates_run_key"),
+)
+
+_PG_APPEND_ONLY = [
+    """
+    CREATE OR REPLACE FUNCTION purge_certificates_append_only() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'purge_certificates is append-only: % is not allowed', TG_OP
+            USING ERRCODE = 'insufficient_privilege';
+    END
+    $$
+    """,
+    """
+    CREATE OR REPLACE TRIGGER purge_certificates_no_change
+        BEFORE UPDATE OR DELETE ON purge_certificates
+        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
+    """,
+    """
+    CREATE OR REPLACE TRIGGER purge_certificates_no_truncate
+        BEFORE TRUNCATE ON purge_certificates
+        FOR EACH STATEMENT EXECUTE FUNCTION purge_certificates_append_only()
+    """,
+    "ALTER TABLE purge_certificates ENABLE ALWAYS TRIGGER purge_certificates_no_change",
+    "ALTER TABLE purge_certificates ENABLE ALWAYS TRIGGER purge_certificates_no_truncate",
+]
+
+_MYSQL_APPEND_ONLY = [
+    f"""
+    CREATE TRIGGER IF NOT EXISTS purge_certificates_no_{op.lower()}
+        BEFORE {op} ON purge_certificates FOR EACH ROW
+        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'purge_certificates is append-only: {op} is not allowed'
+    """
+    for op in ("UPDATE", "DELETE")
+]
+
+_SQLITE_APPEND_ONLY = [
+    f"""
+    CREATE TRIGGER IF NOT EXISTS purge_certificates_no_{op.lower()}
+        BEFORE {op} ON purge_certificates
+        BEGIN SELECT RAISE(ABORT, 'purge_certificates is append-only: {op} is not allowed'); END
+    """
+    for op in ("UPDATE", "DELETE")
+]
+
+# Any constant will do; it only has to be the same for every writer of the chain.
+CHAIN_LOCK_KEY = 0x7265746E  # "retn"
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the audit tables and the append-only triggers if they are missing."""
+    dialect = engine.dialect.name
+    with engine.begin() as conn:
+        if dialect == "postgresql":
+            # Two workers starting at once must not race on CREATE.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
+        metadata.create_all(conn, checkfirst=True)
+        statements = {
+            "postgresql": _PG_APPEND_ONLY,
+            "mysql": _MYSQL_APPEND_ONLY,
+            "sqlite": _SQLITE_APPEND_ONLY,
+        }.get(dialect, [])
+        for statement in statements:
+            conn.execute(text(statement))
+
+
+def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CONNECTION) -> Engine:
+    """An engine on the audit database, with the schema in place."""
+    engine = create_sql_engine(connections(conn_id))
+    ensure_schema(engine)
+    return engine

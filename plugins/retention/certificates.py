@@ -1,0 +1,321 @@
+"""Purge certificates: signed, hash-chained evidence of what each run did.
+
+A certificate's payload is canonical JSON (RFC 8785), stored as the exact signed text.
+It carries its ``seq`` and the previous entry's hash, so anyone holding the public key
+can check, without trusting the database, that no certificate was forged, edited,
+removed from the middle or reordered. Appends are serialized (an advisory lock on
+PostgreSQL, unique ``seq`` and ``prev_hash`` everywhere), so the chain cannot fork.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import rfc8785
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import IntegrityError
+
+from retention.audit import CHAIN_LOCK_KEY, purge_certificates
+from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from retention.signing import PublicKeys, Signer
+
+log = logging.getLogger(__name__)
+
+GENESIS_HASH = "0" * 64
+PAYLOAD_TYPE = "retention/purge-certificate"
+PAYLOAD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One row of ``purge_certificates``."""
+
+    seq: int
+    category: str
+    run_id: str
+    status: str
+    issued_at: datetime
+    payload: str
+    signature: str
+    key_id: str
+    prev_hash: str
+    entry_hash: str
+    data: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
+
+    @property
+    def deleted(self) -> int:
+        """Records purged by the run, over all targets."""
+        return int(self.data.get("totals", {}).get("deleted", 0))
+
+
+def canonical(payload: dict[str, Any]) -> bytes:
+    """RFC 8785 canonical JSON: the exact bytes that are hashed and signed."""
+    return rfc8785.dumps(payload)
+
+
+def entry_hash(payload_bytes: bytes) -> str:
+    """Hex SHA-256 of the payload bytes; the next certificate's ``prev_hash``."""
+    return hashlib.sha256(payload_bytes).hexdigest()
+
+
+def target_status(record: TargetRecord) -> str:
+    """complete, or failed: a target that never finished did not purge everything."""
+    return "complete" if record.state == "complete" else "failed"
+
+
+def run_status(records: list[TargetRecord]) -> str:
+    """complete when every target is; partial when something was purged; else failed."""
+    if records and all(target_status(r) == "complete" for r in records):
+        return "complete"
+    if any(r.deleted for r in records):
+        return "partial"
+    return "failed"
+
+
+def build_payload(
+    run: RunRecord,
+    targets: list[TargetRecord],
+    *,
+    seq: int,
+    prev_hash: str,
+    issued_at: datetime,
+    key_id: str,
+) -> dict[str, Any]:
+    """The certificate body: what was asked, what was done, no personal data."""
+    entries = []
+    for record in targets:
+        status = target_status(record)
+        if status == "complete":
+            failed = 0
+        elif record.remaining is not None:
+            failed = record.remaining
+        else:
+            failed = max((record.matched or 0) - record.deleted, 0)
+        error = record.error
+        if status != "complete" and not error:
+            error = "interrupted" if record.state == "running" else "not run"
+        entries.append(
+            {
+                "name": record.target,
+                "kind": record.kind,
+                "location": record.location,
+                "status": status,
+                "matched": record.matched if record.matched is not None else 0,
+                "deleted": record.deleted,
+                "failed": failed,
+                "unconfirmed": record.unconfirmed,
+                "error": error,
+            }
+        )
+    finished = [r.finished_at for r in targets if r.finished_at is not None]
+    return {
+        "type": PAYLOAD_TYPE,
+        "version": PAYLOAD_VERSION,
+        "seq": seq,
+        "prev_hash": prev_hash,
+        "issued_at": utc_iso(issued_at),
+        "key_id": key_id,
+        "category": run.category,
+        "run_id": run.run_id,
+        "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
+        "code_version": run.code_version,
+        "action": run.action,
+        "as_of": utc_iso(run.as_of),
+        "cutoff": utc_iso(run.cutoff),
+        "started_at": utc_iso(run.started_at),
+        "finished_at": utc_iso(max(finished)) if finished else utc_iso(issued_at),
+        "status": run_status(targets),
+        "targets": entries,
+        "totals": {
+            "matched": sum(e["matched"] for e in entries),
+            "deleted": sum(e["deleted"] for e in entries),
+            "failed": sum(e["failed"] for e in entries),
+        },
+    }
+
+
+def certify(journal: RunJournal, run: RunRecord, signer: Signer, *, attempts: int = 5) -> Certificate:
+    """Append the run's certificate to the chain, once; return it.
+
+    Idempotent: a run that already has a certificate gets that one back. The append and
+    the journal's "certified" mark commit together.
+    """
+    engine = journal.engine
+    for attempt in range(1, attempts + 1):
+        existing = find_certificate(engine, run.category, run.run_id)
+        if existing is not None:
+            return existing
+        try:
+            return _append(journal, run, signer)
+        except IntegrityError:
+            # Another writer took this seq (or certified this run) first; re-read the head.
+            log.info("certificate append raced another writer (attempt %d); retrying", attempt)
+    raise RuntimeError(f"could not append a certificate after {attempts} attempts")
+
+
+def _append(journal: RunJournal, run: RunRecord, signer: Signer) -> Certificate:
+    engine = journal.engine
+    targets = journal.targets(run)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
+        head = conn.execute(
+            select(purge_certificates.c.seq, purge_certificates.c.entry_hash)
+            .order_by(purge_certificates.c.seq.desc())
+            .limit(1)
+        ).first()
+        seq = head.seq + 1 if head else 1
+        prev_hash = head.entry_hash if head else GENESIS_HASH
+        issued_at = journal.now()
+        payload = build_payload(
+            run, targets, seq=seq, prev_hash=prev_hash, issued_at=issued_at, key_id=signer.key_id
+        )
+        body = canonical(payload)
+        row = {
+            "seq": seq,
+            "category": run.category,
+            "run_id": run.run_id,
+            "status": payload["status"],
+            "issued_at": issued_at,
+            "payload": body.decode("utf-8"),
+            "signature": signer.sign(body),
+            "key_id": signer.key_id,
+            "prev_hash": prev_hash,
+            "entry_hash": entry_hash(body),
+        }
+        conn.execute(insert(purge_certificates).values(**row))
+        journal.mark_certified(conn, run, seq)
+    return Certificate(**row, data=payload)
+
+
+def find_certificate(engine: Engine, category: str, run_id: str) -> Certificate | None:
+    """The certificate of one run, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(purge_certificates).where(
+                purge_certificates.c.category == category, purge_certificates.c.run_id == run_id
+            )
+        ).mappings().first()
+    return _certificate(row) if row else None
+
+
+def read_certificates(
+    engine: Engine, *, category: str | None = None, newest_first: bool = False, limit: int | None = None
+) -> Iterator[Certificate]:
+    """Certificates in seq order, streamed."""
+    query = select(purge_certificates)
+    if category:
+        query = query.where(purge_certificates.c.category == category)
+    order = purge_certificates.c.seq.desc() if newest_first else purge_certificates.c.seq
+    query = query.order_by(order)
+    if limit:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        for row in conn.execution_options(yield_per=500).execute(query).mappings():
+            yield _certificate(row)
+
+
+def _certificate(row) -> Certificate:
+    try:
+        data = json.loads(row["payload"])
+    except ValueError:
+        data = {}
+    return Certificate(
+        seq=row["seq"], category=row["category"], run_id=row["run_id"], status=row["status"],
+        issued_at=row["issued_at"], payload=row["payload"], signature=row["signature"],
+        key_id=row["key_id"], prev_hash=row["prev_hash"], entry_hash=row["entry_hash"], data=data,
+    )
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of checking the whole chain."""
+
+    checked: int
+    head_seq: int | None
+    head_hash: str | None
+    bad_seq: int | None = None
+    reason: str | None = None
+    key_ids: frozenset[str] = frozenset()
+
+    @property
+    def ok(self) -> bool:
+        """True when every signature, seq and link holds."""
+        return self.reason is None
+
+
+def verify_chain(engine: Engine, keys: PublicKeys) -> Verification:
+    """Check every certificate's signature, the gap-free seq order and the hash chain.
+
+    Stops at the first certificate that fails, naming its seq and why.
+    """
+    expected_seq = 1
+    prev_hash = GENESIS_HASH
+    checked = 0
+    used_keys: set[str] = set()
+    for cert in read_certificates(engine):
+        reason = _check(cert, expected_seq, prev_hash, keys)
+        if reason is not None:
+            return Verification(checked, expected_seq - 1 or None, prev_hash if checked else None,
+                                bad_seq=cert.seq, reason=reason, key_ids=frozenset(used_keys))
+        used_keys.add(cert.key_id)
+        prev_hash = entry_hash(cert.payload.encode("utf-8"))
+        expected_seq += 1
+        checked += 1
+    return Verification(
+        checked, checked or None, prev_hash if checked else None, key_ids=frozenset(used_keys)
+    )
+
+
+def _check(cert: Certificate, expected_seq: int, prev_hash: str, keys: PublicKeys) -> str | None:
+    if cert.seq != expected_seq:
+        if cert.seq > expected_seq:
+            missing = f"{expected_seq}" if cert.seq == expected_seq + 1 else f"{expected_seq}–{cert.seq - 1}"
+            return f"certificate {missing} is missing: the chain jumps from {expected_seq - 1} to {cert.seq}"
+        return f"seq {cert.seq} appears out of order (expected {expected_seq})"
+    body = cert.payload.encode("utf-8")
+    problem = keys.verify(cert.key_id, cert.signature, body)
+    if problem:
+        return problem
+    data = cert.data
+    if not data:
+        return "payload is not JSON"
+    if canonical(data) != body:
+        return "payload is not in canonical form (RFC 8785); it was not written by retention"
+    if data.get("seq") != cert.seq:
+        return f"row seq {cert.seq} holds the certificate signed as seq {data.get('seq')} (rows reordered)"
+    if data.get("prev_hash") != prev_hash:
+        return "prev_hash does not match the previous certificate (a certificate was removed, replaced or reordered)"
+    if data.get("key_id") != cert.key_id:
+        return "key_id column differs from the signed key_id"
+    for column in ("category", "run_id", "status"):
+        if data.get(column) != getattr(cert, column):
+            return f"{column} column ({getattr(cert, column)!r}) differs from the signed payload ({data.get(column)!r})"
+    if cert.prev_hash != prev_hash:
+        return "prev_hash column differs from the signed payload"
+    if utc_iso(_aware(cert.issued_at)) != data.get("issued_at"):
+        return "issued_at column differs from the signed payload"
+    if cert.entry_hash != entry_hash(body):
+        return "entry_hash column is not the SHA-256 of the payload"
+    return None
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite and MySQL hand back naive datetimes; the column is written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def count_certificates(engine: Engine) -> int:
+    """How many certificates the chain holds."""
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(purge_certificates)).scalar_one()

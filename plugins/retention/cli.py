@@ -1,0 +1,349 @@
+"""``retention``: validate rules, plan and run purges, list and verify certificates.
+
+Exit status: 0 success; 1 a run that did not purge everything, a chain that does not
+verify, or an operational error; 2 invalid rules or usage. Tables go to stdout,
+progress and errors to stderr; ``--json`` prints what a machine should read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from datetime import date, datetime, timezone
+
+from retention import __version__
+from retention.errors import ConfigError, RetentionError, RuleError, TerminalError
+from retention.render import count, moment, rate, table
+
+DEFAULT_RULES_DIR = "retention_rules"
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+log = logging.getLogger("retention")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``retention`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except RuleError as exc:
+        _err(f"invalid rules ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):")
+        for problem in exc.problems:
+            _err(f"  {problem}")
+        _err("nothing was touched.")
+        return EXIT_INVALID
+    except ConfigError as exc:
+        _err(f"configuration: {exc}")
+        return EXIT_INVALID
+    except RetentionError as exc:
+        _err(f"error: {exc}")
+        return EXIT_FAILED
+    except Exception as exc:  # an operational failure: database down, network, …
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, SQLAlchemyError):
+            _err(f"database error: {getattr(exc, 'orig', exc)}")
+            return EXIT_FAILED
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retention",
+        description="Declarative retention rules, purged in batches, proven by signed certificates.",
+    )
+    parser.add_argument("--version", action="version", version=f"retention {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def rules_options(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "--rules", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), metavar="DIR",
+            help="rules directory (default: $RETENTION_RULES_DIR or ./retention_rules)",
+        )
+        cmd.add_argument("--category", help="only this category (all rules must still be valid)")
+        cmd.add_argument("--as-of", type=_as_of, metavar="T",
+                         help="the instant retention is measured from (ISO 8601; default: now)")
+
+    def audit_option(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "--audit", default=os.environ.get("RETENTION_AUDIT_CONN", "retention_audit"), metavar="CONN_ID",
+            help="connection id of the audit database (default: $RETENTION_AUDIT_CONN or retention_audit)",
+        )
+
+    cmd = commands.add_parser("validate", help="check rule files; exit 0 when valid, 2 otherwise")
+    cmd.add_argument("rules", nargs="?", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR),
+                     metavar="DIR")
+    cmd.set_defaults(handler=cmd_validate)
+
+    cmd = commands.add_parser("plan", help="show what each rule would purge; changes nothing")
+    rules_options(cmd)
+    cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
+    cmd.set_defaults(handler=cmd_plan)
+
+    cmd = commands.add_parser("run", help="purge expired records and certify the run")
+    rules_options(cmd)
+    audit_option(cmd)
+    cmd.add_argument("--dry-run", action="store_true", help="plan only: change nothing, certify nothing")
+    cmd.add_argument("--run-id", help="run id (default: cli__<as-of>__<random>)")
+    cmd.add_argument("--json", action="store_true", help="print the certificates as JSON")
+    cmd.set_defaults(handler=cmd_run)
+
+    cmd = commands.add_parser("certificates", help="list purge certificates")
+    audit_option(cmd)
+    cmd.add_argument("--category")
+    cmd.add_argument("--limit", type=int, default=50, help="newest N (default 50; 0 for all)")
+    cmd.add_argument("--json", action="store_true", help="print the payloads as JSON lines")
+    cmd.set_defaults(handler=cmd_certificates)
+
+    cmd = commands.add_parser("verify", help="check signatures, seq order and the hash chain")
+    audit_option(cmd)
+    cmd.add_argument("--public-key", action="append", required=True, metavar="PEM",
+                     help="trusted Ed25519 public key (repeat while rotating keys)")
+    cmd.add_argument("--json", action="store_true")
+    cmd.set_defaults(handler=cmd_verify)
+
+    cmd = commands.add_parser("keygen", help="create an Ed25519 signing key pair")
+    cmd.add_argument("--out", required=True, metavar="DIR")
+    cmd.set_defaults(handler=cmd_keygen)
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from retention.rules import load_rules
+
+    rules = load_rules(args.rules)
+    print(f"✓ {count(len(rules), 'rule file')} valid in {args.rules}: "
+          f"{', '.join(r.rule.category for r in rules)}")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from retention.connections import from_environment
+    from retention.plan import build_plan
+    from retention.rules import load_rules
+    from retention.targets import Targets
+
+    rules = load_rules(args.rules, category=args.category)
+    as_of = args.as_of or _now()
+    with Targets(from_environment) as targets:
+        plans = [build_plan(rule_file, as_of, targets) for rule_file in rules]
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+        return EXIT_OK
+    for plan in plans:
+        _print_plan(plan)
+    print(f"Plan only: nothing was changed. {count(sum(p.matched for p in plans))} would be purged.")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from retention.audit import open_audit
+    from retention.connections import from_environment
+    from retention.journal import RunJournal
+    from retention.plan import build_plan
+    from retention.rules import load_rules
+    from retention.runs import Runner
+    from retention.signing import Signer
+    from retention.targets import Targets
+
+    rules = load_rules(args.rules, category=args.category)
+    as_of = args.as_of or _now()
+    if args.dry_run:
+        with Targets(from_environment) as targets:
+            for rule_file in rules:
+                _print_plan(build_plan(rule_file, as_of, targets))
+        print("Dry run: nothing was changed and no certificate was written.")
+        return EXIT_OK
+    signer = Signer.from_environment()  # before anything is touched: an uncertifiable run must not start
+    base_id = args.run_id or f"cli__{as_of.strftime('%Y%m%dT%H%M%SZ')}__{uuid.uuid4().hex[:8]}"
+    certificates = []
+    journal = RunJournal(open_audit(from_environment, args.audit))
+    with Targets(from_environment) as targets:
+        runner = Runner(journal, targets, signer)
+        for rule_file in rules:
+            run_id = base_id if len(rules) == 1 else f"{base_id}__{rule_file.rule.category}"
+            print(f"{rule_file.rule.category}: as of {moment(as_of)}, retain {rule_file.rule.retain_for} "
+                  f"→ purging records older than {moment(rule_file.rule.cutoff(as_of))}", file=sys.stderr)
+            try:
+                certificate = runner.run(rule_file, run_id=run_id, as_of=as_of, progress=_Progress())
+            except RuleError:
+                raise
+            except TerminalError as exc:
+                _err(f"{rule_file.rule.category}: {exc}")
+                from retention.certificates import find_certificate
+
+                certificate = find_certificate(journal.engine, rule_file.rule.category, run_id)
+                if certificate is None:
+                    return EXIT_FAILED
+            certificates.append(certificate)
+    if args.json:
+        for certificate in certificates:
+            print(certificate.payload)
+    else:
+        _print_run_summary(certificates)
+    return EXIT_OK if all(c.status == "complete" for c in certificates) else EXIT_FAILED
+
+
+def cmd_certificates(args: argparse.Namespace) -> int:
+    from retention.audit import open_audit
+    from retention.certificates import read_certificates
+    from retention.connections import from_environment
+
+    engine = open_audit(from_environment, args.audit)
+    certificates = list(
+        read_certificates(engine, category=args.category, newest_first=True, limit=args.limit or None)
+    )
+    certificates.reverse()
+    if args.json:
+        for certificate in certificates:
+            print(certificate.payload)
+        return EXIT_OK
+    if not certificates:
+        print("No certificates yet.")
+        return EXIT_OK
+    rows = []
+    for c in certificates:
+        totals = c.data.get("totals", {})
+        rows.append([
+            c.seq, moment(c.issued_at), c.category, c.status, f"{totals.get('deleted', 0):,}",
+            f"{totals.get('failed', 0):,}", c.data.get("as_of", "")[:19] + "Z", c.run_id,
+            c.entry_hash[:12],
+        ])
+    print(table(["SEQ", "ISSUED", "CATEGORY", "STATUS", "PURGED", "FAILED", "AS OF", "RUN", "HASH"],
+                rows, right=(0, 4, 5)))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from retention.audit import open_audit
+    from retention.certificates import verify_chain
+    from retention.connections import from_environment
+    from retention.signing import PublicKeys
+
+    keys = PublicKeys.from_pem_files(args.public_key)
+    result = verify_chain(open_audit(from_environment, args.audit), keys)
+    if args.json:
+        print(json.dumps({
+            "ok": result.ok, "checked": result.checked, "head_seq": result.head_seq,
+            "head_hash": result.head_hash, "bad_seq": result.bad_seq, "reason": result.reason,
+        }))
+    elif result.ok:
+        if result.checked == 0:
+            print("✓ no certificates to verify yet")
+        else:
+            print(f"✓ {count(result.checked, 'certificate')} verified: every signature valid "
+                  f"({len(result.key_ids)} key{'s' if len(result.key_ids) != 1 else ''}), "
+                  f"seq 1–{result.head_seq} without gaps, hash chain intact")
+            print(f"  head: seq {result.head_seq} {result.head_hash}")
+            print("  (record the head outside the database to detect a removed tail later)")
+    else:
+        _err(f"✗ certificate seq {result.bad_seq}: {result.reason}")
+        if result.checked:
+            _err(f"  seq 1–{result.head_seq} verified before it")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from retention.signing import SIGNING_KEY_ENV, generate_keypair
+
+    private_path, public_path = generate_keypair(args.out)
+    print(f"private key: {private_path} (keep secret; set {SIGNING_KEY_ENV}={private_path})")
+    print(f"public key:  {public_path} (give to verifiers: retention verify --public-key {public_path})")
+    return EXIT_OK
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _print_plan(plan) -> None:
+    print(f"{plan.category}  ({plan.rule_path})")
+    print(f"  as of {moment(plan.as_of)}, retain {plan.retain_for} → cutoff {moment(plan.cutoff)}, "
+          f"action {plan.action}")
+    rows = []
+    notes = []
+    for target in plan.targets:
+        share = f"{target.matched / target.total:.1%}" if target.total else "–"
+        rows.append([target.name, target.kind, target.location, count(target.matched),
+                     count(target.total, "row"), share])
+        notes += [f"  ! {target.name}: {note}" for note in target.notes]
+    print("\n".join("  " + line for line in
+                    table(["TARGET", "KIND", "LOCATION", "WOULD PURGE", "OF", "SHARE"], rows,
+                          right=(3, 4, 5)).splitlines()))
+    for note in notes:
+        print(note)
+    print()
+
+
+def _print_run_summary(certificates) -> None:
+    rows = []
+    for c in certificates:
+        for t in c.data.get("targets", []):
+            rows.append([c.category, t["name"], t["status"], f"{t['matched']:,}", f"{t['deleted']:,}",
+                         f"{t['failed']:,}", t["error"] or ""])
+    print(table(["CATEGORY", "TARGET", "STATUS", "MATCHED", "PURGED", "FAILED", "ERROR"], rows,
+                right=(3, 4, 5)))
+    for c in certificates:
+        print(f"certificate seq {c.seq} for {c.category}: {c.status} (run {c.run_id}, hash {c.entry_hash[:12]})")
+
+
+class _Progress:
+    """Prints a line per target at most every two seconds, and one when a target finishes."""
+
+    def __init__(self, interval: float = 2.0):
+        self.interval = interval
+        self.started: dict[str, float] = {}
+        self.shown = 0.0
+
+    def __call__(self, target: str, deleted: int, matched: int | None, rows: int, seconds: float) -> None:
+        now = time.monotonic()
+        self.started.setdefault(target, now - seconds)
+        if now - self.shown < self.interval and (matched is None or deleted < matched):
+            return
+        self.shown = now
+        share = f" ({deleted / matched:.0%})" if matched else ""
+        elapsed = now - self.started[target]
+        print(f"  {target}: {deleted:,}{' of ' + format(matched, ',') if matched else ''} purged{share}, "
+              f"{rate(deleted, elapsed)}, last batch {rows:,} rows in {seconds * 1000:.0f} ms",
+              file=sys.stderr)
+
+
+def _as_of(text: str) -> datetime:
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or timestamp") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset such as +02:00")
+    return value.astimezone(timezone.utc)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

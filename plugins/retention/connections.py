@@ -1,0 +1,182 @@
+"""Connections by Airflow connection id, and the SQLAlchemy engines built from them.
+
+Rules name a connection id, never credentials. Inside Airflow the orchestration layer
+resolves ids through Airflow (secrets backends included); outside it, the same
+``AIRFLOW_CONN_<ID>`` environment variables are read here, in either of Airflow's two
+formats (URI or JSON), parsed the way Airflow parses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from retention.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL, Engine
+
+
+@dataclass(frozen=True)
+class ConnectionSpec:
+    """The fields of an Airflow connection that the engine uses."""
+
+    conn_id: str
+    conn_type: str
+    host: str | None = None
+    schema: str | None = None
+    login: str | None = None
+    password: str | None = field(default=None, repr=False)
+    port: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_uri(cls, conn_id: str, uri: str) -> ConnectionSpec:
+        """Parse an Airflow connection URI (mirrors ``airflow.sdk.Connection.from_uri``)."""
+        if uri.count("://") > 2 or "://" not in uri:
+            raise ConfigError(f"connection {conn_id}: not a connection URI")
+        host_with_protocol = uri.count("://") == 2
+        conn_type = urlsplit(uri).scheme
+        rest = uri.replace(f"{conn_type}://", "" if host_with_protocol else "//")
+        parts = urlsplit(rest)
+        host = _hostname(parts)
+        if host and host_with_protocol:
+            host = f"{parts.scheme}://{host}"
+        extra: dict[str, Any] = {}
+        if parts.query:
+            query = dict(parse_qsl(parts.query, keep_blank_values=True))
+            extra = json.loads(query["__extra__"]) if "__extra__" in query else query
+        return cls(
+            conn_id=conn_id,
+            conn_type=_normal_type(conn_type),
+            host=host or None,
+            schema=unquote(parts.path[1:]) or None,
+            login=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            port=parts.port,
+            extra=extra,
+        )
+
+    @classmethod
+    def from_json(cls, conn_id: str, text: str) -> ConnectionSpec:
+        """Parse Airflow's JSON connection format."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"connection {conn_id}: not valid JSON ({exc.msg})") from None
+        extra = data.get("extra") or {}
+        if isinstance(extra, str):
+            extra = json.loads(extra)
+        return cls(
+            conn_id=conn_id,
+            conn_type=_normal_type(data.get("conn_type") or ""),
+            host=data.get("host"),
+            schema=data.get("schema"),
+            login=data.get("login"),
+            password=data.get("password"),
+            port=int(data["port"]) if data.get("port") else None,
+            extra=extra,
+        )
+
+
+ConnectionResolver = Callable[[str], ConnectionSpec]
+"""Turns a connection id into its :class:`ConnectionSpec`; raises ConfigError when unknown."""
+
+
+def env_var_name(conn_id: str) -> str:
+    """``AIRFLOW_CONN_<ID>``, the variable Airflow reads for ``conn_id``."""
+    return f"AIRFLOW_CONN_{conn_id.upper()}"
+
+
+def from_environment(conn_id: str, environ: Mapping[str, str] | None = None) -> ConnectionSpec:
+    """Resolve ``conn_id`` from ``AIRFLOW_CONN_<ID>``, as Airflow's env-var backend does."""
+    environ = os.environ if environ is None else environ
+    name = env_var_name(conn_id)
+    value = environ.get(name)
+    if not value:
+        raise ConfigError(
+            f"connection {conn_id!r} is not defined: set {name} to a connection URI "
+            f"(e.g. postgres://user:pass@host:5432/db) or Airflow's JSON form"
+        )
+    value = value.strip()
+    if value.startswith("{"):
+        return ConnectionSpec.from_json(conn_id, value)
+    return ConnectionSpec.from_uri(conn_id, value)
+
+
+def sqlalchemy_url(spec: ConnectionSpec) -> URL:
+    """The SQLAlchemy URL for a postgres, mysql/mariadb or sqlite connection."""
+    from sqlalchemy.engine import URL
+
+    kind = spec.conn_type
+    if kind == "sqlite":
+        path = spec.host or spec.schema
+        if not path:
+            raise ConfigError(f"connection {spec.conn_id}: a sqlite connection needs the file path as host")
+        return URL.create("sqlite", database=path)
+    if kind in ("postgres", "mysql", "mariadb"):
+        driver = "postgresql+psycopg2" if kind == "postgres" else "mysql+pymysql"
+        query = {k: str(v) for k, v in spec.extra.items() if k in _DRIVER_OPTIONS[driver]}
+        return URL.create(
+            driver, username=spec.login, password=spec.password, host=spec.host,
+            port=spec.port, database=spec.schema, query=query,
+        )
+    raise ConfigError(
+        f"connection {spec.conn_id}: type {kind!r} is not a SQL database this engine speaks "
+        "(postgres, mysql, mariadb, sqlite)"
+    )
+
+
+def create_sql_engine(spec: ConnectionSpec) -> Engine:
+    """An engine whose sessions compare timestamps in UTC and do not wait forever on locks."""
+    from sqlalchemy import create_engine, event
+
+    url = sqlalchemy_url(spec)
+    backend = url.get_backend_name()
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "postgresql":
+        kwargs["connect_args"] = {"application_name": "retention", "connect_timeout": 10}
+    elif backend == "mysql":
+        kwargs["connect_args"] = {"init_command": "SET time_zone = '+00:00'", "charset": "utf8mb4", "connect_timeout": 10}
+        # Purges delete by range; READ COMMITTED avoids gap locks on the rows around it.
+        kwargs["isolation_level"] = "READ COMMITTED"
+    elif backend == "sqlite":
+        kwargs["connect_args"] = {"timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if backend == "postgresql":
+        @event.listens_for(engine, "connect")
+        def _utc(dbapi_connection, _record):  # pragma: no branch - trivial
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET TIME ZONE 'UTC'")
+            dbapi_connection.commit()
+    elif backend == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _fk(dbapi_connection, _record):
+            # Foreign keys protect children from a purge of their parent.
+            dbapi_connection.execute("PRAGMA foreign_keys = ON")
+    return engine
+
+
+_DRIVER_OPTIONS = {
+    "postgresql+psycopg2": {"sslmode", "sslrootcert", "sslcert", "sslkey", "options", "target_session_attrs"},
+    "mysql+pymysql": {"ssl_ca", "ssl_cert", "ssl_key"},
+}
+
+
+def _normal_type(conn_type: str) -> str:
+    if conn_type == "postgresql":
+        return "postgres"
+    return conn_type.replace("-", "_")
+
+
+def _hostname(parts) -> str:
+    # urlsplit lower-cases hostnames and cannot hold a path (sqlite://%2Ftmp%2Fx.db).
+    hostname = unquote(parts.hostname or "")
+    if "/" in hostname:
+        hostname = parts.netloc.rsplit("@", 1)[-1].split(":", 1)[0]
+        hostname = unquote(hostname)
+    return hostname

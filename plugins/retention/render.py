@@ -1,0 +1,47 @@
+"""Text for people: aligned tables, counts with units, short timestamps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[int] = ()) -> str:
+    """An aligned plain-text table; columns listed in ``right`` are right-aligned."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for number, row in enumerate(cells):
+        parts = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(parts).rstrip())
+        if number == 0:
+            lines.append("  ".join("─" * w for w in widths))
+    return "\n".join(lines)
+
+
+def count(n: int | None, unit: str = "record") -> str:
+    """``1 record``, ``12,345 records``; ``?`` when unknown."""
+    if n is None:
+        return "?"
+    return f"{n:,} {unit}{'' if n == 1 else 's'}"
+
+
+def rate(rows: int, seconds: float) -> str:
+    """``312k rows/s``."""
+    if seconds <= 0:
+        return "–"
+    per = rows / seconds
+    if per >= 10_000:
+        return f"{per / 1000:,.0f}k rows/s"
+    return f"{per:,.0f} rows/s"
+
+
+def moment(value: datetime | str) -> str:
+    """``2026-11-30 14:24:30Z``: to the second, in UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")

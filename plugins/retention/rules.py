@@ -1,0 +1,424 @@
+"""Retention rules: one YAML file per data category, validated before anything runs.
+
+A rule says which records of a category expire (``retain_for`` after their age column)
+and what happens to them. Loading is strict: unknown keys, malformed durations or cron
+expressions and anything that is not a plain SQL identifier are errors that name the
+file, line and field. Nothing here touches a database.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import pendulum
+from croniter import croniter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from retention.errors import RuleError, RuleProblem
+from retention.yamlsource import LocatedDocument, YamlProblem, load_located
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_CATEGORY = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_CONNECTION_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}")
+_DURATION = re.compile(
+    r"P(?:(?P<years>\d+)Y)?(?:(?P<months>\d+)M)?(?:(?P<weeks>\d+)W)?(?:(?P<days>\d+)D)?"
+    r"(?:T(?=\d)(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+)S)?)?"
+)
+SCHEDULE_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+
+
+def _identifier(value: Any) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a plain SQL identifier: use letters, digits and _ "
+            "(not starting with a digit, at most 63 characters)"
+        )
+    return value
+
+
+def _table_name(value: Any) -> str:
+    parts = value.split(".") if isinstance(value, str) else [value]
+    if len(parts) > 2 or not all(isinstance(p, str) and _IDENTIFIER.fullmatch(p) for p in parts):
+        raise ValueError(
+            f"{value!r} is not a table name: use table or schema.table, each part letters, "
+            "digits and _ (not starting with a digit)"
+        )
+    return value
+
+
+def _category(value: Any) -> str:
+    if not isinstance(value, str) or not _CATEGORY.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a category name: lower-case letters, digits and _, starting with a letter"
+        )
+    return value
+
+
+def _connection_id(value: Any) -> str:
+    if not isinstance(value, str) or not _CONNECTION_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not an Airflow connection id (letters, digits, _ . -)")
+    return value
+
+
+Identifier = Annotated[str, BeforeValidator(_identifier)]
+TableName = Annotated[str, BeforeValidator(_table_name)]
+Category = Annotated[str, BeforeValidator(_category)]
+ConnectionId = Annotated[str, BeforeValidator(_connection_id)]
+Text = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+@dataclass(frozen=True)
+class IsoDuration:
+    """An ISO 8601 duration such as ``P2Y``, ``P18M``, ``P90D`` or ``PT36H``."""
+
+    text: str
+    years: int = 0
+    months: int = 0
+    weeks: int = 0
+    days: int = 0
+    hours: int = 0
+    minutes: int = 0
+    seconds: int = 0
+
+    @classmethod
+    def parse(cls, value: Any) -> IsoDuration:
+        """Parse ``value``; raise ValueError with advice when it is not a positive duration."""
+        text = value.strip().upper() if isinstance(value, str) else None
+        match = _DURATION.fullmatch(text) if text else None
+        if not match or text in ("P", "PT"):
+            raise ValueError(
+                f"{value!r} is not an ISO 8601 duration; write e.g. P90D, P18M, P2Y or PT36H"
+            )
+        parts = {name: int(v) for name, v in match.groupdict().items() if v}
+        if not any(parts.values()):
+            raise ValueError(f"{value!r} is zero: a retention period must be longer than nothing")
+        return cls(text=text, **parts)
+
+    def before(self, as_of: datetime) -> datetime:
+        """The instant ``self`` before ``as_of``, by calendar arithmetic in UTC."""
+        if as_of.tzinfo is None:
+            raise ValueError("as_of must carry a time zone")
+        start = pendulum.instance(as_of.astimezone(timezone.utc))
+        cut = start.subtract(
+            years=self.years, months=self.months, weeks=self.weeks, days=self.days,
+            hours=self.hours, minutes=self.minutes, seconds=self.seconds,
+        )
+        return datetime(
+            cut.year, cut.month, cut.day, cut.hour, cut.minute, cut.second, cut.microsecond,
+            tzinfo=timezone.utc,
+        )
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _schedule(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text in SCHEDULE_PRESETS:
+            return text
+        if len(text.split()) == 5 and croniter.is_valid(text):
+            return text
+    raise ValueError(
+        f"{value!r} is not a schedule: use a 5-field cron expression (minute hour day month "
+        f"weekday), one of {', '.join(SCHEDULE_PRESETS)}, or null for manual runs only"
+    )
+
+
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def _where(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of column: value or column: {in: [values]}")
+    for column, condition in value.items():
+        _identifier(column)
+        if isinstance(condition, dict):
+            unknown = [op for op in condition if op != "in"]
+            if unknown:
+                raise ValueError(f"{column}: unknown operator {unknown[0]!r}; the only one is 'in'")
+            options = condition.get("in")
+            if not isinstance(options, list) or not options:
+                raise ValueError(f"{column}: 'in' takes a non-empty list of values")
+            if not all(isinstance(o, _SCALAR) and o is not None for o in options):
+                raise ValueError(f"{column}: 'in' values must be plain strings, numbers or booleans")
+        elif not isinstance(condition, _SCALAR):
+            raise ValueError(f"{column}: expected a value or {{in: [values]}}, got a list")
+    return value
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+def _unique(values: list[str]) -> list[str]:
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f"listed more than once: {', '.join(dupes)}")
+    return values
+
+
+class SqlTarget(_StrictModel):
+    """A table in PostgreSQL, MariaDB/MySQL or SQLite whose expired rows are purged."""
+
+    name: Identifier
+    """Unique within the rule; names the target in plans, logs and certificates."""
+    kind: Literal["sql"]
+    connection: ConnectionId
+    """Airflow connection id (``AIRFLOW_CONN_<ID>`` outside Airflow)."""
+    table: TableName
+    """``table`` or ``schema.table``."""
+    key: Annotated[list[Identifier], Field(min_length=1), AfterValidator(_unique)]
+    """Primary key columns: batches walk them, so they must identify one row."""
+    age_column: Identifier
+    """The retention clock starts here; NULL never expires."""
+    where: Annotated[dict[str, Any], BeforeValidator(_where)] = Field(default_factory=dict)
+    """Equality (``status: closed``) or membership (``{in: [a, b]}``) filters, ANDed."""
+    max_batch_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
+    """Upper bound on rows deleted by one transaction; batches adapt below it."""
+
+    @property
+    def location(self) -> str:
+        """Where the records live, without credentials."""
+        return f"{self.connection}:{self.table}"
+
+
+Target = SqlTarget
+
+
+class RetentionRule(_StrictModel):
+    """How long one category of customer data may be kept, and where it lives."""
+
+    category: Category
+    description: Text
+    owner: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")]
+    legal_basis: Text
+    retain_for: Annotated[IsoDuration, BeforeValidator(IsoDuration.parse)]
+    schedule: Annotated[str | None, BeforeValidator(_schedule)] = "@daily"
+    action: Literal["delete"]
+    targets: Annotated[list[Target], Field(min_length=1)]
+
+    @field_validator("targets")
+    @classmethod
+    def _target_names_unique(cls, targets: list[Target]) -> list[Target]:
+        _unique([t.name for t in targets])
+        return targets
+
+    def target(self, name: str) -> Target:
+        """The target called ``name``; KeyError when there is none."""
+        for target in self.targets:
+            if target.name == name:
+                return target
+        raise KeyError(name)
+
+    def cutoff(self, as_of: datetime) -> datetime:
+        """Records older than this instant (strictly) have expired at ``as_of``."""
+        return self.retain_for.before(as_of)
+
+
+@dataclass(frozen=True)
+class RuleFile:
+    """A validated rule with the file it came from, for errors and certificates."""
+
+    path: Path
+    sha256: str
+    rule: RetentionRule
+    document: LocatedDocument
+
+    @property
+    def display_path(self) -> str:
+        """``retention_rules/x.yaml``: the rules directory and file name, stable across hosts."""
+        parent = self.path.resolve().parent.name
+        return f"{parent}/{self.path.name}" if parent else self.path.name
+
+    def problem(self, field_path: tuple[str | int, ...], message: str) -> RuleProblem:
+        """A problem located at ``field_path`` of this file (for checks made after loading)."""
+        return RuleProblem(
+            str(self.path), self.document.line_of(field_path), _dotted(field_path), message
+        )
+
+
+def load_rule_file(path: str | Path) -> RuleFile:
+    """Load and validate one rule file; raise :class:`RuleError` naming file:line:field."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RuleError([RuleProblem(str(path), None, None, f"cannot read: {exc.strerror}")]) from None
+    try:
+        document = load_located(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RuleError([RuleProblem(str(path), None, None, "not UTF-8 text")]) from None
+    except YamlProblem as exc:
+        raise RuleError([RuleProblem(str(path), exc.line, None, exc.message)]) from None
+    if not isinstance(document.data, dict):
+        raise RuleError([RuleProblem(str(path), 1, None, "expected a mapping of rule fields at the top level")])
+    try:
+        rule = RetentionRule.model_validate(document.data)
+    except ValidationError as exc:
+        problems = _problems(path, document, exc)
+        raise RuleError(sorted(problems, key=lambda p: p.line or 0)) from None
+    return RuleFile(path, hashlib.sha256(raw).hexdigest(), rule, document)
+
+
+def scan_rules(directory: str | Path) -> tuple[list[RuleFile], list[RuleProblem]]:
+    """Every rule in ``directory`` that is valid, and the problems of the rest.
+
+    Used where one bad file must not stop the others (building DAGs). A category that
+    appears in two files is a problem of the second file (in name order).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [], [RuleProblem(str(directory), None, None, "rules directory does not exist")]
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    if not files:
+        return [], [RuleProblem(str(directory), None, None, "no rule files (*.yaml) in this directory")]
+    rules: list[RuleFile] = []
+    problems: list[RuleProblem] = []
+    seen: dict[str, RuleFile] = {}
+    for path in files:
+        try:
+            loaded = load_rule_file(path)
+        except RuleError as exc:
+            problems.extend(exc.problems)
+            continue
+        first = seen.get(loaded.rule.category)
+        if first is not None:
+            problems.append(
+                loaded.problem(
+                    ("category",),
+                    f"category {loaded.rule.category!r} is already defined in {first.path}; "
+                    "each category has exactly one rule file",
+                )
+            )
+            continue
+        seen[loaded.rule.category] = loaded
+        rules.append(loaded)
+    return rules, problems
+
+
+def load_rules(directory: str | Path, *, category: str | None = None) -> list[RuleFile]:
+    """All rules in ``directory``, or raise :class:`RuleError` if any file is invalid.
+
+    With ``category``, only that rule is returned, but every file must still be valid:
+    a run never starts while the rules as a whole are broken.
+    """
+    rules, problems = scan_rules(directory)
+    if problems:
+        raise RuleError(problems)
+    if category is None:
+        return rules
+    chosen = [r for r in rules if r.rule.category == category]
+    if not chosen:
+        known = [r.rule.category for r in rules]
+        hint = difflib.get_close_matches(category, known, n=1)
+        advice = f"; did you mean {hint[0]!r}?" if hint else f" (known: {', '.join(known)})"
+        raise RuleError([RuleProblem(str(directory), None, "category", f"no rule for category {category!r}{advice}")])
+    return chosen
+
+
+def _problems(path: Path, document: LocatedDocument, exc: ValidationError) -> list[RuleProblem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        data_path = _data_path(document.data, error["loc"])
+        message = _message(error, data_path)
+        problems.append(
+            RuleProblem(str(path), document.line_of(data_path), _dotted(data_path) or None, message)
+        )
+    return problems
+
+
+def _data_path(data: Any, loc: tuple) -> tuple[str | int, ...]:
+    """Map a pydantic error location onto the document, dropping union tags."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            path.append(part)
+        elif isinstance(part, str) and part in _field_names():
+            # A missing field: keep it so the message names it; the line is the parent's.
+            path.append(part)
+            node = None
+        # Anything else is a union tag ('sql'), which the document does not spell.
+    return tuple(path)
+
+
+def _message(error: dict, data_path: tuple[str | int, ...]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        key = data_path[-1] if data_path else "?"
+        allowed = _allowed_keys(data_path[:-1])
+        hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        advice = f"did you mean {hint[0]!r}?" if hint else f"allowed here: {', '.join(sorted(allowed))}"
+        return f"unknown key {key!r}; {advice}"
+    message = error["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def _model_members(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (through list, Optional, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = get_origin(annotation)
+    if origin is None:
+        return []
+    members: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        members.extend(_model_members(arg))
+    return members
+
+
+def _allowed_keys(parent: tuple[str | int, ...]) -> list[str]:
+    models: list[type[BaseModel]] = [RetentionRule]
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        nested: list[type[BaseModel]] = []
+        for model in models:
+            field = model.model_fields.get(part)
+            if field is not None:
+                nested.extend(_model_members(field.annotation))
+        models = nested
+    return sorted({name for model in models for name in model.model_fields})
+
+
+@functools.cache
+def _field_names() -> set[str]:
+    names: set[str] = set()
+    pending: list[type[BaseModel]] = [RetentionRule]
+    while pending:
+        model = pending.pop()
+        for name, field in model.model_fields.items():
+            names.add(name)
+            pending.extend(_model_members(field.annotation))
+    return names
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

@@ -1,0 +1,208 @@
+"""Runs: start (fix as_of, count), purge each target, certify. Airflow calls the three
+steps as separate tasks; ``retention run`` calls them in one process.
+
+Every step reads and writes the run journal, so a step can be retried or resumed in
+another process: the journal, not memory, says what was done. A run that another run
+finds uncertified (its worker died before certifying) is settled and certified first,
+so every run gets exactly one certificate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from retention import __version__
+from retention.certificates import Certificate, certify
+from retention.errors import PurgeFailed, RuleError, TargetError, TerminalError
+from retention.journal import RunJournal, RunRecord, TargetRecord
+from retention.plan import PurgePlan, build_plan
+from retention.rules import RuleFile, SqlTarget
+from retention.targets import Targets
+
+if TYPE_CHECKING:
+    from retention.signing import Signer
+
+log = logging.getLogger(__name__)
+
+TargetProgress = Callable[[str, int, int | None, int, float], None]
+"""(target, rows deleted so far, rows matched, last batch rows, last batch seconds)."""
+
+
+@dataclass
+class Runner:
+    """Carries out runs against one audit journal, with one set of target connections."""
+
+    journal: RunJournal
+    targets: Targets
+    signer: Signer
+    code_version: str = field(default_factory=lambda: f"retention {__version__}")
+
+    # -- start -----------------------------------------------------------------------
+
+    def start(self, rule_file: RuleFile, *, run_id: str, as_of: datetime) -> tuple[RunRecord, PurgePlan]:
+        """Open the run (idempotent) and count what it will purge.
+
+        Earlier runs of the category that never got a certificate are settled and
+        certified first. A target that does not match its table fails the whole run
+        before anything is touched.
+        """
+        category = rule_file.rule.category
+        for stale in self.journal.uncertified_runs(category):
+            if stale.run_id != run_id:
+                self.settle_interrupted(stale)
+        run = self.journal.open_run(rule_file, run_id=run_id, as_of=as_of, code_version=self.code_version)
+        _check_same_rule(run, rule_file)
+        for position, target in enumerate(rule_file.rule.targets):
+            self.journal.plan_target(
+                run, position=position, name=target.name, kind=target.kind,
+                location=target.location, definition=target.model_dump(mode="json"),
+            )
+        try:
+            plan = build_plan(rule_file, run.as_of, self.targets)
+        except RuleError as exc:
+            for target in rule_file.rule.targets:
+                self.journal.update_target(run, target.name, state="failed", error="rule does not match the database")
+            raise exc
+        for target_plan in plan.targets:
+            record = {t.target: t for t in self.journal.targets(run)}[target_plan.name]
+            if record.matched is None:
+                self.journal.update_target(run, target_plan.name, matched=target_plan.matched)
+        return run, plan
+
+    # -- purge -----------------------------------------------------------------------
+
+    def purge(
+        self,
+        rule_file: RuleFile,
+        run: RunRecord,
+        target_name: str,
+        *,
+        progress: TargetProgress | None = None,
+    ) -> TargetRecord:
+        """Purge one target of a started run; resume whatever an earlier attempt left.
+
+        Raises :class:`PurgeFailed` (or the underlying error) when expired records remain.
+        """
+        run = self._current(run)
+        if run.state == "certified":
+            raise TerminalError(
+                f"run {run.run_id} of {run.category} is already certified; start a new run"
+            )
+        _check_same_rule(run, rule_file)
+        target = rule_file.rule.target(target_name)
+        records = {t.target: t for t in self.journal.targets(run)}
+        matched = records[target_name].matched if target_name in records else None
+        self.journal.update_target(run, target_name, state="running", started_at=self.journal.now(), error=None)
+        ledger = self.journal.ledger(run, target_name)
+        table = self.targets.open(target)
+
+        def report(deleted: int, rows: int, seconds: float) -> None:
+            if progress is not None:
+                progress(target_name, deleted, matched, rows, seconds)
+
+        try:
+            outcome = table.purge(run.cutoff, ledger, progress=report)
+        except BaseException as exc:
+            self.journal.update_target(
+                run, target_name, state="failed", error=describe_error(exc), finished_at=self.journal.now()
+            )
+            raise
+        if outcome.remaining:
+            message = f"{outcome.remaining} expired records remain after {table.passes} passes"
+            self.journal.update_target(
+                run, target_name, state="failed", remaining=outcome.remaining, error=message,
+                finished_at=self.journal.now(),
+            )
+            raise PurgeFailed(f"{run.category}.{target_name}: {message}")
+        self.journal.update_target(
+            run, target_name, state="complete", remaining=0, finished_at=self.journal.now()
+        )
+        return {t.target: t for t in self.journal.targets(run)}[target_name]
+
+    # -- certify ---------------------------------------------------------------------
+
+    def certify(self, run: RunRecord) -> Certificate:
+        """Settle any batch left pending, then append the run's one certificate."""
+        run = self._current(run)
+        if run.state != "certified":
+            self._settle_pending(run)
+        return certify(self.journal, run, self.signer)
+
+    def settle_interrupted(self, run: RunRecord) -> Certificate:
+        """Certify a run whose worker died: unfinished targets are recorded as failed."""
+        log.warning("run %s of %s was never certified; settling and certifying it now", run.run_id, run.category)
+        self._settle_pending(run)
+        for record in self.journal.targets(run):
+            if record.state in ("planned", "running"):
+                self.journal.update_target(
+                    run, record.target, state="failed",
+                    error="interrupted" if record.state == "running" else "not run",
+                )
+        return certify(self.journal, run, self.signer)
+
+    def _settle_pending(self, run: RunRecord) -> None:
+        for record in self.journal.targets(run):
+            if not record.unconfirmed:
+                continue
+            target = SqlTarget.model_validate(record.definition)
+            try:
+                self.targets.open(target).reconcile(run.cutoff, self.journal.ledger(run, record.target))
+            except Exception:
+                # The certificate will show these rows as unconfirmed rather than claim them.
+                log.warning("could not settle pending batches of %s.%s", run.category, record.target, exc_info=True)
+
+    def _current(self, run: RunRecord) -> RunRecord:
+        current = self.journal.get_run(run.category, run.run_id)
+        if current is None:
+            raise TerminalError(f"run {run.run_id} of {run.category} was never started")
+        return current
+
+    # -- all at once -----------------------------------------------------------------
+
+    def run(
+        self,
+        rule_file: RuleFile,
+        *,
+        run_id: str,
+        as_of: datetime,
+        progress: TargetProgress | None = None,
+    ) -> Certificate:
+        """Start, purge every target (one failing does not stop the others), certify."""
+        try:
+            run, _plan = self.start(rule_file, run_id=run_id, as_of=as_of)
+        except Exception:
+            # Nothing was purged, but the night's run still gets its (failed) certificate.
+            run = self.journal.get_run(rule_file.rule.category, run_id)
+            if run is not None:
+                self.certify(run)
+            raise
+        for target in rule_file.rule.targets:
+            try:
+                self.purge(rule_file, run, target.name, progress=progress)
+            except Exception:
+                log.exception("%s.%s failed", run.category, target.name)
+        return self.certify(run)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error as the certificate may show it: class and SQLSTATE, never row data."""
+    if isinstance(exc, (PurgeFailed, TargetError)):
+        return f"{type(exc).__name__}: {exc}"[:500]
+    code = getattr(getattr(exc, "orig", None), "pgcode", None)
+    if code is None:
+        args = getattr(getattr(exc, "orig", None), "args", ())
+        code = args[0] if args and isinstance(args[0], int) else None
+    name = type(getattr(exc, "orig", None) or exc).__name__
+    return f"{name} (code {code})" if code is not None else name
+
+
+def _check_same_rule(run: RunRecord, rule_file: RuleFile) -> None:
+    if run.rule_sha256 != rule_file.sha256:
+        raise TerminalError(
+            f"{rule_file.path} changed since run {run.run_id} started (sha256 {run.rule_sha256[:12]}… → "
+            f"{rule_file.sha256[:12]}…); a run executes one version of its rule: start a new run"
+        )

@@ -1,0 +1,125 @@
+"""Ed25519 keys: the private one signs certificates, public ones verify them.
+
+The private key is a PEM file named by ``RETENTION_SIGNING_KEY``; it never enters the
+database or a rule. A key id is the SHA-256 of the raw 32-byte public key, so a
+verifier can tell which key signed what without trusting anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from retention.errors import ConfigError
+
+SIGNING_KEY_ENV = "RETENTION_SIGNING_KEY"
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """Hex SHA-256 of the raw public key."""
+    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Signs certificate payloads with one Ed25519 private key."""
+
+    private_key: Ed25519PrivateKey
+    key_id: str
+
+    @classmethod
+    def from_pem_file(cls, path: str | Path) -> Signer:
+        """Load an unencrypted PKCS#8 PEM Ed25519 private key."""
+        path = Path(path)
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except FileNotFoundError:
+            raise ConfigError(f"signing key {path} does not exist (make one with `retention keygen`)") from None
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"signing key {path} is not an unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"signing key {path} is not an Ed25519 key")
+        return cls(key, key_id(key.public_key()))
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Signer:
+        """The signer named by ``RETENTION_SIGNING_KEY``."""
+        environ = os.environ if environ is None else environ
+        path = environ.get(SIGNING_KEY_ENV)
+        if not path:
+            raise ConfigError(
+                f"{SIGNING_KEY_ENV} is not set: point it at an Ed25519 private key PEM "
+                "(`retention keygen --out DIR` makes one); runs are refused before anything "
+                "is purged, since they could not be certified"
+            )
+        return cls.from_pem_file(path)
+
+    def sign(self, data: bytes) -> str:
+        """Base64 Ed25519 signature of ``data``."""
+        return base64.b64encode(self.private_key.sign(data)).decode("ascii")
+
+
+@dataclass(frozen=True)
+class PublicKeys:
+    """The public keys a verifier accepts, by key id."""
+
+    by_id: Mapping[str, Ed25519PublicKey]
+
+    @classmethod
+    def from_pem_files(cls, paths: list[str | Path]) -> PublicKeys:
+        """Load one or more PEM public keys (several while a key is being rotated)."""
+        keys: dict[str, Ed25519PublicKey] = {}
+        for path in paths:
+            try:
+                key = serialization.load_pem_public_key(Path(path).read_bytes())
+            except FileNotFoundError:
+                raise ConfigError(f"public key {path} does not exist") from None
+            except ValueError as exc:
+                raise ConfigError(f"public key {path} is not a PEM public key: {exc}") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(f"public key {path} is not an Ed25519 key")
+            keys[key_id(key)] = key
+        return cls(keys)
+
+    def verify(self, key_id_: str, signature_b64: str, data: bytes) -> str | None:
+        """None when the signature holds; otherwise why it does not."""
+        key = self.by_id.get(key_id_)
+        if key is None:
+            return f"signed by key {key_id_[:16]}…, which is not one of the trusted public keys"
+        try:
+            signature = base64.b64decode(signature_b64, validate=True)
+            key.verify(signature, data)
+        except (InvalidSignature, ValueError):
+            return "signature does not match the payload (payload edited or signature forged)"
+        return None
+
+
+def generate_keypair(out_dir: str | Path, *, name: str = "retention-signing") -> tuple[Path, Path]:
+    """Write ``<name>.pem`` (private, mode 0600) and ``<name>.pub.pem`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    private_path = out / f"{name}.pem"
+    public_path = out / f"{name}.pub.pem"
+    if private_path.exists():
+        raise ConfigError(f"{private_path} already exists; refusing to overwrite a signing key")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    public_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private_path, public_path

@@ -1,0 +1,381 @@
+"""SQL targets: find expired rows and delete them in short, journaled batches.
+
+Batches walk the expired rows in ``(age_column, key...)`` order. Each batch is a closed
+key range: its upper bound is found by an index walk (``OFFSET n-1 LIMIT 1``), then
+``DELETE ... WHERE expired AND range`` runs in one short transaction. Before that
+transaction commits, the batch (range and row count) is recorded as *pending* in the
+audit journal; after it commits, as *done*. A crash in between leaves a pending batch
+whose range tells, by counting what is still there, whether the delete committed. So a
+rerun neither loses nor double-counts a batch, whatever moment the crash hit.
+
+Time is an input: the cutoff is computed once per run and passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import (
+    Column,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    func,
+    inspect,
+    or_,
+    select,
+    true,
+    type_coerce,
+)
+from sqlalchemy import types as sqltypes
+from sqlalchemy.exc import NoSuchTableError
+
+from retention import failpoints
+from retention.errors import TargetError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.sql.elements import ColumnElement
+
+    from retention.rules import SqlTarget
+
+log = logging.getLogger(__name__)
+
+Bound = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    """Rows after ``lower`` (exclusive) up to ``upper`` (inclusive) in walk order; None is open."""
+
+    lower: Bound | None
+    upper: Bound | None
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A batch recorded before its transaction committed, not yet known to have."""
+
+    batch_no: int
+    range: BatchRange
+    rows: int
+
+
+class BatchLedger(Protocol):
+    """Where a target's batches are journaled (see :mod:`retention.journal`)."""
+
+    def next_batch_no(self) -> int: ...
+    def pending(self, batch_no: int, batch: BatchRange, rows: int) -> None: ...
+    def done(self, batch_no: int) -> None: ...
+    def resolve(self, batch_no: int, rows_deleted: int) -> None: ...
+    def unresolved(self) -> list[PendingBatch]: ...
+
+
+Progress = Callable[[int, int, float], None]
+"""Called after each batch with (rows deleted so far by this call, batch rows, batch seconds)."""
+
+
+@dataclass(frozen=True)
+class PurgeOutcome:
+    """What one purge call did: rows it deleted, and expired rows left when it stopped."""
+
+    deleted: int
+    remaining: int
+
+
+class BatchSizer:
+    """Adapts rows per batch so each transaction takes about ``target_seconds``.
+
+    Starts small, doubles while batches are quick, and scales by the measured rate once
+    they are not; never beyond ``maximum`` rows or half/double the previous size.
+    """
+
+    def __init__(self, maximum: int, *, start: int = 1000, target_seconds: float = 0.2):
+        self.maximum = maximum
+        self.size = min(start, maximum)
+        self.target_seconds = target_seconds
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Record that a batch of ``rows`` took ``seconds``; pick the next size."""
+        if rows < self.size:  # the last, short batch says nothing about the rate
+            return
+        if seconds <= 0:
+            wanted = self.size * 2
+        else:
+            wanted = int(rows * self.target_seconds / seconds)
+        wanted = max(self.size // 2, min(wanted, self.size * 2))
+        self.size = max(1, min(wanted, self.maximum))
+
+
+class SqlTable:
+    """A rule's SQL target bound to a live database."""
+
+    def __init__(self, target: SqlTarget, engine: Engine, *, passes: int = 3):
+        self.target = target
+        self.engine = engine
+        self.passes = passes
+        self._table: Table | None = None
+
+    # -- shape ---------------------------------------------------------------------
+
+    @property
+    def table(self) -> Table:
+        """The reflected table, checked against the rule on first use."""
+        if self._table is None:
+            self._table = self._reflect()
+        return self._table
+
+    def _reflect(self) -> Table:
+        schema, _, name = self.target.table.rpartition(".")
+        try:
+            table = Table(name, MetaData(), schema=schema or None, autoload_with=self.engine)
+        except NoSuchTableError:
+            raise TargetError(f"table {self.target.location} does not exist", "table") from None
+        columns = {c.name: c for c in table.columns}
+        for field, name_ in [("age_column", self.target.age_column)] + [
+            ("key", k) for k in self.target.key
+        ] + [(f"where.{c}", c) for c in self.target.where]:
+            if name_ not in columns:
+                raise TargetError(
+                    f"column {name_!r} does not exist in {self.target.location} "
+                    f"(columns: {', '.join(columns)})",
+                    field,
+                )
+        self._check_key(table)
+        self._check_age_type(columns[self.target.age_column])
+        return table
+
+    def _check_key(self, table: Table) -> None:
+        key = list(self.target.key)
+        pk = [c.name for c in table.primary_key.columns]
+        if key == pk or sorted(key) == sorted(pk):
+            return
+        insp = inspect(self.engine)
+        uniques = [u["column_names"] for u in insp.get_unique_constraints(table.name, table.schema)]
+        uniques += [i["column_names"] for i in insp.get_indexes(table.name, table.schema) if i.get("unique")]
+        if any(sorted(u) == sorted(key) for u in uniques):
+            return
+        raise TargetError(
+            f"key {key} is not the primary key or a unique index of {self.target.location} "
+            f"(primary key: {pk or 'none'}); batches walk the key, so it must identify one row",
+            "key",
+        )
+
+    def _check_age_type(self, column: Column) -> None:
+        if isinstance(column.type, (sqltypes.DateTime, sqltypes.Date)):
+            return
+        if self.engine.dialect.name == "sqlite" and isinstance(column.type, sqltypes.String):
+            return  # SQLite keeps ISO 8601 text; julianday() reads it
+        raise TargetError(
+            f"age column {column.name!r} of {self.target.location} has type {column.type}; "
+            "expected a date or timestamp",
+            "age_column",
+        )
+
+    def age_index(self) -> str | None:
+        """The name of an index that leads with the age column, or None."""
+        insp = inspect(self.engine)
+        for index in insp.get_indexes(self.table.name, self.table.schema):
+            if index["column_names"][:1] == [self.target.age_column]:
+                return index["name"]
+        return None
+
+    # -- predicates ----------------------------------------------------------------
+
+    def expired(self, cutoff: datetime) -> ColumnElement[bool]:
+        """Rows whose age is strictly before ``cutoff`` and that pass the rule's filters."""
+        column = self.table.c[self.target.age_column]
+        conditions = [self._older_than(column, cutoff)]
+        for name, condition in self.target.where.items():
+            col = self.table.c[name]
+            if isinstance(condition, dict):
+                conditions.append(col.in_(condition["in"]))
+            elif condition is None:
+                conditions.append(col.is_(None))
+            else:
+                conditions.append(col == condition)
+        return and_(*conditions)
+
+    def _older_than(self, column: Column, cutoff: datetime) -> ColumnElement[bool]:
+        cutoff = cutoff.astimezone(timezone.utc)
+        is_date = isinstance(column.type, sqltypes.Date) and not isinstance(column.type, sqltypes.DateTime)
+        if self.engine.dialect.name == "sqlite":
+            # Text timestamps in any ISO form ('T' or ' ', with or without fractions or
+            # offsets) compare correctly only as julian days.
+            bound = cutoff.date().isoformat() if is_date else cutoff.strftime("%Y-%m-%d %H:%M:%S.%f")
+            return func.julianday(column) < func.julianday(bound)
+        if is_date:
+            # A date is the whole day: it expires only once all of it is before the cutoff.
+            return column < cutoff.date()
+        if getattr(column.type, "timezone", False):
+            return column < cutoff
+        return column < cutoff.replace(tzinfo=None)  # naive columns hold UTC (documented)
+
+    def _walk_columns(self) -> list[ColumnElement[Any]]:
+        age = self.table.c[self.target.age_column]
+        if self.engine.dialect.name == "sqlite":
+            # Walk the stored text itself, so bounds round-trip byte for byte.
+            age = type_coerce(age, String)
+        return [age] + [self.table.c[k] for k in self.target.key]
+
+    def _in_range(self, batch: BatchRange) -> ColumnElement[bool]:
+        columns = self._walk_columns()
+        parts = []
+        if batch.lower is not None:
+            parts.append(_lexicographic(columns, batch.lower, ">"))
+        if batch.upper is not None:
+            parts.append(_lexicographic(columns, batch.upper, "<="))
+        return and_(true(), *parts)
+
+    # -- reads ---------------------------------------------------------------------
+
+    def count_expired(self, cutoff: datetime) -> int:
+        """How many rows have expired at ``cutoff``."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(self.table).where(self.expired(cutoff))
+            ).scalar_one()
+
+    def count_rows(self) -> int:
+        """How many rows the table holds."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(self.table)).scalar_one()
+
+    def expired_keys(self, cutoff: datetime) -> list[tuple[Any, ...]]:
+        """Keys of the expired rows in walk order (for tests and small tables)."""
+        key = [self.table.c[k] for k in self.target.key]
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(*key).where(self.expired(cutoff)).order_by(*self._walk_columns())
+            )
+            return [tuple(r) for r in rows]
+
+    # -- writes --------------------------------------------------------------------
+
+    def purge(
+        self, cutoff: datetime, ledger: BatchLedger, *, progress: Progress | None = None
+    ) -> PurgeOutcome:
+        """Delete every expired row in committed batches, resuming whatever a crash left.
+
+        Returns the rows deleted by this call (batches of earlier attempts are already
+        in the ledger) and the expired rows still present when it stopped.
+        """
+        self.reconcile(cutoff, ledger)
+        expired = self.expired(cutoff)
+        sizer = BatchSizer(self.target.max_batch_rows)
+        deleted = 0
+        with self.engine.connect() as conn:
+            for _ in range(self.passes):
+                deleted += self._walk(conn, expired, ledger, sizer, deleted, progress)
+                remaining = conn.execute(
+                    select(func.count()).select_from(self.table).where(expired)
+                ).scalar_one()
+                conn.rollback()
+                if remaining == 0:
+                    break
+                # Rows that became expired behind the walk (inserted with an old age while
+                # it ran): walk again rather than leave them.
+                log.info("%s: %d expired rows appeared behind the walk; walking again", self.target.name, remaining)
+        return PurgeOutcome(deleted, remaining)
+
+    def _walk(
+        self,
+        conn: Connection,
+        expired: ColumnElement[bool],
+        ledger: BatchLedger,
+        sizer: BatchSizer,
+        deleted_before: int,
+        progress: Progress | None,
+    ) -> int:
+        columns = self._walk_columns()
+        lower: Bound | None = None
+        deleted = 0
+        while True:
+            window = expired if lower is None else and_(expired, _lexicographic(columns, lower, ">"))
+            started = time.perf_counter()
+            batch_no = ledger.next_batch_no()
+            try:
+                with conn.begin():
+                    row = conn.execute(
+                        select(*columns).where(window).order_by(*columns).offset(sizer.size - 1).limit(1)
+                    ).first()
+                    batch = BatchRange(lower, tuple(row) if row is not None else None)
+                    rows = conn.execute(delete(self.table).where(expired, self._in_range(batch))).rowcount
+                    if rows:
+                        ledger.pending(batch_no, batch, rows)
+                        failpoints.hit("sql.before_commit")
+                if rows:
+                    failpoints.hit("sql.after_commit")
+                    ledger.done(batch_no)
+            except BaseException:
+                self._settle_after_error(expired, ledger)
+                raise
+            seconds = time.perf_counter() - started
+            deleted += rows
+            if rows:
+                log.debug("%s: batch %d deleted %d rows in %.3fs", self.target.name, batch_no, rows, seconds)
+                if progress is not None:
+                    progress(deleted_before + deleted, rows, seconds)
+            sizer.observe(rows, seconds)
+            if batch.upper is None:
+                return deleted
+            lower = batch.upper
+
+    def reconcile(self, cutoff: datetime, ledger: BatchLedger) -> int:
+        """Settle pending batches by counting what is left of their ranges.
+
+        None left: the delete committed. All left: it rolled back. Some left: another
+        writer touched the range; the difference is counted as deleted (and logged).
+        Returns the rows confirmed deleted.
+        """
+        return self._reconcile(self.expired(cutoff), ledger)
+
+    def _reconcile(self, expired: ColumnElement[bool], ledger: BatchLedger) -> int:
+        pending = ledger.unresolved()
+        confirmed = 0
+        if not pending:
+            return confirmed
+        with self.engine.connect() as conn:
+            for batch in pending:
+                present = conn.execute(
+                    select(func.count()).select_from(self.table).where(expired, self._in_range(batch.range))
+                ).scalar_one()
+                gone = max(batch.rows - present, 0)
+                if 0 < present < batch.rows:
+                    log.warning(
+                        "%s: batch %d was interrupted and %d of its %d rows are gone; counting them as purged",
+                        self.target.name, batch.batch_no, gone, batch.rows,
+                    )
+                ledger.resolve(batch.batch_no, gone)
+                confirmed += gone
+        return confirmed
+
+    def _settle_after_error(self, expired: ColumnElement[bool], ledger: BatchLedger) -> None:
+        try:
+            self._reconcile(expired, ledger)
+        except Exception:  # the original error matters more; the next attempt reconciles
+            log.warning("%s: could not settle the interrupted batch now; the next attempt will",
+                        self.target.name, exc_info=True)
+
+
+def _lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str) -> ColumnElement[bool]:
+    """``(c0, c1, ...) op (v0, v1, ...)`` spelled so that every engine uses the index on c0.
+
+    Row-value comparison is not optimised alike by PostgreSQL, MariaDB and SQLite, so it
+    is expanded: ``c0 > v0 OR (c0 = v0 AND (c1 > v1 OR ...))``, plus a plain range on c0.
+    """
+    assert op in (">", "<=")
+    strict = (lambda c, v: c > v) if op == ">" else (lambda c, v: c < v)
+    last = (lambda c, v: c > v) if op == ">" else (lambda c, v: c <= v)
+    expression = last(columns[-1], values[-1])
+    for column, value in zip(reversed(columns[:-1]), reversed(values[:-1])):
+        expression = or_(strict(column, value), and_(column == value, expression))
+    leading = columns[0] >= values[0] if op == ">" else columns[0] <= values[0]
+    return and_(leading, expression)

@@ -1,0 +1,98 @@
+"""Read a YAML document and remember the line of every key and list item.
+
+Validation errors name ``file:line``; PyYAML's node tree has the marks, so we compose
+the tree ourselves and keep a map from data paths to lines. Two YAML traps are closed
+on the way: duplicate keys (PyYAML silently keeps the last) and YAML 1.1 booleans
+(``NO``, ``on``, ``yes`` would otherwise turn a country code or a status into a bool).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+Path = tuple[str | int, ...]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false (any case) are bools."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+class YamlProblem(Exception):
+    """The text is not YAML we accept; ``line`` is 1-based when known."""
+
+    def __init__(self, message: str, line: int | None):
+        super().__init__(message)
+        self.message = message
+        self.line = line
+
+
+@dataclass
+class LocatedDocument:
+    """A parsed document and the 1-based line of each path inside it."""
+
+    data: Any
+    lines: dict[Path, int] = field(default_factory=dict)
+
+    def line_of(self, path: Path) -> int | None:
+        """Line of the longest prefix of ``path`` that exists in the document."""
+        for end in range(len(path), -1, -1):
+            line = self.lines.get(tuple(path[:end]))
+            if line is not None:
+                return line
+        return None
+
+
+def load_located(text: str) -> LocatedDocument:
+    """Parse one YAML document, keeping line numbers; raise :class:`YamlProblem`."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise YamlProblem("the file is empty", 1)
+        lines: dict[Path, int] = {(): node.start_mark.line + 1}
+        _collect_lines(node, (), lines)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise YamlProblem(f"not valid YAML: {exc.problem or exc}", line) from None
+    except yaml.YAMLError as exc:
+        raise YamlProblem(f"not valid YAML: {exc}", None) from None
+    finally:
+        loader.dispose()
+    return LocatedDocument(data, lines)
+
+
+def _collect_lines(node: yaml.Node, path: Path, lines: dict[Path, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise YamlProblem(
+                    f"key {key!r} appears twice (first on line {seen[key]}); YAML would keep only the last",
+                    line,
+                )
+            seen[key] = line
+            lines[path + (key,)] = line
+            _collect_lines(value_node, path + (key,), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            _collect_lines(item, path + (index,), lines)

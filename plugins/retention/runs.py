@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from retention import __version__
 from retention.certificates import Certificate, certify
-from retention.errors import PurgeFailed, RuleError, TargetError, TerminalError
+from retention.errors import ConfigError, PurgeFailed, RuleError, TargetError, TerminalError
 from retention.journal import RunJournal, RunRecord, TargetRecord
 from retention.plan import PurgePlan, build_plan
 from retention.rules import RuleFile, SqlTarget
@@ -51,6 +51,7 @@ class Runner:
         before anything is touched.
         """
         category = rule_file.rule.category
+        self._check_audit_apart(rule_file)
         for stale in self.journal.uncertified_runs(category):
             if stale.run_id != run_id:
                 self.settle_interrupted(stale)
@@ -143,6 +144,18 @@ class Runner:
                     error="interrupted" if record.state == "running" else "not run",
                 )
         return certify(self.journal, run, self.signer)
+
+    def _check_audit_apart(self, rule_file: RuleFile) -> None:
+        audit = self.journal.engine.url
+        if audit.get_backend_name() != "sqlite":
+            return
+        for target in rule_file.rule.targets:
+            if self.targets.sql_engine(target.connection).url == audit:
+                raise ConfigError(
+                    f"target {target.name} is in the audit database's SQLite file {audit.database}; "
+                    "SQLite allows one writer and the journal writes while a batch is open: "
+                    "keep the audit database in a file of its own"
+                )
 
     def _settle_pending(self, run: RunRecord) -> None:
         for record in self.journal.targets(run):

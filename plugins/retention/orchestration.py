@@ -1,0 +1,245 @@
+"""Airflow DAGs built from the rule files: the only module of the engine that imports Airflow.
+
+One DAG per rule, ``retention__<category>``: ``plan`` (open the run, fix ``as_of``,
+count) → ``purge`` (mapped, one task per target) → ``certify`` (always runs; fails the
+DAG run unless every target completed). Parsing reads only the YAML: connections,
+keys and databases are touched by tasks, never at parse time.
+
+A rule file that does not validate becomes a DAG whose only task fails with the
+validation errors, so a typo in one rule is loud every night without stopping the
+purges of the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pendulum
+from airflow.sdk import DAG, TriggerRule, get_current_context, task
+from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
+from airflow.sdk.exceptions import AirflowFailException
+
+from retention.connections import ConnectionSpec
+from retention.errors import ConfigError, RuleProblem
+from retention.rules import RuleFile, scan_rules
+
+if TYPE_CHECKING:
+    from retention.runs import Runner
+
+log = logging.getLogger(__name__)
+
+DAG_PREFIX = "retention__"
+START_DATE = pendulum.datetime(2024, 1, 1, tz="UTC")
+
+# Retry only what can succeed: a bad rule or a forged key will be just as bad next time.
+RETRY_POLICY = ExceptionRetryPolicy(
+    rules=[
+        RetryRule(exception="retention.errors.TerminalError", action=RetryAction.FAIL,
+                  reason="needs a person: retrying cannot help"),
+        RetryRule(exception="retention.errors.TransientError", action=RetryAction.RETRY,
+                  reason="transient: another attempt may succeed"),
+    ]
+)
+
+
+def default_rules_dir(dags_file: str | os.PathLike[str]) -> Path:
+    """``$RETENTION_RULES_DIR``, else ``retention_rules/`` beside the DAGs folder."""
+    configured = os.environ.get("RETENTION_RULES_DIR")
+    if configured:
+        return Path(configured)
+    return Path(dags_file).resolve().parent.parent / "retention_rules"
+
+
+def build_dags(rules_dir: str | os.PathLike[str]) -> dict[str, DAG]:
+    """A DAG per rule file in ``rules_dir``, keyed by dag_id."""
+    rules, problems = scan_rules(rules_dir)
+    dags = {}
+    for rule_file in rules:
+        dag = _rule_dag(rule_file)
+        dags[dag.dag_id] = dag
+    by_file: dict[str, list[RuleProblem]] = {}
+    for problem in problems:
+        by_file.setdefault(problem.path, []).append(problem)
+    for path, file_problems in by_file.items():
+        if not Path(path).is_file():
+            # No rules directory, or no rule in it: nothing could run, say so at parse time.
+            raise ConfigError("; ".join(str(p) for p in file_problems))
+        log.error("invalid retention rule %s:\n%s", path, "\n".join(str(p) for p in file_problems))
+        dag = _invalid_rule_dag(Path(path), file_problems)
+        dags[dag.dag_id] = dag
+    return dags
+
+
+def _rule_dag(rule_file: RuleFile) -> DAG:
+    rule = rule_file.rule
+    category = rule.category
+    path = str(rule_file.path)
+    with DAG(
+        dag_id=f"{DAG_PREFIX}{category}",
+        description=rule.description,
+        schedule=rule.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        tags=["retention", f"owner:{rule.owner}", f"action:{rule.action}"],
+        default_args={
+            "owner": rule.owner,
+            "retries": 2,
+            "retry_delay": timedelta(minutes=5),
+            "retry_policy": RETRY_POLICY,
+        },
+        doc_md=_doc(rule_file),
+    ) as dag:
+
+        @task(task_id="plan")
+        def plan() -> list[str]:
+            """Open the run with its as_of, settle earlier uncertified runs, count."""
+            context = get_current_context()
+            with _runner() as runner:
+                rule_file = _reload(path, category)
+                as_of = context["logical_date"] or context["dag_run"].run_after
+                run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of)
+                from retention.render import count
+
+                log.info("run %s: as of %s, cutoff %s", run.run_id, run.as_of, run.cutoff)
+                for target in purge_plan.targets:
+                    log.info("  %s (%s): %s to purge of %s", target.name, target.location,
+                             count(target.matched), count(target.total, "row"))
+                    for note in target.notes:
+                        log.warning("  %s: %s", target.name, note)
+            return [t.name for t in rule_file.rule.targets]
+
+        @task(task_id="purge", map_index_template="{{ target_name }}")
+        def purge(target: str) -> dict[str, Any]:
+            """Purge one target in journaled batches; resume what an earlier try left."""
+            context = get_current_context()
+            context["target_name"] = target  # type: ignore[typeddict-unknown-key]
+            with _runner() as runner:
+                rule_file = _reload(path, category)
+                run = runner.journal.get_run(category, context["run_id"])
+                if run is None:
+                    raise AirflowFailException("the plan task did not open this run")
+                record = runner.purge(rule_file, run, target, progress=_log_progress)
+            return {"target": target, "deleted": record.deleted, "matched": record.matched}
+
+        @task(task_id="certify", trigger_rule=TriggerRule.ALL_DONE)
+        def certify() -> dict[str, Any]:
+            """Append the run's certificate; fail the DAG run unless it is complete."""
+            context = get_current_context()
+            with _runner() as runner:
+                run = runner.journal.get_run(category, context["run_id"])
+                if run is None:
+                    raise AirflowFailException("the run was never opened (see the plan task); nothing to certify")
+                certificate = runner.certify(run)
+            log.info("certificate seq %d: %s, %d purged, hash %s", certificate.seq, certificate.status,
+                     certificate.deleted, certificate.entry_hash)
+            if certificate.status != "complete":
+                raise AirflowFailException(
+                    f"run {certificate.status}: certificate seq {certificate.seq} records what did and did "
+                    "not happen; see the purge tasks for the cause"
+                )
+            return {"seq": certificate.seq, "status": certificate.status, "entry_hash": certificate.entry_hash}
+
+        purge.expand(target=plan()) >> certify()
+    return dag
+
+
+def _invalid_rule_dag(path: Path, problems: list[RuleProblem]) -> DAG:
+    message = "\n".join(str(p) for p in problems)
+    with DAG(
+        dag_id=f"{DAG_PREFIX}invalid__{path.stem.replace('-', '_')}",
+        description=f"INVALID rule file {path.name}: fix it to restore its purges",
+        schedule="@daily",
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        tags=["retention", "invalid-rule"],
+        doc_md=f"### Invalid rule file `{path.name}`\n\n```\n{message}\n```",
+    ) as dag:
+
+        @task(task_id="rule_is_invalid", retries=0)
+        def rule_is_invalid() -> None:
+            raise AirflowFailException(f"invalid retention rule; nothing was purged:\n{message}")
+
+        rule_is_invalid()
+    return dag
+
+
+class _RunnerScope:
+    """Builds a Runner on Airflow connections and closes its engines afterwards."""
+
+    def __enter__(self) -> Runner:
+        from retention.audit import open_audit
+        from retention.journal import RunJournal
+        from retention.runs import Runner
+        from retention.signing import Signer
+        from retention.targets import Targets
+
+        signer = Signer.from_environment()
+        audit = os.environ.get("RETENTION_AUDIT_CONN", "retention_audit")
+        self.audit = open_audit(airflow_connection, audit)
+        self.targets = Targets(airflow_connection)
+        return Runner(RunJournal(self.audit), self.targets, signer)
+
+    def __exit__(self, *exc) -> None:
+        self.targets.close()
+        self.audit.dispose()
+
+
+def _runner() -> _RunnerScope:
+    return _RunnerScope()
+
+
+def airflow_connection(conn_id: str) -> ConnectionSpec:
+    """Resolve a connection id through Airflow (secrets backends, env vars, metadata DB)."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        raise ConfigError(f"Airflow connection {conn_id!r} is not defined") from None
+    return ConnectionSpec(
+        conn_id=conn_id, conn_type=conn.conn_type or "", host=conn.host, schema=conn.schema,
+        login=conn.login, password=conn.password, port=conn.port, extra=conn.extra_dejson,
+    )
+
+
+def _reload(path: str, category: str) -> RuleFile:
+    # Tasks run from the rule file as it is now; the runner refuses it if it changed
+    # since the run was opened.
+    from retention.rules import load_rule_file
+
+    rule_file = load_rule_file(path)
+    if rule_file.rule.category != category:
+        raise AirflowFailException(f"{path} now defines category {rule_file.rule.category!r}, not {category!r}")
+    return rule_file
+
+
+def _log_progress(target: str, deleted: int, matched: int | None, rows: int, seconds: float) -> None:
+    log.info("%s: %s of %s purged (batch of %d rows in %.0f ms)", target, f"{deleted:,}",
+             f"{matched:,}" if matched is not None else "?", rows, seconds * 1000)
+
+
+def _doc(rule_file: RuleFile) -> str:
+    rule = rule_file.rule
+    lines = [
+        f"### Retention: `{rule.category}`",
+        "",
+        rule.description,
+        "",
+        f"- **Legal basis:** {rule.legal_basis}",
+        f"- **Keep for:** `{rule.retain_for}` after the age column, then **{rule.action}**",
+        f"- **Owner:** {rule.owner}",
+        f"- **Rule file:** `{rule_file.display_path}` (sha256 `{rule_file.sha256[:12]}…`)",
+        "",
+        "| target | kind | location | age column |",
+        "|---|---|---|---|",
+    ]
+    for target in rule.targets:
+        lines.append(f"| {target.name} | {target.kind} | `{target.location}` | `{target.age_column}` |")
+    return "\n".join(lines)

@@ -26,7 +26,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
 )
 
 from retention.errors import RuleError, RuleProblem
@@ -39,6 +38,7 @@ _DURATION = re.compile(
     r"P(?:(?P<years>\d+)Y)?(?:(?P<months>\d+)M)?(?:(?P<weeks>\d+)W)?(?:(?P<days>\d+)D)?"
     r"(?:T(?=\d)(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+)S)?)?"
 )
+_FAR_FUTURE = datetime(2200, 1, 1, tzinfo=timezone.utc)
 SCHEDULE_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 
 
@@ -107,7 +107,14 @@ class IsoDuration:
         parts = {name: int(v) for name, v in match.groupdict().items() if v}
         if not any(parts.values()):
             raise ValueError(f"{value!r} is zero: a retention period must be longer than nothing")
-        return cls(text=text, **parts)
+        duration = cls(text=text, **parts)
+        try:
+            too_long = duration.before(_FAR_FUTURE) < _FAR_FUTURE.replace(year=_FAR_FUTURE.year - 100)
+        except (ValueError, OverflowError):
+            too_long = True
+        if too_long:
+            raise ValueError(f"{value!r} is longer than 100 years; write the period you mean")
+        return duration
 
     def before(self, as_of: datetime) -> datetime:
         """The instant ``self`` before ``as_of``, by calendar arithmetic in UTC."""
@@ -145,23 +152,26 @@ def _schedule(value: Any) -> str | None:
 _SCALAR = (str, int, float, bool, type(None))
 
 
-def _where(value: Any) -> dict[str, Any]:
+def _mapping(value: Any) -> Any:
     if not isinstance(value, dict):
         raise ValueError("expected a mapping of column: value or column: {in: [values]}")
-    for column, condition in value.items():
-        _identifier(column)
-        if isinstance(condition, dict):
-            unknown = [op for op in condition if op != "in"]
-            if unknown:
-                raise ValueError(f"{column}: unknown operator {unknown[0]!r}; the only one is 'in'")
-            options = condition.get("in")
-            if not isinstance(options, list) or not options:
-                raise ValueError(f"{column}: 'in' takes a non-empty list of values")
-            if not all(isinstance(o, _SCALAR) and o is not None for o in options):
-                raise ValueError(f"{column}: 'in' values must be plain strings, numbers or booleans")
-        elif not isinstance(condition, _SCALAR):
-            raise ValueError(f"{column}: expected a value or {{in: [values]}}, got a list")
     return value
+
+
+def _condition(condition: Any) -> Any:
+    if isinstance(condition, dict):
+        unknown = [op for op in condition if op != "in"]
+        if unknown:
+            hint = " (did you mean 'in'?)" if difflib.get_close_matches(str(unknown[0]), ["in"], cutoff=0.3) else ""
+            raise ValueError(f"unknown operator {unknown[0]!r}; the only one is 'in'{hint}")
+        options = condition.get("in")
+        if not isinstance(options, list) or not options:
+            raise ValueError("'in' takes a non-empty list of values")
+        if not all(isinstance(o, _SCALAR) and o is not None for o in options):
+            raise ValueError("'in' values must be plain strings, numbers or booleans")
+    elif not isinstance(condition, _SCALAR):
+        raise ValueError(f"expected a value or {{in: [values]}}, got a {type(condition).__name__}")
+    return condition
 
 
 class _StrictModel(BaseModel):
@@ -189,7 +199,9 @@ class SqlTarget(_StrictModel):
     """Primary key columns: batches walk them, so they must identify one row."""
     age_column: Identifier
     """The retention clock starts here; NULL never expires."""
-    where: Annotated[dict[str, Any], BeforeValidator(_where)] = Field(default_factory=dict)
+    where: Annotated[
+        dict[Identifier, Annotated[Any, BeforeValidator(_condition)]], BeforeValidator(_mapping)
+    ] = Field(default_factory=dict)
     """Equality (``status: closed``) or membership (``{in: [a, b]}``) filters, ANDed."""
     max_batch_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
     """Upper bound on rows deleted by one transaction; batches adapt below it."""
@@ -214,12 +226,6 @@ class RetentionRule(_StrictModel):
     schedule: Annotated[str | None, BeforeValidator(_schedule)] = "@daily"
     action: Literal["delete"]
     targets: Annotated[list[Target], Field(min_length=1)]
-
-    @field_validator("targets")
-    @classmethod
-    def _target_names_unique(cls, targets: list[Target]) -> list[Target]:
-        _unique([t.name for t in targets])
-        return targets
 
     def target(self, name: str) -> Target:
         """The target called ``name``; KeyError when there is none."""
@@ -267,7 +273,7 @@ def load_rule_file(path: str | Path) -> RuleFile:
     except UnicodeDecodeError:
         raise RuleError([RuleProblem(str(path), None, None, "not UTF-8 text")]) from None
     except YamlProblem as exc:
-        raise RuleError([RuleProblem(str(path), exc.line, None, exc.message)]) from None
+        raise RuleError([RuleProblem(str(path), exc.line, _dotted(exc.path) or None, exc.message)]) from None
     if not isinstance(document.data, dict):
         raise RuleError([RuleProblem(str(path), 1, None, "expected a mapping of rule fields at the top level")])
     try:
@@ -275,7 +281,17 @@ def load_rule_file(path: str | Path) -> RuleFile:
     except ValidationError as exc:
         problems = _problems(path, document, exc)
         raise RuleError(sorted(problems, key=lambda p: p.line or 0)) from None
-    return RuleFile(path, hashlib.sha256(raw).hexdigest(), rule, document)
+    rule_file = RuleFile(path, hashlib.sha256(raw).hexdigest(), rule, document)
+    seen: dict[str, int] = {}
+    for index, target in enumerate(rule.targets):
+        if target.name in seen:
+            first = document.line_of(("targets", seen[target.name], "name"))
+            raise RuleError([rule_file.problem(
+                ("targets", index, "name"),
+                f"target name {target.name!r} is already used on line {first}; target names are unique in a rule",
+            )])
+        seen[target.name] = index
+    return rule_file
 
 
 def scan_rules(directory: str | Path) -> tuple[list[RuleFile], list[RuleProblem]]:

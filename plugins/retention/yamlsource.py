@@ -18,7 +18,20 @@ Path = tuple[str | int, ...]
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false (any case) are bools."""
+    """SafeLoader with YAML 1.2 booleans (only true/false are bools) and no aliases.
+
+    Aliases are refused: a rule is read by reviewers line by line, and an alias can
+    make a small file expand without bound (or refer to itself).
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise YamlProblem(
+                f"aliases (*{event.anchor}) are not allowed in rule files: write the value out",
+                event.start_mark.line + 1,
+            )
+        return super().compose_node(parent, index)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -35,10 +48,11 @@ _Loader.add_implicit_resolver(
 class YamlProblem(Exception):
     """The text is not YAML we accept; ``line`` is 1-based when known."""
 
-    def __init__(self, message: str, line: int | None):
+    def __init__(self, message: str, line: int | None, path: Path = ()):
         super().__init__(message)
         self.message = message
         self.line = line
+        self.path = path
 
 
 @dataclass
@@ -68,9 +82,19 @@ def load_located(text: str) -> LocatedDocument:
         _collect_lines(node, (), lines)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        # The context mark is where the broken construct began (an unclosed bracket);
+        # the problem mark is where the parser gave up, often lines later.
+        problem = exc.problem or str(exc)
+        if exc.context_mark is not None and exc.problem_mark is not None and (
+            exc.context_mark.line != exc.problem_mark.line
+        ):
+            problem += f" ({exc.context} on line {exc.context_mark.line + 1}, noticed on line {exc.problem_mark.line + 1})"
+        unclosed = exc.context_mark is not None and any(
+            word in (exc.context or "") for word in ("flow", "quoted scalar")
+        )
+        mark = exc.context_mark if unclosed else (exc.problem_mark or exc.context_mark)
         line = mark.line + 1 if mark is not None else None
-        raise YamlProblem(f"not valid YAML: {exc.problem or exc}", line) from None
+        raise YamlProblem(f"not valid YAML: {problem}", line) from None
     except yaml.YAMLError as exc:
         raise YamlProblem(f"not valid YAML: {exc}", None) from None
     finally:
@@ -88,6 +112,7 @@ def _collect_lines(node: yaml.Node, path: Path, lines: dict[Path, int]) -> None:
                 raise YamlProblem(
                     f"key {key!r} appears twice (first on line {seen[key]}); YAML would keep only the last",
                     line,
+                    path + (key,),
                 )
             seen[key] = line
             lines[path + (key,)] = line

@@ -1,0 +1,164 @@
+"""The Airflow side: DAGs parse cleanly from YAML alone, and a real dag.test() run purges."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from conftest import connect, write_rule
+from sqlpurge import ids, insert_customers, make_customers
+
+pytestmark = pytest.mark.airflow
+
+ROOT = Path(__file__).resolve().parents[1]
+UTC = timezone.utc
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """The Airflow metadata database (SQLite in the test AIRFLOW_HOME), migrated once."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
+                   env=os.environ.copy())
+
+
+def test_the_dags_folder_imports_without_errors():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+
+    assert bag.import_errors == {}
+    categories = sorted(p.stem for p in (ROOT / "retention_rules").glob("*.yaml"))
+    assert sorted(bag.dag_ids) == [f"retention__{c}" for c in categories]
+    for dag_id in bag.dag_ids:
+        dag = bag.dags[dag_id]
+        assert dag.catchup is False
+        assert dag.max_active_runs == 1
+        assert "retention" in dag.tags and any(t.startswith("owner:") for t in dag.tags)
+        assert set(dag.task_ids) == {"plan", "purge", "certify"}
+        assert dag.get_task("certify").trigger_rule == "all_done"
+        assert dag.get_task("purge").upstream_task_ids == {"plan"}
+        assert dag.get_task("certify").upstream_task_ids == {"purge"}
+
+
+def test_each_dag_takes_its_rules_schedule(tmp_path, monkeypatch):
+    from retention.orchestration import build_dags
+
+    write_rule(tmp_path, "nightly", text=_rule("nightly", 'schedule: "15 2 * * *"'))
+    write_rule(tmp_path, "manual", text=_rule("manual", "schedule: null"))
+
+    dags = build_dags(tmp_path)
+
+    assert dags["retention__nightly"].timetable.expression == "15 2 * * *"
+    assert not dags["retention__manual"].timetable.can_be_scheduled
+
+
+def test_parsing_reads_only_yaml(tmp_path):
+    """No database driver, no boto3, no connection and no key are needed to parse the DAGs."""
+    script = (
+        "import runpy, sys, json\n"
+        f"runpy.run_path({str(ROOT / 'dags' / 'retention_dags.py')!r})\n"
+        "mods = ['retention.targets.sql', 'retention.runs', 'boto3', 'psycopg2', 'pymysql', 'retention.signing']\n"
+        "print(json.dumps([m for m in mods if m in sys.modules]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "RETENTION_"))}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_an_invalid_rule_file_fails_loudly_without_hiding_the_others(tmp_path):
+    from retention.orchestration import build_dags
+
+    write_rule(tmp_path, "good", text=_rule("good"))
+    write_rule(tmp_path, "broken", text=_rule("broken", "retain_for: two years"))
+
+    dags = build_dags(tmp_path)
+
+    assert set(dags) == {"retention__good", "retention__invalid__broken"}
+    broken = dags["retention__invalid__broken"]
+    assert broken.task_ids == ["rule_is_invalid"]
+    assert "broken.yaml:5" in broken.doc_md
+
+
+def test_a_missing_rules_directory_is_an_import_error(tmp_path):
+    from retention.errors import ConfigError
+    from retention.orchestration import build_dags
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_dags(tmp_path / "nowhere")
+
+
+def test_dag_test_purges_postgresql_and_appends_a_certificate(
+    airflow_db, pg_db, monkeypatch, keys, tmp_path, request
+):
+    from airflow.utils.state import DagRunState
+
+    from retention.orchestration import build_dags
+
+    audit = request.getfixturevalue("mysql_db")  # a server-side audit database, as in production
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", audit.airflow_uri)
+    connect(monkeypatch, "crm_db", pg_db)
+    make_customers(pg_db)
+    logical_date = datetime(2026, 6, 15, 3, 0, tzinfo=UTC)
+    cutoff = datetime(2024, 6, 15, 3, 0, tzinfo=UTC)
+    insert_customers(pg_db, [(i, "closed", cutoff - timedelta(hours=i)) for i in range(1, 251)]
+                     + [(1000, "closed", cutoff), (1001, "open", cutoff - timedelta(days=9))])
+    write_rule(tmp_path / "rules", targets=[{"where": "{status: closed}", "max_batch_rows": 40}])
+    dag = build_dags(tmp_path / "rules")["retention__customer_accounts"]
+
+    dag_run = dag.test(logical_date=logical_date)
+
+    assert dag_run.state == DagRunState.SUCCESS
+    assert ids(pg_db) == {1000, 1001}
+    payload = json.loads(audit.scalar("SELECT payload FROM purge_certificates WHERE seq = 1"))
+    assert payload["run_id"] == dag_run.run_id
+    assert payload["as_of"] == "2026-06-15T03:00:00.000000Z"
+    assert payload["status"] == "complete"
+    assert payload["targets"][0]["deleted"] == 250
+    from retention.cli import main
+
+    assert main(["verify", "--public-key", str(keys[1])]) == 0
+
+
+def test_a_failed_target_fails_the_dag_run_with_a_certificate(airflow_db, pg_db, monkeypatch, keys, tmp_path):
+    from airflow.utils.state import DagRunState
+
+    from retention.orchestration import build_dags
+
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", pg_db.airflow_uri)
+    connect(monkeypatch, "crm_db", pg_db)
+    make_customers(pg_db)
+    insert_customers(pg_db, [(1, "closed", datetime(2019, 1, 1, tzinfo=UTC))])
+    write_rule(tmp_path / "rules", targets=[{}, {"name": "ghosts", "table": "ghost_table"}])
+    dag = build_dags(tmp_path / "rules")["retention__customer_accounts"]
+
+    dag_run = dag.test(logical_date=datetime(2026, 6, 15, tzinfo=UTC))
+
+    assert dag_run.state == DagRunState.FAILED
+    assert ids(pg_db) == {1}  # the rule did not match the database: nothing was touched
+    row = pg_db.rows("SELECT status, payload FROM purge_certificates")
+    assert len(row) == 1 and row[0][0] == "failed"
+    assert json.loads(row[0][1])["targets"][1]["error"] == "rule does not match the database"
+
+
+def _rule(category: str, *replace: str) -> str:
+    text = (
+        f"category: {category}\n"
+        "description: test\n"
+        "owner: team\n"
+        "legal_basis: test\n"
+        "retain_for: P2Y\n"
+        'schedule: "@daily"\n'
+        "action: delete\n"
+        "targets:\n"
+        "  - {name: customers, kind: sql, connection: crm_db, table: customers, key: [id], age_column: closed_at}\n"
+    )
+    for line in replace:
+        key = line.split(":")[0]
+        text = "\n".join(line if existing.startswith(key + ":") else existing for existing in text.split("\n"))
+    return text

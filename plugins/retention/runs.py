@@ -196,8 +196,10 @@ class Runner:
         for target in rule_file.rule.targets:
             try:
                 self.purge(rule_file, run, target.name, progress=progress)
-            except Exception:
-                log.exception("%s.%s failed", run.category, target.name)
+            except Exception as exc:
+                # The other targets still run; the certificate marks this one failed.
+                log.error("%s.%s failed: %s", run.category, target.name, exc)
+                log.debug("traceback", exc_info=True)
         return self.certify(run)
 
 

@@ -69,6 +69,7 @@ purge_targets = Table(
     Column("state", String(20), nullable=False, comment="planned | running | complete | failed"),
     Column("matched", BigInteger, nullable=True),
     Column("remaining", BigInteger, nullable=True),
+    Column("held", BigInteger, nullable=True, comment="records skipped because something protects them"),
     Column("error", String(500), nullable=True, comment="error class and code; never data"),
     Column("started_at", String(40), nullable=True),
     Column("finished_at", String(40), nullable=True),
@@ -83,9 +84,10 @@ purge_batches = Table(
     Column("target", String(63), nullable=False),
     Column("batch_no", Integer, nullable=False),
     Column("state", String(10), nullable=False, comment="pending | done | void"),
-    Column("bounds", Text, nullable=False, comment="walk range as JSON, to settle a pending batch"),
+    Column("bounds", Text, nullable=False, comment="what the batch covers (target-specific JSON), to settle it"),
     Column("rows_planned", BigInteger, nullable=False),
     Column("rows_done", BigInteger, nullable=True),
+    Column("bytes_done", BigInteger, nullable=True),
     Column("recorded_at", String(40), nullable=False),
     PrimaryKeyConstraint("category", "run_id", "target", "batch_no"),
 )
@@ -162,6 +164,7 @@ def ensure_schema(engine: Engine) -> None:
             # Two workers starting at once must not race on CREATE.
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
         metadata.create_all(conn, checkfirst=True)
+        _add_missing_columns(conn)
         statements = {
             "postgresql": _PG_APPEND_ONLY,
             "mysql": _MYSQL_APPEND_ONLY,
@@ -169,6 +172,21 @@ def ensure_schema(engine: Engine) -> None:
         }.get(dialect, [])
         for statement in statements:
             conn.execute(text(statement))
+
+
+def _add_missing_columns(conn) -> None:
+    """Additive schema changes: columns added in later versions, as nullable columns."""
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateColumn
+
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                assert column.nullable, f"{table.name}.{column.name}: only nullable columns can be added"
+                ddl = CreateColumn(column).compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
 
 
 def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CONNECTION) -> Engine:

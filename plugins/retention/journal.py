@@ -8,19 +8,16 @@ values, so a crashed or retried task never loses or double-counts work.
 
 from __future__ import annotations
 
-import base64
 import json
-import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
-from decimal import Decimal
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from retention.audit import purge_batches, purge_runs, purge_targets
-from retention.targets.sql import BatchRange, PendingBatch
+from retention.targets.ledger import PendingBatch
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -74,6 +71,8 @@ class TargetRecord:
     finished_at: datetime | None
     deleted: int
     unconfirmed: int
+    held: int | None = None
+    bytes: int | None = None
 
 
 class RunJournal:
@@ -181,7 +180,7 @@ class RunJournal:
         """The run's targets in rule order, with rows deleted by done batches."""
         with self.engine.connect() as conn:
             totals = {
-                (row.target, row.state): int(row.rows)
+                (row.target, row.state): (int(row.rows), row.bytes)
                 for row in conn.execute(
                     select(
                         purge_batches.c.target,
@@ -189,6 +188,7 @@ class RunJournal:
                         func.coalesce(
                             func.sum(purge_batches.c.rows_done), func.sum(purge_batches.c.rows_planned)
                         ).label("rows"),
+                        func.sum(purge_batches.c.bytes_done).label("bytes"),
                     )
                     .where(purge_batches.c.category == run.category, purge_batches.c.run_id == run.run_id)
                     .group_by(purge_batches.c.target, purge_batches.c.state)
@@ -206,8 +206,10 @@ class RunJournal:
                 remaining=r["remaining"], error=r["error"],
                 started_at=parse_utc(r["started_at"]) if r["started_at"] else None,
                 finished_at=parse_utc(r["finished_at"]) if r["finished_at"] else None,
-                deleted=totals.get((r["target"], "done"), 0),
-                unconfirmed=totals.get((r["target"], "pending"), 0),
+                deleted=totals.get((r["target"], "done"), (0, None))[0],
+                unconfirmed=totals.get((r["target"], "pending"), (0, None))[0],
+                held=r["held"],
+                bytes=_bytes(r["kind"], totals.get((r["target"], "done"), (0, None))[1]),
             )
             for r in rows
         ]
@@ -239,26 +241,26 @@ class JournalLedger:
         self._next += 1
         return number
 
-    def pending(self, batch_no: int, batch: BatchRange, rows: int) -> None:
-        """Record a batch whose transaction is about to commit."""
+    def pending(self, batch_no: int, descriptor: str, rows: int) -> None:
+        """Record a batch whose irreversible step is about to happen."""
         with self.journal.engine.begin() as conn:
             conn.execute(
                 insert(purge_batches).values(
                     category=self.run.category, run_id=self.run.run_id, target=self.target,
-                    batch_no=batch_no, state="pending", bounds=encode_bounds(batch),
+                    batch_no=batch_no, state="pending", bounds=descriptor,
                     rows_planned=rows, recorded_at=utc_iso(self.journal.now()),
                 )
             )
 
-    def done(self, batch_no: int) -> None:
-        """The batch's transaction committed; its planned rows are gone."""
-        self._settle(batch_no, "done", None)
+    def done(self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None) -> None:
+        """The batch happened: ``rows`` records (default: as planned) and ``bytes_`` went."""
+        self._settle(batch_no, "done", rows, bytes_)
 
-    def resolve(self, batch_no: int, rows_deleted: int) -> None:
+    def resolve(self, batch_no: int, rows_deleted: int, *, bytes_: int | None = None) -> None:
         """Settle a pending batch after the fact: ``rows_deleted`` did go (0 voids it)."""
-        self._settle(batch_no, "done" if rows_deleted else "void", rows_deleted)
+        self._settle(batch_no, "done" if rows_deleted else "void", rows_deleted, bytes_)
 
-    def _settle(self, batch_no: int, state: str, rows: int | None) -> None:
+    def _settle(self, batch_no: int, state: str, rows: int | None, bytes_: int | None) -> None:
         with self.journal.engine.begin() as conn:
             conn.execute(
                 update(purge_batches)
@@ -266,6 +268,7 @@ class JournalLedger:
                 .values(
                     state=state,
                     rows_done=purge_batches.c.rows_planned if rows is None else rows,
+                    bytes_done=bytes_,
                     recorded_at=utc_iso(self.journal.now()),
                 )
             )
@@ -278,7 +281,7 @@ class JournalLedger:
                 .where(*self._key(), purge_batches.c.state == "pending")
                 .order_by(purge_batches.c.batch_no)
             ).all()
-        return [PendingBatch(r.batch_no, decode_bounds(r.bounds), r.rows_planned) for r in rows]
+        return [PendingBatch(r.batch_no, r.bounds, r.rows_planned) for r in rows]
 
     def deleted(self) -> int:
         """Rows deleted by this target's done batches, across every attempt of the run."""
@@ -302,6 +305,11 @@ def _run(row) -> RunRecord:
     )
 
 
+def _bytes(kind: str, total: int | None) -> int | None:
+    # Bytes are counted where a target knows them (objects); tables report rows only.
+    return int(total or 0) if kind == "s3" else None
+
+
 def _target_key(run: RunRecord, target: str):
     return (
         purge_targets.c.category == run.category,
@@ -316,61 +324,3 @@ def _batch_key(run: RunRecord, target: str):
         purge_batches.c.run_id == run.run_id,
         purge_batches.c.target == target,
     )
-
-
-# -- bounds codec ----------------------------------------------------------------------
-# Walk bounds hold key and age values of whatever type the table has; JSON alone would
-# lose datetimes, decimals and UUIDs, so each value carries a tag.
-
-
-def encode_bounds(batch: BatchRange) -> str:
-    """JSON for a batch range, with typed values."""
-    return json.dumps({"lower": _encode(batch.lower), "upper": _encode(batch.upper)}, sort_keys=True)
-
-
-def decode_bounds(text: str) -> BatchRange:
-    """Inverse of :func:`encode_bounds`."""
-    data = json.loads(text)
-    return BatchRange(_decode(data["lower"]), _decode(data["upper"]))
-
-
-def _encode(bound):
-    if bound is None:
-        return None
-    return [_encode_value(v) for v in bound]
-
-
-def _encode_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return {"datetime": value.isoformat()}
-    if isinstance(value, date):
-        return {"date": value.isoformat()}
-    if isinstance(value, Decimal):
-        return {"decimal": str(value)}
-    if isinstance(value, uuid.UUID):
-        return {"uuid": str(value)}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"bytes": base64.b64encode(bytes(value)).decode()}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return {"str": str(value)}
-
-
-def _decode(bound):
-    if bound is None:
-        return None
-    return tuple(_decode_value(v) for v in bound)
-
-
-def _decode_value(value: Any) -> Any:
-    if not isinstance(value, dict):
-        return value
-    (tag, text), = value.items()
-    return {
-        "datetime": datetime.fromisoformat,
-        "date": date.fromisoformat,
-        "decimal": Decimal,
-        "uuid": uuid.UUID,
-        "bytes": base64.b64decode,
-        "str": str,
-    }[tag](text)

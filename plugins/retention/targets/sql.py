@@ -13,12 +13,16 @@ Time is an input: the cutoff is computed once per run and passed in.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Column,
@@ -40,6 +44,7 @@ from sqlalchemy.exc import NoSuchTableError
 
 from retention import failpoints
 from retention.errors import TargetError
+from retention.targets.ledger import BatchLedger
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -58,25 +63,6 @@ class BatchRange:
 
     lower: Bound | None
     upper: Bound | None
-
-
-@dataclass(frozen=True)
-class PendingBatch:
-    """A batch recorded before its transaction committed, not yet known to have."""
-
-    batch_no: int
-    range: BatchRange
-    rows: int
-
-
-class BatchLedger(Protocol):
-    """Where a target's batches are journaled (see :mod:`retention.journal`)."""
-
-    def next_batch_no(self) -> int: ...
-    def pending(self, batch_no: int, batch: BatchRange, rows: int) -> None: ...
-    def done(self, batch_no: int) -> None: ...
-    def resolve(self, batch_no: int, rows_deleted: int) -> None: ...
-    def unresolved(self) -> list[PendingBatch]: ...
 
 
 Progress = Callable[[int, int, float], None]
@@ -309,7 +295,7 @@ class SqlTable:
                         conn.execute(text("SET LOCAL enable_indexscan = off"))
                     rows = conn.execute(delete(self.table).where(expired, self._in_range(batch))).rowcount
                     if rows:
-                        ledger.pending(batch_no, batch, rows)
+                        ledger.pending(batch_no, encode_range(batch), rows)
                         failpoints.hit("sql.before_commit")
                 if rows:
                     failpoints.hit("sql.after_commit")
@@ -385,7 +371,9 @@ class SqlTable:
         with self.engine.connect() as conn:
             for batch in pending:
                 present = conn.execute(
-                    select(func.count()).select_from(self.table).where(expired, self._in_range(batch.range))
+                    select(func.count()).select_from(self.table).where(
+                        expired, self._in_range(decode_range(batch.descriptor))
+                    )
                 ).scalar_one()
                 gone = max(batch.rows - present, 0)
                 if 0 < present < batch.rows:
@@ -420,3 +408,57 @@ def _lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str
         expression = or_(strict(column, value), and_(column == value, expression))
     leading = columns[0] >= values[0] if op == ">" else columns[0] <= values[0]
     return and_(leading, expression)
+
+
+# -- batch descriptors -------------------------------------------------------------------
+# A batch is journaled as its walk range. Bounds hold key and age values of whatever type
+# the table has; JSON alone would lose datetimes, decimals and UUIDs, so each value is tagged.
+
+
+def encode_range(batch: BatchRange) -> str:
+    """JSON for a batch range, with typed values."""
+    return json.dumps({"lower": _encode(batch.lower), "upper": _encode(batch.upper)}, sort_keys=True)
+
+
+def decode_range(text: str) -> BatchRange:
+    """Inverse of :func:`encode_range`."""
+    data = json.loads(text)
+    return BatchRange(_decode(data["lower"]), _decode(data["upper"]))
+
+
+def _encode(bound: Bound | None) -> list[Any] | None:
+    return None if bound is None else [_encode_value(v) for v in bound]
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"datetime": value.isoformat()}
+    if isinstance(value, date):
+        return {"date": value.isoformat()}
+    if isinstance(value, Decimal):
+        return {"decimal": str(value)}
+    if isinstance(value, uuid.UUID):
+        return {"uuid": str(value)}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes": base64.b64encode(bytes(value)).decode()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return {"str": str(value)}
+
+
+def _decode(bound: list[Any] | None) -> Bound | None:
+    return None if bound is None else tuple(_decode_value(v) for v in bound)
+
+
+def _decode_value(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    ((tag, text),) = value.items()
+    return {
+        "datetime": datetime.fromisoformat,
+        "date": date.fromisoformat,
+        "decimal": Decimal,
+        "uuid": uuid.UUID,
+        "bytes": base64.b64decode,
+        "str": str,
+    }[tag](text)

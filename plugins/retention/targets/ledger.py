@@ -1,0 +1,39 @@
+"""The contract between a target and the run journal for batches.
+
+A target records each batch *pending* (with a descriptor it can later read back to tell
+whether the batch happened) before the irreversible step, and *done* after. The
+journal stores descriptors as opaque text; only the target kind that wrote one reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A batch recorded before its irreversible step, not yet known to have happened."""
+
+    batch_no: int
+    descriptor: str
+    rows: int
+
+
+class BatchLedger(Protocol):
+    """Where one target's batches are journaled (see :mod:`retention.journal`)."""
+
+    def next_batch_no(self) -> int:
+        """A batch number not used before by this target in this run."""
+
+    def pending(self, batch_no: int, descriptor: str, rows: int) -> None:
+        """Record a batch of ``rows`` records about to be purged."""
+
+    def done(self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None) -> None:
+        """The batch happened: ``rows`` records (default: as planned) and ``bytes_`` went."""
+
+    def resolve(self, batch_no: int, rows_deleted: int, *, bytes_: int | None = None) -> None:
+        """Settle a pending batch after the fact (0 rows voids it)."""
+
+    def unresolved(self) -> list[PendingBatch]:
+        """Batches recorded pending and never settled."""

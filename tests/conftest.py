@@ -131,6 +131,35 @@ def _no_failpoints(monkeypatch):
     failpoints.reset()
 
 
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A moto S3 server in a thread (for other processes: the CLI, Airflow tasks); its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{server._server.server_port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_server(moto_server, monkeypatch):
+    """A boto3 client on the moto server, reachable as Airflow connection aws_default."""
+    import json
+
+    import boto3
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
+                    "extra": {"region_name": "us-east-1", "endpoint_url": moto_server}}),
+    )
+    return boto3.client("s3", region_name="us-east-1", endpoint_url=moto_server,
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def connect(monkeypatch, conn_id: str, database: Database) -> None:
     """Make ``conn_id`` resolve to ``database`` the way Airflow would, via its env var."""
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", database.airflow_uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +25,18 @@ def airflow_db():
     """The Airflow metadata database (SQLite in the test AIRFLOW_HOME), migrated once."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
                    env=os.environ.copy())
+
+
+def rule_dag(rules: Path, dag_id: str, monkeypatch):
+    """The DAG the real dags/ folder builds from ``rules``.
+
+    dag.test() re-parses the DAGs folder to serialize the DAG it runs, so the rules
+    directory is set the way a deployment sets it, not just passed to build_dags.
+    """
+    from retention.orchestration import build_dags
+
+    monkeypatch.setenv("RETENTION_RULES_DIR", str(rules))
+    return build_dags(rules)[dag_id]
 
 
 def test_the_dags_folder_imports_without_errors():
@@ -98,8 +111,6 @@ def test_dag_test_purges_postgresql_and_appends_a_certificate(
 ):
     from airflow.utils.state import DagRunState
 
-    from retention.orchestration import build_dags
-
     audit = request.getfixturevalue("mysql_db")  # a server-side audit database, as in production
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", audit.airflow_uri)
     connect(monkeypatch, "crm_db", pg_db)
@@ -108,8 +119,8 @@ def test_dag_test_purges_postgresql_and_appends_a_certificate(
     cutoff = datetime(2024, 6, 15, 3, 0, tzinfo=UTC)
     insert_customers(pg_db, [(i, "closed", cutoff - timedelta(hours=i)) for i in range(1, 251)]
                      + [(1000, "closed", cutoff), (1001, "open", cutoff - timedelta(days=9))])
-    write_rule(tmp_path / "rules", targets=[{"where": "{status: closed}", "max_batch_rows": 40}])
-    dag = build_dags(tmp_path / "rules")["retention__customer_accounts"]
+    rule_path = write_rule(tmp_path / "rules", targets=[{"where": "{status: closed}", "max_batch_rows": 40}])
+    dag = rule_dag(tmp_path / "rules", "retention__customer_accounts", monkeypatch)
 
     dag_run = dag.test(logical_date=logical_date)
 
@@ -120,6 +131,7 @@ def test_dag_test_purges_postgresql_and_appends_a_certificate(
     assert payload["as_of"] == "2026-06-15T03:00:00.000000Z"
     assert payload["status"] == "complete"
     assert payload["targets"][0]["deleted"] == 250
+    assert payload["rule"]["sha256"] == hashlib.sha256(rule_path.read_bytes()).hexdigest()  # this rule, not the repo's
     from retention.cli import main
 
     assert main(["verify", "--public-key", str(keys[1])]) == 0
@@ -128,14 +140,12 @@ def test_dag_test_purges_postgresql_and_appends_a_certificate(
 def test_a_failed_target_fails_the_dag_run_with_a_certificate(airflow_db, pg_db, monkeypatch, keys, tmp_path):
     from airflow.utils.state import DagRunState
 
-    from retention.orchestration import build_dags
-
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", pg_db.airflow_uri)
     connect(monkeypatch, "crm_db", pg_db)
     make_customers(pg_db)
     insert_customers(pg_db, [(1, "closed", datetime(2019, 1, 1, tzinfo=UTC))])
     write_rule(tmp_path / "rules", targets=[{}, {"name": "ghosts", "table": "ghost_table"}])
-    dag = build_dags(tmp_path / "rules")["retention__customer_accounts"]
+    dag = rule_dag(tmp_path / "rules", "retention__customer_accounts", monkeypatch)
 
     dag_run = dag.test(logical_date=datetime(2026, 6, 15, tzinfo=UTC))
 
@@ -162,3 +172,30 @@ def _rule(category: str, *replace: str) -> str:
         key = line.split(":")[0]
         text = "\n".join(line if existing.startswith(key + ":") else existing for existing in text.split("\n"))
     return text
+
+
+def test_dag_test_purges_a_bucket_on_a_moto_server(airflow_db, aws_server, audit_db, keys, tmp_path, monkeypatch):
+    """The S3 path end to end: Airflow resolves aws_default (endpoint_url in its extra)."""
+    from airflow.utils.state import DagRunState
+
+    bucket = f"dag-test-{os.getpid()}"
+    aws_server.create_bucket(Bucket=bucket)
+    aws_server.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    for key in ("exports/2019/01/05/a.csv", "exports/2019/01/05/a.csv", "exports/2026/06/01/b.csv"):
+        aws_server.put_object(Bucket=bucket, Key=key, Body=b"rows")
+    write_rule(tmp_path / "rules", "exports", text=(
+        "category: exports\ndescription: Clickstream exports\nowner: data\nlegal_basis: Analytics, 1 year\n"
+        "retain_for: P1Y\naction: delete\ntargets:\n"
+        f"  - {{name: exports, kind: s3, connection: aws_default, bucket: {bucket}, prefix: exports/,\n"
+        "     age_from: key_date, key_date_format: 'exports/%Y/%m/%d/'}\n"
+    ))
+    dag = rule_dag(tmp_path / "rules", "retention__exports", monkeypatch)
+
+    dag_run = dag.test(logical_date=datetime(2026, 6, 15, tzinfo=UTC))
+
+    assert dag_run.state == DagRunState.SUCCESS
+    versions = aws_server.list_object_versions(Bucket=bucket)
+    assert {v["Key"] for v in versions.get("Versions", [])} == {"exports/2026/06/01/b.csv"}
+    payload = json.loads(audit_db.scalar("SELECT payload FROM purge_certificates"))
+    target = payload["targets"][0]
+    assert (target["deleted"], target["bytes"], target["location"]) == (1, 8, f"s3://{bucket}/exports/")

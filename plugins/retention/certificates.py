@@ -104,19 +104,21 @@ def build_payload(
         error = record.error
         if status != "complete" and not error:
             error = "interrupted" if record.state == "running" else "not run"
-        entries.append(
-            {
-                "name": record.target,
-                "kind": record.kind,
-                "location": record.location,
-                "status": status,
-                "matched": record.matched if record.matched is not None else 0,
-                "deleted": record.deleted,
-                "failed": failed,
-                "unconfirmed": record.unconfirmed,
-                "error": error,
-            }
-        )
+        entry = {
+            "name": record.target,
+            "kind": record.kind,
+            "location": record.location,
+            "status": status,
+            "matched": record.matched if record.matched is not None else 0,
+            "deleted": record.deleted,
+            "held": record.held or 0,
+            "failed": failed,
+            "unconfirmed": record.unconfirmed,
+            "error": error,
+        }
+        if record.bytes is not None:
+            entry["bytes"] = record.bytes
+        entries.append(entry)
     finished = [r.finished_at for r in targets if r.finished_at is not None]
     return {
         "type": PAYLOAD_TYPE,
@@ -139,6 +141,7 @@ def build_payload(
         "totals": {
             "matched": sum(e["matched"] for e in entries),
             "deleted": sum(e["deleted"] for e in entries),
+            "held": sum(e["held"] for e in entries),
             "failed": sum(e["failed"] for e in entries),
         },
     }

@@ -18,7 +18,7 @@ from datetime import date, datetime, timezone
 
 from retention import __version__
 from retention.errors import ConfigError, RetentionError, RuleError, TerminalError
-from retention.render import count, moment, rate, table
+from retention.render import count, moment, rate, size, table
 
 DEFAULT_RULES_DIR = "retention_rules"
 
@@ -222,11 +222,11 @@ def cmd_certificates(args: argparse.Namespace) -> int:
         totals = c.data.get("totals", {})
         rows.append([
             c.seq, moment(c.issued_at), c.category, c.status, f"{totals.get('deleted', 0):,}",
-            f"{totals.get('failed', 0):,}", c.data.get("as_of", "")[:19] + "Z", c.run_id,
-            c.entry_hash[:12],
+            f"{totals.get('held', 0):,}", f"{totals.get('failed', 0):,}", c.data.get("as_of", "")[:19] + "Z",
+            c.run_id, c.entry_hash[:12],
         ])
-    print(table(["SEQ", "ISSUED", "CATEGORY", "STATUS", "PURGED", "FAILED", "AS OF", "RUN", "HASH"],
-                rows, right=(0, 4, 5)))
+    print(table(["SEQ", "ISSUED", "CATEGORY", "STATUS", "PURGED", "HELD", "FAILED", "AS OF", "RUN", "HASH"],
+                rows, right=(0, 4, 5, 6)))
     return EXIT_OK
 
 
@@ -279,12 +279,13 @@ def _print_plan(plan) -> None:
     notes = []
     for target in plan.targets:
         share = f"{target.matched / target.total:.1%}" if target.total else "–"
-        rows.append([target.name, target.kind, target.location, count(target.matched),
-                     count(target.total, "row"), share])
+        unit = "object" if target.kind == "s3" else "row"
+        rows.append([target.name, target.kind, target.location, count(target.matched, unit),
+                     size(target.bytes), count(target.total, unit), share])
         notes += [f"  ! {target.name}: {note}" for note in target.notes]
     print("\n".join("  " + line for line in
-                    table(["TARGET", "KIND", "LOCATION", "WOULD PURGE", "OF", "SHARE"], rows,
-                          right=(3, 4, 5)).splitlines()))
+                    table(["TARGET", "KIND", "LOCATION", "WOULD PURGE", "BYTES", "OF", "SHARE"], rows,
+                          right=(3, 4, 5, 6)).splitlines()))
     for note in notes:
         print(note)
     print()
@@ -295,9 +296,9 @@ def _print_run_summary(certificates) -> None:
     for c in certificates:
         for t in c.data.get("targets", []):
             rows.append([c.category, t["name"], t["status"], f"{t['matched']:,}", f"{t['deleted']:,}",
-                         f"{t['failed']:,}", t["error"] or ""])
-    print(table(["CATEGORY", "TARGET", "STATUS", "MATCHED", "PURGED", "FAILED", "ERROR"], rows,
-                right=(3, 4, 5)))
+                         f"{t.get('held', 0):,}", f"{t['failed']:,}", size(t.get("bytes")), t["error"] or ""])
+    print(table(["CATEGORY", "TARGET", "STATUS", "MATCHED", "PURGED", "HELD", "FAILED", "BYTES", "ERROR"], rows,
+                right=(3, 4, 5, 6, 7)))
     for c in certificates:
         print(f"certificate seq {c.seq} for {c.category}: {c.status} (run {c.run_id}, hash {c.entry_hash[:12]})")
 

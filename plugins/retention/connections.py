@@ -161,6 +161,44 @@ def create_sql_engine(spec: ConnectionSpec) -> Engine:
     return engine
 
 
+def create_s3_client(spec: ConnectionSpec, *, max_pool_connections: int = 10):
+    """A boto3 S3 client from an Airflow ``aws`` connection.
+
+    Credentials come from login/password (or ``aws_access_key_id`` / ``aws_secret_access_key``
+    in the extra), else from the worker's default chain (instance role, env, profile).
+    ``endpoint_url`` and ``region_name`` are read from the extra, as Airflow's AWS hook does.
+    Whole requests that fail with 500/503 (SlowDown) are retried by botocore's standard mode.
+    """
+    import boto3
+    from botocore.config import Config
+
+    if spec.conn_type not in ("aws", "s3"):
+        raise ConfigError(f"connection {spec.conn_id}: type {spec.conn_type!r} is not an AWS connection")
+    extra = dict(spec.extra)
+    if extra.get("role_arn"):
+        raise ConfigError(
+            f"connection {spec.conn_id}: role_arn is not supported; give the worker the role instead"
+        )
+    service = (extra.get("service_config") or {}).get("s3") or {}
+    session = boto3.session.Session(
+        aws_access_key_id=spec.login or extra.get("aws_access_key_id"),
+        aws_secret_access_key=spec.password or extra.get("aws_secret_access_key"),
+        aws_session_token=extra.get("aws_session_token"),
+        region_name=extra.get("region_name") or "us-east-1",
+        profile_name=extra.get("profile_name"),
+    )
+    return session.client(
+        "s3",
+        endpoint_url=service.get("endpoint_url") or extra.get("endpoint_url") or None,
+        config=Config(
+            max_pool_connections=max_pool_connections,
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=10,
+            read_timeout=60,
+        ),
+    )
+
+
 _DRIVER_OPTIONS = {
     "postgresql+psycopg2": {"sslmode", "sslrootcert", "sslcert", "sslkey", "options", "target_session_attrs"},
     "mysql+pymysql": {"ssl_ca", "ssl_cert", "ssl_key"},

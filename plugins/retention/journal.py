@@ -9,6 +9,7 @@ values, so a crashed or retried task never loses or double-counts work.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from retention.audit import purge_batches, purge_runs, purge_targets
-from retention.targets.ledger import PendingBatch
+from retention.targets.base import PendingBatch
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -227,19 +228,21 @@ class JournalLedger:
         self.run = run
         self.target = target
         self._next: int | None = None
+        self._lock = threading.Lock()  # S3 targets journal from several threads
 
     def _key(self):
         return _batch_key(self.run, self.target)
 
     def next_batch_no(self) -> int:
         """A batch number not used before by this target in this run."""
-        if self._next is None:
-            with self.journal.engine.connect() as conn:
-                top = conn.execute(select(func.max(purge_batches.c.batch_no)).where(*self._key())).scalar()
-            self._next = (top or 0) + 1
-        number = self._next
-        self._next += 1
-        return number
+        with self._lock:
+            if self._next is None:
+                with self.journal.engine.connect() as conn:
+                    top = conn.execute(select(func.max(purge_batches.c.batch_no)).where(*self._key())).scalar()
+                self._next = (top or 0) + 1
+            number = self._next
+            self._next += 1
+            return number
 
     def pending(self, batch_no: int, descriptor: str, rows: int) -> None:
         """Record a batch whose irreversible step is about to happen."""

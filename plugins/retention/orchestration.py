@@ -237,9 +237,9 @@ def _doc(rule_file: RuleFile) -> str:
         f"- **Owner:** {rule.owner}",
         f"- **Rule file:** `{rule_file.display_path}` (sha256 `{rule_file.sha256[:12]}…`)",
         "",
-        "| target | kind | location | age column |",
+        "| target | kind | location | age from |",
         "|---|---|---|---|",
     ]
     for target in rule.targets:
-        lines.append(f"| {target.name} | {target.kind} | `{target.location}` | `{target.age_column}` |")
+        lines.append(f"| {target.name} | {target.kind} | `{target.location}` | `{target.age_source}` |")
     return "\n".join(lines)

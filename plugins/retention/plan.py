@@ -26,6 +26,7 @@ class TargetPlan:
     location: str
     matched: int
     total: int
+    bytes: int | None = None
     notes: tuple[str, ...] = ()
 
 
@@ -68,32 +69,30 @@ def build_plan(rule_file: RuleFile, as_of: datetime, targets: Targets) -> PurgeP
     cutoff = rule.cutoff(as_of)
     plans = []
     problems = []
+    opened = []
     for index, target in enumerate(rule.targets):
-        table = targets.open(target)
+        handle = targets.open(target)
         try:
-            table.table  # reflect and check the shape
+            handle.check()
         except TargetError as exc:
             problems.append(rule_file.problem(target_field(index, exc.field), str(exc)))
             continue
-        notes = []
-        index_name = table.age_index()
-        if index_name is None:
-            notes.append(
-                f"no index leads with {target.age_column}: every batch scans the table; "
-                f"add one before purging a large table"
-            )
+        opened.append((target, handle))
+    if problems:
+        raise RuleError(problems)
+    for target, handle in opened:
+        survey = handle.survey(cutoff)
         plans.append(
             TargetPlan(
                 name=target.name,
                 kind=target.kind,
                 location=target.location,
-                matched=table.count_expired(cutoff),
-                total=table.count_rows(),
-                notes=tuple(notes),
+                matched=survey.matched,
+                total=survey.total,
+                bytes=survey.bytes,
+                notes=tuple(survey.notes),
             )
         )
-    if problems:
-        raise RuleError(problems)
     return PurgePlan(
         category=rule.category,
         rule_path=rule_file.display_path,

@@ -28,6 +28,18 @@ def count(n: int | None, unit: str = "record") -> str:
     return f"{n:,} {unit}{'' if n == 1 else 's'}"
 
 
+def size(n: int | None) -> str:
+    """``12.3 MiB``; empty when a target has no byte count (tables)."""
+    if n is None:
+        return ""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
 def rate(rows: int, seconds: float) -> str:
     """``312k rows/s``."""
     if seconds <= 0:

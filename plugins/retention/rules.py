@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pendulum
 from croniter import croniter
@@ -25,7 +25,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from retention.errors import RuleError, RuleProblem
@@ -211,8 +215,146 @@ class SqlTarget(_StrictModel):
         """Where the records live, without credentials."""
         return f"{self.connection}:{self.table}"
 
+    @property
+    def age_source(self) -> str:
+        """Where a record's age is read."""
+        return self.age_column
 
-Target = SqlTarget
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_KEY_DATE_FIELDS = {"Y": r"\d{4}", "m": r"\d{2}", "d": r"\d{2}", "H": r"\d{2}", "M": r"\d{2}", "S": r"\d{2}"}
+_KEY_DATE_ORDER = "YmdHMS"
+
+
+def _bucket(value: Any) -> str:
+    if not isinstance(value, str) or not _BUCKET.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not an S3 bucket name (3-63 lower-case letters, digits, dots and hyphens)"
+        )
+    return value
+
+
+def _prefix(value: Any) -> str:
+    if not isinstance(value, str) or value.startswith("/") or len(value) > 1024:
+        raise ValueError(f"{value!r} is not a key prefix: no leading '/', at most 1024 characters")
+    return value
+
+
+def _string_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("expected a mapping of tag: value, both strings (quote numbers: '2024')")
+    return value
+
+
+@dataclass(frozen=True)
+class KeyDatePattern:
+    """Reads the date a key starts with, e.g. ``receipts/%Y/%m/%d/`` for receipts/2024/01/31/…."""
+
+    text: str
+    regex: re.Pattern[str]
+    finest: str
+
+    @classmethod
+    def parse(cls, value: Any) -> KeyDatePattern:
+        """Compile a strftime-like pattern with %Y %m %d %H %M %S; ValueError with advice."""
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a pattern such as 'receipts/%Y/%m/%d/'")
+        pieces, fields, i = [], [], 0
+        while i < len(value):
+            char = value[i]
+            if char != "%":
+                pieces.append(re.escape(char))
+                i += 1
+                continue
+            directive = value[i + 1 : i + 2]
+            if directive == "%":
+                pieces.append("%")
+            elif directive in _KEY_DATE_FIELDS:
+                if directive in fields:
+                    raise ValueError(f"%{directive} appears twice in {value!r}")
+                fields.append(directive)
+                pieces.append(f"(?P<{directive}>{_KEY_DATE_FIELDS[directive]})")
+            else:
+                raise ValueError(
+                    f"%{directive or ''} is not supported in {value!r}; use %Y %m %d %H %M %S (and %% for %)"
+                )
+            i += 2
+        if "Y" not in fields:
+            raise ValueError(f"{value!r} has no %Y: the year must be part of the key")
+        present = "".join(f for f in _KEY_DATE_ORDER if f in fields)
+        if present != _KEY_DATE_ORDER[: len(present)]:
+            missing = next(f for f in _KEY_DATE_ORDER if f not in fields)
+            raise ValueError(f"{value!r} skips %{missing}: a key date needs every coarser field")
+        return cls(value, re.compile("".join(pieces)), present[-1])
+
+    def period(self, key: str) -> tuple[datetime, datetime] | None:
+        """The UTC period a key's date names (start, end), or None if the key has no date."""
+        match = self.regex.match(key)
+        if not match:
+            return None
+        parts = {f: int(v) for f, v in match.groupdict().items()}
+        try:
+            start = datetime(
+                parts["Y"], parts.get("m", 1), parts.get("d", 1), parts.get("H", 0),
+                parts.get("M", 0), parts.get("S", 0), tzinfo=timezone.utc,
+            )
+        except ValueError:
+            return None  # 2024/13/45: not a date
+        step = {"Y": {"years": 1}, "m": {"months": 1}, "d": {"days": 1},
+                "H": {"hours": 1}, "M": {"minutes": 1}, "S": {"seconds": 1}}[self.finest]
+        end = pendulum.instance(start).add(**step)
+        return start, datetime.fromtimestamp(end.timestamp(), tz=timezone.utc)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class S3Target(_StrictModel):
+    """Objects under a prefix of an S3 (or S3-compatible) bucket."""
+
+    name: Identifier
+    kind: Literal["s3"]
+    connection: ConnectionId
+    """Airflow AWS connection id; ``endpoint_url`` in its extra for MinIO or moto."""
+    bucket: Annotated[str, BeforeValidator(_bucket)]
+    prefix: Annotated[str, BeforeValidator(_prefix)] = ""
+    age_from: Literal["last_modified", "key_date"] = "last_modified"
+    """``last_modified``: the object's newest version; ``key_date``: the date in its key."""
+    key_date_format: Annotated[
+        KeyDatePattern | None,
+        BeforeValidator(lambda v: v if v is None or isinstance(v, KeyDatePattern) else KeyDatePattern.parse(v)),
+        PlainSerializer(lambda v: None if v is None else v.text),
+        Field(validate_default=True),
+    ] = None
+    tags: Annotated[dict[str, str], BeforeValidator(_string_map)] = Field(default_factory=dict)
+    """Only objects carrying all these tags (one GetObjectTagging call per object)."""
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 8
+    """Concurrent DeleteObjects requests (and HTTP connections)."""
+
+    @field_validator("key_date_format")
+    @classmethod
+    def _key_date_needs_format(cls, value: KeyDatePattern | None, info: ValidationInfo) -> KeyDatePattern | None:
+        age_from = info.data.get("age_from")
+        if age_from == "key_date" and value is None:
+            raise ValueError("age_from: key_date needs key_date_format, e.g. 'receipts/%Y/%m/%d/'")
+        if age_from == "last_modified" and value is not None:
+            raise ValueError("key_date_format is only read with age_from: key_date")
+        return value
+
+    @property
+    def location(self) -> str:
+        """``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def age_source(self) -> str:
+        """Where an object's age is read."""
+        return f"key date {self.key_date_format}" if self.age_from == "key_date" else "LastModified"
+
+
+Target = Annotated[Union[SqlTarget, S3Target], Field(discriminator="kind")]
 
 
 class RetentionRule(_StrictModel):
@@ -259,6 +401,10 @@ class RuleFile:
         return RuleProblem(
             str(self.path), self.document.line_of(field_path), _dotted(field_path), message
         )
+
+
+TARGET_ADAPTER: TypeAdapter[Target] = TypeAdapter(Target)
+"""Validates one target definition (as journaled) back into its model."""
 
 
 def load_rule_file(path: str | Path) -> RuleFile:
@@ -354,7 +500,7 @@ def _problems(path: Path, document: LocatedDocument, exc: ValidationError) -> li
     problems = []
     for error in exc.errors(include_url=False):
         data_path = _data_path(document.data, error["loc"])
-        message = _message(error, data_path)
+        message = _message(error, data_path, document.data)
         problems.append(
             RuleProblem(str(path), document.line_of(data_path), _dotted(data_path) or None, message)
         )
@@ -380,13 +526,13 @@ def _data_path(data: Any, loc: tuple) -> tuple[str | int, ...]:
     return tuple(path)
 
 
-def _message(error: dict, data_path: tuple[str | int, ...]) -> str:
+def _message(error: dict, data_path: tuple[str | int, ...], data: Any) -> str:
     kind = error["type"]
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":
         key = data_path[-1] if data_path else "?"
-        allowed = _allowed_keys(data_path[:-1])
+        allowed = _allowed_keys(data_path[:-1], data)
         hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
         advice = f"did you mean {hint[0]!r}?" if hint else f"allowed here: {', '.join(sorted(allowed))}"
         return f"unknown key {key!r}; {advice}"
@@ -407,9 +553,11 @@ def _model_members(annotation: Any) -> list[type[BaseModel]]:
     return members
 
 
-def _allowed_keys(parent: tuple[str | int, ...]) -> list[str]:
+def _allowed_keys(parent: tuple[str | int, ...], data: Any) -> list[str]:
     models: list[type[BaseModel]] = [RetentionRule]
+    node = data
     for part in parent:
+        node = node[part] if isinstance(node, (dict, list)) else None
         if isinstance(part, int):
             continue
         nested: list[type[BaseModel]] = []
@@ -418,7 +566,10 @@ def _allowed_keys(parent: tuple[str | int, ...]) -> list[str]:
             if field is not None:
                 nested.extend(_model_members(field.annotation))
         models = nested
-    return sorted({name for model in models for name in model.model_fields})
+    # Among union members (sql, s3), the one the document's `kind` names.
+    kind = node.get("kind") if isinstance(node, dict) else None
+    chosen = [m for m in models if "kind" in m.model_fields and kind in get_args(m.model_fields["kind"].annotation)]
+    return sorted({name for model in (chosen or models) for name in model.model_fields})
 
 
 @functools.cache

@@ -20,7 +20,7 @@ from retention.certificates import Certificate, certify
 from retention.errors import ConfigError, PurgeFailed, RuleError, TargetError, TerminalError
 from retention.journal import RunJournal, RunRecord, TargetRecord
 from retention.plan import PurgePlan, build_plan
-from retention.rules import RuleFile, SqlTarget
+from retention.rules import TARGET_ADAPTER, RuleFile
 from retention.targets import Targets
 
 if TYPE_CHECKING:
@@ -113,14 +113,17 @@ class Runner:
             )
             raise
         if outcome.remaining:
-            message = f"{outcome.remaining} expired records remain after {table.passes} passes"
+            if outcome.failures:
+                message = f"{outcome.remaining} records could not be purged ({', '.join(outcome.failures)})"
+            else:
+                message = f"{outcome.remaining} expired records remain after the purge"
             self.journal.update_target(
-                run, target_name, state="failed", remaining=outcome.remaining, error=message,
-                finished_at=self.journal.now(),
+                run, target_name, state="failed", remaining=outcome.remaining, held=outcome.held,
+                error=message, finished_at=self.journal.now(),
             )
             raise PurgeFailed(f"{run.category}.{target_name}: {message}")
         self.journal.update_target(
-            run, target_name, state="complete", remaining=0, finished_at=self.journal.now()
+            run, target_name, state="complete", remaining=0, held=outcome.held, finished_at=self.journal.now()
         )
         return {t.target: t for t in self.journal.targets(run)}[target_name]
 
@@ -150,7 +153,7 @@ class Runner:
         if audit.get_backend_name() != "sqlite":
             return
         for target in rule_file.rule.targets:
-            if self.targets.sql_engine(target.connection).url == audit:
+            if target.kind == "sql" and self.targets.sql_engine(target.connection).url == audit:
                 raise ConfigError(
                     f"target {target.name} is in the audit database's SQLite file {audit.database}; "
                     "SQLite allows one writer and the journal writes while a batch is open: "
@@ -161,7 +164,7 @@ class Runner:
         for record in self.journal.targets(run):
             if not record.unconfirmed:
                 continue
-            target = SqlTarget.model_validate(record.definition)
+            target = TARGET_ADAPTER.validate_python(record.definition)
             try:
                 self.targets.open(target).reconcile(run.cutoff, self.journal.ledger(run, record.target))
             except Exception:

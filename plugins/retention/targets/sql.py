@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -44,7 +44,7 @@ from sqlalchemy.exc import NoSuchTableError
 
 from retention import failpoints
 from retention.errors import TargetError
-from retention.targets.ledger import BatchLedger
+from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -63,18 +63,6 @@ class BatchRange:
 
     lower: Bound | None
     upper: Bound | None
-
-
-Progress = Callable[[int, int, float], None]
-"""Called after each batch with (rows deleted so far by this call, batch rows, batch seconds)."""
-
-
-@dataclass(frozen=True)
-class PurgeOutcome:
-    """What one purge call did: rows it deleted, and expired rows left when it stopped."""
-
-    deleted: int
-    remaining: int
 
 
 class BatchSizer:
@@ -165,6 +153,20 @@ class SqlTable:
             "expected a date or timestamp",
             "age_column",
         )
+
+    def check(self) -> None:
+        """Raise TargetError unless the table matches the rule (reflects it once)."""
+        self.table  # noqa: B018 - reflecting is the check
+
+    def survey(self, cutoff: datetime) -> Survey:
+        """Rows that would go, of how many, and what the rule reviewer should know."""
+        notes = []
+        if self.age_index() is None:
+            notes.append(
+                f"no index leads with {self.target.age_column}: every batch scans the table; "
+                "add one before purging a large table"
+            )
+        return Survey(matched=self.count_expired(cutoff), total=self.count_rows(), notes=notes)
 
     def age_index(self) -> str | None:
         """The name of an index that leads with the age column, or None."""

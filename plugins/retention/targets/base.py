@@ -1,4 +1,4 @@
-"""The contract between a target and the run journal for batches.
+"""What every kind of target shares: its batch ledger, its survey and its outcome.
 
 A target records each batch *pending* (with a descriptor it can later read back to tell
 whether the batch happened) before the irreversible step, and *done* after. The
@@ -7,8 +7,33 @@ journal stores descriptors as opaque text; only the target kind that wrote one r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
+
+Progress = Callable[[int, int, float], None]
+"""Called after each batch with (records purged so far by this call, batch records, batch seconds)."""
+
+
+@dataclass
+class Survey:
+    """What a target holds and what would go (for plans)."""
+
+    matched: int = 0
+    total: int = 0
+    bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PurgeOutcome:
+    """What one purge call did: records it purged, and expired records left when it stopped."""
+
+    deleted: int
+    remaining: int
+    held: int = 0
+    bytes: int | None = None
+    failures: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,409 @@
+"""S3 targets: list expired objects page by page and remove them for real.
+
+Listing goes through paginators (a page of up to 1000 keys at a time, never a whole
+bucket in memory). An object expires by its newest version's LastModified or by the
+date in its key; an optional tag filter costs one GetObjectTagging call per candidate.
+Expired objects are deleted with DeleteObjects, up to 1000 versions a request, from a
+bounded pool of threads. On a versioned bucket every version and delete marker of an
+expired key is deleted by version id, so nothing is left behind a new delete marker.
+Objects protected by Object Lock (legal hold, or a retention date still ahead) are
+skipped and counted as held.
+
+Each batch is journaled *pending* with the versions it is about to delete, and *done*
+with what the response says went; a batch left pending by a crash is settled by asking
+S3 which of those versions still exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from retention import failpoints
+from retention.errors import TargetError
+from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
+
+if TYPE_CHECKING:
+    from retention.rules import S3Target
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_REQUEST = 1000  # DeleteObjects' limit
+TRANSIENT_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "503", "500"})
+KEY_ATTEMPTS = 5
+
+@dataclass(frozen=True)
+class Version:
+    """One version of a key (``version_id`` None on an unversioned bucket)."""
+
+    version_id: str | None
+    size: int
+    last_modified: datetime
+    delete_marker: bool = False
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """A key and every version of it that the listing returned."""
+
+    key: str
+    versions: tuple[Version, ...]
+
+    @property
+    def newest(self) -> datetime:
+        """When the key last changed (its newest version or delete marker)."""
+        return max(v.last_modified for v in self.versions)
+
+    @property
+    def size(self) -> int:
+        """Bytes over all versions."""
+        return sum(v.size for v in self.versions)
+
+
+@dataclass
+class _BatchResult:
+    deleted: int = 0
+    bytes: int = 0
+    held: int = 0
+    failed: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class S3Objects:
+    """A rule's S3 target bound to a client."""
+
+    def __init__(self, target: S3Target, client: Any, *, clock: Callable[[], datetime] | None = None):
+        self.target = target
+        self.client = client
+        # Object Lock dates are S3's rule, judged by S3's clock: only used to predict it.
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._versioned: bool | None = None
+        self._locked: bool | None = None
+        self.undated = 0
+
+    # -- shape ---------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise TargetError unless the bucket exists and can be reached."""
+        try:
+            self.client.head_bucket(Bucket=self.target.bucket)
+        except ClientError as exc:
+            code = _code(exc)
+            if code in ("404", "NoSuchBucket"):
+                raise TargetError(f"bucket {self.target.bucket!r} does not exist", "bucket") from None
+            if code in ("403", "AccessDenied"):
+                raise TargetError(
+                    f"bucket {self.target.bucket!r} refuses access to connection {self.target.connection!r}",
+                    "bucket",
+                ) from None
+            raise
+
+    @property
+    def versioned(self) -> bool:
+        """True when the bucket keeps (or kept) versions: listing and deletes go by version."""
+        if self._versioned is None:
+            status = self.client.get_bucket_versioning(Bucket=self.target.bucket).get("Status")
+            self._versioned = status in ("Enabled", "Suspended")
+        return self._versioned
+
+    @property
+    def locked(self) -> bool:
+        """True when the bucket has Object Lock enabled."""
+        if self._locked is None:
+            try:
+                config = self.client.get_object_lock_configuration(Bucket=self.target.bucket)
+                self._locked = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+            except ClientError as exc:
+                if _code(exc) not in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration", "404"):
+                    raise
+                self._locked = False
+        return self._locked
+
+    # -- listing -------------------------------------------------------------------
+
+    def iter_objects(self) -> Iterator[S3Object]:
+        """Every object under the prefix, page by page."""
+        bucket, prefix = self.target.bucket, self.target.prefix
+        if not self.versioned:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield S3Object(item["Key"], (Version(None, item["Size"], item["LastModified"]),))
+            return
+        key: str | None = None
+        versions: list[Version] = []
+        for page in self.client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+            entries = [(v["Key"], Version(v["VersionId"], v.get("Size", 0), v["LastModified"]))
+                       for v in page.get("Versions", [])]
+            entries += [(m["Key"], Version(m["VersionId"], 0, m["LastModified"], delete_marker=True))
+                        for m in page.get("DeleteMarkers", [])]
+            entries.sort(key=lambda entry: entry[0])  # stable: each key's versions stay together
+            for entry_key, version in entries:
+                if entry_key != key:
+                    if key is not None:
+                        yield S3Object(key, tuple(versions))
+                    key, versions = entry_key, []
+                versions.append(version)
+        if key is not None:
+            yield S3Object(key, tuple(versions))
+
+    def is_expired(self, obj: S3Object, cutoff: datetime) -> bool:
+        """By age only (tags are checked separately, since they cost a request)."""
+        if self.target.age_from == "last_modified":
+            return obj.newest < cutoff
+        period = self.target.key_date_format.period(obj.key)
+        if period is None:
+            self.undated += 1
+            return False
+        return period[1] <= cutoff  # the whole period the key names is before the cutoff
+
+    def _has_tags(self, obj: S3Object) -> bool:
+        wanted = self.target.tags
+        newest = max(obj.versions, key=lambda v: v.last_modified)
+        if newest.delete_marker:
+            return False  # a deleted key has no tags to match; leave it to lifecycle rules
+        kwargs = {"Bucket": self.target.bucket, "Key": obj.key}
+        if newest.version_id:
+            kwargs["VersionId"] = newest.version_id
+        tags = {t["Key"]: t["Value"] for t in self.client.get_object_tagging(**kwargs).get("TagSet", [])}
+        return all(tags.get(k) == v for k, v in wanted.items())
+
+    def iter_expired(self, cutoff: datetime, pool: ThreadPoolExecutor, seen: list[int] | None = None) -> Iterator[S3Object]:
+        """Expired objects in key order; tag checks run on ``pool``, a page at a time."""
+        candidates = self._counting(self.iter_objects(), seen)
+        aged = (obj for obj in candidates if self.is_expired(obj, cutoff))
+        if not self.target.tags:
+            yield from aged
+            return
+        for chunk in _chunks(aged, MAX_KEYS_PER_REQUEST):
+            for obj, keep in zip(chunk, pool.map(self._has_tags, chunk)):
+                if keep:
+                    yield obj
+
+    @staticmethod
+    def _counting(objects: Iterable[S3Object], seen: list[int] | None) -> Iterator[S3Object]:
+        for obj in objects:
+            if seen is not None:
+                seen[0] += 1
+            yield obj
+
+    def survey(self, cutoff: datetime) -> Survey:
+        """Objects and bytes that would go, of how many objects under the prefix."""
+        survey = Survey(bytes=0)
+        seen = [0]
+        self.undated = 0
+        with ThreadPoolExecutor(self.target.concurrency) as pool:
+            for obj in self.iter_expired(cutoff, pool, seen):
+                survey.matched += 1
+                survey.bytes += obj.size
+        survey.total = seen[0]
+        if self.undated:
+            survey.notes.append(
+                f"{self.undated:,} objects have no date matching {self.target.key_date_format} in their key; they are kept"
+            )
+        if self.versioned:
+            survey.notes.append("versioned bucket: every version and delete marker of an expired key is deleted")
+        if self.locked:
+            survey.notes.append("Object Lock is enabled: objects under retention or legal hold are held, not deleted")
+        return survey
+
+    # -- purge ---------------------------------------------------------------------
+
+    def purge(self, cutoff: datetime, ledger: BatchLedger, *, progress: Progress | None = None) -> PurgeOutcome:
+        """Delete every expired object; count held (locked) and failed ones."""
+        self.reconcile(cutoff, ledger)
+        total = _BatchResult()
+        workers = self.target.concurrency
+        with ThreadPoolExecutor(workers, thread_name_prefix="s3-inspect") as inspect_pool, \
+                ThreadPoolExecutor(workers, thread_name_prefix="s3-delete") as delete_pool:
+            in_flight: deque[tuple[Future[_BatchResult], float]] = deque()
+
+            def collect(future: Future[_BatchResult], started: float) -> None:
+                result = future.result()
+                total.deleted += result.deleted
+                total.bytes += result.bytes
+                total.held += result.held
+                total.failed += result.failed
+                total.errors.update(result.errors)
+                if progress is not None and (result.deleted or result.failed):
+                    progress(total.deleted, result.deleted, time.perf_counter() - started)
+
+            try:
+                for batch in _batches(self.iter_expired(cutoff, inspect_pool)):
+                    in_flight.append((delete_pool.submit(self._purge_batch, batch, ledger), time.perf_counter()))
+                    while len(in_flight) >= 2 * workers:  # bounded: listing never races far ahead
+                        collect(*in_flight.popleft())
+                while in_flight:
+                    collect(*in_flight.popleft())
+            except BaseException:
+                for future, _ in in_flight:
+                    future.cancel()
+                raise
+        failures = tuple(f"{code} x{n}" for code, n in total.errors.most_common())
+        return PurgeOutcome(total.deleted, total.failed, total.held, total.bytes, failures)
+
+    def _purge_batch(self, batch: list[S3Object], ledger: BatchLedger) -> _BatchResult:
+        result = _BatchResult()
+        if self.locked:
+            free = []
+            for obj in batch:
+                if self._is_held(obj):
+                    result.held += 1
+                else:
+                    free.append(obj)
+            batch = free
+        if not batch:
+            return result
+        batch_no = ledger.next_batch_no()
+        ledger.pending(batch_no, _describe(batch), len(batch))
+        failpoints.hit("s3.before_delete")
+        try:
+            failed_versions = self._delete(batch)
+            failpoints.hit("s3.after_delete")
+        except BaseException:
+            try:
+                self._settle(ledger)
+            except Exception:  # the original error matters more; the next attempt settles it
+                log.warning("%s: could not settle the interrupted batch now", self.target.name, exc_info=True)
+            raise
+        for obj in batch:
+            problems = {failed_versions[(obj.key, v.version_id)] for v in obj.versions
+                        if (obj.key, v.version_id) in failed_versions}
+            if not problems:
+                result.deleted += 1
+                result.bytes += obj.size
+            elif "AccessDenied" in problems and self.locked and self._is_held(obj):
+                result.held += 1  # locked between our check and the delete
+            else:
+                result.failed += 1
+                result.errors.update(problems)
+        ledger.done(batch_no, rows=result.deleted, bytes_=result.bytes)
+        return result
+
+    def _delete(self, batch: list[S3Object]) -> dict[tuple[str, str | None], str]:
+        """Delete every version of every object; return the versions that failed, with codes."""
+        entries = [(obj.key, v.version_id) for obj in batch for v in obj.versions]
+        failed: dict[tuple[str, str | None], str] = {}
+        for start in range(0, len(entries), MAX_KEYS_PER_REQUEST):
+            pending = entries[start : start + MAX_KEYS_PER_REQUEST]
+            for attempt in range(1, KEY_ATTEMPTS + 1):
+                errors = self._delete_request(pending)
+                retry = [entry for entry, code in errors.items() if code in TRANSIENT_CODES]
+                for entry, code in errors.items():
+                    failed[entry] = code
+                if not retry or attempt == KEY_ATTEMPTS:
+                    break
+                for entry in retry:
+                    del failed[entry]
+                log.info("%s: %d keys failed transiently; retrying (attempt %d)", self.target.name, len(retry), attempt + 1)
+                time.sleep(min(0.1 * 2**attempt, 5.0))
+                pending = retry
+        return failed
+
+    def _delete_request(self, entries: list[tuple[str, str | None]]) -> dict[tuple[str, str | None], str]:
+        objects = [{"Key": key, "VersionId": version} if version else {"Key": key} for key, version in entries]
+        response = self.client.delete_objects(
+            Bucket=self.target.bucket, Delete={"Objects": objects, "Quiet": True}
+        )
+        return {(e["Key"], e.get("VersionId")): e.get("Code", "Unknown") for e in response.get("Errors", [])}
+
+    def _is_held(self, obj: S3Object) -> bool:
+        now = self._clock()
+        for version in obj.versions:
+            if version.delete_marker:
+                continue
+            kwargs = {"Bucket": self.target.bucket, "Key": obj.key}
+            if version.version_id:
+                kwargs["VersionId"] = version.version_id
+            try:
+                head = self.client.head_object(**kwargs)
+            except ClientError as exc:
+                if _code(exc) in ("404", "NoSuchKey", "NoSuchVersion"):
+                    continue
+                raise
+            if head.get("ObjectLockLegalHoldStatus") == "ON":
+                return True
+            until = head.get("ObjectLockRetainUntilDate")
+            if until is not None and until > now:
+                return True
+        return False
+
+    # -- crash settlement ----------------------------------------------------------
+
+    def reconcile(self, cutoff: datetime, ledger: BatchLedger) -> int:
+        """Settle pending batches by asking S3 which of their versions still exist."""
+        return self._settle(ledger)
+
+    def _settle(self, ledger: BatchLedger) -> int:
+        confirmed = 0
+        pending_batches = ledger.unresolved()
+        if not pending_batches:
+            return confirmed
+        with ThreadPoolExecutor(self.target.concurrency, thread_name_prefix="s3-settle") as pool:
+            for pending in pending_batches:
+                objects = json.loads(pending.descriptor)
+                present = pool.map(
+                    lambda entry: any(self._exists(entry[0], version_id) for version_id, _size in entry[1]),
+                    objects,
+                )
+                gone = [entry for entry, still_there in zip(objects, present) if not still_there]
+                gone_bytes = sum(size for _key, versions in gone for _version, size in versions)
+                ledger.resolve(pending.batch_no, len(gone), bytes_=gone_bytes)
+                confirmed += len(gone)
+        return confirmed
+
+    def _exists(self, key: str, version_id: str | None) -> bool:
+        kwargs = {"Bucket": self.target.bucket, "Key": key}
+        if version_id:
+            kwargs["VersionId"] = version_id
+        try:
+            self.client.head_object(**kwargs)
+        except ClientError as exc:
+            code = _code(exc)
+            if code in ("404", "NoSuchKey", "NoSuchVersion"):
+                return False
+            if code in ("405", "MethodNotAllowed"):
+                return True  # a delete marker that still exists
+            raise
+        return True
+
+
+def _describe(batch: list[S3Object]) -> str:
+    return json.dumps([[obj.key, [[v.version_id, v.size] for v in obj.versions]] for obj in batch])
+
+
+def _batches(objects: Iterable[S3Object]) -> Iterator[list[S3Object]]:
+    """Whole objects, at most 1000 versions a batch (a key with more gets a batch of its own)."""
+    batch: list[S3Object] = []
+    versions = 0
+    for obj in objects:
+        if batch and versions + len(obj.versions) > MAX_KEYS_PER_REQUEST:
+            yield batch
+            batch, versions = [], 0
+        batch.append(obj)
+        versions += len(obj.versions)
+    if batch:
+        yield batch
+
+
+def _chunks(items: Iterable[S3Object], size: int) -> Iterator[list[S3Object]]:
+    chunk: list[S3Object] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))

@@ -112,7 +112,7 @@ def test_age_by_key_date_and_prefix(s3, tmp_path):
     certificate = make_runner().run(rule_file, run_id="r1", as_of=as_of)
 
     assert (plan.targets[0].matched, plan.targets[0].total, plan.targets[0].bytes) == (2, 6, 2 * len(b"receipt"))
-    assert any("2 objects have no date" in note for note in plan.targets[0].notes)
+    assert any("2 objects without a date" in note for note in plan.targets[0].notes)
     assert keys_in(s3) == {"receipts/2019/06/15/r3.pdf", "receipts/2024/01/01/r4.pdf",
                            "receipts/misc/readme.txt", "receipts/2019/13/40/bad.pdf", "exports/2010/01/01/e.csv"}
     assert certificate.data["targets"][0]["deleted"] == 2

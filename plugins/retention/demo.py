@@ -11,6 +11,8 @@ demos, so the chain grows run after run and keeps verifying.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import random
 import sqlite3
@@ -122,7 +124,58 @@ def _fill(db: sqlite3.Connection, conn_id: str, rng: random.Random, now: datetim
         db.executemany("INSERT INTO cart_reminder_emails VALUES (?, ?, ?, ?)", rows)
 
 
-def environment(demo: Path, databases: dict[str, Path]) -> dict[str, str]:
+RECEIPTS_BUCKET = "retail-receipts"
+
+
+def start_s3() -> tuple[object, str]:
+    """An embedded S3 (moto) on a free local port; returns the server and its URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{server._server.server_port}"
+
+
+def seed_receipts(endpoint: str, now: datetime, *, count: int = 1200, seed_value: int = 7) -> int:
+    """Receipts over ten years in a versioned, Object-Lock-enabled bucket; returns objects put.
+
+    A few receipts were reissued (two versions), three are in a dispute (legal hold), and
+    a README carries no date in its key.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    rng = random.Random(seed_value)
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint,
+                      aws_access_key_id="demo", aws_secret_access_key="demo")
+    s3.create_bucket(Bucket=RECEIPTS_BUCKET, ObjectLockEnabledForBucket=True)
+    puts = []
+    for i in range(count):
+        day = now - timedelta(days=rng.uniform(0, 10 * 365))
+        key = f"receipts/{day:%Y/%m/%d}/{i:06d}.json"
+        body = json.dumps({"receipt": i, "total": round(rng.uniform(3, 300), 2)}).encode()
+        extra = {"Tagging": "category=receipt"}
+        if i % 400 == 7:  # an old receipt in a chargeback dispute: expired, but on legal hold
+            day = now - timedelta(days=8.5 * 365)
+            key = f"receipts/{day:%Y/%m/%d}/{i:06d}.json"
+            extra["ObjectLockLegalHoldStatus"] = "ON"
+        puts.append((key, body, extra))
+        if i % 100 == 3:
+            puts.append((key, body + b" ", extra))  # reissued: a second version
+    puts.append(("receipts/README.txt", b"Receipts by purchase date.", {}))
+
+    def put(item):
+        key, body, extra = item
+        s3.put_object(Bucket=RECEIPTS_BUCKET, Key=key, Body=body, **extra)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, puts))
+    return len(puts)
+
+
+def environment(demo: Path, databases: dict[str, Path], s3_endpoint: str) -> dict[str, str]:
     """The variables Airflow and the CLI need, pointing everything into ``demo``."""
     env = dict(os.environ)
     env.update({
@@ -133,6 +186,10 @@ def environment(demo: Path, databases: dict[str, Path]) -> dict[str, str]:
         "RETENTION_RULES_DIR": str(ROOT / "retention_rules"),
         SIGNING_KEY_ENV: str(demo / "keys" / "retention-signing.pem"),
         "AIRFLOW_CONN_RETENTION_AUDIT": f'{{"conn_type": "sqlite", "host": "{demo / "audit.db"}"}}',
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({
+            "conn_type": "aws", "login": "demo", "password": "demo",
+            "extra": {"region_name": "us-east-1", "endpoint_url": s3_endpoint},
+        }),
     })
     for conn_id, path in databases.items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = f'{{"conn_type": "sqlite", "host": "{path}"}}'
@@ -157,11 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"  using {private_key}")
 
-    _step("Seeding a demo retail estate (SQLite)")
+    _step("Seeding a demo retail estate (SQLite databases and an S3 bucket)")
     databases = seed(demo / "data", now, scale=args.scale)
     for conn_id, path in databases.items():
         print(f"  {conn_id:<13} {path}")
-    env = environment(demo, databases)
+    server, endpoint = start_s3()
+    try:
+        objects = seed_receipts(endpoint, now)
+        print(f"  {'aws_default':<13} {endpoint} (embedded moto S3): {objects:,} receipt objects in s3://{RECEIPTS_BUCKET}")
+        return _run_demo(demo, environment(demo, databases, endpoint), bin_dir)
+    finally:
+        server.stop()
+
+
+def _run_demo(demo: Path, env: dict[str, str], bin_dir: Path) -> int:
     rules = load_rules(ROOT / "retention_rules")
 
     _step("Plan: what tonight's run will purge")

@@ -30,6 +30,7 @@ from botocore.exceptions import ClientError
 
 from retention import failpoints
 from retention.errors import TargetError
+from retention.render import count
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
 
 if TYPE_CHECKING:
@@ -207,7 +208,8 @@ class S3Objects:
         survey.total = seen[0]
         if self.undated:
             survey.notes.append(
-                f"{self.undated:,} objects have no date matching {self.target.key_date_format} in their key; they are kept"
+                f"{count(self.undated, 'object')} without a date matching {self.target.key_date_format} "
+                "in the key: kept"
             )
         if self.versioned:
             survey.notes.append("versioned bucket: every version and delete marker of an expired key is deleted")

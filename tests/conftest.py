@@ -99,6 +99,21 @@ def sqlite_db(tmp_path) -> Iterator[Database]:
     database.engine.dispose()
 
 
+@pytest.fixture
+def new_database():
+    """Make further fresh databases on a server backend within one test."""
+    made = []
+
+    def make(backend: str) -> Database:
+        generator = _server_database(PG_ADMIN if backend == "postgresql" else MYSQL_ADMIN, backend)
+        made.append(generator)
+        return next(generator)
+
+    yield make
+    for generator in made:
+        next(generator, None)  # runs the generator's cleanup
+
+
 @pytest.fixture(params=BACKENDS)
 def db(request) -> Iterator[Database]:
     """A fresh database on each backend in turn."""

@@ -88,6 +88,7 @@ purge_batches = Table(
     Column("rows_planned", BigInteger, nullable=False),
     Column("rows_done", BigInteger, nullable=True),
     Column("bytes_done", BigInteger, nullable=True),
+    Column("tables_done", Text, nullable=True, comment="rows per table (parent and children), JSON"),
     Column("recorded_at", String(40), nullable=False),
     PrimaryKeyConstraint("category", "run_id", "target", "batch_no"),
 )

@@ -90,8 +90,12 @@ def build_payload(
     prev_hash: str,
     issued_at: datetime,
     key_id: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The certificate body: what was asked, what was done, no personal data."""
+    """The certificate body: what was asked, what was done, no personal data.
+
+    ``extra`` adds sections of particular actions (the archive manifest's location and hash).
+    """
     entries = []
     for record in targets:
         status = target_status(record)
@@ -118,9 +122,11 @@ def build_payload(
         }
         if record.bytes is not None:
             entry["bytes"] = record.bytes
+        if record.tables:
+            entry["tables"] = dict(sorted(record.tables.items()))
         entries.append(entry)
     finished = [r.finished_at for r in targets if r.finished_at is not None]
-    return {
+    return (extra or {}) | {
         "type": PAYLOAD_TYPE,
         "version": PAYLOAD_VERSION,
         "seq": seq,
@@ -147,7 +153,9 @@ def build_payload(
     }
 
 
-def certify(journal: RunJournal, run: RunRecord, signer: Signer, *, attempts: int = 5) -> Certificate:
+def certify(
+    journal: RunJournal, run: RunRecord, signer: Signer, *, attempts: int = 5, extra: dict[str, Any] | None = None
+) -> Certificate:
     """Append the run's certificate to the chain, once; return it.
 
     Idempotent: a run that already has a certificate gets that one back. The append and
@@ -159,14 +167,14 @@ def certify(journal: RunJournal, run: RunRecord, signer: Signer, *, attempts: in
         if existing is not None:
             return existing
         try:
-            return _append(journal, run, signer)
+            return _append(journal, run, signer, extra)
         except IntegrityError:
             # Another writer took this seq (or certified this run) first; re-read the head.
             log.info("certificate append raced another writer (attempt %d); retrying", attempt)
     raise RuntimeError(f"could not append a certificate after {attempts} attempts")
 
 
-def _append(journal: RunJournal, run: RunRecord, signer: Signer) -> Certificate:
+def _append(journal: RunJournal, run: RunRecord, signer: Signer, extra: dict[str, Any] | None) -> Certificate:
     engine = journal.engine
     targets = journal.targets(run)
     with engine.begin() as conn:
@@ -181,7 +189,7 @@ def _append(journal: RunJournal, run: RunRecord, signer: Signer) -> Certificate:
         prev_hash = head.entry_hash if head else GENESIS_HASH
         issued_at = journal.now()
         payload = build_payload(
-            run, targets, seq=seq, prev_hash=prev_hash, issued_at=issued_at, key_id=signer.key_id
+            run, targets, seq=seq, prev_hash=prev_hash, issued_at=issued_at, key_id=signer.key_id, extra=extra
         )
         body = canonical(payload)
         row = {

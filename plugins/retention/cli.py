@@ -115,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(handler=cmd_verify)
 
+    cmd = commands.add_parser("restore", help="load an archive's rows back into a database")
+    cmd.add_argument("manifest", metavar="MANIFEST", help="s3://bucket/key of a run's manifest.json, or a file")
+    cmd.add_argument("--into", required=True, metavar="CONN[.TABLE]",
+                     help="connection id to restore into; .TABLE renames the parent table")
+    cmd.add_argument("--archive-connection", default="aws_default", metavar="CONN_ID",
+                     help="AWS connection that reads the archive (default aws_default)")
+    cmd.set_defaults(handler=cmd_restore)
+
     cmd = commands.add_parser("keygen", help="create an Ed25519 signing key pair")
     cmd.add_argument("--out", required=True, metavar="DIR")
     cmd.set_defaults(handler=cmd_keygen)
@@ -257,6 +265,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if result.checked:
             _err(f"  seq 1–{result.head_seq} verified before it")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from retention.connections import from_environment
+    from retention.restore import read_manifest, restore
+    from retention.targets import Targets
+
+    conn_id, _, table = args.into.partition(".")
+    with Targets(from_environment) as targets:
+        client = targets.s3_client(args.archive_connection)
+        manifest = read_manifest(args.manifest, lambda: client)
+        result = restore(manifest, client, targets.sql_engine(conn_id), table=table or None)
+    print(table_rows(result.tables, conn_id))
+    return EXIT_OK
+
+
+def table_rows(tables: dict[str, int], conn_id: str) -> str:
+    """The restore summary."""
+    return table(["TABLE", "ROWS RESTORED"], [[f"{conn_id}:{name}", f"{n:,}"] for name, n in tables.items()],
+                 right=(1,))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

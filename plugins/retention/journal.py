@@ -74,6 +74,7 @@ class TargetRecord:
     unconfirmed: int
     held: int | None = None
     bytes: int | None = None
+    tables: dict[str, int] | None = None
 
 
 class RunJournal:
@@ -200,6 +201,16 @@ class RunJournal:
                 .where(purge_targets.c.category == run.category, purge_targets.c.run_id == run.run_id)
                 .order_by(purge_targets.c.position)
             ).mappings().all()
+            per_table: dict[str, dict[str, int]] = {}
+            for target, counts in conn.execute(
+                select(purge_batches.c.target, purge_batches.c.tables_done).where(
+                    purge_batches.c.category == run.category, purge_batches.c.run_id == run.run_id,
+                    purge_batches.c.state == "done", purge_batches.c.tables_done.is_not(None),
+                )
+            ):
+                sums = per_table.setdefault(target, {})
+                for table, n in json.loads(counts).items():
+                    sums[table] = sums.get(table, 0) + n
         return [
             TargetRecord(
                 target=r["target"], position=r["position"], kind=r["kind"], location=r["location"],
@@ -211,6 +222,7 @@ class RunJournal:
                 unconfirmed=totals.get((r["target"], "pending"), (0, None))[0],
                 held=r["held"],
                 bytes=_bytes(r["kind"], totals.get((r["target"], "done"), (0, None))[1]),
+                tables=per_table.get(r["target"]),
             )
             for r in rows
         ]
@@ -255,25 +267,36 @@ class JournalLedger:
                 )
             )
 
-    def done(self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None) -> None:
+    def done(
+        self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None,
+        tables: dict[str, int] | None = None, descriptor: str | None = None,
+    ) -> None:
         """The batch happened: ``rows`` records (default: as planned) and ``bytes_`` went."""
-        self._settle(batch_no, "done", rows, bytes_)
+        self._settle(batch_no, "done", rows, bytes_, tables, descriptor)
 
-    def resolve(self, batch_no: int, rows_deleted: int, *, bytes_: int | None = None) -> None:
+    def resolve(
+        self, batch_no: int, rows_deleted: int, *, bytes_: int | None = None,
+        tables: dict[str, int] | None = None, descriptor: str | None = None,
+    ) -> None:
         """Settle a pending batch after the fact: ``rows_deleted`` did go (0 voids it)."""
-        self._settle(batch_no, "done" if rows_deleted else "void", rows_deleted, bytes_)
+        self._settle(batch_no, "done" if rows_deleted else "void", rows_deleted, bytes_, tables, descriptor)
 
-    def _settle(self, batch_no: int, state: str, rows: int | None, bytes_: int | None) -> None:
+    def _settle(self, batch_no: int, state: str, rows: int | None, bytes_: int | None,
+                tables: dict[str, int] | None, descriptor: str | None) -> None:
+        values = {
+            "state": state,
+            "rows_done": purge_batches.c.rows_planned if rows is None else rows,
+            "bytes_done": bytes_,
+            "tables_done": json.dumps(tables, sort_keys=True) if tables is not None else None,
+            "recorded_at": utc_iso(self.journal.now()),
+        }
+        if descriptor is not None:
+            values["bounds"] = descriptor
         with self.journal.engine.begin() as conn:
             conn.execute(
                 update(purge_batches)
                 .where(*self._key(), purge_batches.c.batch_no == batch_no, purge_batches.c.state == "pending")
-                .values(
-                    state=state,
-                    rows_done=purge_batches.c.rows_planned if rows is None else rows,
-                    bytes_done=bytes_,
-                    recorded_at=utc_iso(self.journal.now()),
-                )
+                .values(**values)
             )
 
     def unresolved(self) -> list[PendingBatch]:
@@ -285,6 +308,15 @@ class JournalLedger:
                 .order_by(purge_batches.c.batch_no)
             ).all()
         return [PendingBatch(r.batch_no, r.bounds, r.rows_planned) for r in rows]
+
+    def descriptors(self) -> list[str]:
+        """Descriptors of the done batches, in batch order (e.g. their archive objects)."""
+        with self.journal.engine.connect() as conn:
+            return list(conn.execute(
+                select(purge_batches.c.bounds)
+                .where(*self._key(), purge_batches.c.state == "done")
+                .order_by(purge_batches.c.batch_no)
+            ).scalars())
 
     def deleted(self) -> int:
         """Rows deleted by this target's done batches, across every attempt of the run."""

@@ -14,7 +14,7 @@ from typing import Any
 from retention.errors import RuleError, TargetError
 from retention.journal import utc_iso
 from retention.rules import RuleFile
-from retention.targets import Targets
+from retention.targets import RunContext, Targets
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class PurgePlan:
         return data
 
 
-def build_plan(rule_file: RuleFile, as_of: datetime, targets: Targets) -> PurgePlan:
+def build_plan(rule_file: RuleFile, as_of: datetime, targets: Targets, *, run_id: str | None = None) -> PurgePlan:
     """Count what ``rule_file`` would purge at ``as_of``; raise RuleError on a mismatch.
 
     Every target is checked against its live table first (columns, key, types), so a
@@ -70,8 +70,9 @@ def build_plan(rule_file: RuleFile, as_of: datetime, targets: Targets) -> PurgeP
     plans = []
     problems = []
     opened = []
+    context = RunContext(rule.action, rule.category, run_id or "plan", as_of, rule.archive)
     for index, target in enumerate(rule.targets):
-        handle = targets.open(target)
+        handle = targets.open(target, context)
         try:
             handle.check()
         except TargetError as exc:

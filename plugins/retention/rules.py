@@ -32,6 +32,7 @@ from pydantic import (
     field_validator,
 )
 
+from retention.anonymize import Strategy
 from retention.errors import RuleError, RuleProblem
 from retention.yamlsource import LocatedDocument, YamlProblem, load_located
 
@@ -182,11 +183,40 @@ class _StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
+def _strategy_text(strategy: Strategy) -> Any:
+    if strategy.kind in ("hash", "null"):
+        return strategy.kind
+    if strategy.kind == "redact":
+        return {"redact": {"keep_last": strategy.keep_last}}
+    return {"generalize": strategy.unit if strategy.unit != "prefix" else {"prefix": strategy.prefix}}
+
+
 def _unique(values: list[str]) -> list[str]:
     dupes = sorted({v for v in values if values.count(v) > 1})
     if dupes:
         raise ValueError(f"listed more than once: {', '.join(dupes)}")
     return values
+
+
+class ChildTable(_StrictModel):
+    """A table whose rows belong to a parent row: purged with it, children first."""
+
+    table: TableName
+    foreign_key: Annotated[list[Identifier], Field(min_length=1), AfterValidator(_unique)]
+    """Columns of this table that reference the parent's key, in the key's order."""
+    children: list[ChildTable] = Field(default_factory=list)
+    """Grandchildren, referencing this table's primary key."""
+
+
+class AnonymizeSpec(_StrictModel):
+    """Strip personal data instead of deleting the row."""
+
+    marker: Identifier
+    """A nullable timestamp column set when a row is anonymized; rows with it set are skipped."""
+    columns: Annotated[
+        dict[Identifier, Annotated[Strategy, BeforeValidator(Strategy.parse), PlainSerializer(_strategy_text)]],
+        Field(min_length=1),
+    ]
 
 
 class SqlTarget(_StrictModel):
@@ -209,6 +239,10 @@ class SqlTarget(_StrictModel):
     """Equality (``status: closed``) or membership (``{in: [a, b]}``) filters, ANDed."""
     max_batch_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
     """Upper bound on rows deleted by one transaction; batches adapt below it."""
+    children: list[ChildTable] = Field(default_factory=list)
+    """Tables referencing this one, archived and deleted with it in the same batch."""
+    anonymize: AnonymizeSpec | None = None
+    """With ``action: anonymize``: which columns to strip, and the marker column."""
 
     @property
     def location(self) -> str:
@@ -356,6 +390,27 @@ class S3Target(_StrictModel):
 
 Target = Annotated[Union[SqlTarget, S3Target], Field(discriminator="kind")]
 
+STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER", "GLACIER_IR",
+                   "DEEP_ARCHIVE")
+
+
+class ArchiveSpec(_StrictModel):
+    """Where ``action: archive`` writes records before it deletes them."""
+
+    connection: ConnectionId
+    bucket: Annotated[str, BeforeValidator(_bucket)]
+    prefix: Annotated[str, BeforeValidator(_prefix)] = ""
+    format: Literal["jsonl.gz", "parquet"] = "jsonl.gz"
+    """Rows from tables: gzip JSON Lines, or Parquet (needs pyarrow)."""
+    storage_class: Literal[STORAGE_CLASSES] = "STANDARD"  # type: ignore[valid-type]
+    """The storage class copies of archived S3 objects land in (rows and manifests stay
+    STANDARD, so a restore can read them without a thaw)."""
+
+    @property
+    def location(self) -> str:
+        """``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}"
+
 
 class RetentionRule(_StrictModel):
     """How long one category of customer data may be kept, and where it lives."""
@@ -366,7 +421,9 @@ class RetentionRule(_StrictModel):
     legal_basis: Text
     retain_for: Annotated[IsoDuration, BeforeValidator(IsoDuration.parse)]
     schedule: Annotated[str | None, BeforeValidator(_schedule)] = "@daily"
-    action: Literal["delete"]
+    action: Literal["delete", "archive", "anonymize"]
+    archive: ArchiveSpec | None = None
+    """With ``action: archive``: where records go before they are deleted."""
     targets: Annotated[list[Target], Field(min_length=1)]
 
     def target(self, name: str) -> Target:
@@ -428,6 +485,9 @@ def load_rule_file(path: str | Path) -> RuleFile:
         problems = _problems(path, document, exc)
         raise RuleError(sorted(problems, key=lambda p: p.line or 0)) from None
     rule_file = RuleFile(path, hashlib.sha256(raw).hexdigest(), rule, document)
+    problems = _action_problems(rule_file)
+    if problems:
+        raise RuleError(problems)
     seen: dict[str, int] = {}
     for index, target in enumerate(rule.targets):
         if target.name in seen:
@@ -438,6 +498,38 @@ def load_rule_file(path: str | Path) -> RuleFile:
             )])
         seen[target.name] = index
     return rule_file
+
+
+def _action_problems(rule_file: RuleFile) -> list[RuleProblem]:
+    """What the action asks of the rule: an archive location, anonymize specs, SQL-only features."""
+    rule = rule_file.rule
+    problems = []
+    if rule.action == "archive" and rule.archive is None:
+        problems.append(rule_file.problem(("action",), "action: archive needs an archive: section "
+                                          "(connection, bucket, prefix, format, storage_class)"))
+    if rule.action != "archive" and rule.archive is not None:
+        problems.append(rule_file.problem(("archive",), f"archive: is only read with action: archive "
+                                          f"(this rule's action is {rule.action})"))
+    for index, target in enumerate(rule.targets):
+        anonymize = getattr(target, "anonymize", None)
+        if rule.action == "anonymize":
+            if target.kind != "sql":
+                problems.append(rule_file.problem(("targets", index, "kind"),
+                                                  "action: anonymize applies to SQL targets only"))
+            elif anonymize is None:
+                problems.append(rule_file.problem(("targets", index), "action: anonymize needs an anonymize: "
+                                                  "section (marker and columns) on every target"))
+            elif target.children:
+                problems.append(rule_file.problem(("targets", index, "children"),
+                                                  "children are not read with action: anonymize"))
+            elif anonymize.marker in anonymize.columns:
+                problems.append(rule_file.problem(("targets", index, "anonymize", "marker"),
+                                                  "the marker column cannot also be anonymized"))
+        elif anonymize is not None:
+            problems.append(rule_file.problem(("targets", index, "anonymize"),
+                                              f"anonymize: is only read with action: anonymize (this rule's "
+                                              f"action is {rule.action})"))
+    return problems
 
 
 def scan_rules(directory: str | Path) -> tuple[list[RuleFile], list[RuleProblem]]:
@@ -576,8 +668,12 @@ def _allowed_keys(parent: tuple[str | int, ...], data: Any) -> list[str]:
 def _field_names() -> set[str]:
     names: set[str] = set()
     pending: list[type[BaseModel]] = [RetentionRule]
+    visited: set[type[BaseModel]] = set()
     while pending:
         model = pending.pop()
+        if model in visited:
+            continue  # models nest recursively (children of children)
+        visited.add(model)
         for name, field in model.model_fields.items():
             names.add(name)
             pending.extend(_model_members(field.annotation))

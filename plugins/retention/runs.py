@@ -9,19 +9,21 @@ so every run gets exactly one certificate.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from retention import __version__
+from retention.archive import build_manifest
 from retention.certificates import Certificate, certify
 from retention.errors import ConfigError, PurgeFailed, RuleError, TargetError, TerminalError
-from retention.journal import RunJournal, RunRecord, TargetRecord
+from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
 from retention.plan import PurgePlan, build_plan
-from retention.rules import TARGET_ADAPTER, RuleFile
-from retention.targets import Targets
+from retention.rules import TARGET_ADAPTER, RuleFile, Target
+from retention.targets import RunContext, Targets
 
 if TYPE_CHECKING:
     from retention.signing import Signer
@@ -57,13 +59,14 @@ class Runner:
                 self.settle_interrupted(stale)
         run = self.journal.open_run(rule_file, run_id=run_id, as_of=as_of, code_version=self.code_version)
         _check_same_rule(run, rule_file)
+        context = _context(rule_file, run)
         for position, target in enumerate(rule_file.rule.targets):
             self.journal.plan_target(
-                run, position=position, name=target.name, kind=target.kind,
-                location=target.location, definition=target.model_dump(mode="json"),
+                run, position=position, name=target.name, kind=target.kind, location=target.location,
+                definition={"target": target.model_dump(mode="json"), "context": context.to_dict()},
             )
         try:
-            plan = build_plan(rule_file, run.as_of, self.targets)
+            plan = build_plan(rule_file, run.as_of, self.targets, run_id=run.run_id)
         except RuleError as exc:
             for target in rule_file.rule.targets:
                 self.journal.update_target(run, target.name, state="failed", error="rule does not match the database")
@@ -99,7 +102,7 @@ class Runner:
         matched = records[target_name].matched if target_name in records else None
         self.journal.update_target(run, target_name, state="running", started_at=self.journal.now(), error=None)
         ledger = self.journal.ledger(run, target_name)
-        table = self.targets.open(target)
+        table = self.targets.open(target, _context(rule_file, run))
 
         def report(deleted: int, rows: int, seconds: float) -> None:
             if progress is not None:
@@ -130,11 +133,42 @@ class Runner:
     # -- certify ---------------------------------------------------------------------
 
     def certify(self, run: RunRecord) -> Certificate:
-        """Settle any batch left pending, then append the run's one certificate."""
+        """Settle any batch left pending, write the archive manifest, append the run's one certificate."""
         run = self._current(run)
+        extra = None
         if run.state != "certified":
             self._settle_pending(run)
-        return certify(self.journal, run, self.signer)
+            extra = self._manifest(run)
+        return certify(self.journal, run, self.signer, extra=extra)
+
+    def _manifest(self, run: RunRecord) -> dict[str, Any] | None:
+        """For an archive run: write the manifest of every verified object; its location and
+        SHA-256 go into the certificate."""
+        records = self.journal.targets(run)
+        contexts = [_definition(r.definition)[1] for r in records]
+        context = next((c for c in contexts if c is not None and c.archive is not None), None)
+        if context is None:
+            return None
+        sql_objects: list[dict[str, Any]] = []
+        s3_objects: list[dict[str, Any]] = []
+        for record in records:
+            for descriptor in self.journal.ledger(run, record.target).descriptors():
+                data = json.loads(descriptor)
+                for obj in data.get("archived", []):
+                    s3_objects.append({"target": record.target, **obj})
+                for obj in data.get("objects", []) if record.kind == "sql" else []:
+                    sql_objects.append({"target": record.target, **obj})
+        store = self.targets.archive_store(context.archive)
+        body = build_manifest(
+            {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
+             "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": context.archive.connection,
+             "bucket": context.archive.bucket, "format": context.archive.format},
+            sql_objects, s3_objects,
+        )
+        key = store.manifest_key(run.category, run.run_id)
+        stored = store.put_verified(key, body, table="manifest", rows=0, content_type="application/json")
+        return {"archive": {"manifest": f"s3://{context.archive.bucket}/{key}", "sha256": stored.sha256,
+                            "objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key"))}}
 
     def settle_interrupted(self, run: RunRecord) -> Certificate:
         """Certify a run whose worker died: unfinished targets are recorded as failed."""
@@ -146,7 +180,7 @@ class Runner:
                     run, record.target, state="failed",
                     error="interrupted" if record.state == "running" else "not run",
                 )
-        return certify(self.journal, run, self.signer)
+        return certify(self.journal, run, self.signer, extra=self._manifest(run))
 
     def _check_audit_apart(self, rule_file: RuleFile) -> None:
         audit = self.journal.engine.url
@@ -164,9 +198,9 @@ class Runner:
         for record in self.journal.targets(run):
             if not record.unconfirmed:
                 continue
-            target = TARGET_ADAPTER.validate_python(record.definition)
+            target, context = _definition(record.definition)
             try:
-                self.targets.open(target).reconcile(run.cutoff, self.journal.ledger(run, record.target))
+                self.targets.open(target, context).reconcile(run.cutoff, self.journal.ledger(run, record.target))
             except Exception:
                 # The certificate will show these rows as unconfirmed rather than claim them.
                 log.warning("could not settle pending batches of %s.%s", run.category, record.target, exc_info=True)
@@ -216,6 +250,18 @@ def describe_error(exc: BaseException) -> str:
         code = args[0] if args and isinstance(args[0], int) else None
     name = type(getattr(exc, "orig", None) or exc).__name__
     return f"{name} (code {code})" if code is not None else name
+
+
+def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:
+    rule = rule_file.rule
+    return RunContext(rule.action, rule.category, run.run_id, run.as_of, rule.archive)
+
+
+def _definition(definition: dict) -> tuple[Target, RunContext | None]:
+    """A target (and its run context) as journaled when the run started."""
+    if "target" not in definition:  # journaled before actions existed: a delete
+        return TARGET_ADAPTER.validate_python(definition), None
+    return TARGET_ADAPTER.validate_python(definition["target"]), RunContext.from_dict(definition["context"])
 
 
 def _check_same_rule(run: RunRecord, rule_file: RuleFile) -> None:

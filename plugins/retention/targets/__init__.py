@@ -6,9 +6,12 @@ connection id, and closes them together.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from retention.connections import ConnectionResolver, create_s3_client, create_sql_engine
+from retention.rules import ArchiveSpec
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -16,6 +19,30 @@ if TYPE_CHECKING:
     from retention.rules import Target
     from retention.targets.s3 import S3Objects
     from retention.targets.sql import SqlTable
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a target's action needs besides the target: the rule's action and archive, and
+    the run it belongs to (archive object names, the anonymize marker's value)."""
+
+    action: str
+    category: str
+    run_id: str
+    as_of: datetime
+    archive: ArchiveSpec | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (kept in the journal so a later process can settle the run)."""
+        return {"action": self.action, "category": self.category, "run_id": self.run_id,
+                "as_of": self.as_of.isoformat(),
+                "archive": self.archive.model_dump(mode="json") if self.archive else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunContext:
+        """Inverse of :meth:`to_dict`."""
+        archive = ArchiveSpec.model_validate(data["archive"]) if data.get("archive") else None
+        return cls(data["action"], data["category"], data["run_id"], datetime.fromisoformat(data["as_of"]), archive)
 
 
 class Targets:
@@ -38,16 +65,37 @@ class Targets:
             self._s3[conn_id] = create_s3_client(self.connections(conn_id), max_pool_connections=max(concurrency, 10) + 2)
         return self._s3[conn_id]
 
-    def open(self, target: Target) -> SqlTable | S3Objects:
-        """A live handle on ``target``."""
+    def archive_store(self, spec: ArchiveSpec):
+        """An ArchiveStore on the archive's connection."""
+        from retention.archive import ArchiveStore
+
+        return ArchiveStore(spec, self.s3_client(spec.connection))
+
+    def open(self, target: Target, context: RunContext | None = None) -> SqlTable | S3Objects:
+        """A live handle on ``target``, doing what ``context``'s action says (default: delete)."""
+        action = context.action if context else "delete"
         if target.kind == "s3":
             from retention.targets.s3 import S3Objects
 
             client = self.s3_client(target.connection, concurrency=target.concurrency)
+            if action == "archive":
+                return S3Objects(target, client, archive=self.archive_store(context.archive),
+                                 category=context.category, run_id=context.run_id)
             return S3Objects(target, client)
         from retention.targets.sql import SqlTable
+        from retention.targets.sql_actions import AnonymizeRows, ArchiveRows, DeleteRows
 
-        return SqlTable(target, self.sql_engine(target.connection))
+        if action == "archive":
+            sql_action = ArchiveRows(self.archive_store(context.archive), category=context.category,
+                                     run_id=context.run_id)
+        elif action == "anonymize":
+            from retention.anonymize import Anonymizer
+
+            needs_key = any(s.kind == "hash" for s in target.anonymize.columns.values())
+            sql_action = AnonymizeRows(Anonymizer.from_environment(required=needs_key), as_of=context.as_of)
+        else:
+            sql_action = DeleteRows()
+        return SqlTable(target, self.sql_engine(target.connection), action=sql_action)
 
     def close(self) -> None:
         """Dispose of every engine opened."""

@@ -54,10 +54,17 @@ class BatchLedger(Protocol):
     def pending(self, batch_no: int, descriptor: str, rows: int) -> None:
         """Record a batch of ``rows`` records about to be purged."""
 
-    def done(self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None) -> None:
-        """The batch happened: ``rows`` records (default: as planned) and ``bytes_`` went."""
+    def done(
+        self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None,
+        tables: dict[str, int] | None = None, descriptor: str | None = None,
+    ) -> None:
+        """The batch happened: ``rows`` records (default: as planned), ``bytes_`` and rows per
+        table went; ``descriptor`` replaces the pending one (e.g. with verified archive objects)."""
 
-    def resolve(self, batch_no: int, rows_deleted: int, *, bytes_: int | None = None) -> None:
+    def resolve(
+        self, batch_no: int, rows_deleted: int, *, bytes_: int | None = None,
+        tables: dict[str, int] | None = None, descriptor: str | None = None,
+    ) -> None:
         """Settle a pending batch after the fact (0 rows voids it)."""
 
     def unresolved(self) -> list[PendingBatch]:

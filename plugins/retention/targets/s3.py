@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from retention import failpoints
+from retention.archive import ArchiveFailed
 from retention.errors import TargetError
 from retention.render import count
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
 
 if TYPE_CHECKING:
+    from retention.archive import ArchiveStore
     from retention.rules import S3Target
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Version:
     size: int
     last_modified: datetime
     delete_marker: bool = False
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,15 @@ class _BatchResult:
 class S3Objects:
     """A rule's S3 target bound to a client."""
 
-    def __init__(self, target: S3Target, client: Any, *, clock: Callable[[], datetime] | None = None):
+    def __init__(
+        self, target: S3Target, client: Any, *, clock: Callable[[], datetime] | None = None,
+        archive: ArchiveStore | None = None, category: str = "", run_id: str = "",
+    ):
         self.target = target
         self.client = client
+        self.archive = archive  # with action: archive, objects are copied there (and checked) first
+        self.category = category
+        self.run_id = run_id
         # Object Lock dates are S3's rule, judged by S3's clock: only used to predict it.
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._versioned: bool | None = None
@@ -137,12 +146,13 @@ class S3Objects:
         if not self.versioned:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield S3Object(item["Key"], (Version(None, item["Size"], item["LastModified"]),))
+                    yield S3Object(item["Key"], (Version(None, item["Size"], item["LastModified"],
+                                                        etag=item.get("ETag")),))
             return
         key: str | None = None
         versions: list[Version] = []
         for page in self.client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
-            entries = [(v["Key"], Version(v["VersionId"], v.get("Size", 0), v["LastModified"]))
+            entries = [(v["Key"], Version(v["VersionId"], v.get("Size", 0), v["LastModified"], etag=v.get("ETag")))
                        for v in page.get("Versions", [])]
             entries += [(m["Key"], Version(m["VersionId"], 0, m["LastModified"], delete_marker=True))
                         for m in page.get("DeleteMarkers", [])]
@@ -266,6 +276,14 @@ class S3Objects:
             return result
         batch_no = ledger.next_batch_no()
         ledger.pending(batch_no, _describe(batch), len(batch))
+        archived: dict[str, dict[str, Any]] = {}
+        if self.archive is not None:
+            archived, failures = self._archive(batch)
+            for obj in batch:
+                if obj.key in failures:
+                    result.failed += 1
+                    result.errors[failures[obj.key]] += 1
+            batch = [obj for obj in batch if obj.key not in failures]
         failpoints.hit("s3.before_delete")
         try:
             failed_versions = self._delete(batch)
@@ -287,8 +305,53 @@ class S3Objects:
             else:
                 result.failed += 1
                 result.errors.update(problems)
-        ledger.done(batch_no, rows=result.deleted, bytes_=result.bytes)
+        descriptor = None
+        if archived:
+            descriptor = _describe(batch, [archived[o.key] for o in batch if o.key in archived])
+        ledger.done(batch_no, rows=result.deleted, bytes_=result.bytes, descriptor=descriptor)
         return result
+
+    def _archive(self, batch: list[S3Object]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Copy each object's newest version to the archive, server-side, and check the copy.
+
+        Returns the verified copies by source key, and the keys that could not be archived
+        (with an error code): those are not deleted.
+        """
+        archived: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
+        for obj in batch:
+            live = [v for v in obj.versions if not v.delete_marker]
+            if not live:
+                archived[obj.key] = {"source": obj.key, "key": None, "note": "only delete markers: nothing to keep"}
+                continue
+            version = max(live, key=lambda v: v.last_modified)
+            try:
+                archived[obj.key] = self._copy_verified(obj.key, version)
+            except (ClientError, ArchiveFailed) as exc:
+                code = _code(exc) if isinstance(exc, ClientError) else "ArchiveNotVerified"
+                log.warning("%s: could not archive %s (%s); it is kept", self.target.name, obj.key, code)
+                failures[obj.key] = code
+        return archived, failures
+
+    def _copy_verified(self, key: str, version: Version) -> dict[str, Any]:
+        spec = self.archive.spec
+        dest = self.archive.key_for_object(self.category, self.run_id, self.target.name, self.target.bucket, key)
+        source = {"Bucket": self.target.bucket, "Key": key}
+        if version.version_id:
+            source["VersionId"] = version.version_id
+        self.client.copy(source, spec.bucket, dest, ExtraArgs={"StorageClass": spec.storage_class,
+                                                               "ChecksumAlgorithm": "SHA256"})
+        head = self.archive.client.head_object(Bucket=spec.bucket, Key=dest, ChecksumMode="ENABLED")
+        checked = "size"
+        if head.get("ContentLength") != version.size:
+            raise ArchiveFailed(f"archive copy of {key} has {head.get('ContentLength')} bytes, not {version.size}")
+        if version.etag and "-" not in version.etag and "-" not in (head.get("ETag") or "-"):
+            if head["ETag"] != version.etag:
+                raise ArchiveFailed(f"archive copy of {key} differs from the source (ETag)")
+            checked = "size+md5"
+        return {"source": key, "version_id": version.version_id, "key": dest, "bytes": version.size,
+                "sha256": head.get("ChecksumSHA256"), "storage_class": head.get("StorageClass") or "STANDARD",
+                "verified": checked}
 
     def _delete(self, batch: list[S3Object]) -> dict[tuple[str, str | None], str]:
         """Delete every version of every object; return the versions that failed, with codes."""
@@ -351,16 +414,44 @@ class S3Objects:
             return confirmed
         with ThreadPoolExecutor(self.target.concurrency, thread_name_prefix="s3-settle") as pool:
             for pending in pending_batches:
-                objects = json.loads(pending.descriptor)
+                described = json.loads(pending.descriptor)
+                objects = described["objects"] if isinstance(described, dict) else described
                 present = pool.map(
                     lambda entry: any(self._exists(entry[0], version_id) for version_id, _size in entry[1]),
                     objects,
                 )
-                gone = [entry for entry, still_there in zip(objects, present) if not still_there]
+                flags = list(present)
+                gone = [entry for entry, still_there in zip(objects, flags) if not still_there]
                 gone_bytes = sum(size for _key, versions in gone for _version, size in versions)
-                ledger.resolve(pending.batch_no, len(gone), bytes_=gone_bytes)
+                descriptor = None
+                if self.archive is not None:
+                    descriptor = self._settle_archive(objects, flags)
+                ledger.resolve(pending.batch_no, len(gone), bytes_=gone_bytes, descriptor=descriptor)
                 confirmed += len(gone)
         return confirmed
+
+    def _settle_archive(self, objects: list, present: list[bool]) -> str:
+        """After a crash: copies of objects still in place are debris (removed); copies of
+        objects that went are looked up for the manifest."""
+        spec = self.archive.spec
+        archived, debris = [], []
+        for (key, versions), still_there in zip(objects, present):
+            dest = self.archive.key_for_object(self.category, self.run_id, self.target.name, self.target.bucket, key)
+            if still_there:
+                debris.append(dest)
+                continue
+            try:
+                head = self.archive.client.head_object(Bucket=spec.bucket, Key=dest, ChecksumMode="ENABLED")
+            except ClientError:
+                archived.append({"source": key, "key": None, "note": "gone; no archive copy (only markers?)"})
+                continue
+            archived.append({"source": key, "key": dest, "bytes": head["ContentLength"],
+                             "sha256": head.get("ChecksumSHA256"),
+                             "storage_class": head.get("StorageClass") or "STANDARD", "verified": "settled"})
+        if debris:
+            self.archive.remove(debris)
+        gone = [entry for entry, still_there in zip(objects, present) if not still_there]
+        return json.dumps({"objects": gone, "archived": archived})
 
     def _exists(self, key: str, version_id: str | None) -> bool:
         kwargs = {"Bucket": self.target.bucket, "Key": key}
@@ -378,8 +469,9 @@ class S3Objects:
         return True
 
 
-def _describe(batch: list[S3Object]) -> str:
-    return json.dumps([[obj.key, [[v.version_id, v.size] for v in obj.versions]] for obj in batch])
+def _describe(batch: list[S3Object], archived: list[dict[str, Any]] | None = None) -> str:
+    objects = [[obj.key, [[v.version_id, v.size] for v in obj.versions]] for obj in batch]
+    return json.dumps({"objects": objects, "archived": archived or []})
 
 
 def _batches(objects: Iterable[S3Object]) -> Iterator[list[S3Object]]:

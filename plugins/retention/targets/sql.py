@@ -1,4 +1,5 @@
-"""SQL targets: find expired rows and delete them in short, journaled batches.
+"""SQL targets: find expired rows and purge them (delete, archive or anonymize) in short,
+journaled batches, children before their parent.
 
 Batches walk the expired rows in ``(age_column, key...)`` order. Each batch is a closed
 key range: its upper bound is found by an index walk (``OFFSET n-1 LIMIT 1``), then
@@ -7,6 +8,9 @@ transaction commits, the batch (range and row count) is recorded as *pending* in
 audit journal; after it commits, as *done*. A crash in between leaves a pending batch
 whose range tells, by counting what is still there, whether the delete committed. So a
 rerun neither loses nor double-counts a batch, whatever moment the crash hit.
+
+What a batch does to its rows is an action (:mod:`retention.targets.sql_actions`); this
+module owns the table's shape, the predicates, the walk and crash settlement.
 
 Time is an input: the cutoff is computed once per run and passed in.
 """
@@ -37,6 +41,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    tuple_,
     type_coerce,
 )
 from sqlalchemy import types as sqltypes
@@ -47,10 +52,13 @@ from retention.errors import TargetError
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.sql.elements import ColumnElement
 
     from retention.rules import SqlTarget
+    from retention.targets.sql_actions import SqlAction
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,32 @@ class BatchRange:
 
     lower: Bound | None
     upper: Bound | None
+
+
+@dataclass(frozen=True)
+class Member:
+    """A table of a target's family: the target itself, or a child declared under it.
+
+    ``link`` are this table's columns that reference ``parent_key`` of its parent
+    (both empty for the target itself).
+    """
+
+    name: str
+    table: Table
+    link: tuple[str, ...] = ()
+    parent_key: tuple[str, ...] = ()
+    children: tuple[Member, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one batch did: its range, the target's rows, rows per table, and how long it
+    held a write transaction open (what batch sizing aims at)."""
+
+    batch: BatchRange
+    rows: int
+    tables: dict[str, int]
+    seconds: float
 
 
 class BatchSizer:
@@ -92,11 +126,15 @@ class BatchSizer:
 class SqlTable:
     """A rule's SQL target bound to a live database."""
 
-    def __init__(self, target: SqlTarget, engine: Engine, *, passes: int = 3):
+    def __init__(self, target: SqlTarget, engine: Engine, *, action: SqlAction | None = None, passes: int = 3):
+        from retention.targets.sql_actions import DeleteRows
+
         self.target = target
         self.engine = engine
+        self.action = action or DeleteRows()
         self.passes = passes
         self._table: Table | None = None
+        self._family: Member | None = None
 
     # -- shape ---------------------------------------------------------------------
 
@@ -155,8 +193,76 @@ class SqlTable:
         )
 
     def check(self) -> None:
-        """Raise TargetError unless the table matches the rule (reflects it once)."""
-        self.table  # noqa: B018 - reflecting is the check
+        """Raise TargetError unless the tables match the rule and its action."""
+        self.family  # noqa: B018 - reflecting is the check
+        self.action.check(self)
+
+    @property
+    def family(self) -> Member:
+        """The target and its declared children, reflected and checked (once)."""
+        if self._family is None:
+            table = self.table
+            children = tuple(
+                self._child(table, tuple(self.target.key), child, f"children[{i}]")
+                for i, child in enumerate(self.target.children)
+            )
+            family = Member(_qualified(table), table, children=children)
+            if self.action.removes_rows:
+                self._check_references(family)
+            self._family = family
+        return self._family
+
+    def _child(self, parent: Table, parent_key: tuple[str, ...], spec, field: str) -> Member:
+        schema, _, name = spec.table.rpartition(".")
+        schema = schema or parent.schema
+        try:
+            table = Table(name, parent.metadata, schema=schema, autoload_with=self.engine)
+        except NoSuchTableError:
+            raise TargetError(f"child table {spec.table} does not exist in {self.target.connection}",
+                              f"{field}.table") from None
+        missing = [c for c in spec.foreign_key if c not in table.c]
+        if missing:
+            raise TargetError(f"column {missing[0]!r} does not exist in child table {spec.table}",
+                              f"{field}.foreign_key")
+        if len(spec.foreign_key) != len(parent_key):
+            raise TargetError(
+                f"{spec.table}.foreign_key has {len(spec.foreign_key)} columns but the key it references "
+                f"({', '.join(parent_key)}) has {len(parent_key)}",
+                f"{field}.foreign_key",
+            )
+        own_key = tuple(c.name for c in table.primary_key.columns)
+        if spec.children and not own_key:
+            raise TargetError(f"child table {spec.table} has no primary key for its own children to reference",
+                              f"{field}.children")
+        grandchildren = tuple(
+            self._child(table, own_key, grandchild, f"{field}.children[{i}]")
+            for i, grandchild in enumerate(spec.children)
+        )
+        return Member(_qualified(table), table, tuple(spec.foreign_key), parent_key, grandchildren)
+
+    def _check_references(self, family: Member) -> None:
+        """Every foreign key into a purged table must be declared as a child, or a batch
+        would fail on it half-way (or cascade past the archive)."""
+        insp = inspect(self.engine)
+        members = list(_members(family))
+        declared = {(m.table.schema, m.table.name): m for m in members}
+        references = insp.get_multi_foreign_keys(schema=family.table.schema)
+        for (schema, name), keys in references.items():
+            for fk in keys:
+                parent = declared.get((fk.get("referred_schema") or family.table.schema, fk["referred_table"]))
+                if parent is None or (schema, name) == (parent.table.schema, parent.table.name):
+                    continue  # not into the family, or a table referencing itself
+                child = declared.get((schema, name))
+                if child is not None and child in parent.children:
+                    continue
+                columns = ", ".join(fk["constrained_columns"])
+                raise TargetError(
+                    f"{name}({columns}) references {parent.table.name} through constraint {fk['name']!r}, "
+                    f"but the rule does not declare {name} under children of {parent.table.name}: purging "
+                    f"{parent.table.name} would fail half-way or cascade past the archive. Declare "
+                    f"{{table: {name}, foreign_key: [{columns}]}}",
+                    "children",
+                )
 
     def survey(self, cutoff: datetime) -> Survey:
         """Rows that would go, of how many, and what the rule reviewer should know."""
@@ -166,6 +272,13 @@ class SqlTable:
                 f"no index leads with {self.target.age_column}: every batch scans the table; "
                 "add one before purging a large table"
             )
+        insp = inspect(self.engine)
+        for member in list(_members(self.family))[1:]:
+            leading = [i["column_names"][: len(member.link)] for i in insp.get_indexes(member.table.name, member.table.schema)]
+            leading += [[c.name for c in member.table.primary_key.columns][: len(member.link)]]
+            if list(member.link) not in leading:
+                notes.append(f"no index on {member.name}({', '.join(member.link)}): every batch scans {member.name}")
+        notes += self.action.notes(self)
         return Survey(matched=self.count_expired(cutoff), total=self.count_rows(), notes=notes)
 
     def age_index(self) -> str | None:
@@ -190,7 +303,26 @@ class SqlTable:
                 conditions.append(col.is_(None))
             else:
                 conditions.append(col == condition)
+        extra = self.action.condition(self)
+        if extra is not None:
+            conditions.append(extra)
         return and_(*conditions)
+
+    def family_conditions(self, selection: ColumnElement[bool]) -> list[tuple[Member, ColumnElement[bool]]]:
+        """Each family member with the condition that picks the rows belonging to the
+        target's rows in ``selection``; deepest children first, the target last."""
+        ordered: list[tuple[Member, ColumnElement[bool]]] = []
+
+        def visit(member: Member, condition: ColumnElement[bool]) -> None:
+            for child in member.children:
+                parent_key = [member.table.c[k] for k in child.parent_key]
+                link = [child.table.c[c] for c in child.link]
+                picked = select(*parent_key).where(condition)
+                visit(child, link[0].in_(picked) if len(link) == 1 else tuple_(*link).in_(picked))
+            ordered.append((member, condition))
+
+        visit(self.family, selection)
+        return ordered
 
     def _older_than(self, column: Column, cutoff: datetime) -> ColumnElement[bool]:
         cutoff = cutoff.astimezone(timezone.utc)
@@ -288,33 +420,20 @@ class SqlTable:
             started = time.perf_counter()
             batch_no = ledger.next_batch_no()
             try:
-                with conn.begin():
-                    upper = self._upper_bound(conn, window, sizer.size)
-                    batch = BatchRange(lower, upper)
-                    if self._postgres:
-                        # A range of many rows: visiting each heap page once (bitmap)
-                        # beats one random heap read per row (index scan).
-                        conn.execute(text("SET LOCAL enable_indexscan = off"))
-                    rows = conn.execute(delete(self.table).where(expired, self._in_range(batch))).rowcount
-                    if rows:
-                        ledger.pending(batch_no, encode_range(batch), rows)
-                        failpoints.hit("sql.before_commit")
-                if rows:
-                    failpoints.hit("sql.after_commit")
-                    ledger.done(batch_no)
+                result = self.action.apply(self, conn, window, lower, sizer.size, expired, ledger, batch_no)
             except BaseException:
                 self._settle_after_error(expired, ledger)
                 raise
-            seconds = time.perf_counter() - started
-            deleted += rows
-            if rows:
-                log.debug("%s: batch %d deleted %d rows in %.3fs", self.target.name, batch_no, rows, seconds)
+            deleted += result.rows
+            if result.rows:
+                log.debug("%s: batch %d: %d rows in %.3fs", self.target.name, batch_no, result.rows,
+                          time.perf_counter() - started)
                 if progress is not None:
-                    progress(deleted_before + deleted, rows, seconds)
-            sizer.observe(rows, seconds)
-            if batch.upper is None:
+                    progress(deleted_before + deleted, result.rows, result.seconds)
+            sizer.observe(result.rows, result.seconds)
+            if result.batch.upper is None:
                 return deleted
-            lower = batch.upper
+            lower = result.batch.upper
 
     def _upper_bound(self, conn: Connection, window: ColumnElement[bool], size: int) -> Bound | None:
         """The last row of the next batch of ``size`` rows in walk order; None if fewer remain.
@@ -372,18 +491,20 @@ class SqlTable:
             return confirmed
         with self.engine.connect() as conn:
             for batch in pending:
+                descriptor = json.loads(batch.descriptor)
                 present = conn.execute(
                     select(func.count()).select_from(self.table).where(
                         expired, self._in_range(decode_range(batch.descriptor))
                     )
                 ).scalar_one()
+                conn.rollback()
                 gone = max(batch.rows - present, 0)
                 if 0 < present < batch.rows:
                     log.warning(
                         "%s: batch %d was interrupted and %d of its %d rows are gone; counting them as purged",
                         self.target.name, batch.batch_no, gone, batch.rows,
                     )
-                ledger.resolve(batch.batch_no, gone)
+                self.action.settle(self, batch, descriptor, gone, ledger)
                 confirmed += gone
         return confirmed
 
@@ -393,6 +514,16 @@ class SqlTable:
         except Exception:  # the original error matters more; the next attempt reconciles
             log.warning("%s: could not settle the interrupted batch now; the next attempt will",
                         self.target.name, exc_info=True)
+
+
+def _members(member: Member) -> Iterator[Member]:
+    yield member
+    for child in member.children:
+        yield from _members(child)
+
+
+def _qualified(table: Table) -> str:
+    return f"{table.schema}.{table.name}" if table.schema else table.name
 
 
 def _lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str) -> ColumnElement[bool]:
@@ -417,9 +548,9 @@ def _lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str
 # the table has; JSON alone would lose datetimes, decimals and UUIDs, so each value is tagged.
 
 
-def encode_range(batch: BatchRange) -> str:
-    """JSON for a batch range, with typed values."""
-    return json.dumps({"lower": _encode(batch.lower), "upper": _encode(batch.upper)}, sort_keys=True)
+def encode_range(batch: BatchRange, **extra: Any) -> str:
+    """JSON for a batch range (typed values), with whatever else the action records."""
+    return json.dumps({"lower": _encode(batch.lower), "upper": _encode(batch.upper), **extra}, sort_keys=True)
 
 
 def decode_range(text: str) -> BatchRange:

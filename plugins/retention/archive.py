@@ -1,0 +1,335 @@
+"""Archives: rows and objects written to S3, verified, listed in a manifest, restorable.
+
+Rows are encoded per table as gzip JSON Lines (or Parquet), one object per table per
+batch, uploaded with SHA-256 checksums (multipart above 8 MiB, each part checksummed)
+and verified by reading back what S3 stored (size and checksum) before anything is
+deleted. Values keep their types through a per-column codec recorded in the manifest,
+so :func:`decode_row` gives back exactly what was read.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from retention.errors import TransientError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+
+    from retention.rules import ArchiveSpec
+
+log = logging.getLogger(__name__)
+
+PART_SIZE = 8 * 1024 * 1024  # boto3's default; S3 allows 10,000 parts an object
+
+
+class ArchiveFailed(TransientError):
+    """An archive object could not be written or did not verify; nothing was deleted."""
+
+
+# -- value codecs ---------------------------------------------------------------------------
+# JSON has strings, numbers, booleans and null; a codec per column turns the rest into
+# strings and back, so a restore puts back the same values the archive read.
+
+_ENCODERS = {
+    "datetime": lambda v: v.isoformat(),
+    "date": lambda v: v.isoformat(),
+    "time": lambda v: v.isoformat(),
+    "interval": lambda v: v.total_seconds(),
+    "decimal": str,
+    "bytes": lambda v: base64.b64encode(bytes(v)).decode("ascii"),
+    "uuid": str,
+}
+_DECODERS = {
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "time": time.fromisoformat,
+    "interval": lambda v: timedelta(seconds=v),
+    "decimal": Decimal,
+    "bytes": base64.b64decode,
+    "uuid": uuid.UUID,
+}
+
+
+def column_codec(column) -> str:
+    """The codec for a SQLAlchemy column: datetime, date, decimal, bytes, uuid or plain."""
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return "plain"
+    for kind, types in (
+        ("datetime", (datetime,)), ("date", (date,)), ("time", (time,)), ("interval", (timedelta,)),
+        ("decimal", (Decimal,)), ("bytes", (bytes, bytearray, memoryview)), ("uuid", (uuid.UUID,)),
+    ):
+        if issubclass(python_type, types):
+            return kind
+    return "plain"
+
+
+def encode_value(codec: str, value: Any) -> Any:
+    """A JSON-ready form of ``value``."""
+    if value is None:
+        return None
+    encoder = _ENCODERS.get(codec)
+    if encoder is None:
+        if isinstance(value, (datetime, date, Decimal, bytes, uuid.UUID)):  # SQLite's loose typing
+            return encode_value(column_codec_of(value), value)
+        return value
+    if codec == "uuid" and not isinstance(value, uuid.UUID):
+        return str(value)
+    return encoder(value)
+
+
+def column_codec_of(value: Any) -> str:
+    """The codec for a value whose column did not say (SQLite)."""
+    for kind, types in (("datetime", datetime), ("date", date), ("decimal", Decimal), ("bytes", bytes),
+                        ("uuid", uuid.UUID)):
+        if isinstance(value, types):
+            return kind
+    return "plain"
+
+
+def decode_value(codec: str, value: Any) -> Any:
+    """Inverse of :func:`encode_value`."""
+    if value is None:
+        return None
+    decoder = _DECODERS.get(codec)
+    return decoder(value) if decoder else value
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """Column names and codecs of an archived table, as the manifest records them."""
+
+    table: str
+    columns: tuple[tuple[str, str], ...]  # (name, codec)
+
+    @classmethod
+    def of(cls, table: Table) -> TableShape:
+        """The shape of a reflected table."""
+        name = f"{table.schema}.{table.name}" if table.schema else table.name
+        return cls(name, tuple((c.name, column_codec(c)) for c in table.columns))
+
+    def encode(self, row: Sequence[Any]) -> dict[str, Any]:
+        """A row (in column order) as a JSON object."""
+        return {name: encode_value(codec, value) for (name, codec), value in zip(self.columns, row)}
+
+    def decode(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A JSON object back to typed values, by column name."""
+        return {name: decode_value(codec, record.get(name)) for name, codec in self.columns}
+
+
+def canonical_line(shape: TableShape, row: Sequence[Any]) -> str:
+    """One row as the exact JSON line the archive stores."""
+    return json.dumps(shape.encode(row), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- objects ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchivedObject:
+    """One verified archive object."""
+
+    key: str
+    table: str
+    rows: int
+    bytes: int
+    sha256: str  # hex, of the whole object
+    format: str
+    storage_class: str
+    columns: tuple[tuple[str, str], ...] = ()  # (name, codec) of the table, for restore
+    depth: int = 0  # 0: the target's table, 1: a child, 2: a grandchild (restore goes in this order)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def encode_rows(shape: TableShape, rows: Iterable[Sequence[Any]], fmt: str) -> tuple[bytes, int]:
+    """The object body for ``rows`` in ``fmt``; and how many rows it holds."""
+    if fmt == "parquet":
+        return _parquet(shape, rows)
+    buffer = io.BytesIO()
+    count = 0
+    # mtime=0: the same rows give the same bytes (and checksum) on every attempt.
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as stream:
+        lines = []
+        for row in rows:
+            lines.append(canonical_line(shape, row))
+            count += 1
+            if len(lines) >= 5000:
+                stream.write(("\n".join(lines) + "\n").encode("utf-8"))
+                lines = []
+        if lines:
+            stream.write(("\n".join(lines) + "\n").encode("utf-8"))
+    return buffer.getvalue(), count
+
+
+def decode_rows(shape: TableShape, body: bytes, fmt: str) -> list[dict[str, Any]]:
+    """Rows of an archive object, typed again."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(body))
+        return [shape.decode(shape.encode([r[name] for name, _ in shape.columns])) for r in table.to_pylist()]
+    text = gzip.decompress(body).decode("utf-8")
+    return [shape.decode(json.loads(line)) for line in text.splitlines() if line]
+
+
+def _parquet(shape: TableShape, rows: Iterable[Sequence[Any]]) -> tuple[bytes, int]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        from retention.errors import ConfigError
+
+        raise ConfigError("format: parquet needs pyarrow (pip install 'retention[parquet]')") from None
+    materialized = [list(r) for r in rows]
+    names = [name for name, _ in shape.columns]
+    columns = {name: [row[i] for row in materialized] for i, name in enumerate(names)}
+    table = pa.table(columns)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue(), len(materialized)
+
+
+class ArchiveStore:
+    """Writes, verifies and removes archive objects in one bucket."""
+
+    def __init__(self, spec: ArchiveSpec, client: Any):
+        self.spec = spec
+        self.client = client
+
+    def key_for(self, category: str, run_id: str, target: str, batch_no: int, table: str) -> str:
+        """Where one batch's rows of one table go; the same inputs give the same key."""
+        safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+        ext = "jsonl.gz" if self.spec.format == "jsonl.gz" else "parquet"
+        return f"{self.spec.prefix}{category}/{safe_run}/{target}/{batch_no:06d}.{table}.{ext}"
+
+    def key_for_object(self, category: str, run_id: str, target: str, bucket: str, key: str) -> str:
+        """Where an archived S3 object goes: its source bucket and key under the run."""
+        safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+        return f"{self.spec.prefix}{category}/{safe_run}/{target}/{bucket}/{key}"
+
+    def manifest_key(self, category: str, run_id: str) -> str:
+        """Where the run's manifest goes."""
+        safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+        return f"{self.spec.prefix}{category}/{safe_run}/manifest.json"
+
+    def put_verified(self, key: str, body: bytes, *, table: str, rows: int,
+                     columns: tuple[tuple[str, str], ...] = (),
+                     content_type: str = "application/octet-stream") -> ArchivedObject:
+        """Upload ``body`` with SHA-256 checksums and check what S3 stored; ArchiveFailed if not equal.
+
+        Rows and manifests go to STANDARD storage, so `retention restore` can read them at
+        once; ``storage_class`` is where copies of archived S3 objects go.
+        """
+        expected = self._upload(key, body, content_type)
+        head = self.client.head_object(Bucket=self.spec.bucket, Key=key, ChecksumMode="ENABLED")
+        stored = (head.get("ChecksumSHA256") or "").split("-")[0]
+        if head.get("ContentLength") != len(body) or stored != expected:
+            raise ArchiveFailed(
+                f"archive object s3://{self.spec.bucket}/{key} did not verify "
+                f"(size {head.get('ContentLength')} vs {len(body)}, checksum {stored!r} vs {expected!r})"
+            )
+        return ArchivedObject(
+            key=key, table=table, rows=rows, bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
+            format=self.spec.format, storage_class=head.get("StorageClass") or "STANDARD", columns=columns,
+        )
+
+    def _upload(self, key: str, body: bytes, content_type: str) -> str:
+        """Upload; return the checksum S3 should report (composite for multipart)."""
+        common = {"Bucket": self.spec.bucket, "Key": key, "StorageClass": "STANDARD"}
+        if len(body) <= PART_SIZE:
+            digest = _b64sha256(body)
+            self.client.put_object(Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=digest,
+                                   ContentType=content_type, **common)
+            return digest
+        upload = self.client.create_multipart_upload(ChecksumAlgorithm="SHA256", ContentType=content_type, **common)
+        parts, digests = [], []
+        try:
+            for number, start in enumerate(range(0, len(body), PART_SIZE), 1):
+                chunk = body[start : start + PART_SIZE]
+                digest = _b64sha256(chunk)
+                response = self.client.upload_part(
+                    Bucket=self.spec.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=number,
+                    Body=chunk, ChecksumAlgorithm="SHA256", ChecksumSHA256=digest,
+                )
+                parts.append({"ETag": response["ETag"], "PartNumber": number, "ChecksumSHA256": digest})
+                digests.append(base64.b64decode(digest))
+            self.client.complete_multipart_upload(
+                Bucket=self.spec.bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.spec.bucket, Key=key, UploadId=upload["UploadId"])
+            raise
+        return base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode("ascii")
+
+    def describe(self, key: str, *, table: str, rows: int,
+                 columns: tuple[tuple[str, str], ...] = ()) -> ArchivedObject | None:
+        """An existing object as the manifest records it (after a crash), or None if absent."""
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.spec.bucket, Key=key)["Body"].read()
+            head = self.client.head_object(Bucket=self.spec.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return None
+            raise
+        return ArchivedObject(key, table, rows, len(body), hashlib.sha256(body).hexdigest(),
+                              self.spec.format, head.get("StorageClass") or "STANDARD", columns)
+
+    def remove(self, keys: Iterable[str]) -> None:
+        """Delete archive objects whose rows were not deleted (no debris after a failure)."""
+        objects = [{"Key": k} for k in keys]
+        for start in range(0, len(objects), 1000):
+            self.client.delete_objects(Bucket=self.spec.bucket, Delete={"Objects": objects[start : start + 1000],
+                                                                        "Quiet": True})
+
+    def read(self, key: str) -> bytes:
+        """An object's bytes."""
+        return self.client.get_object(Bucket=self.spec.bucket, Key=key)["Body"].read()
+
+
+MANIFEST_TYPE = "retention/archive-manifest"
+
+
+def build_manifest(header: dict[str, Any], sql_objects: list[dict[str, Any]],
+                   s3_objects: list[dict[str, Any]]) -> bytes:
+    """The run's manifest: every archive object, its rows and checksum, and each table's
+    columns; canonical JSON so the same run always yields the same bytes."""
+    import rfc8785
+
+    tables: dict[str, Any] = {}
+    for obj in sql_objects:
+        tables.setdefault(obj["table"], {"columns": obj.get("columns", []), "rows": 0, "depth": obj.get("depth", 0)})
+        tables[obj["table"]]["rows"] += obj["rows"]
+    manifest = {
+        "type": MANIFEST_TYPE,
+        "version": 1,
+        **header,
+        "tables": tables,
+        "objects": [{k: v for k, v in obj.items() if k != "columns"} for obj in sql_objects],
+        "s3_objects": s3_objects,
+        "totals": {"objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key")),
+                   "rows": sum(obj["rows"] for obj in sql_objects),
+                   "bytes": sum(obj["bytes"] for obj in sql_objects) + sum(o.get("bytes") or 0 for o in s3_objects)},
+    }
+    return rfc8785.dumps(manifest)
+
+
+def _b64sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")

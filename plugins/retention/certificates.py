@@ -54,8 +54,9 @@ class Certificate:
 
     @property
     def deleted(self) -> int:
-        """Records purged by the run, over all targets."""
-        return int(self.data.get("totals", {}).get("deleted", 0))
+        """Records purged (deleted, or anonymized) by the run, over all targets."""
+        totals = self.data.get("totals", {})
+        return int(totals.get("deleted", 0)) + int(totals.get("anonymized", 0))
 
 
 def canonical(payload: dict[str, Any]) -> bytes:
@@ -120,6 +121,10 @@ def build_payload(
             "unconfirmed": record.unconfirmed,
             "error": error,
         }
+        if run.action == "anonymize":  # rows stay: say what happened to them
+            entry["anonymized"], entry["deleted"] = entry["deleted"], 0
+        elif run.action == "archive":
+            entry["archived"] = entry["deleted"]
         if record.bytes is not None:
             entry["bytes"] = record.bytes
         if record.tables:
@@ -149,6 +154,8 @@ def build_payload(
             "deleted": sum(e["deleted"] for e in entries),
             "held": sum(e["held"] for e in entries),
             "failed": sum(e["failed"] for e in entries),
+            **({"anonymized": sum(e["anonymized"] for e in entries)} if run.action == "anonymize" else {}),
+            **({"archived": sum(e["archived"] for e in entries)} if run.action == "archive" else {}),
         },
     }
 

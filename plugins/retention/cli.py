@@ -229,7 +229,7 @@ def cmd_certificates(args: argparse.Namespace) -> int:
     for c in certificates:
         totals = c.data.get("totals", {})
         rows.append([
-            c.seq, moment(c.issued_at), c.category, c.status, f"{totals.get('deleted', 0):,}",
+            c.seq, moment(c.issued_at), c.category, c.status, f"{c.deleted:,}",
             f"{totals.get('held', 0):,}", f"{totals.get('failed', 0):,}", c.data.get("as_of", "")[:19] + "Z",
             c.run_id, c.entry_hash[:12],
         ])
@@ -323,7 +323,8 @@ def _print_run_summary(certificates) -> None:
     rows = []
     for c in certificates:
         for t in c.data.get("targets", []):
-            rows.append([c.category, t["name"], t["status"], f"{t['matched']:,}", f"{t['deleted']:,}",
+            rows.append([c.category, t["name"], t["status"], f"{t['matched']:,}",
+                         f"{t['deleted'] + t.get('anonymized', 0):,}",
                          f"{t.get('held', 0):,}", f"{t['failed']:,}", size(t.get("bytes")), t["error"] or ""])
     print(table(["CATEGORY", "TARGET", "STATUS", "MATCHED", "PURGED", "HELD", "FAILED", "BYTES", "ERROR"], rows,
                 right=(3, 4, 5, 6, 7)))

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from retention.anonymize import HASH_KEY_ENV
 from retention.rules import load_rules
 from retention.signing import SIGNING_KEY_ENV, generate_keypair
 
@@ -56,6 +58,24 @@ SCHEMAS = {
             items INTEGER NOT NULL, updated_at TIMESTAMP NOT NULL
         );
         CREATE INDEX carts_updated_at ON carts (updated_at);
+        CREATE TABLE orders (
+            id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL, email TEXT NOT NULL,
+            total NUMERIC(10, 2) NOT NULL, placed_at TIMESTAMP NOT NULL
+        );
+        CREATE INDEX orders_placed_at ON orders (placed_at);
+        CREATE TABLE order_items (
+            id INTEGER PRIMARY KEY, order_id INTEGER NOT NULL REFERENCES orders (id),
+            sku TEXT NOT NULL, qty INTEGER NOT NULL, price NUMERIC(10, 2) NOT NULL
+        );
+        CREATE INDEX order_items_order_id ON order_items (order_id);
+    """,
+    "billing_db": """
+        CREATE TABLE invoices (
+            id INTEGER PRIMARY KEY, email VARCHAR(255) NOT NULL, billing_name TEXT, phone TEXT,
+            postcode TEXT, amount NUMERIC(10, 2) NOT NULL, issued_at TIMESTAMP NOT NULL,
+            anonymized_at TIMESTAMP
+        );
+        CREATE INDEX invoices_issued_at ON invoices (issued_at);
     """,
     "marketing_db": """
         CREATE TABLE cart_reminder_emails (
@@ -116,6 +136,22 @@ def _fill(db: sqlite3.Connection, conn_id: str, rng: random.Random, now: datetim
             for i in range(1, 10_000 * scale + 1)
         ]
         db.executemany("INSERT INTO carts VALUES (?, ?, ?, ?, ?)", rows)
+        orders, items = [], []
+        for i in range(1, 6_000 * scale + 1):
+            orders.append((i, rng.randint(1, 20_000), f"customer{i % 20_000}@example.com",
+                           round(rng.uniform(5, 400), 2), _ago(rng, now, 12 * 365)))
+            items += [(i * 10 + j, i, f"SKU-{rng.randint(100, 999)}", rng.randint(1, 3), round(rng.uniform(1, 99), 2))
+                      for j in range(rng.randint(1, 4))]
+        db.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?)", orders)
+        db.executemany("INSERT INTO order_items VALUES (?, ?, ?, ?, ?)", items)
+    elif conn_id == "billing_db":
+        rows = [
+            (i, f"customer{rng.randint(1, 20_000)}@example.com", f"Customer {i}", f"+44 7700 9{i:05d}",
+             rng.choice(["SW1A 1AA", "EC2V 7HH", "M1 1AE", "G2 8DL"]), round(rng.uniform(5, 900), 2),
+             _ago(rng, now, 6 * 365), None)
+            for i in range(1, 8_000 * scale + 1)
+        ]
+        db.executemany("INSERT INTO invoices VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
     elif conn_id == "marketing_db":
         rows = [
             (i, rng.randint(1, 10_000), f"customer{rng.randint(1, 20_000)}@example.com", _ago(rng, now, 120))
@@ -125,6 +161,7 @@ def _fill(db: sqlite3.Connection, conn_id: str, rng: random.Random, now: datetim
 
 
 RECEIPTS_BUCKET = "retail-receipts"
+ARCHIVE_BUCKET = "retention-archive"
 
 
 def start_s3() -> tuple[object, str]:
@@ -151,6 +188,7 @@ def seed_receipts(endpoint: str, now: datetime, *, count: int = 1200, seed_value
     s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint,
                       aws_access_key_id="demo", aws_secret_access_key="demo")
     s3.create_bucket(Bucket=RECEIPTS_BUCKET, ObjectLockEnabledForBucket=True)
+    s3.create_bucket(Bucket=ARCHIVE_BUCKET)
     puts = []
     for i in range(count):
         day = now - timedelta(days=rng.uniform(0, 10 * 365))
@@ -185,6 +223,7 @@ def environment(demo: Path, databases: dict[str, Path], s3_endpoint: str) -> dic
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         "RETENTION_RULES_DIR": str(ROOT / "retention_rules"),
         SIGNING_KEY_ENV: str(demo / "keys" / "retention-signing.pem"),
+        HASH_KEY_ENV: (demo / "keys" / "hash.key").read_text().strip(),
         "AIRFLOW_CONN_RETENTION_AUDIT": f'{{"conn_type": "sqlite", "host": "{demo / "audit.db"}"}}',
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({
             "conn_type": "aws", "login": "demo", "password": "demo",
@@ -213,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  created {private_key} and its .pub.pem")
     else:
         print(f"  using {private_key}")
+    hash_key = demo / "keys" / "hash.key"
+    if not hash_key.exists():
+        hash_key.write_text(secrets.token_hex(32) + "\n")
+        hash_key.chmod(0o600)
+        print(f"  created {hash_key} (the HMAC key anonymize hashes with)")
 
     _step("Seeding a demo retail estate (SQLite databases and an S3 bucket)")
     databases = seed(demo / "data", now, scale=args.scale)
@@ -221,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     server, endpoint = start_s3()
     try:
         objects = seed_receipts(endpoint, now)
-        print(f"  {'aws_default':<13} {endpoint} (embedded moto S3): {objects:,} receipt objects in s3://{RECEIPTS_BUCKET}")
+        print(f"  {'aws_default':<13} {endpoint} (embedded moto S3): {objects:,} receipt objects in "
+              f"s3://{RECEIPTS_BUCKET}, archives go to s3://{ARCHIVE_BUCKET}")
         return _run_demo(demo, environment(demo, databases, endpoint), bin_dir)
     finally:
         server.stop()

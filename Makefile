@@ -10,7 +10,7 @@ install: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[airflow,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[airflow,test,parquet]'
 	touch $@
 
 ## A nightly purge of a seeded retail estate through Airflow, then its certificates.

@@ -157,6 +157,24 @@ def test_archive_round_trip_restores_every_column_of_every_row(shop, aws, tmp_pa
     assert restored_items == {k: v for k, v in items_before.items() if v["order_id"] in expired}
 
 
+def test_parquet_archives_restore_too(pg_db, aws, monkeypatch, audit_db, keys, tmp_path, new_database):
+    pytest.importorskip("pyarrow")
+    connect(monkeypatch, "shop_db", pg_db)
+    create_shop(pg_db)
+    expired = fill_shop(pg_db, orders=15)
+    orders_before = snapshot(pg_db, "orders")
+
+    certificate = make_runner().run(archive_rule(tmp_path, fmt="parquet"), run_id="r1", as_of=AS_OF)
+
+    manifest = _manifest(aws, certificate)
+    assert {o["format"] for o in manifest["objects"]} == {"parquet"}
+    fresh = new_database("postgresql")
+    create_shop(fresh)
+    connect(monkeypatch, "restored_db", fresh)
+    assert main(["restore", certificate.data["archive"]["manifest"], "--into", "restored_db"]) == 0
+    assert snapshot(fresh, "orders") == {i: orders_before[i] for i in expired}
+
+
 def test_an_upload_failure_deletes_nothing_of_that_batch_and_the_rerun_archives_each_row_once(
     shop, aws, tmp_path, monkeypatch
 ):

@@ -200,6 +200,8 @@ TARGET_TEMPLATE = """\
     key: {key}
     age_column: {age_column}
 """
+"""Test tables are small and often mostly expired; tests about the blast-radius limit set
+``max_fraction`` themselves (the default of 0.5 would stop most fixtures)."""
 
 
 def write_rule(
@@ -218,7 +220,7 @@ def write_rule(
         blocks = []
         for target in targets or [{}]:
             spec = {"name": "customers", "connection": "crm_db", "table": "customers",
-                    "key": "[id]", "age_column": "closed_at", **target}
+                    "key": "[id]", "age_column": "closed_at", "max_fraction": 1.0, **target}
             extra = {k: v for k, v in spec.items() if k not in ("name", "connection", "table", "key", "age_column")}
             block = TARGET_TEMPLATE.format(**spec)
             for key, value in extra.items():

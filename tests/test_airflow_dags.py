@@ -187,7 +187,7 @@ def test_dag_test_purges_a_bucket_on_a_moto_server(airflow_db, aws_server, audit
         "category: exports\ndescription: Clickstream exports\nowner: data\nlegal_basis: Analytics, 1 year\n"
         "retain_for: P1Y\naction: delete\ntargets:\n"
         f"  - {{name: exports, kind: s3, connection: aws_default, bucket: {bucket}, prefix: exports/,\n"
-        "     age_from: key_date, key_date_format: 'exports/%Y/%m/%d/'}\n"
+        "     age_from: key_date, key_date_format: 'exports/%Y/%m/%d/', max_fraction: 1.0}\n"
     ))
     dag = rule_dag(tmp_path / "rules", "retention__exports", monkeypatch)
 

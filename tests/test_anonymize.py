@@ -62,10 +62,10 @@ def anonymize_rule(tmp_path, columns: str | None = None):
         "owner: crm\nlegal_basis: Accounting needs the rows; personal data goes after two years\n"
         "retain_for: P2Y\naction: anonymize\ntargets:\n"
         "  - name: customers\n    kind: sql\n    connection: crm_db\n    table: customers\n    key: [id]\n"
-        "    age_column: closed_at\n    max_batch_rows: 4\n    anonymize:\n      marker: anonymized_at\n"
+        "    age_column: closed_at\n    max_batch_rows: 4\n    max_fraction: 1.0\n    anonymize:\n      marker: anonymized_at\n"
         "      columns:\n" + columns +
         "  - name: newsletter\n    kind: sql\n    connection: crm_db\n    table: newsletter\n    key: [id]\n"
-        "    age_column: sent_at\n    anonymize:\n      marker: anonymized_at\n      columns:\n        email: hash\n"
+        "    age_column: sent_at\n    max_fraction: 1.0\n    anonymize:\n      marker: anonymized_at\n      columns:\n        email: hash\n"
     )
     return load_rule_file(write_rule(tmp_path / "rules", "closed_customers", text=text))
 

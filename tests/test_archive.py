@@ -106,7 +106,7 @@ def archive_rule(tmp_path, children: bool = True, fmt: str = "jsonl.gz", **targe
         f"archive:\n  connection: aws_default\n  bucket: {ARCHIVE}\n  prefix: orders/\n  format: {fmt}\n"
         "  storage_class: GLACIER\n"
         "targets:\n  - name: orders\n    kind: sql\n    connection: shop_db\n    table: orders\n    key: [id]\n"
-        "    age_column: placed_at\n" + child + extra
+        "    age_column: placed_at\n    max_fraction: 1.0\n" + child + extra
     )
     return load_rule_file(write_rule(tmp_path / "rules", "orders", text=text))
 
@@ -296,7 +296,7 @@ def test_archived_s3_objects_are_verified_and_land_in_the_storage_class(aws, aud
         "category: receipts\ndescription: r\nowner: f\nlegal_basis: l\nretain_for: P10Y\naction: archive\n"
         f"archive: {{connection: aws_default, bucket: {ARCHIVE}, prefix: receipts/, storage_class: GLACIER}}\n"
         "targets:\n  - {name: receipts, kind: s3, connection: aws_default, bucket: retail-receipts, prefix: r/,\n"
-        "     age_from: key_date, key_date_format: 'r/%Y/%m/%d/'}\n"
+        "     age_from: key_date, key_date_format: 'r/%Y/%m/%d/', max_fraction: 1.0}\n"
     )
     rule_file = load_rule_file(write_rule(tmp_path / "rules", "receipts", text=text))
 

@@ -111,7 +111,7 @@ def _broken(directory: Path, case: str) -> tuple[Path, int, str]:
         return write_rule(directory, category, text=f"category: {category}\nowner: crm: team\n"), 2, "not valid YAML"
     if case == "unknown_key":
         path = write_rule(directory, category, targets=[{"age_colum": "closed_at"}])
-        return path, 15, "did you mean 'age_column'?"
+        return path, 16, "did you mean 'age_column'?"
     if case == "bad_duration":
         return write_rule(directory, category, retain_for="2 years"), 5, "ISO 8601"
     if case == "bad_cron":
@@ -209,7 +209,7 @@ def test_plan_text_says_nothing_was_changed(customers, rules_dir, capsys):
     ("target", "line", "field"),
     [
         ({"age_column": "deleted_at"}, 14, "targets[0].age_column"),
-        ({"where": "{region: eu}"}, 15, "targets[0].where.region"),
+        ({"where": "{region: eu}"}, 16, "targets[0].where.region"),
     ],
 )
 def test_plan_refuses_a_column_the_table_lacks(customers, rules_dir, capsys, target, line, field):

@@ -55,6 +55,7 @@ def s3_rule(tmp_path, retain_for="P30D", **target):
         "  - name: receipts\n"
         "    kind: s3\n"
         "    connection: aws_default\n"
+        "    max_fraction: 1.0\n"
         f"    bucket: {BUCKET}\n" + lines
     )
     return load_rule_file(write_rule(tmp_path / "rules", "receipts", text=text))
@@ -248,7 +249,7 @@ def test_a_missing_bucket_is_a_rule_error_that_touches_nothing(s3, tmp_path):
         make_runner().run(s3_rule(tmp_path), run_id="r1", as_of=datetime.now(UTC))
 
     (problem,) = caught.value.problems
-    assert problem.field == "targets[0].bucket" and problem.line == 11
+    assert problem.field == "targets[0].bucket" and problem.line == 12
     assert "does not exist" in problem.message
 
 
@@ -288,7 +289,8 @@ def test_sigkill_mid_delete_is_settled_by_the_next_run(aws_server, audit_db, key
     put(aws_server, *[f"k{i:04d}" for i in range(1500)], bucket=bucket, body=b"12345")
     rules = write_rule(tmp_path / "rules", "receipts", text=(
         "category: receipts\ndescription: d\nowner: o\nlegal_basis: l\nretain_for: P30D\naction: delete\n"
-        f"targets:\n  - {{name: receipts, kind: s3, connection: aws_default, bucket: {bucket}, concurrency: 1}}\n"
+        f"targets:\n  - {{name: receipts, kind: s3, connection: aws_default, bucket: {bucket}, concurrency: 1,\n"
+        "     max_fraction: 1.0}\n"
     )).parent
     as_of = (datetime.now(UTC) + timedelta(days=60)).isoformat()
     command = [sys.executable, "-m", "retention.cli", "run", "--rules", str(rules), "--as-of", as_of]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
@@ -197,7 +198,9 @@ def test_crash_then_a_new_run_certifies_the_interrupted_one_exactly(crm, tmp_pat
     monkeypatch.delenv("RETENTION_FAILPOINTS")
     failpoints.reset()
 
-    next_night = runner().run(rule_file, run_id="night-2", as_of=AS_OF + timedelta(days=1))
+    # The crashed worker's lease is not renewed; once it is stale the next night takes over.
+    next_night = dataclasses.replace(runner(), lease_ttl=timedelta(0)).run(
+        rule_file, run_id="night-2", as_of=AS_OF + timedelta(days=1))
 
     journal: RunJournal = runner().journal
     first = journal.get_run("customer_accounts", "night-1")

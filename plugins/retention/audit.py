@@ -53,6 +53,7 @@ purge_runs = Table(
     Column("started_at", String(40), nullable=False),
     Column("state", String(20), nullable=False, comment="running | certified"),
     Column("certificate_seq", BigInteger, nullable=True),
+    Column("approval", Text, nullable=True, comment="why a run over its blast-radius limit was allowed"),
     PrimaryKeyConstraint("category", "run_id"),
 )
 
@@ -70,6 +71,7 @@ purge_targets = Table(
     Column("matched", BigInteger, nullable=True),
     Column("remaining", BigInteger, nullable=True),
     Column("held", BigInteger, nullable=True, comment="records skipped because something protects them"),
+    Column("holds", Text, nullable=True, comment="ids of the legal holds honoured, JSON"),
     Column("error", String(500), nullable=True, comment="error class and code; never data"),
     Column("started_at", String(40), nullable=True),
     Column("finished_at", String(40), nullable=True),
@@ -111,12 +113,51 @@ purge_certificates = Table(
     UniqueConstraint("category", "run_id", name="purge_certificates_run_key"),
 )
 
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("category", String(63), nullable=False),
+    Column("target", String(63), nullable=True, comment="null: every target of the category"),
+    Column("match", Text, nullable=True, comment="JSON column: value map (SQL targets)"),
+    Column("prefix", String(1024), nullable=True, comment="key prefix (S3 targets)"),
+    Column("case_id", String(100), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("until", String(10), nullable=True, comment="ISO date; the hold lapses after it"),
+    Column("placed_at", String(40), nullable=False),
+    Column("placed_by", String(100), nullable=False),
+    Column("released_at", String(40), nullable=True),
+    Column("released_by", String(100), nullable=True),
+    Column("release_reason", Text, nullable=True),
+)
+
+legal_hold_events = Table(
+    "legal_hold_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("hold_id", Integer, nullable=False),
+    Column("event", String(20), nullable=False, comment="placed | released"),
+    Column("at", String(40), nullable=False),
+    Column("by", String(100), nullable=False),
+    Column("detail", Text, nullable=False, comment="the hold or the release reason, as JSON"),
+)
+
+run_locks = Table(
+    "run_locks",
+    metadata,
+    Column("category", String(63), primary_key=True),
+    Column("run_id", String(250), nullable=False),
+    Column("holder", String(200), nullable=False, comment="host and pid of the worker"),
+    Column("acquired_at", String(40), nullable=False),
+    Column("heartbeat_at", String(40), nullable=False),
+)
+
 _PG_APPEND_ONLY = [
     """
     CREATE OR REPLACE FUNCTION purge_certificates_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
-        RAISE EXCEPTION 'purge_certificates is append-only: % is not allowed', TG_OP
+        RAISE EXCEPTION '% is append-only: % is not allowed', TG_TABLE_NAME, TG_OP
             USING ERRCODE = 'insufficient_privilege';
     END
     $$
@@ -133,24 +174,40 @@ _PG_APPEND_ONLY = [
     """,
     "ALTER TABLE purge_certificates ENABLE ALWAYS TRIGGER purge_certificates_no_change",
     "ALTER TABLE purge_certificates ENABLE ALWAYS TRIGGER purge_certificates_no_truncate",
+    # Hold history is never rewritten: events are append-only, holds are released, never deleted.
+    """
+    CREATE OR REPLACE TRIGGER legal_hold_events_no_change
+        BEFORE UPDATE OR DELETE ON legal_hold_events
+        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
+    """,
+    """
+    CREATE OR REPLACE TRIGGER legal_holds_no_delete
+        BEFORE DELETE ON legal_holds
+        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
+    """,
+    "ALTER TABLE legal_hold_events ENABLE ALWAYS TRIGGER legal_hold_events_no_change",
+    "ALTER TABLE legal_holds ENABLE ALWAYS TRIGGER legal_holds_no_delete",
 ]
+
+_APPEND_ONLY = [("purge_certificates", "UPDATE"), ("purge_certificates", "DELETE"),
+                ("legal_hold_events", "UPDATE"), ("legal_hold_events", "DELETE"), ("legal_holds", "DELETE")]
 
 _MYSQL_APPEND_ONLY = [
     f"""
-    CREATE TRIGGER IF NOT EXISTS purge_certificates_no_{op.lower()}
-        BEFORE {op} ON purge_certificates FOR EACH ROW
-        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'purge_certificates is append-only: {op} is not allowed'
+    CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()}
+        BEFORE {op} ON {table} FOR EACH ROW
+        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{table} is append-only: {op} is not allowed'
     """
-    for op in ("UPDATE", "DELETE")
+    for table, op in _APPEND_ONLY
 ]
 
 _SQLITE_APPEND_ONLY = [
     f"""
-    CREATE TRIGGER IF NOT EXISTS purge_certificates_no_{op.lower()}
-        BEFORE {op} ON purge_certificates
-        BEGIN SELECT RAISE(ABORT, 'purge_certificates is append-only: {op} is not allowed'); END
+    CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()}
+        BEFORE {op} ON {table}
+        BEGIN SELECT RAISE(ABORT, '{table} is append-only: {op} is not allowed'); END
     """
-    for op in ("UPDATE", "DELETE")
+    for table, op in _APPEND_ONLY
 ]
 
 # Any constant will do; it only has to be the same for every writer of the chain.

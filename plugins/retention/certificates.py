@@ -129,6 +129,8 @@ def build_payload(
             entry["bytes"] = record.bytes
         if record.tables:
             entry["tables"] = dict(sorted(record.tables.items()))
+        if record.holds:
+            entry["holds"] = list(record.holds)
         entries.append(entry)
     finished = [r.finished_at for r in targets if r.finished_at is not None]
     return (extra or {}) | {
@@ -148,6 +150,8 @@ def build_payload(
         "started_at": utc_iso(run.started_at),
         "finished_at": utc_iso(max(finished)) if finished else utc_iso(issued_at),
         "status": run_status(targets),
+        "holds": sorted({h for r in targets for h in r.holds}),
+        **({"approval": run.approval} if run.approval else {}),
         "targets": entries,
         "totals": {
             "matched": sum(e["matched"] for e in entries),

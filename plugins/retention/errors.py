@@ -62,5 +62,9 @@ class TargetError(TerminalError):
         self.field = field
 
 
+class OverLimit(TerminalError):
+    """A run would purge more than a target's blast-radius limit allows, without approval."""
+
+
 class PurgeFailed(RetentionError):
     """A run finished but did not purge everything it should have."""

@@ -53,6 +53,7 @@ class RunRecord:
     started_at: datetime
     state: str
     certificate_seq: int | None
+    approval: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TargetRecord:
     held: int | None = None
     bytes: int | None = None
     tables: dict[str, int] | None = None
+    holds: tuple[int, ...] = ()
 
 
 class RunJournal:
@@ -139,6 +141,18 @@ class RunJournal:
                 .order_by(purge_runs.c.started_at)
             ).mappings().all()
         return [_run(r) for r in rows]
+
+    def record_approval(self, run: RunRecord, approval: dict[str, Any]) -> RunRecord:
+        """Keep why a run over its limit was allowed (it goes into the certificate)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(purge_runs)
+                .where(purge_runs.c.category == run.category, purge_runs.c.run_id == run.run_id)
+                .values(approval=json.dumps(approval, sort_keys=True))
+            )
+        record = self.get_run(run.category, run.run_id)
+        assert record is not None
+        return record
 
     def mark_certified(self, conn: Connection, run: RunRecord, seq: int) -> None:
         """Close the run inside the transaction that appends its certificate."""
@@ -223,6 +237,7 @@ class RunJournal:
                 held=r["held"],
                 bytes=_bytes(r["kind"], totals.get((r["target"], "done"), (0, None))[1]),
                 tables=per_table.get(r["target"]),
+                holds=tuple(json.loads(r["holds"])) if r["holds"] else (),
             )
             for r in rows
         ]
@@ -337,6 +352,7 @@ def _run(row) -> RunRecord:
         as_of=parse_utc(row["as_of"]), cutoff=parse_utc(row["cutoff"]),
         started_at=parse_utc(row["started_at"]), state=row["state"],
         certificate_seq=row["certificate_seq"],
+        approval=json.loads(row["approval"]) if row["approval"] else None,
     )
 
 

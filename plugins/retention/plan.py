@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from retention.errors import RuleError, TargetError
+from retention.holds import HoldRegistry, HoldView
 from retention.journal import utc_iso
 from retention.rules import RuleFile
 from retention.targets import RunContext, Targets
@@ -27,6 +28,7 @@ class TargetPlan:
     matched: int
     total: int
     bytes: int | None = None
+    held: int = 0
     notes: tuple[str, ...] = ()
 
 
@@ -59,11 +61,15 @@ class PurgePlan:
         return data
 
 
-def build_plan(rule_file: RuleFile, as_of: datetime, targets: Targets, *, run_id: str | None = None) -> PurgePlan:
+def build_plan(
+    rule_file: RuleFile, as_of: datetime, targets: Targets, *, run_id: str | None = None,
+    holds: HoldRegistry | None = None,
+) -> PurgePlan:
     """Count what ``rule_file`` would purge at ``as_of``; raise RuleError on a mismatch.
 
     Every target is checked against its live table first (columns, key, types), so a
-    mismatch names the rule file and line before anything could be touched.
+    mismatch names the rule file and line before anything could be touched. With
+    ``holds``, records under a legal hold are counted apart (and never as matched).
     """
     rule = rule_file.rule
     cutoff = rule.cutoff(as_of)
@@ -72,7 +78,8 @@ def build_plan(rule_file: RuleFile, as_of: datetime, targets: Targets, *, run_id
     opened = []
     context = RunContext(rule.action, rule.category, run_id or "plan", as_of, rule.archive)
     for index, target in enumerate(rule.targets):
-        handle = targets.open(target, context)
+        view = HoldView(holds, rule.category, target.name, as_of) if holds is not None else None
+        handle = targets.open(target, context, holds=view)
         try:
             handle.check()
         except TargetError as exc:
@@ -91,6 +98,7 @@ def build_plan(rule_file: RuleFile, as_of: datetime, targets: Targets, *, run_id
                 matched=survey.matched,
                 total=survey.total,
                 bytes=survey.bytes,
+                held=survey.held,
                 notes=tuple(survey.notes),
             )
         )

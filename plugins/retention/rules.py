@@ -239,6 +239,10 @@ class SqlTarget(_StrictModel):
     """Equality (``status: closed``) or membership (``{in: [a, b]}``) filters, ANDed."""
     max_batch_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
     """Upper bound on rows deleted by one transaction; batches adapt below it."""
+    max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """A run that would purge more than this share of the table's rows stops before touching anything."""
+    max_records: Annotated[int | None, Field(ge=1)] = None
+    """Likewise for a count of rows."""
     children: list[ChildTable] = Field(default_factory=list)
     """Tables referencing this one, archived and deleted with it in the same batch."""
     anonymize: AnonymizeSpec | None = None
@@ -366,6 +370,10 @@ class S3Target(_StrictModel):
     """Only objects carrying all these tags (one GetObjectTagging call per object)."""
     concurrency: Annotated[int, Field(ge=1, le=64)] = 8
     """Concurrent DeleteObjects requests (and HTTP connections)."""
+    max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """A run that would purge more than this share of the objects under the prefix stops before touching anything."""
+    max_records: Annotated[int | None, Field(ge=1)] = None
+    """Likewise for a count of objects."""
 
     @field_validator("key_date_format")
     @classmethod

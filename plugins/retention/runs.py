@@ -13,13 +13,16 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from retention import __version__
 from retention.archive import build_manifest
 from retention.certificates import Certificate, certify
-from retention.errors import ConfigError, PurgeFailed, RuleError, TargetError, TerminalError
+from retention.errors import ConfigError, OverLimit, PurgeFailed, RuleError, TargetError, TerminalError
+from retention import failpoints
+from retention.holds import HoldRegistry, HoldView, who
+from retention.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
 from retention.plan import PurgePlan, build_plan
 from retention.rules import TARGET_ADAPTER, RuleFile, Target
@@ -42,18 +45,25 @@ class Runner:
     targets: Targets
     signer: Signer
     code_version: str = field(default_factory=lambda: f"retention {__version__}")
+    lease_ttl: timedelta = DEFAULT_TTL
 
     # -- start -----------------------------------------------------------------------
 
-    def start(self, rule_file: RuleFile, *, run_id: str, as_of: datetime) -> tuple[RunRecord, PurgePlan]:
-        """Open the run (idempotent) and count what it will purge.
+    def start(
+        self, rule_file: RuleFile, *, run_id: str, as_of: datetime, approval: str | None = None,
+        wait: float = 0.0,
+    ) -> tuple[RunRecord, PurgePlan]:
+        """Take the category's lease, open the run (idempotent) and count what it will purge.
 
         Earlier runs of the category that never got a certificate are settled and
-        certified first. A target that does not match its table fails the whole run
-        before anything is touched.
+        certified first. A target that does not match its table, or that would purge
+        more than its blast-radius limit without ``approval``, fails the whole run
+        before anything is touched. Another run holding the lease raises CategoryBusy
+        (after ``wait`` seconds).
         """
         category = rule_file.rule.category
         self._check_audit_apart(rule_file)
+        self._lock(category, run_id).acquire(wait=wait)
         for stale in self.journal.uncertified_runs(category):
             if stale.run_id != run_id:
                 self.settle_interrupted(stale)
@@ -65,17 +75,54 @@ class Runner:
                 run, position=position, name=target.name, kind=target.kind, location=target.location,
                 definition={"target": target.model_dump(mode="json"), "context": context.to_dict()},
             )
+        failpoints.hit("run.opened")
         try:
-            plan = build_plan(rule_file, run.as_of, self.targets, run_id=run.run_id)
+            plan = build_plan(rule_file, run.as_of, self.targets, run_id=run.run_id,
+                              holds=HoldRegistry(self.journal.engine))
         except RuleError as exc:
             for target in rule_file.rule.targets:
                 self.journal.update_target(run, target.name, state="failed", error="rule does not match the database")
             raise exc
+        records = {t.target: t for t in self.journal.targets(run)}
         for target_plan in plan.targets:
-            record = {t.target: t for t in self.journal.targets(run)}[target_plan.name]
-            if record.matched is None:
+            if records[target_plan.name].matched is None:
                 self.journal.update_target(run, target_plan.name, matched=target_plan.matched)
+        run = self._check_limits(rule_file, run, plan, approval)
+        failpoints.hit("run.planned")
         return run, plan
+
+    def _check_limits(self, rule_file: RuleFile, run: RunRecord, plan: PurgePlan, approval: str | None) -> RunRecord:
+        """Stop a run that would purge more than a target's limit, unless a person approved it."""
+        over = {}
+        for index, (target, target_plan) in enumerate(zip(rule_file.rule.targets, plan.targets)):
+            share = target_plan.matched / target_plan.total if target_plan.total else 0.0
+            if share > target.max_fraction or (target.max_records and target_plan.matched > target.max_records):
+                over[target.name] = {"matched": target_plan.matched, "total": target_plan.total,
+                                     "max_fraction": target.max_fraction, "max_records": target.max_records,
+                                     "line": rule_file.document.line_of(("targets", index))}
+        if not over:
+            return run
+        if approval:
+            log.warning("%s: over its limit, approved: %s", run.category, approval)
+            if run.approval is None:
+                return self.journal.record_approval(run, {"reason": approval, "by": who(), "targets": over})
+            return run
+        lines = []
+        for name, numbers in over.items():
+            limit = f"max_fraction {numbers['max_fraction']:.0%}"
+            if numbers["max_records"]:
+                limit += f", max_records {numbers['max_records']:,}"
+            share = numbers["matched"] / numbers["total"] if numbers["total"] else 0
+            lines.append(f"{run.category}.{name} would purge {numbers['matched']:,} of {numbers['total']:,} "
+                         f"({share:.1%}), over its limit ({limit}; {rule_file.path}:{numbers['line']})")
+            self.journal.update_target(run, name, state="failed", error="over its blast-radius limit; not approved")
+        for target in rule_file.rule.targets:
+            if target.name not in over:
+                self.journal.update_target(run, target.name, state="failed", error="run stopped: another target is over its limit")
+        raise OverLimit(
+            "; ".join(lines) + ". Nothing was touched. If this is intended, run again with "
+            "--approve-over-limit 'REASON' (or the DAG param approve_over_limit); the reason goes into the certificate"
+        )
 
     # -- purge -----------------------------------------------------------------------
 
@@ -100,16 +147,20 @@ class Runner:
         target = rule_file.rule.target(target_name)
         records = {t.target: t for t in self.journal.targets(run)}
         matched = records[target_name].matched if target_name in records else None
+        lock = self._lock(run.category, run.run_id)
+        lock.beat()  # still ours? (another run may have taken over a lease thought dead)
         self.journal.update_target(run, target_name, state="running", started_at=self.journal.now(), error=None)
         ledger = self.journal.ledger(run, target_name)
-        table = self.targets.open(target, _context(rule_file, run))
+        holds = HoldView(HoldRegistry(self.journal.engine), run.category, target_name, run.as_of)
+        table = self.targets.open(target, _context(rule_file, run), holds=holds)
 
         def report(deleted: int, rows: int, seconds: float) -> None:
             if progress is not None:
                 progress(target_name, deleted, matched, rows, seconds)
 
         try:
-            outcome = table.purge(run.cutoff, ledger, progress=report)
+            with lock.heartbeat():
+                outcome = table.purge(run.cutoff, ledger, progress=report)
         except BaseException as exc:
             self.journal.update_target(
                 run, target_name, state="failed", error=describe_error(exc), finished_at=self.journal.now()
@@ -122,11 +173,12 @@ class Runner:
                 message = f"{outcome.remaining} expired records remain after the purge"
             self.journal.update_target(
                 run, target_name, state="failed", remaining=outcome.remaining, held=outcome.held,
-                error=message, finished_at=self.journal.now(),
+                holds=json.dumps(outcome.holds), error=message, finished_at=self.journal.now(),
             )
             raise PurgeFailed(f"{run.category}.{target_name}: {message}")
         self.journal.update_target(
-            run, target_name, state="complete", remaining=0, held=outcome.held, finished_at=self.journal.now()
+            run, target_name, state="complete", remaining=0, held=outcome.held, holds=json.dumps(outcome.holds),
+            finished_at=self.journal.now(),
         )
         return {t.target: t for t in self.journal.targets(run)}[target_name]
 
@@ -139,7 +191,14 @@ class Runner:
         if run.state != "certified":
             self._settle_pending(run)
             extra = self._manifest(run)
-        return certify(self.journal, run, self.signer, extra=extra)
+        failpoints.hit("certify.before_append")
+        certificate = certify(self.journal, run, self.signer, extra=extra)
+        failpoints.hit("certify.after_append")
+        self._lock(run.category, run.run_id).release()
+        return certificate
+
+    def _lock(self, category: str, run_id: str) -> RunLock:
+        return RunLock(self.journal.engine, category, run_id, ttl=self.lease_ttl)
 
     def _manifest(self, run: RunRecord) -> dict[str, Any] | None:
         """For an archive run: write the manifest of every verified object; its location and
@@ -199,8 +258,10 @@ class Runner:
             if not record.unconfirmed:
                 continue
             target, context = _definition(record.definition)
+            holds = HoldView(HoldRegistry(self.journal.engine), run.category, record.target, run.as_of)
             try:
-                self.targets.open(target, context).reconcile(run.cutoff, self.journal.ledger(run, record.target))
+                self.targets.open(target, context, holds=holds).reconcile(
+                    run.cutoff, self.journal.ledger(run, record.target))
             except Exception:
                 # The certificate will show these rows as unconfirmed rather than claim them.
                 log.warning("could not settle pending batches of %s.%s", run.category, record.target, exc_info=True)
@@ -220,10 +281,14 @@ class Runner:
         run_id: str,
         as_of: datetime,
         progress: TargetProgress | None = None,
+        approval: str | None = None,
+        wait: float = 0.0,
     ) -> Certificate:
         """Start, purge every target (one failing does not stop the others), certify."""
         try:
-            run, _plan = self.start(rule_file, run_id=run_id, as_of=as_of)
+            run, _plan = self.start(rule_file, run_id=run_id, as_of=as_of, approval=approval, wait=wait)
+        except CategoryBusy:
+            raise  # another run owns the category: this one never started
         except Exception:
             # Nothing was purged, but the night's run still gets its (failed) certificate.
             run = self.journal.get_run(rule_file.rule.category, run_id)

@@ -71,8 +71,9 @@ class Targets:
 
         return ArchiveStore(spec, self.s3_client(spec.connection))
 
-    def open(self, target: Target, context: RunContext | None = None) -> SqlTable | S3Objects:
-        """A live handle on ``target``, doing what ``context``'s action says (default: delete)."""
+    def open(self, target: Target, context: RunContext | None = None, *, holds=None) -> SqlTable | S3Objects:
+        """A live handle on ``target``, doing what ``context``'s action says (default: delete),
+        and skipping what ``holds`` (a :class:`retention.holds.HoldView`) protects."""
         action = context.action if context else "delete"
         if target.kind == "s3":
             from retention.targets.s3 import S3Objects
@@ -80,8 +81,8 @@ class Targets:
             client = self.s3_client(target.connection, concurrency=target.concurrency)
             if action == "archive":
                 return S3Objects(target, client, archive=self.archive_store(context.archive),
-                                 category=context.category, run_id=context.run_id)
-            return S3Objects(target, client)
+                                 category=context.category, run_id=context.run_id, holds=holds)
+            return S3Objects(target, client, holds=holds)
         from retention.targets.sql import SqlTable
         from retention.targets.sql_actions import AnonymizeRows, ArchiveRows, DeleteRows
 
@@ -95,7 +96,7 @@ class Targets:
             sql_action = AnonymizeRows(Anonymizer.from_environment(required=needs_key), as_of=context.as_of)
         else:
             sql_action = DeleteRows()
-        return SqlTable(target, self.sql_engine(target.connection), action=sql_action)
+        return SqlTable(target, self.sql_engine(target.connection), action=sql_action, holds=holds)
 
     def close(self) -> None:
         """Dispose of every engine opened."""

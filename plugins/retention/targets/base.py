@@ -22,6 +22,7 @@ class Survey:
     matched: int = 0
     total: int = 0
     bytes: int | None = None
+    held: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -34,6 +35,8 @@ class PurgeOutcome:
     held: int = 0
     bytes: int | None = None
     failures: tuple[str, ...] = ()
+    holds: tuple[int, ...] = ()
+    """Ids of the legal holds honoured."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
 
 if TYPE_CHECKING:
     from retention.archive import ArchiveStore
+    from retention.holds import Hold, HoldView
     from retention.rules import S3Target
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,11 @@ class S3Objects:
 
     def __init__(
         self, target: S3Target, client: Any, *, clock: Callable[[], datetime] | None = None,
-        archive: ArchiveStore | None = None, category: str = "", run_id: str = "",
+        archive: ArchiveStore | None = None, category: str = "", run_id: str = "", holds: HoldView | None = None,
     ):
         self.target = target
         self.client = client
+        self.holds = holds
         self.archive = archive  # with action: archive, objects are copied there (and checked) first
         self.category = category
         self.run_id = run_id
@@ -211,8 +213,13 @@ class S3Objects:
         survey = Survey(bytes=0)
         seen = [0]
         self.undated = 0
+        holds = self.holds.current() if self.holds is not None else []
+        survey.notes += [f"{'paused by' if h.whole else 'protected by'} {h.describe()}: {h.reason}" for h in holds]
         with ThreadPoolExecutor(self.target.concurrency) as pool:
             for obj in self.iter_expired(cutoff, pool, seen):
+                if self._held_by(holds, obj.key):
+                    survey.held += 1
+                    continue
                 survey.matched += 1
                 survey.bytes += obj.size
         survey.total = seen[0]
@@ -260,10 +267,27 @@ class S3Objects:
                     future.cancel()
                 raise
         failures = tuple(f"{code} x{n}" for code, n in total.errors.most_common())
-        return PurgeOutcome(total.deleted, total.failed, total.held, total.bytes, failures)
+        honoured = tuple(sorted(self.holds.honoured)) if self.holds else ()
+        return PurgeOutcome(total.deleted, total.failed, total.held, total.bytes, failures, honoured)
+
+    def _held_by(self, holds: list[Hold], key: str) -> bool:
+        for hold in holds:
+            if hold.prefix is None:
+                if not hold.whole:
+                    log.warning("%s on an S3 target has no --prefix; it protects the whole target", hold.describe())
+                return True
+            if key.startswith(hold.prefix):
+                return True
+        return False
 
     def _purge_batch(self, batch: list[S3Object], ledger: BatchLedger) -> _BatchResult:
         result = _BatchResult()
+        if self.holds is not None:
+            # Read for every batch: a hold placed after the plan still protects its objects.
+            holds = self.holds.current()
+            kept = [obj for obj in batch if not self._held_by(holds, obj.key)]
+            result.held += len(batch) - len(kept)
+            batch = kept
         if self.locked:
             free = []
             for obj in batch:

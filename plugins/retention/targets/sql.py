@@ -37,6 +37,7 @@ from sqlalchemy import (
     delete,
     func,
     inspect,
+    not_,
     or_,
     select,
     text,
@@ -45,10 +46,10 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy import types as sqltypes
-from sqlalchemy.exc import NoSuchTableError
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from retention import failpoints
-from retention.errors import TargetError
+from retention.errors import TargetError, TerminalError
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.sql.elements import ColumnElement
 
+    from retention.holds import Hold, HoldView
     from retention.rules import SqlTarget
     from retention.targets.sql_actions import SqlAction
 
@@ -126,13 +128,22 @@ class BatchSizer:
 class SqlTable:
     """A rule's SQL target bound to a live database."""
 
-    def __init__(self, target: SqlTarget, engine: Engine, *, action: SqlAction | None = None, passes: int = 3):
+    def __init__(
+        self, target: SqlTarget, engine: Engine, *, action: SqlAction | None = None, holds: HoldView | None = None,
+        passes: int = 3, lock_timeout: float = 2.0, statement_timeout: float = 120.0,
+        retry_delays: Sequence[float] = (0.5, 1, 2, 4, 8, 15),
+    ):
         from retention.targets.sql_actions import DeleteRows
 
         self.target = target
         self.engine = engine
         self.action = action or DeleteRows()
+        self.holds = holds
         self.passes = passes
+        self.lock_timeout = lock_timeout
+        self.statement_timeout = statement_timeout
+        self.retry_delays = tuple(retry_delays)
+        self.batch_holds: list[int] = []  # ids of the holds the current batch is judged by
         self._table: Table | None = None
         self._family: Member | None = None
 
@@ -279,7 +290,14 @@ class SqlTable:
             if list(member.link) not in leading:
                 notes.append(f"no index on {member.name}({', '.join(member.link)}): every batch scans {member.name}")
         notes += self.action.notes(self)
-        return Survey(matched=self.count_expired(cutoff), total=self.count_rows(), notes=notes)
+        holds = self._current_holds()
+        notes += [f"{'paused by' if h.whole else 'protected by'} {h.describe()}: {h.reason}" for h in holds]
+        expired = self.expired(cutoff)
+        held_condition = self.held(holds)
+        held = 0 if held_condition is None else self._with_retries(
+            lambda conn: self._count(conn, and_(expired, held_condition)))
+        matched = self._with_retries(lambda conn: self._count(conn, self._unheld(expired, holds)))
+        return Survey(matched=matched, total=self.count_rows(), held=held, notes=notes)
 
     def age_index(self) -> str | None:
         """The name of an index that leads with the age column, or None."""
@@ -307,6 +325,27 @@ class SqlTable:
         if extra is not None:
             conditions.append(extra)
         return and_(*conditions)
+
+    def held(self, holds: list[Hold]) -> ColumnElement[bool] | None:
+        """Rows the holds protect (None: no hold reaches a row of this table)."""
+        conditions = []
+        for hold in holds:
+            if hold.whole or hold.match is None:
+                if not hold.whole:
+                    log.warning("%s on an SQL target has no --match; it protects the whole target", hold.describe())
+                return true()
+            missing = [c for c in hold.match if c not in self.table.c]
+            if missing:
+                raise TerminalError(
+                    f"{hold.describe()} matches column {missing[0]!r}, which {self.target.location} does not "
+                    "have: nothing is purged until the hold is corrected (release it and place it again)"
+                )
+            conditions.append(and_(*[self.table.c[c].is_not_distinct_from(v) for c, v in hold.match.items()]))
+        return or_(*conditions) if conditions else None
+
+    def _unheld(self, expired: ColumnElement[bool], holds: list[Hold]) -> ColumnElement[bool]:
+        held = self.held(holds)
+        return expired if held is None else and_(expired, not_(held))
 
     def family_conditions(self, selection: ColumnElement[bool]) -> list[tuple[Member, ColumnElement[bool]]]:
         """Each family member with the condition that picks the rows belonging to the
@@ -392,20 +431,53 @@ class SqlTable:
         expired = self.expired(cutoff)
         sizer = BatchSizer(self.target.max_batch_rows)
         deleted = 0
-        with self.engine.connect() as conn:
-            for _ in range(self.passes):
-                deleted += self._walk(conn, expired, ledger, sizer, deleted, progress)
-                remaining = self._count(conn, expired)
-                if remaining == 0:
-                    break
-                # Rows that became expired behind the walk (inserted with an old age while
-                # it ran): walk again rather than leave them.
-                log.info("%s: %d expired rows appeared behind the walk; walking again", self.target.name, remaining)
-        return PurgeOutcome(deleted, remaining)
+        for _ in range(self.passes):
+            deleted += self._walk(expired, ledger, sizer, deleted, progress)
+            holds = self._current_holds()
+            remaining = self._with_retries(lambda conn: self._count(conn, self._unheld(expired, holds)))
+            if remaining == 0:
+                break
+            # Rows that became expired behind the walk (inserted with an old age while
+            # it ran): walk again rather than leave them.
+            log.info("%s: %d expired rows appeared behind the walk; walking again", self.target.name, remaining)
+        held_condition = self.held(holds)
+        held = 0 if held_condition is None else self._with_retries(
+            lambda conn: self._count(conn, and_(expired, held_condition)))
+        honoured = tuple(sorted(self.holds.honoured)) if self.holds else ()
+        return PurgeOutcome(deleted, remaining, held=held, holds=honoured)
+
+    def _current_holds(self) -> list[Hold]:
+        return self.holds.current() if self.holds is not None else []
+
+    def _with_retries(self, work):
+        """Run ``work(conn)`` on a fresh connection, retrying transient database errors."""
+        for attempt, delay in enumerate((*self.retry_delays, None), 1):
+            try:
+                with self.engine.connect() as conn:
+                    self._session_timeouts(conn)
+                    return work(conn)
+            except DBAPIError as exc:
+                if delay is None or not is_transient(exc):
+                    raise
+                log.warning("%s: %s (transient); retrying in %.1fs (attempt %d)", self.target.name,
+                            _short(exc), delay, attempt + 1)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _session_timeouts(self, conn: Connection) -> None:
+        """A purge never queues behind a long lock, nor runs a statement without end."""
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            conn.execute(text(f"SET lock_timeout = '{int(self.lock_timeout * 1000)}ms'"))
+            conn.execute(text(f"SET statement_timeout = '{int(self.statement_timeout * 1000)}ms'"))
+        elif dialect == "mysql":
+            conn.execute(text(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(self.lock_timeout))}"))
+            if getattr(self.engine.dialect, "is_mariadb", False):
+                conn.execute(text(f"SET SESSION max_statement_time = {self.statement_timeout}"))
+        conn.commit()
 
     def _walk(
         self,
-        conn: Connection,
         expired: ColumnElement[bool],
         ledger: BatchLedger,
         sizer: BatchSizer,
@@ -416,14 +488,38 @@ class SqlTable:
         lower: Bound | None = None
         deleted = 0
         while True:
-            window = expired if lower is None else and_(expired, _lexicographic(columns, lower, ">"))
             started = time.perf_counter()
-            batch_no = ledger.next_batch_no()
-            try:
-                result = self.action.apply(self, conn, window, lower, sizer.size, expired, ledger, batch_no)
-            except BaseException:
-                self._settle_after_error(expired, ledger)
-                raise
+            result = None
+            for attempt, delay in enumerate((*self.retry_delays, None), 1):
+                # Holds are read for every batch (and every retry): one placed after the
+                # plan still protects its rows.
+                holds = self._current_holds()
+                held = self.held(holds)
+                if held is not None and held.compare(true()):
+                    log.warning("%s: paused by %s", self.target.name, "; ".join(h.describe() for h in holds if h.whole))
+                    return deleted
+                self.batch_holds = [h.id for h in holds]
+                batch_expired = self._unheld(expired, holds)
+                window = batch_expired if lower is None else and_(
+                    batch_expired, _lexicographic(columns, lower, ">"))
+                batch_no = ledger.next_batch_no()
+                try:
+                    with self.engine.connect() as conn:
+                        self._session_timeouts(conn)
+                        result = self.action.apply(
+                            self, conn, window, lower, sizer.size, batch_expired, ledger, batch_no)
+                    break
+                except DBAPIError as exc:
+                    self._settle_after_error(expired, ledger)
+                    if delay is None or not is_transient(exc):
+                        raise
+                    log.warning("%s: batch %d: %s (transient); retrying in %.1fs (attempt %d)",
+                                self.target.name, batch_no, _short(exc), delay, attempt + 1)
+                    time.sleep(delay)
+                except BaseException:
+                    self._settle_after_error(expired, ledger)
+                    raise
+            assert result is not None
             deleted += result.rows
             if result.rows:
                 log.debug("%s: batch %d: %d rows in %.3fs", self.target.name, batch_no, result.rows,
@@ -492,9 +588,11 @@ class SqlTable:
         with self.engine.connect() as conn:
             for batch in pending:
                 descriptor = json.loads(batch.descriptor)
+                # Judge the batch by the holds it was cut with, not the ones in force now.
+                holds = self.holds.by_ids(descriptor.get("holds", [])) if self.holds else []
                 present = conn.execute(
                     select(func.count()).select_from(self.table).where(
-                        expired, self._in_range(decode_range(batch.descriptor))
+                        self._unheld(expired, holds), self._in_range(decode_range(batch.descriptor))
                     )
                 ).scalar_one()
                 conn.rollback()
@@ -514,6 +612,29 @@ class SqlTable:
         except Exception:  # the original error matters more; the next attempt reconciles
             log.warning("%s: could not settle the interrupted batch now; the next attempt will",
                         self.target.name, exc_info=True)
+
+
+_TRANSIENT_PG = {"40001", "40P01", "55P03", "57014", "57P01", "08000", "08003", "08006", "08001", "08004"}
+_TRANSIENT_MYSQL = {1205, 1213, 2006, 2013, 3024, 1969, 1927, 1053}
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether retrying can help: lock and statement timeouts, deadlocks, lost connections."""
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None)
+    if code is not None:
+        return code in _TRANSIENT_PG or code.startswith("08")
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _TRANSIENT_MYSQL
+    message = str(orig).lower()
+    return "database is locked" in message or "server closed the connection" in message
+
+
+def _short(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0][:200]
 
 
 def _members(member: Member) -> Iterator[Member]:

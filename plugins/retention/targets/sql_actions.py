@@ -93,7 +93,7 @@ class DeleteRows(SqlAction):
                       for member, condition in table.family_conditions(selection)}
             rows = counts[table.family.name]
             if rows:
-                ledger.pending(batch_no, encode_range(batch, tables=counts), rows)
+                ledger.pending(batch_no, encode_range(batch, tables=counts, holds=table.batch_holds), rows)
                 failpoints.hit("sql.before_commit")
         seconds = time.perf_counter() - started
         if rows:
@@ -167,7 +167,7 @@ class ArchiveRows(SqlAction):
             return BatchResult(batch, 0, {}, 0.0)
         counts = {name: count for name, (_, count) in bodies.items()}
         planned = sorted([key, name] for name, key in keys.items())
-        ledger.pending(batch_no, encode_range(batch, tables=counts, planned=planned), rows)
+        ledger.pending(batch_no, encode_range(batch, tables=counts, planned=planned, holds=table.batch_holds), rows)
         # 2. Upload and verify; on any failure remove what was uploaded and delete nothing.
         archived: list[ArchivedObject] = []
         try:
@@ -202,7 +202,8 @@ class ArchiveRows(SqlAction):
         seconds = time.perf_counter() - started
         failpoints.hit("archive.after_commit")
         ledger.done(batch_no, tables=counts,
-                    descriptor=encode_range(batch, tables=counts, objects=[o.to_dict() for o in archived]))
+                    descriptor=encode_range(batch, tables=counts, objects=[o.to_dict() for o in archived],
+                                            holds=table.batch_holds))
         return BatchResult(batch, rows, counts, seconds)
 
     def settle(self, table, pending, descriptor, gone, ledger):
@@ -324,7 +325,8 @@ class AnonymizeRows(SqlAction):
                              spec.marker: bindparam("v_marker")})
                 )
                 conn.execute(statement, params)
-                ledger.pending(batch_no, encode_range(batch, tables={table.family.name: len(rows)}), len(rows))
+                ledger.pending(batch_no, encode_range(batch, tables={table.family.name: len(rows)},
+                                                      holds=table.batch_holds), len(rows))
                 failpoints.hit("sql.before_commit")
         seconds = time.perf_counter() - started
         if rows:

@@ -1,0 +1,200 @@
+"""Legal holds: records a lawsuit or an investigation freezes, whatever the rules say.
+
+A hold names a category, optionally one target, and optionally which records: a
+``match`` of column values (SQL targets) or a key ``prefix`` (S3 targets). Without
+either it pauses the whole target or category. Holds beat rules: every batch reads the
+holds in force at that moment, so a hold placed after a run has planned still protects
+its records. Holds are released, never deleted, and every change is an event in an
+append-only history.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import insert, or_, select, update
+
+from retention.audit import legal_hold_events, legal_holds
+from retention.errors import ConfigError
+from retention.journal import utc_iso
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One legal hold, as placed (and perhaps released)."""
+
+    id: int
+    category: str
+    target: str | None
+    match: dict[str, Any] | None
+    prefix: str | None
+    case_id: str
+    reason: str
+    until: date | None
+    placed_at: str
+    placed_by: str
+    released_at: str | None = None
+    released_by: str | None = None
+    release_reason: str | None = None
+
+    @property
+    def whole(self) -> bool:
+        """True when the hold pauses its target (or category) entirely."""
+        return self.match is None and self.prefix is None
+
+    def in_force(self, as_of: datetime) -> bool:
+        """Not released, and not lapsed at ``as_of``."""
+        return self.released_at is None and (self.until is None or self.until >= as_of.date())
+
+    def applies_to(self, category: str, target: str) -> bool:
+        """True when the hold names this category and this target (or all its targets)."""
+        return self.category == category and self.target in (None, target)
+
+    def describe(self) -> str:
+        """``hold 3 (CASE-123): customer_id=42, until 2027-01-01``."""
+        scope = "everything" if self.whole else (
+            ", ".join(f"{k}={v!r}" for k, v in (self.match or {}).items()) or f"keys under {self.prefix!r}"
+        )
+        until = f", until {self.until}" if self.until else ""
+        return f"hold {self.id} ({self.case_id}): {scope}{until}"
+
+
+def who() -> str:
+    """Who is acting: the OS user and host (Airflow workers act as their service user)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{socket.gethostname()}"
+
+
+class HoldRegistry:
+    """The holds of one audit database."""
+
+    def __init__(self, engine: Engine, *, clock=None):
+        self.engine = engine
+        self._clock = clock or (lambda: datetime.now().astimezone())
+
+    def add(
+        self, *, category: str, target: str | None = None, match: dict[str, Any] | None = None,
+        prefix: str | None = None, case_id: str, reason: str, until: date | None = None, by: str | None = None,
+    ) -> Hold:
+        """Place a hold; it protects records from the next batch on."""
+        if match is not None and prefix is not None:
+            raise ConfigError("a hold takes --match (table rows) or --prefix (S3 keys), not both")
+        if match is not None and (not isinstance(match, dict) or not match):
+            raise ConfigError('--match takes a JSON object of column: value, e.g. \'{"customer_id": 42}\'')
+        if not case_id.strip() or not reason.strip():
+            raise ConfigError("a hold needs a case id and a reason")
+        by = by or who()
+        now = utc_iso(self._clock())
+        values = {
+            "category": category, "target": target, "match": json.dumps(match, sort_keys=True) if match else None,
+            "prefix": prefix, "case_id": case_id, "reason": reason, "until": until.isoformat() if until else None,
+            "placed_at": now, "placed_by": by,
+        }
+        with self.engine.begin() as conn:
+            hold_id = conn.execute(insert(legal_holds).values(**values)).inserted_primary_key[0]
+            conn.execute(insert(legal_hold_events).values(
+                hold_id=hold_id, event="placed", at=now, by=by, detail=json.dumps(values, sort_keys=True)))
+        return self.get(hold_id)
+
+    def release(self, hold_id: int, *, reason: str, by: str | None = None) -> Hold:
+        """Release a hold (recorded, never deleted); its records are purged by the next run."""
+        hold = self.get(hold_id)
+        if hold.released_at is not None:
+            raise ConfigError(f"hold {hold_id} was already released at {hold.released_at} by {hold.released_by}")
+        if not reason.strip():
+            raise ConfigError("a release needs a reason")
+        by = by or who()
+        now = utc_iso(self._clock())
+        with self.engine.begin() as conn:
+            conn.execute(update(legal_holds).where(legal_holds.c.id == hold_id, legal_holds.c.released_at.is_(None))
+                         .values(released_at=now, released_by=by, release_reason=reason))
+            conn.execute(insert(legal_hold_events).values(
+                hold_id=hold_id, event="released", at=now, by=by, detail=json.dumps({"reason": reason})))
+        return self.get(hold_id)
+
+    def get(self, hold_id: int) -> Hold:
+        """One hold by id; ConfigError when there is none."""
+        holds = self.by_ids([hold_id])
+        if not holds:
+            raise ConfigError(f"there is no hold {hold_id}")
+        return holds[0]
+
+    def by_ids(self, ids: list[int]) -> list[Hold]:
+        """Holds by id, released or not (to judge a batch by the holds it was judged by)."""
+        if not ids:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(legal_holds).where(legal_holds.c.id.in_(ids)).order_by(legal_holds.c.id))
+            return [_hold(r) for r in rows.mappings()]
+
+    def list(self, *, category: str | None = None, include_released: bool = False) -> list[Hold]:
+        """Holds, oldest first."""
+        query = select(legal_holds).order_by(legal_holds.c.id)
+        if category:
+            query = query.where(legal_holds.c.category == category)
+        if not include_released:
+            query = query.where(legal_holds.c.released_at.is_(None))
+        with self.engine.connect() as conn:
+            return [_hold(r) for r in conn.execute(query).mappings()]
+
+    def in_force(self, category: str, target: str, as_of: datetime) -> list[Hold]:
+        """The holds protecting ``category``/``target`` records now."""
+        query = select(legal_holds).where(
+            legal_holds.c.category == category,
+            legal_holds.c.released_at.is_(None),
+            or_(legal_holds.c.target.is_(None), legal_holds.c.target == target),
+        )
+        with self.engine.connect() as conn:
+            holds = [_hold(r) for r in conn.execute(query).mappings()]
+        return [h for h in holds if h.in_force(as_of)]
+
+    def history(self, hold_id: int) -> list[dict[str, Any]]:
+        """Every event of a hold, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(legal_hold_events).where(legal_hold_events.c.hold_id == hold_id)
+                                .order_by(legal_hold_events.c.id)).mappings()
+            return [dict(r) for r in rows]
+
+
+def _hold(row) -> Hold:
+    return Hold(
+        id=row["id"], category=row["category"], target=row["target"],
+        match=json.loads(row["match"]) if row["match"] else None, prefix=row["prefix"],
+        case_id=row["case_id"], reason=row["reason"],
+        until=date.fromisoformat(row["until"]) if row["until"] else None,
+        placed_at=row["placed_at"], placed_by=row["placed_by"], released_at=row["released_at"],
+        released_by=row["released_by"], release_reason=row["release_reason"],
+    )
+
+
+class HoldView:
+    """The holds of one target of one run, read afresh each time they are asked for."""
+
+    def __init__(self, registry: HoldRegistry, category: str, target: str, as_of: datetime):
+        self.registry = registry
+        self.category = category
+        self.target = target
+        self.as_of = as_of
+        self.honoured: set[int] = set()
+
+    def current(self) -> list[Hold]:
+        """The holds in force now (recorded as honoured by this run)."""
+        holds = self.registry.in_force(self.category, self.target, self.as_of)
+        self.honoured.update(h.id for h in holds)
+        return holds
+
+    def by_ids(self, ids: list[int]) -> list[Hold]:
+        """Holds a batch was judged by, released or not."""
+        return self.registry.by_ids(ids)

@@ -98,8 +98,45 @@ def _parser() -> argparse.ArgumentParser:
     audit_option(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="plan only: change nothing, certify nothing")
     cmd.add_argument("--run-id", help="run id (default: cli__<as-of>__<random>)")
+    cmd.add_argument("--approve-over-limit", metavar="REASON",
+                     help="let a run purge more than a target's max_fraction/max_records; REASON goes into the certificate")
+    cmd.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for another run of the category to finish (default: stop at once)")
     cmd.add_argument("--json", action="store_true", help="print the certificates as JSON")
     cmd.set_defaults(handler=cmd_run)
+
+    cmd = commands.add_parser("hold", help="place, list and release legal holds")
+    holds = cmd.add_subparsers(dest="hold_command", required=True, metavar="ACTION")
+    add = holds.add_parser("add", help="protect records from every rule, until released")
+    audit_option(add)
+    add.add_argument("--category", required=True)
+    add.add_argument("--target", help="one target of the category (default: all of them)")
+    scope = add.add_mutually_exclusive_group()
+    scope.add_argument("--match", metavar="JSON", help="""rows whose columns equal these values, e.g. '{"customer_id": 42}'""")
+    scope.add_argument("--prefix", metavar="KEY_PREFIX", help="S3 objects whose key starts with this")
+    add.add_argument("--case", required=True, metavar="CASE_ID", help="the legal case or ticket, e.g. CASE-123")
+    add.add_argument("--reason", required=True, metavar="TEXT")
+    add.add_argument("--until", type=date.fromisoformat, metavar="DATE", help="the hold lapses after this day")
+    add.add_argument("--rules", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), metavar="DIR",
+                     help="rules directory, to check the category and target exist")
+    add.set_defaults(handler=cmd_hold_add)
+    listing = holds.add_parser("list", help="holds in force (--all: with released ones)")
+    audit_option(listing)
+    listing.add_argument("--category")
+    listing.add_argument("--all", action="store_true")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_hold_list)
+    release = holds.add_parser("release", help="release a hold (recorded; the next run purges its records)")
+    audit_option(release)
+    release.add_argument("id", type=int)
+    release.add_argument("--reason", required=True, metavar="TEXT")
+    release.set_defaults(handler=cmd_hold_release)
+
+    cmd = commands.add_parser("status", help="per target: last run, its result, and how far behind retention is")
+    rules_options(cmd)
+    audit_option(cmd)
+    cmd.add_argument("--json", action="store_true")
+    cmd.set_defaults(handler=cmd_status)
 
     cmd = commands.add_parser("certificates", help="list purge certificates")
     audit_option(cmd)
@@ -189,7 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{rule_file.rule.category}: as of {moment(as_of)}, retain {rule_file.rule.retain_for} "
                   f"→ purging records older than {moment(rule_file.rule.cutoff(as_of))}", file=sys.stderr)
             try:
-                certificate = runner.run(rule_file, run_id=run_id, as_of=as_of, progress=_Progress())
+                certificate = runner.run(rule_file, run_id=run_id, as_of=as_of, progress=_Progress(),
+                                         approval=args.approve_over_limit, wait=args.wait)
             except RuleError:
                 raise
             except TerminalError as exc:
@@ -206,6 +244,101 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_run_summary(certificates)
     return EXIT_OK if all(c.status == "complete" for c in certificates) else EXIT_FAILED
+
+
+def _holds(args: argparse.Namespace):
+    from retention.audit import open_audit
+    from retention.connections import from_environment
+    from retention.holds import HoldRegistry
+
+    return HoldRegistry(open_audit(from_environment, args.audit))
+
+
+def cmd_hold_add(args: argparse.Namespace) -> int:
+    match = None
+    if args.match:
+        try:
+            match = json.loads(args.match)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--match is not JSON: {exc.msg}") from None
+    _check_hold_scope(args, match)
+    hold = _holds(args).add(category=args.category, target=args.target, match=match, prefix=args.prefix,
+                            case_id=args.case, reason=args.reason, until=args.until)
+    print(f"placed {hold.describe()}")
+    print("  it protects its records from the next batch of any run on; release it with "
+          f"`retention hold release {hold.id} --reason ...`")
+    return EXIT_OK
+
+
+def _check_hold_scope(args: argparse.Namespace, match) -> None:
+    """The category, target and columns a hold names should exist (when the rules can tell)."""
+    from retention.rules import load_rules
+
+    try:
+        rules = {r.rule.category: r.rule for r in load_rules(args.rules)}
+    except RuleError:
+        rules = {}
+    rule = rules.get(args.category)
+    if rule is None:
+        if rules:
+            raise ConfigError(f"no rule for category {args.category!r} in {args.rules} "
+                              f"(categories: {', '.join(sorted(rules))})")
+        return
+    targets = [t for t in rule.targets if args.target in (None, t.name)]
+    if not targets:
+        raise ConfigError(f"category {args.category} has no target {args.target!r} "
+                          f"(targets: {', '.join(t.name for t in rule.targets)})")
+    if match is not None and any(t.kind != "sql" for t in targets):
+        raise ConfigError("--match protects table rows; for S3 targets use --prefix")
+    if args.prefix is not None and any(t.kind != "s3" for t in targets):
+        raise ConfigError("--prefix protects S3 keys; for table rows use --match")
+
+
+def cmd_hold_list(args: argparse.Namespace) -> int:
+    holds = _holds(args).list(category=args.category, include_released=args.all)
+    if args.json:
+        print(json.dumps([h.__dict__ | {"until": h.until.isoformat() if h.until else None} for h in holds], indent=2))
+        return EXIT_OK
+    if not holds:
+        print("No holds in force." if not args.all else "No holds.")
+        return EXIT_OK
+    rows = []
+    for h in holds:
+        scope = json.dumps(h.match, sort_keys=True) if h.match else (f"prefix {h.prefix}" if h.prefix else "everything")
+        state = f"released {h.released_at[:10]} by {h.released_by}" if h.released_at else "in force"
+        rows.append([h.id, h.case_id, h.category, h.target or "(all)", scope, h.until or "", state,
+                     h.placed_at[:10], h.placed_by, h.reason])
+    print(table(["ID", "CASE", "CATEGORY", "TARGET", "RECORDS", "UNTIL", "STATE", "PLACED", "BY", "REASON"],
+                rows, right=(0,)))
+    return EXIT_OK
+
+
+def cmd_hold_release(args: argparse.Namespace) -> int:
+    hold = _holds(args).release(args.id, reason=args.reason)
+    print(f"released {hold.describe()}; the next run purges what it protected (if expired)")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from retention.audit import open_audit
+    from retention.connections import from_environment
+    from retention.rules import load_rules
+    from retention.status import retention_status
+    from retention.targets import Targets
+
+    rules = load_rules(args.rules, category=args.category)
+    now = args.as_of or _now()
+    engine = open_audit(from_environment, args.audit)
+    with Targets(from_environment) as targets:
+        report = retention_status(rules, engine, targets, now=now)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in report], indent=2))
+    else:
+        rows = [[r.category, r.target, r.last_status or "never run", moment(r.last_certified) if r.last_certified else "",
+                 f"{r.expired:,}", f"{r.held:,}", r.lag_text, "ok" if r.healthy else "BEHIND"] for r in report]
+        print(table(["CATEGORY", "TARGET", "LAST RESULT", "CERTIFIED", "OVERDUE", "HELD", "OLDEST OVERDUE BY", "STATE"],
+                    rows, right=(4, 5, 6)))
+    return EXIT_OK if all(r.healthy for r in report) else EXIT_FAILED
 
 
 def cmd_certificates(args: argparse.Namespace) -> int:

@@ -303,6 +303,9 @@ def _run_demo(demo: Path, env: dict[str, str], bin_dir: Path) -> int:
     verified = _run(
         [bin_dir / "retention", "verify", "--public-key", demo / "keys" / "retention-signing.pub.pem"], env
     )
+    _step("Retention status: how far behind is each target now?")
+    _run([bin_dir / "retention", "status"], env)
+
     if failed or not verified:
         print(f"\nDemo finished with failures: {', '.join(failed) or 'verification'}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pendulum
-from airflow.sdk import DAG, TriggerRule, get_current_context, task
+from airflow.sdk import DAG, Param, TriggerRule, get_current_context, task
 from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -93,6 +93,13 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
             "retry_policy": RETRY_POLICY,
         },
         doc_md=_doc(rule_file),
+        params={
+            "approve_over_limit": Param(
+                None, type=["null", "string"],
+                description="A reason to let this run purge more than a target's max_fraction/max_records; "
+                            "it is written into the certificate.",
+            ),
+        },
     ) as dag:
 
         @task(task_id="plan")
@@ -102,7 +109,8 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
             with _runner() as runner:
                 rule_file = _reload(path, category)
                 as_of = context["logical_date"] or context["dag_run"].run_after
-                run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of)
+                approval = (context["params"] or {}).get("approve_over_limit")
+                run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval)
                 from retention.render import count
 
                 log.info("run %s: as of %s, cutoff %s", run.run_id, run.as_of, run.cutoff)

@@ -234,6 +234,24 @@ class S3Objects:
             survey.notes.append("Object Lock is enabled: objects under retention or legal hold are held, not deleted")
         return survey
 
+    def oldest_expired(self, cutoff: datetime) -> tuple[int, int, datetime | None]:
+        """Expired objects still here (not held), held ones, and when the oldest one expired-aged."""
+        holds = self.holds.current() if self.holds is not None else []
+        expired = held = 0
+        oldest: datetime | None = None
+        with ThreadPoolExecutor(self.target.concurrency) as pool:
+            for obj in self.iter_expired(cutoff, pool):
+                if self._held_by(holds, obj.key) or (self.locked and self._is_held(obj)):
+                    held += 1
+                    continue
+                expired += 1
+                if self.target.age_from == "key_date":
+                    age = self.target.key_date_format.period(obj.key)[1]
+                else:
+                    age = obj.newest
+                oldest = age if oldest is None or age < oldest else oldest
+        return expired, held, oldest
+
     # -- purge ---------------------------------------------------------------------
 
     def purge(self, cutoff: datetime, ledger: BatchLedger, *, progress: Progress | None = None) -> PurgeOutcome:

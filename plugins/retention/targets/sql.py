@@ -403,6 +403,22 @@ class SqlTable:
                 select(func.count()).select_from(self.table).where(self.expired(cutoff))
             ).scalar_one()
 
+    def oldest_expired(self, cutoff: datetime) -> tuple[int, int, datetime | None]:
+        """Expired records still here (not held), held ones, and the oldest age among the first."""
+        expired = self.expired(cutoff)
+        holds = self._current_holds()
+        age = self.table.c[self.target.age_column]
+        unheld = self._unheld(expired, holds)
+        held_condition = self.held(holds)
+
+        def read(conn):
+            count, oldest = conn.execute(select(func.count(), func.min(age)).where(unheld)).one()
+            held = 0 if held_condition is None else self._count(conn, and_(expired, held_condition))
+            return count, held, oldest
+
+        count, held, oldest = self._with_retries(read)
+        return count, held, _as_utc(oldest)
+
     def count_rows(self) -> int:
         """How many rows the table holds."""
         with self.engine.connect() as conn:
@@ -612,6 +628,17 @@ class SqlTable:
         except Exception:  # the original error matters more; the next attempt reconciles
             log.warning("%s: could not settle the interrupted batch now; the next attempt will",
                         self.target.name, exc_info=True)
+
+
+def _as_utc(value: Any) -> datetime | None:
+    """An age column's value as an aware UTC datetime (naive values are UTC; dates start their day)."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite text
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if not isinstance(value, datetime):  # a date
+        value = datetime(value.year, value.month, value.day)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 _TRANSIENT_PG = {"40001", "40P01", "55P03", "57014", "57P01", "08000", "08003", "08006", "08001", "08004"}

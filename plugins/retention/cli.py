@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = commands.add_parser("plan", help="show what each rule would purge; changes nothing")
     rules_options(cmd)
+    audit_option(cmd)
     cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
     cmd.set_defaults(handler=cmd_plan)
 
@@ -186,8 +187,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     rules = load_rules(args.rules, category=args.category)
     as_of = args.as_of or _now()
+    holds = _hold_registry_if_any(args.audit)
     with Targets(from_environment) as targets:
-        plans = [build_plan(rule_file, as_of, targets) for rule_file in rules]
+        plans = [build_plan(rule_file, as_of, targets, holds=holds) for rule_file in rules]
     if args.json:
         print(json.dumps([p.to_dict() for p in plans], indent=2))
         return EXIT_OK
@@ -195,6 +197,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _print_plan(plan)
     print(f"Plan only: nothing was changed. {count(sum(p.matched for p in plans))} would be purged.")
     return EXIT_OK
+
+
+def _hold_registry_if_any(audit: str):
+    """The legal holds, when an audit database is configured; a plan can be made without one."""
+    from retention.audit import open_audit
+    from retention.connections import env_var_name, from_environment
+    from retention.holds import HoldRegistry
+
+    if not os.environ.get(env_var_name(audit)):
+        print(f"(legal holds not checked: no audit connection {audit})", file=sys.stderr)
+        return None
+    return HoldRegistry(open_audit(from_environment, audit))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -210,9 +224,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     rules = load_rules(args.rules, category=args.category)
     as_of = args.as_of or _now()
     if args.dry_run:
+        holds = _hold_registry_if_any(args.audit)
         with Targets(from_environment) as targets:
             for rule_file in rules:
-                _print_plan(build_plan(rule_file, as_of, targets))
+                _print_plan(build_plan(rule_file, as_of, targets, holds=holds))
         print("Dry run: nothing was changed and no certificate was written.")
         return EXIT_OK
     signer = Signer.from_environment()  # before anything is touched: an uncertifiable run must not start
@@ -442,11 +457,11 @@ def _print_plan(plan) -> None:
         share = f"{target.matched / target.total:.1%}" if target.total else "–"
         unit = "object" if target.kind == "s3" else "row"
         rows.append([target.name, target.kind, target.location, count(target.matched, unit),
-                     size(target.bytes), count(target.total, unit), share])
+                     size(target.bytes), f"{target.held:,}", count(target.total, unit), share])
         notes += [f"  ! {target.name}: {note}" for note in target.notes]
     print("\n".join("  " + line for line in
-                    table(["TARGET", "KIND", "LOCATION", "WOULD PURGE", "BYTES", "OF", "SHARE"], rows,
-                          right=(3, 4, 5, 6)).splitlines()))
+                    table(["TARGET", "KIND", "LOCATION", "WOULD PURGE", "BYTES", "HELD", "OF", "SHARE"], rows,
+                          right=(3, 4, 5, 6, 7)).splitlines()))
     for note in notes:
         print(note)
     print()

@@ -370,6 +370,8 @@ class S3Target(_StrictModel):
     """Only objects carrying all these tags (one GetObjectTagging call per object)."""
     concurrency: Annotated[int, Field(ge=1, le=64)] = 8
     """Concurrent DeleteObjects requests (and HTTP connections)."""
+    max_batch_keys: Annotated[int, Field(ge=1, le=1000)] = 1000
+    """Object versions per DeleteObjects request (S3 allows 1000; some compatible stores fewer)."""
     max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     """A run that would purge more than this share of the objects under the prefix stops before touching anything."""
     max_records: Annotated[int | None, Field(ge=1)] = None

@@ -19,7 +19,18 @@ from typing import TYPE_CHECKING, Any
 from retention import __version__
 from retention.archive import build_manifest
 from retention.certificates import Certificate, certify
-from retention.errors import ConfigError, OverLimit, PurgeFailed, RuleError, TargetError, TerminalError
+from sqlalchemy.exc import DBAPIError
+
+from retention.errors import (
+    ConfigError,
+    OverLimit,
+    PurgeFailed,
+    RuleError,
+    TargetError,
+    TerminalError,
+    TransientError,
+)
+from retention.targets.sql import is_transient
 from retention import failpoints
 from retention.holds import HoldRegistry, HoldView, who
 from retention.locks import DEFAULT_TTL, CategoryBusy, RunLock
@@ -158,6 +169,7 @@ class Runner:
             if progress is not None:
                 progress(target_name, deleted, matched, rows, seconds)
 
+        failpoints.hit("purge.started")
         try:
             with lock.heartbeat():
                 outcome = table.purge(run.cutoff, ledger, progress=report)
@@ -165,7 +177,12 @@ class Runner:
             self.journal.update_target(
                 run, target_name, state="failed", error=describe_error(exc), finished_at=self.journal.now()
             )
+            if isinstance(exc, DBAPIError):
+                # Tell Airflow (and people) whether another attempt can help.
+                kind = TransientError if is_transient(exc) else TerminalError
+                raise kind(f"{run.category}.{target_name}: {describe_error(exc)}: {exc.orig}") from exc
             raise
+        failpoints.hit("purge.finished")
         if outcome.remaining:
             if outcome.failures:
                 message = f"{outcome.remaining} records could not be purged ({', '.join(outcome.failures)})"

@@ -274,7 +274,7 @@ class S3Objects:
                     progress(total.deleted, result.deleted, time.perf_counter() - started)
 
             try:
-                for batch in _batches(self.iter_expired(cutoff, inspect_pool)):
+                for batch in _batches(self.iter_expired(cutoff, inspect_pool), self.target.max_batch_keys):
                     in_flight.append((delete_pool.submit(self._purge_batch, batch, ledger), time.perf_counter()))
                     while len(in_flight) >= 2 * workers:  # bounded: listing never races far ahead
                         collect(*in_flight.popleft())
@@ -399,8 +399,9 @@ class S3Objects:
         """Delete every version of every object; return the versions that failed, with codes."""
         entries = [(obj.key, v.version_id) for obj in batch for v in obj.versions]
         failed: dict[tuple[str, str | None], str] = {}
-        for start in range(0, len(entries), MAX_KEYS_PER_REQUEST):
-            pending = entries[start : start + MAX_KEYS_PER_REQUEST]
+        step = self.target.max_batch_keys
+        for start in range(0, len(entries), step):
+            pending = entries[start : start + step]
             for attempt in range(1, KEY_ATTEMPTS + 1):
                 errors = self._delete_request(pending)
                 retry = [entry for entry, code in errors.items() if code in TRANSIENT_CODES]
@@ -516,12 +517,12 @@ def _describe(batch: list[S3Object], archived: list[dict[str, Any]] | None = Non
     return json.dumps({"objects": objects, "archived": archived or []})
 
 
-def _batches(objects: Iterable[S3Object]) -> Iterator[list[S3Object]]:
-    """Whole objects, at most 1000 versions a batch (a key with more gets a batch of its own)."""
+def _batches(objects: Iterable[S3Object], size: int = MAX_KEYS_PER_REQUEST) -> Iterator[list[S3Object]]:
+    """Whole objects, at most ``size`` versions a batch (a key with more gets a batch of its own)."""
     batch: list[S3Object] = []
     versions = 0
     for obj in objects:
-        if batch and versions + len(obj.versions) > MAX_KEYS_PER_REQUEST:
+        if batch and versions + len(obj.versions) > size:
             yield batch
             batch, versions = [], 0
         batch.append(obj)

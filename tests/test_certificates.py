@@ -160,9 +160,9 @@ def test_concurrent_appends_never_fork_the_chain(pg_db, sqlite_db, monkeypatch, 
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", pg_db.airflow_uri)
     connect(monkeypatch, "crm_db", sqlite_db)
     make_customers(sqlite_db)
-    rule_file = load_rule_file(write_rule(tmp_path / "rules"))
     runs = []
-    for n in range(8):
+    for n in range(8):  # eight categories, so their runs may overlap
+        rule_file = load_rule_file(write_rule(tmp_path / "rules", f"category_{n}"))
         r = runner()
         run, _ = r.start(rule_file, run_id=f"run-{n}", as_of=datetime(2026, 1, 1, tzinfo=UTC))
         r.purge(rule_file, run, "customers")

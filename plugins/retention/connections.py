@@ -170,6 +170,7 @@ def create_s3_client(spec: ConnectionSpec, *, max_pool_connections: int = 10):
     Whole requests that fail with 500/503 (SlowDown) are retried by botocore's standard mode.
     """
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     if spec.conn_type not in ("aws", "s3"):
@@ -180,7 +181,12 @@ def create_s3_client(spec: ConnectionSpec, *, max_pool_connections: int = 10):
             f"connection {spec.conn_id}: role_arn is not supported; give the worker the role instead"
         )
     service = (extra.get("service_config") or {}).get("s3") or {}
+    core = botocore.session.Session()
+    # Listing parses 1000 LastModified values a page; botocore's default (dateutil) is
+    # about four times slower than fromisoformat and sits on the listing's serial path.
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
     session = boto3.session.Session(
+        botocore_session=core,
         aws_access_key_id=spec.login or extra.get("aws_access_key_id"),
         aws_secret_access_key=spec.password or extra.get("aws_secret_access_key"),
         aws_session_token=extra.get("aws_session_token"),
@@ -197,6 +203,22 @@ def create_s3_client(spec: ConnectionSpec, *, max_pool_connections: int = 10):
             read_timeout=60,
         ),
     )
+
+
+def _parse_timestamp(value):
+    """S3 timestamps (ISO 8601, ``Z``) at fromisoformat speed; anything else as botocore would."""
+    from datetime import datetime
+
+    from botocore.utils import parse_timestamp
+
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
+    return parse_timestamp(value)
 
 
 _DRIVER_OPTIONS = {

@@ -81,6 +81,7 @@ class _BatchResult:
     held: int = 0
     failed: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0  # the batch's own work, not its time in the queue
 
 
 class S3Objects:
@@ -259,11 +260,12 @@ class S3Objects:
         self.reconcile(cutoff, ledger)
         total = _BatchResult()
         workers = self.target.concurrency
+        _ = self.locked, self.versioned  # look these up once, before the threads do
         with ThreadPoolExecutor(workers, thread_name_prefix="s3-inspect") as inspect_pool, \
                 ThreadPoolExecutor(workers, thread_name_prefix="s3-delete") as delete_pool:
-            in_flight: deque[tuple[Future[_BatchResult], float]] = deque()
+            in_flight: deque[Future[_BatchResult]] = deque()
 
-            def collect(future: Future[_BatchResult], started: float) -> None:
+            def collect(future: Future[_BatchResult]) -> None:
                 result = future.result()
                 total.deleted += result.deleted
                 total.bytes += result.bytes
@@ -271,17 +273,19 @@ class S3Objects:
                 total.failed += result.failed
                 total.errors.update(result.errors)
                 if progress is not None and (result.deleted or result.failed):
-                    progress(total.deleted, result.deleted, time.perf_counter() - started)
+                    progress(total.deleted, result.deleted, result.seconds)
 
             try:
                 for batch in _batches(self.iter_expired(cutoff, inspect_pool), self.target.max_batch_keys):
-                    in_flight.append((delete_pool.submit(self._purge_batch, batch, ledger), time.perf_counter()))
-                    while len(in_flight) >= 2 * workers:  # bounded: listing never races far ahead
-                        collect(*in_flight.popleft())
+                    in_flight.append(delete_pool.submit(self._purge_batch, batch, ledger))
+                    # Report what has finished as soon as it has; block only when the
+                    # listing runs too far ahead of the deletes (bounded memory).
+                    while in_flight and (in_flight[0].done() or len(in_flight) >= 2 * workers):
+                        collect(in_flight.popleft())
                 while in_flight:
-                    collect(*in_flight.popleft())
+                    collect(in_flight.popleft())
             except BaseException:
-                for future, _ in in_flight:
+                for future in in_flight:
                     future.cancel()
                 raise
         failures = tuple(f"{code} x{n}" for code, n in total.errors.most_common())
@@ -299,6 +303,12 @@ class S3Objects:
         return False
 
     def _purge_batch(self, batch: list[S3Object], ledger: BatchLedger) -> _BatchResult:
+        started = time.perf_counter()
+        result = self._purge_objects(batch, ledger)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _purge_objects(self, batch: list[S3Object], ledger: BatchLedger) -> _BatchResult:
         result = _BatchResult()
         if self.holds is not None:
             # Read for every batch: a hold placed after the plan still protects its objects.

@@ -1,0 +1,626 @@
+"""Benchmark: how fast does the engine purge an S3 bucket, next to a plain boto3 loop?
+
+What it measures
+----------------
+A moto S3 server runs in a child process of its own (so its Python does not share a
+GIL with the client being measured). Before it starts serving, the child puts
+``--objects`` small objects (default 100,000, 32 bytes each, keys
+``exports/0000000.json`` ...) into an unversioned bucket straight through moto's
+in-process backend (``moto.s3.models.s3_backends``): ~5 s, where 100k HTTP PUTs would
+take ~10 minutes. Every object is expired: the rule keeps P30D by LastModified and the
+benchmark's ``as_of`` is 60 days after seeding. Before a method runs, the parent checks
+over HTTP that the first and last keys are listed (``--check-seed``: lists and counts
+them all, which costs as long as a purge).
+
+Each method runs against a fresh server, freshly seeded with identical data:
+
+* ``raw``    a plain boto3 loop: ``list_objects_v2`` paginator, and for each page one
+             serial ``delete_objects`` of that page's (up to 1000) keys, Quiet=True.
+* ``engine`` ``S3Objects.purge`` exactly as a run calls it: the client comes from
+             ``Targets(resolver).s3_client`` (an Airflow ``aws`` connection with
+             ``endpoint_url`` in its extra), the target from a YAML rule file
+             (``concurrency`` from ``--concurrency``), and the ledger is a real
+             :class:`RunJournal` ledger in a throwaway SQLite audit database (two small
+             transactions per batch, part of the engine's cost). The ledger is a
+             subclass that only adds timestamps around ``pending`` and ``done``.
+
+After each method the bucket must list empty over HTTP, and the engine's returned and
+journaled deleted counts must equal ``--objects``. A failed check makes the script
+exit 1; otherwise it exits 0 whatever the timings.
+
+How to read the summary
+-----------------------
+``seconds`` is the wall time of the whole method (for the engine: the whole ``purge``
+call, reconcile and bucket probes included). ``keys/s`` is objects deleted per second.
+``ratio`` is engine keys/s over raw keys/s; the target is >= 1.0 (the engine's thread
+pool should at least pay for its journal). Batch times: for ``raw`` one DeleteObjects
+request; for ``engine`` what the engine reports through ``progress``: from submitting
+the batch to the pool until the main thread collects it. The engine collects the
+oldest batch only once 2 x concurrency batches are in flight, so this is mostly
+queueing (roughly 2 x concurrency list pages). "worker" batch times (``pending`` start
+to ``done`` end on the worker thread) are what a batch really costs.
+
+The breakdown counts requests and the seconds spent inside them (summed over threads,
+so concurrent requests add up to more than the wall time), of which waiting on the
+wire and the server (the rest is client CPU: signing, parsing), journal seconds, and
+CPU seconds of the client process and of the moto server process. A server CPU time
+close to the wall time means the server, not the client, set the pace.
+
+Moto is not S3. Its server is one Python process, so concurrent requests take turns
+on its GIL. It answers every ListObjectsV2 page by walking and sorting the whole
+bucket and serializing the 1000 entries slowly (each timestamp goes through dateutil),
+about 0.4 s of server CPU a page at 100k objects; it ignores Quiet=True and lists
+every deleted key in the DeleteObjects response. Listing therefore dominates both
+methods here, and deletes the engine overlaps with listing on the client are
+serialized again in the server. ``--latency-ms`` adds a fixed delay to every request
+(sleeping outside the GIL), a crude stand-in for the network and S3's own latency.
+
+Timings on a shared machine are noisy (+-10% run to run here); ``--repeat K`` runs
+every method K times, interleaved (raw, engine, raw, ...), and reports median seconds
+and pooled batch percentiles.
+
+Run::
+
+    /work/main/.venv/bin/python bench/s3_purge.py [--objects 100000] [--repeat 1]
+        [--concurrency 8] [--latency-ms 0] [--check-seed] [--json]
+
+Server processes and temporary files are removed at the end, also on error or Ctrl-C
+(a server also exits by itself when its parent goes away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+BUCKET = "retention-bench"
+BODY = b"x" * 32
+REGION = "us-east-1"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+RULE_YAML = """\
+category: bench_exports
+description: Benchmark of the S3 purge on expired exports
+owner: bench
+legal_basis: Benchmark only
+retain_for: P30D
+schedule: null
+action: delete
+targets:
+  - name: exports
+    kind: s3
+    connection: bench_s3
+    bucket: {bucket}
+    age_from: last_modified
+    concurrency: {concurrency}
+"""
+AS_OF_AFTER_SEED = timedelta(days=60)
+TARGET_RATIO = 1.0
+SERVER_START_TIMEOUT_S = 300
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that --json output stays clean."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def key_name(i: int) -> str:
+    return f"exports/{i:07d}.json"
+
+
+# -- the server (child process) ------------------------------------------------------
+
+
+def serve(objects: int, bucket: str, latency_ms: float = 0.0) -> None:
+    """Child process: seed moto's backend, serve it over HTTP until stdin closes.
+
+    Prints one JSON line (port, objects in the bucket, seed seconds) once it serves.
+    With ``latency_ms``, every request sleeps that long first (outside the GIL), a
+    crude stand-in for the network and S3's own latency.
+    """
+    import logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    started = time.perf_counter()
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend.create_bucket(bucket, REGION)
+    for i in range(objects):
+        backend.put_object(bucket, key_name(i), BODY, disable_notification=True)
+    seeded = time.perf_counter() - started
+
+    # What moto.server.ThreadedMotoServer does, with an optional delay in front.
+    app = DomainDispatcherApplication(create_backend_app)
+    if latency_ms > 0:
+        moto_app = app
+
+        def app(environ, start_response):
+            time.sleep(latency_ms / 1000)
+            return moto_app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    count = len(backend.get_bucket(bucket).keys)
+    print(json.dumps({"port": server.server_port, "objects": count, "seed_seconds": round(seeded, 2)}), flush=True)
+    try:
+        sys.stdin.read()  # EOF: the parent closed the pipe or died
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@contextmanager
+def moto_server(objects: int, latency_ms: float = 0.0) -> Iterator[dict]:
+    """A freshly seeded moto server in a child process; its endpoint, pid and seed figures."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--serve-moto", str(objects), "--latency-ms", str(latency_ms)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], SERVER_START_TIMEOUT_S)
+        line = process.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"moto server did not start (exit code {process.poll()})")
+        info = json.loads(line)
+        info["endpoint"] = f"http://127.0.0.1:{info['port']}"
+        info["pid"] = process.pid
+        yield info
+    finally:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Wall time and CPU time of this process and of the server over the timed section."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.figures: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), time.process_time(), cpu_seconds(self.server_pid))
+
+    def stop(self) -> float:
+        wall, cpu, server = self._start
+        self.figures = {
+            "seconds": time.perf_counter() - wall,
+            "client_cpu_s": time.process_time() - cpu,
+            "server_cpu_s": cpu_seconds(self.server_pid) - server,
+        }
+        return self.figures["seconds"]
+
+
+# -- clients and checks --------------------------------------------------------------
+
+
+def plain_client(endpoint: str):
+    """boto3 with its defaults, as a hand-written script would make it."""
+    import boto3
+
+    return boto3.client("s3", region_name=REGION, endpoint_url=endpoint, **CREDENTIALS)
+
+
+class RequestTimer:
+    """Counts S3 requests and the seconds spent in them, per operation.
+
+    ``seconds`` runs from botocore's before-call to after-call (send, wait, read, parse);
+    ``wait`` from before-send until the response body is read (the wire and the server);
+    the rest is client CPU for signing and parsing (stretched by GIL contention).
+    """
+
+    def __init__(self, client):
+        self._local = threading.local()
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.wait: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        events = client.meta.events
+        events.register("before-call.s3", self._before_call)
+        events.register("before-send.s3", self._before_send)
+        events.register("before-parse.s3", self._before_parse)
+        events.register("after-call.s3", self._after_call)
+
+    def _before_call(self, **_kwargs) -> None:
+        self._local.call = time.perf_counter()
+        self._local.wait = 0.0
+
+    def _before_send(self, **_kwargs) -> None:
+        self._local.send = time.perf_counter()
+
+    def _before_parse(self, **_kwargs) -> None:
+        self._local.wait += time.perf_counter() - self._local.send
+
+    def _after_call(self, model, **_kwargs) -> None:
+        elapsed = time.perf_counter() - self._local.call
+        with self._lock:
+            self.seconds[model.name] += elapsed
+            self.wait[model.name] += self._local.wait
+            self.calls[model.name] += 1
+
+    def figures(self) -> dict:
+        return {"calls": dict(self.calls), "call_seconds": dict(self.seconds), "call_wait": dict(self.wait)}
+
+
+def check_seed(client, objects: int, full: bool) -> list[str]:
+    """Problems with the seeded bucket as seen over HTTP (empty when it is right)."""
+    problems = []
+    first = client.list_objects_v2(Bucket=BUCKET, MaxKeys=1).get("Contents", [])
+    if [o["Key"] for o in first] != [key_name(0)]:
+        problems.append(f"first listed key is {first[:1]}, expected {key_name(0)}")
+    if objects > 1:
+        last = client.list_objects_v2(Bucket=BUCKET, StartAfter=key_name(objects - 2)).get("Contents", [])
+        if [o["Key"] for o in last] != [key_name(objects - 1)]:
+            problems.append(f"keys after {key_name(objects - 2)} are {[o['Key'] for o in last]}")
+    if full:
+        listed = sum(p.get("KeyCount", 0) for p in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET))
+        if listed != objects:
+            problems.append(f"{listed} objects listed, expected {objects}")
+    return problems
+
+
+def check_empty(client) -> list[str]:
+    """Problems with the bucket after a purge (empty when it is right)."""
+    left = client.list_objects_v2(Bucket=BUCKET)
+    if left.get("KeyCount", 0):
+        more = "+" if left.get("IsTruncated") else ""
+        return [f"{left['KeyCount']}{more} objects remain, e.g. {left['Contents'][0]['Key']}"]
+    return []
+
+
+# -- methods -------------------------------------------------------------------------
+
+
+def measure_raw(endpoint: str, meter: Meter, _args: argparse.Namespace, _scratch: Path) -> dict:
+    """Paginate list_objects_v2; one serial DeleteObjects per page."""
+    client = plain_client(endpoint)
+    timer = RequestTimer(client)
+    batches: list[float] = []
+    deleted = failed = 0
+    try:
+        meter.start()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if not keys:
+                continue
+            t0 = time.perf_counter()
+            response = client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
+            batches.append(time.perf_counter() - t0)
+            failed += len(response.get("Errors", []))
+            deleted += len(keys) - len(response.get("Errors", []))
+        meter.stop()
+    finally:
+        client.close()
+    return {"deleted": deleted, "failed": failed, **meter.figures, "batch_seconds": batches, **timer.figures()}
+
+
+def measure_engine(endpoint: str, meter: Meter, args: argparse.Namespace, scratch: Path) -> dict:
+    """S3Objects.purge with a RunJournal ledger in a throwaway SQLite audit database."""
+    from retention.audit import ensure_schema
+    from retention.connections import ConnectionSpec, create_sql_engine
+    from retention.journal import JournalLedger, RunJournal
+    from retention.rules import load_rule_file
+    from retention.targets import Targets
+    from retention.targets.s3 import S3Objects
+
+    class TimedLedger(JournalLedger):
+        """The journal ledger, with timestamps around each batch's two writes."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.times: dict[int, list[float]] = {}
+
+        def pending(self, batch_no, *args, **kwargs):
+            t0 = time.perf_counter()
+            super().pending(batch_no, *args, **kwargs)
+            self.times[batch_no] = [t0, time.perf_counter()]
+
+        def done(self, batch_no, *args, **kwargs):
+            t0 = time.perf_counter()
+            super().done(batch_no, *args, **kwargs)
+            self.times[batch_no] += [t0, time.perf_counter()]
+
+    run_dir = scratch / uuid.uuid4().hex[:8]
+    run_dir.mkdir()
+    rule_path = run_dir / "bench_exports.yaml"
+    rule_path.write_text(RULE_YAML.format(bucket=BUCKET, concurrency=args.concurrency))
+    rule_file = load_rule_file(rule_path)
+    target = rule_file.rule.target("exports")
+    as_of = datetime.now(timezone.utc) + AS_OF_AFTER_SEED
+
+    specs = {
+        "bench_s3": ConnectionSpec(
+            conn_id="bench_s3", conn_type="aws", login=CREDENTIALS["aws_access_key_id"],
+            password=CREDENTIALS["aws_secret_access_key"],
+            extra={"region_name": REGION, "endpoint_url": endpoint},
+        ),
+        "bench_audit": ConnectionSpec(conn_id="bench_audit", conn_type="sqlite", host=str(run_dir / "audit.db")),
+    }
+    audit_engine = create_sql_engine(specs["bench_audit"])
+    targets = Targets(specs.__getitem__)
+    try:
+        ensure_schema(audit_engine)
+        journal = RunJournal(audit_engine)
+        run = journal.open_run(rule_file, run_id=f"bench-{uuid.uuid4().hex[:8]}", as_of=as_of, code_version="bench")
+        journal.plan_target(
+            run, position=0, name=target.name, kind=target.kind, location=target.location,
+            definition=target.model_dump(mode="json"),
+        )
+        ledger = TimedLedger(journal, run, target.name)
+        client = targets.s3_client(target.connection, concurrency=target.concurrency)
+        timer = RequestTimer(client)
+        objects = S3Objects(target, client)
+        batches: list[tuple[int, float]] = []
+
+        def progress(_deleted: int, keys: int, seconds: float) -> None:
+            batches.append((keys, seconds))
+
+        meter.start()
+        outcome = objects.purge(run.cutoff, ledger, progress=progress)
+        meter.stop()
+        journaled = ledger.deleted()
+        unresolved = len(ledger.unresolved())
+    finally:
+        targets.close()
+        audit_engine.dispose()
+    times = [t for t in ledger.times.values() if len(t) == 4]
+    return {
+        "deleted": outcome.deleted,
+        "failed": outcome.remaining,
+        "held": outcome.held,
+        "failures": list(outcome.failures),
+        "journaled": journaled,
+        "unresolved": unresolved,
+        **meter.figures,
+        "batch_seconds": [s for _, s in batches],
+        "batch_keys": [k for k, _ in batches],
+        "worker_batch_seconds": [t[3] - t[0] for t in times],
+        "journal_seconds": sum((t[1] - t[0]) + (t[3] - t[2]) for t in times),
+        "between_journal_seconds": sum(t[2] - t[1] for t in times),
+        **timer.figures(),
+        "cutoff": run.cutoff.isoformat(),
+    }
+
+
+MEASURES = {"raw": measure_raw, "engine": measure_engine}
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def median_of(runs: list[dict], pick) -> float:
+    return statistics.median(pick(r) for r in runs)
+
+
+def summarize(name: str, runs: list[dict], objects: int) -> dict:
+    """One method's figures over its runs: median times, batch times pooled."""
+    seconds = median_of(runs, lambda r: r["seconds"])
+    batches = [s for r in runs for s in r["batch_seconds"]]
+    out = {
+        "method": name,
+        "runs": len(runs),
+        "seconds": round(seconds, 3),
+        "seconds_each_run": [round(r["seconds"], 3) for r in runs],
+        "keys_per_s": round(objects / seconds) if seconds else None,
+        "batches": int(median_of(runs, lambda r: len(r["batch_seconds"]))),
+        "max_batch_ms": ms(max(batches, default=0.0)),
+        "p50_batch_ms": ms(percentile(batches, 0.50)),
+        "p95_batch_ms": ms(percentile(batches, 0.95)),
+        "client_cpu_s": round(median_of(runs, lambda r: r["client_cpu_s"]), 2),
+        "server_cpu_s": round(median_of(runs, lambda r: r["server_cpu_s"]), 2),
+        "requests": {
+            op: {"calls": int(median_of(runs, lambda r, op=op: r["calls"].get(op, 0))),
+                 "seconds": round(median_of(runs, lambda r, op=op: r["call_seconds"].get(op, 0.0)), 3),
+                 "wait_s": round(median_of(runs, lambda r, op=op: r["call_wait"].get(op, 0.0)), 3)}
+            for op in sorted({op for r in runs for op in r["calls"]})
+        },
+        "correct": not any(r["problems"] for r in runs),
+        "problems": [f"run {i + 1}: {p}" for i, r in enumerate(runs) for p in r["problems"]],
+    }
+    if name == "engine":
+        worker = [s for r in runs for s in r["worker_batch_seconds"]]
+        keys = [k for r in runs for k in r["batch_keys"]]
+        out["batch_keys_p50"] = int(percentile(keys, 0.50))
+        out["batch_keys_max"] = max(keys, default=0)
+        out["p50_worker_batch_ms"] = ms(percentile(worker, 0.50))
+        out["p95_worker_batch_ms"] = ms(percentile(worker, 0.95))
+        out["max_worker_batch_ms"] = ms(max(worker, default=0.0))
+        out["journal_s"] = round(median_of(runs, lambda r: r["journal_seconds"]), 3)
+        out["journal_ms_per_batch"] = ms(
+            median_of(runs, lambda r: r["journal_seconds"] / max(1, len(r["worker_batch_seconds"])))
+        )
+        out["delete_step_s"] = round(median_of(runs, lambda r: r["between_journal_seconds"]), 3)
+    return out
+
+
+def verdict(methods: dict[str, dict]) -> dict:
+    """Engine vs raw (median times), and PASS/FAIL against the target."""
+    raw, engine = methods["raw"], methods["engine"]
+    ratio = raw["seconds"] / engine["seconds"] if engine["seconds"] else 0.0
+    return {"ratio_engine_over_raw": round(ratio, 3), "ratio_target": TARGET_RATIO, "ratio_pass": ratio >= TARGET_RATIO}
+
+
+def print_summary(report: dict) -> None:
+    methods, v = report["methods"], report["verdict"]
+    runs = methods["raw"]["runs"]
+    print()
+    print(f"bucket {BUCKET}: {report['objects']:,} objects of {len(BODY)} bytes, all expired "
+          f"(cutoff {report['cutoff']}); moto {report['moto_version']} server in its own process, "
+          f"seeded in {report['seed_seconds']:.1f} s")
+    delay = f"; the server adds {report['latency_ms']:g} ms to every request" if report["latency_ms"] else ""
+    print(f"engine concurrency {report['concurrency']}; {os.cpu_count()} CPUs{delay}")
+    if runs > 1:
+        print(f"{runs} runs per method, each on a fresh server; seconds are medians, batch figures pooled")
+    print()
+    header = (f"{'method':<8} {'objects':>8} {'seconds':>8} {'keys/s':>8} {'batches':>8} {'p50 ms':>8} "
+              f"{'p95 ms':>8} {'max ms':>8} {'cpu s':>6} {'srv cpu s':>9}  check")
+    print(header)
+    print("-" * len(header))
+    for m in methods.values():
+        check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
+        print(f"{m['method']:<8} {report['objects']:>8,} {m['seconds']:>8.2f} {m['keys_per_s']:>8,} "
+              f"{m['batches']:>8,} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f} {m['max_batch_ms']:>8.1f} "
+              f"{m['client_cpu_s']:>6.2f} {m['server_cpu_s']:>9.2f}  {check}")
+    if runs > 1:
+        print()
+        for m in methods.values():
+            print(f"{m['method']:<8} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
+    print()
+    print("requests: calls, seconds inside them (of which waiting on the wire and server), summed over threads")
+    for m in methods.values():
+        parts = [f"{op} {r['calls']:,}: {r['seconds']:.2f} s ({r['wait_s']:.2f})"
+                 for op, r in m["requests"].items() if op in ("ListObjectsV2", "DeleteObjects")]
+        print(f"  {m['method']:<8} " + "; ".join(parts))
+    engine = methods["engine"]
+    print()
+    print(f"engine: keys per batch p50 {engine['batch_keys_p50']:,}, max {engine['batch_keys_max']:,}; "
+          f"worker batch (pending..done) p50 {engine['p50_worker_batch_ms']:.1f} ms, "
+          f"p95 {engine['p95_worker_batch_ms']:.1f} ms, max {engine['max_worker_batch_ms']:.1f} ms")
+    print(f"engine: journal {engine['journal_s']:.2f} s over all batches ({engine['journal_ms_per_batch']:.1f} ms "
+          f"a batch, 2 transactions), delete step {engine['delete_step_s']:.2f} s (both summed over threads)")
+    print(f"ratio engine/raw   {v['ratio_engine_over_raw']:>6.2f}   target >= {TARGET_RATIO:<4}  "
+          f"{'PASS' if v['ratio_pass'] else 'FAIL'}")
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="See the module docstring for how to read the figures."
+    )
+    parser.add_argument("--objects", type=int, default=100_000, help="objects in the bucket (default 100,000)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per method, interleaved (raw, engine, raw, ...); medians are reported")
+    parser.add_argument("--concurrency", type=int, default=8, help="the rule's concurrency for the engine (default 8)")
+    parser.add_argument("--check-seed", action="store_true",
+                        help="list and count every seeded object over HTTP before each method (slow)")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay the server adds to every request (default 0: moto's own speed)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--serve-moto", type=int, metavar="N", help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args(argv)
+    if args.serve_moto is None:
+        if args.objects < 1:
+            parser.error("need --objects >= 1")
+        if args.repeat < 1:
+            parser.error("need --repeat >= 1")
+        if args.latency_ms < 0:
+            parser.error("need --latency-ms >= 0")
+        if not 1 <= args.concurrency <= 64:
+            parser.error("need 1 <= --concurrency <= 64 (the rule's limits)")
+    return args
+
+
+def run_method(name: str, args: argparse.Namespace, scratch: Path, seeds: list[float]) -> dict:
+    """One timed run of a method against a freshly seeded server, checked afterwards."""
+    log(f"{name}: starting a moto server with {args.objects:,} objects")
+    with moto_server(args.objects, args.latency_ms) as server:
+        seeds.append(server["seed_seconds"])
+        problems = []
+        if server["objects"] != args.objects:
+            problems.append(f"server seeded {server['objects']} objects, expected {args.objects}")
+        probe = plain_client(server["endpoint"])
+        try:
+            problems += check_seed(probe, args.objects, args.check_seed)
+            if problems:
+                raise RuntimeError(f"seeding went wrong: {'; '.join(problems)}")
+            listed = f"all {args.objects:,} listed" if args.check_seed else "first and last keys listed"
+            log(f"{name}: seeded in {server['seed_seconds']:.1f} s ({listed}), serving at {server['endpoint']}; purging")
+            result = MEASURES[name](server["endpoint"], Meter(server["pid"]), args, scratch)
+            problems += check_empty(probe)
+        finally:
+            probe.close()
+    if result["deleted"] != args.objects:
+        problems.append(f"reported {result['deleted']} objects deleted, expected {args.objects}")
+    if "journaled" in result and result["journaled"] != args.objects:
+        problems.append(f"journal records {result['journaled']} objects deleted, expected {args.objects}")
+    if result.get("failed") or result.get("held") or result.get("unresolved"):
+        problems.append(f"{result.get('failed')} failed, {result.get('held')} held, "
+                        f"{result.get('unresolved')} batches left pending {result.get('failures')}")
+    result["problems"] = problems
+    log(f"{name}: {result['seconds']:.2f} s, {len(result['batch_seconds'])} batches, "
+        f"client cpu {result['client_cpu_s']:.1f} s, server cpu {result['server_cpu_s']:.1f} s"
+        + ("" if not problems else f" — WRONG: {'; '.join(problems)}"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_moto is not None:
+        serve(args.serve_moto, BUCKET, args.latency_ms)
+        return 0
+    import moto
+
+    seeds: list[float] = []
+    runs: dict[str, list[dict]] = {name: [] for name in MEASURES}
+    with tempfile.TemporaryDirectory(prefix="retention-bench-s3-") as scratch:
+        for round_no in range(args.repeat):
+            if args.repeat > 1:
+                log(f"round {round_no + 1} of {args.repeat}")
+            for name in MEASURES:
+                runs[name].append(run_method(name, args, Path(scratch), seeds))
+    methods = {name: summarize(name, results, args.objects) for name, results in runs.items()}
+    report = {
+        "objects": args.objects, "concurrency": args.concurrency, "latency_ms": args.latency_ms,
+        "cutoff": runs["engine"][-1]["cutoff"], "moto_version": moto.__version__,
+        "seed_seconds": round(statistics.median(seeds), 2),
+        "methods": methods, "verdict": verdict(methods),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_summary(report)
+    return 0 if all(m["correct"] for m in methods.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

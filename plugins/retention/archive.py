@@ -62,19 +62,25 @@ _DECODERS = {
 }
 
 
-def column_codec(column) -> str:
-    """The codec for a SQLAlchemy column: datetime, date, decimal, bytes, uuid or plain."""
-    try:
-        python_type = column.type.python_type
-    except NotImplementedError:
-        return "plain"
-    for kind, types in (
-        ("datetime", (datetime,)), ("date", (date,)), ("time", (time,)), ("interval", (timedelta,)),
-        ("decimal", (Decimal,)), ("bytes", (bytes, bytearray, memoryview)), ("uuid", (uuid.UUID,)),
-    ):
+_CODEC_TYPES = (
+    ("datetime", (datetime,)), ("date", (date,)), ("time", (time,)), ("interval", (timedelta,)),
+    ("decimal", (Decimal,)), ("bytes", (bytes, bytearray, memoryview)), ("uuid", (uuid.UUID,)),
+)
+
+
+def _codec_for(python_type: type) -> str:
+    for kind, types in _CODEC_TYPES:  # datetime before date: a datetime is a date too
         if issubclass(python_type, types):
             return kind
     return "plain"
+
+
+def column_codec(column) -> str:
+    """The codec for a SQLAlchemy column: datetime, date, decimal, bytes, uuid or plain."""
+    try:
+        return _codec_for(column.type.python_type)
+    except NotImplementedError:
+        return "plain"
 
 
 def encode_value(codec: str, value: Any) -> Any:
@@ -83,21 +89,12 @@ def encode_value(codec: str, value: Any) -> Any:
         return None
     encoder = _ENCODERS.get(codec)
     if encoder is None:
-        if isinstance(value, (datetime, date, Decimal, bytes, uuid.UUID)):  # SQLite's loose typing
-            return encode_value(column_codec_of(value), value)
+        if codec == "plain" and _codec_for(type(value)) != "plain":  # SQLite's loose typing
+            return encode_value(_codec_for(type(value)), value)
         return value
     if codec == "uuid" and not isinstance(value, uuid.UUID):
         return str(value)
     return encoder(value)
-
-
-def column_codec_of(value: Any) -> str:
-    """The codec for a value whose column did not say (SQLite)."""
-    for kind, types in (("datetime", datetime), ("date", date), ("decimal", Decimal), ("bytes", bytes),
-                        ("uuid", uuid.UUID)):
-        if isinstance(value, types):
-            return kind
-    return "plain"
 
 
 def decode_value(codec: str, value: Any) -> Any:

@@ -199,3 +199,25 @@ def test_dag_test_purges_a_bucket_on_a_moto_server(airflow_db, aws_server, audit
     payload = json.loads(audit_db.scalar("SELECT payload FROM purge_certificates"))
     target = payload["targets"][0]
     assert (target["deleted"], target["bytes"], target["location"]) == (1, 8, f"s3://{bucket}/exports/")
+
+
+def test_an_over_limit_run_fails_until_the_dag_param_approves_it(airflow_db, pg_db, monkeypatch, keys, tmp_path):
+    from airflow.utils.state import DagRunState
+
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", pg_db.airflow_uri)
+    connect(monkeypatch, "crm_db", pg_db)
+    make_customers(pg_db)
+    insert_customers(pg_db, [(i, "closed", datetime(2019, 1, 1, tzinfo=UTC)) for i in range(1, 11)])
+    write_rule(tmp_path / "rules", targets=[{"max_fraction": 0.2}])
+    dag = rule_dag(tmp_path / "rules", "retention__customer_accounts", monkeypatch)
+
+    refused = dag.test(logical_date=datetime(2026, 6, 15, tzinfo=UTC))
+    approved = dag.test(logical_date=datetime(2026, 6, 16, tzinfo=UTC),
+                        run_conf={"approve_over_limit": "backlog after the migration, ticket OPS-7"})
+
+    assert refused.state == DagRunState.FAILED
+    assert approved.state == DagRunState.SUCCESS
+    rows = pg_db.rows("SELECT status, payload FROM purge_certificates ORDER BY seq")
+    assert [r[0] for r in rows] == ["failed", "complete"]
+    assert json.loads(rows[1][1])["approval"]["reason"] == "backlog after the migration, ticket OPS-7"
+    assert ids(pg_db) == set()

@@ -287,7 +287,7 @@ def measure_engine(bench_url: URL, audit_url: URL, rule_dir: Path, cutoff: datet
         )
         ledger = journal.ledger(run, target.name)
         table = SqlTable(target, engine)
-        table.table  # reflect before the clock starts, as Runner.start does when planning
+        table.check()  # reflect before the clock starts, as Runner.start does when planning
         batches: list[tuple[int, float]] = []
 
         def progress(_deleted: int, rows: int, seconds: float) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
 from conftest import connect, write_rule
 from sqlpurge import ids, insert_customers, make_customers
 

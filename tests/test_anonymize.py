@@ -8,12 +8,13 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
-from conftest import connect, write_rule
-from sqlpurge import runner
 
 from retention.anonymize import Anonymizer, Strategy
 from retention.errors import ConfigError, RuleError
 from retention.rules import load_rule_file
+
+from conftest import connect, write_rule
+from sqlpurge import runner
 
 UTC = timezone.utc
 AS_OF = datetime(2026, 6, 15, tzinfo=UTC)

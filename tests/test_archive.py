@@ -12,7 +12,6 @@ from decimal import Decimal
 import boto3
 import pytest
 import sqlalchemy as sa
-from conftest import connect, write_rule
 from moto import mock_aws
 
 from retention import failpoints
@@ -28,6 +27,8 @@ from retention.rules import load_rule_file
 from retention.runs import Runner
 from retention.signing import Signer
 from retention.targets import Targets
+
+from conftest import connect, write_rule
 
 UTC = timezone.utc
 AS_OF = datetime(2026, 6, 15, tzinfo=UTC)

@@ -11,9 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import rfc8785
 import sqlalchemy as sa
-from conftest import connect, write_rule
 from cryptography.hazmat.primitives import serialization
-from sqlpurge import insert_customers, make_customers, runner
 
 from retention.audit import open_audit
 from retention.certificates import entry_hash, read_certificates, verify_chain
@@ -21,6 +19,9 @@ from retention.cli import main
 from retention.connections import from_environment
 from retention.rules import load_rule_file
 from retention.signing import PublicKeys, Signer, generate_keypair
+
+from conftest import connect, write_rule
+from sqlpurge import insert_customers, make_customers, runner
 
 UTC = timezone.utc
 

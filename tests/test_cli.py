@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import Database, connect, write_rule
 
 from retention.cli import main
 from retention.signing import SIGNING_KEY_ENV
+
+from conftest import Database, connect, write_rule
 
 AS_OF = "2025-06-15T00:00:00Z"
 """With P2Y, records closed strictly before 2023-06-15 00:00:00 UTC have expired."""

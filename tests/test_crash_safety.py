@@ -17,13 +17,14 @@ import sys
 from datetime import datetime, timezone
 
 import pytest
-from conftest import connect, write_rule
-from test_archive import create_shop, fill_shop, snapshot
 
 from retention.audit import open_audit
 from retention.certificates import read_certificates, verify_chain
 from retention.connections import from_environment
 from retention.signing import PublicKeys
+
+from conftest import connect, write_rule
+from test_archive import create_shop, fill_shop, snapshot
 
 UTC = timezone.utc
 AS_OF = "2026-06-15T00:00:00Z"

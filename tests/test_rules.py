@@ -11,10 +11,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import write_rule
 
 from retention.errors import RuleError, RuleProblem, TerminalError
 from retention.rules import IsoDuration, RetentionRule, load_rule_file, load_rules
+
+from conftest import write_rule
 
 UTC = timezone.utc
 

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone
 
 import boto3
 import pytest
-from conftest import write_rule
 from moto import mock_aws
 
 from retention import failpoints
@@ -22,6 +21,8 @@ from retention.rules import load_rule_file
 from retention.runs import Runner
 from retention.signing import Signer
 from retention.targets import Targets
+
+from conftest import write_rule
 
 UTC = timezone.utc
 BUCKET = "retail-receipts"

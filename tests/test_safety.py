@@ -14,9 +14,7 @@ from datetime import date, datetime, timedelta, timezone
 import boto3
 import pytest
 import sqlalchemy as sa
-from conftest import connect, write_rule
 from moto import mock_aws
-from sqlpurge import ids, insert_customers, make_customers, runner
 
 from retention.audit import open_audit
 from retention.certificates import find_certificate
@@ -26,6 +24,9 @@ from retention.errors import ConfigError, OverLimit, TerminalError, TransientErr
 from retention.holds import HoldRegistry
 from retention.locks import CategoryBusy
 from retention.rules import load_rule_file
+
+from conftest import connect, write_rule
+from sqlpurge import ids, insert_customers, make_customers, runner
 
 UTC = timezone.utc
 AS_OF = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)

@@ -6,14 +6,15 @@ import dataclasses
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
-from conftest import connect, write_rule
-from sqlpurge import NAIVE_TIMESTAMP, ids, insert_customers, make_customers, runner
 
 from retention import failpoints
 from retention.errors import RuleError
 from retention.failpoints import InjectedFault
 from retention.journal import RunJournal
 from retention.rules import load_rule_file
+
+from conftest import connect, write_rule
+from sqlpurge import NAIVE_TIMESTAMP, ids, insert_customers, make_customers, runner
 
 UTC = timezone.utc
 AS_OF = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from retention import __version__
-from retention.archive import build_manifest
-from retention.certificates import Certificate, certify
 from sqlalchemy.exc import DBAPIError
 
+from retention import __version__, failpoints
+from retention.archive import build_manifest
+from retention.certificates import Certificate, certify
 from retention.errors import (
     ConfigError,
     OverLimit,
@@ -30,14 +30,13 @@ from retention.errors import (
     TerminalError,
     TransientError,
 )
-from retention.targets.sql import is_transient
-from retention import failpoints
 from retention.holds import HoldRegistry, HoldView, who
-from retention.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
+from retention.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.plan import PurgePlan, build_plan
 from retention.rules import TARGET_ADAPTER, RuleFile, Target
 from retention.targets import RunContext, Targets
+from retention.targets.sql import is_transient
 
 if TYPE_CHECKING:
     from retention.signing import Signer

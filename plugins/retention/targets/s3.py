@@ -488,7 +488,7 @@ class S3Objects:
         objects that went are looked up for the manifest."""
         spec = self.archive.spec
         archived, debris = [], []
-        for (key, versions), still_there in zip(objects, present):
+        for (key, _versions), still_there in zip(objects, present):
             dest = self.archive.key_for_object(self.category, self.run_id, self.target.name, self.target.bucket, key)
             if still_there:
                 debris.append(dest)

@@ -34,7 +34,6 @@ from sqlalchemy import (
     String,
     Table,
     and_,
-    delete,
     func,
     inspect,
     not_,
@@ -48,7 +47,6 @@ from sqlalchemy import (
 from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
-from retention import failpoints
 from retention.errors import TargetError, TerminalError
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
 
@@ -449,14 +447,14 @@ class SqlTable:
         deleted = 0
         for _ in range(self.passes):
             deleted += self._walk(expired, ledger, sizer, deleted, progress)
-            holds = self._current_holds()
-            remaining = self._with_retries(lambda conn: self._count(conn, self._unheld(expired, holds)))
+            unheld = self._unheld(expired, self._current_holds())
+            remaining = self._with_retries(lambda conn, unheld=unheld: self._count(conn, unheld))
             if remaining == 0:
                 break
             # Rows that became expired behind the walk (inserted with an old age while
             # it ran): walk again rather than leave them.
             log.info("%s: %d expired rows appeared behind the walk; walking again", self.target.name, remaining)
-        held_condition = self.held(holds)
+        held_condition = self.held(self._current_holds())
         held = 0 if held_condition is None else self._with_retries(
             lambda conn: self._count(conn, and_(expired, held_condition)))
         honoured = tuple(sorted(self.holds.honoured)) if self.holds else ()

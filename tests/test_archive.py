@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -73,7 +75,7 @@ def fill_shop(db, orders: int = 40, expired_every: int = 3) -> set[int]:
     order_rows, item_rows = [], []
     for i in range(1, orders + 1):
         old = i % expired_every == 0
-        placed = (CUTOFF - timedelta(days=i)) if old else (CUTOFF + timedelta(days=i))
+        placed = (CUTOFF - timedelta(days=i, microseconds=1001 * i)) if old else (CUTOFF + timedelta(days=i))
         if old:
             expired.add(i)
         order_rows.append({
@@ -212,14 +214,20 @@ def test_an_upload_failure_deletes_nothing_of_that_batch_and_the_rerun_archives_
     archived_ids = []
     for obj in manifest["objects"]:
         if obj["table"] == "orders":
-            import gzip
+
 
             body = aws.get_object(Bucket=ARCHIVE, Key=obj["key"])["Body"].read()
             archived_ids += [json.loads(line)["id"] for line in gzip.decompress(body).splitlines()]
     assert sorted(archived_ids) == sorted(expired)  # every expired order archived exactly once
 
 
-def test_rows_changed_between_archive_and_delete_are_archived_again(shop, aws, tmp_path, monkeypatch):
+def test_rows_changed_between_archive_and_delete_are_archived_again(mysql_db, aws, audit_db, keys, tmp_path,
+                                                                    monkeypatch):
+    """Two-phase archive (MariaDB, SQLite): a row edited after it was archived is not deleted
+    with a stale copy; the batch is archived again."""
+    shop = mysql_db
+    connect(monkeypatch, "shop_db", shop)
+    create_shop(shop)
     fill_shop(shop, orders=9)
     rule_file = archive_rule(tmp_path)
     real_put = ArchiveStore.put_verified
@@ -241,11 +249,45 @@ def test_rows_changed_between_archive_and_delete_are_archived_again(shop, aws, t
     assert changed[0] not in keys  # the stale copy was removed, not listed
     listed = {o["Key"] for o in aws.list_objects_v2(Bucket=ARCHIVE)["Contents"]}
     assert changed[0] not in listed
-    import gzip
-
     orders_obj = next(o for o in manifest["objects"] if o["table"] == "orders")
     lines = gzip.decompress(aws.get_object(Bucket=ARCHIVE, Key=orders_obj["key"])["Body"].read()).splitlines()
-    assert {json.loads(l)["id"]: json.loads(l)["notes"] for l in lines}[3] == "edited meanwhile"
+    assert {json.loads(line)["id"]: json.loads(line)["notes"] for line in lines}[3] == "edited meanwhile"
+
+
+def test_on_postgresql_a_writer_waits_for_the_batch_and_finds_its_rows_gone(pg_db, aws, audit_db, keys, tmp_path,
+                                                                            monkeypatch):
+    """One-pass archive (PostgreSQL): the batch's rows are locked from the DELETE until the
+    archive verified and the transaction committed; an UPDATE meanwhile waits, then finds
+    nothing to update. What was archived is exactly what was deleted."""
+    connect(monkeypatch, "shop_db", pg_db)
+    create_shop(pg_db)
+    fill_shop(pg_db, orders=9)
+    real_put = ArchiveStore.put_verified
+    updated = []
+
+    def put_while_someone_edits(self, key, body, **kwargs):
+        if not updated and kwargs.get("table") == "orders":
+            def edit():
+                with pg_db.engine.begin() as conn:
+                    updated.append(conn.execute(
+                        sa.text("UPDATE orders SET notes = 'edited meanwhile' WHERE id = 3")).rowcount)
+            writer = threading.Thread(target=edit)
+            writer.start()
+            writer.join(timeout=1.0)
+            assert writer.is_alive()  # it waits on the batch's row locks
+            updated.append(writer)
+        return real_put(self, key, body, **kwargs)
+
+    monkeypatch.setattr(ArchiveStore, "put_verified", put_while_someone_edits)
+    certificate = make_runner().run(archive_rule(tmp_path), run_id="r1", as_of=AS_OF)
+    updated[0].join(timeout=30)
+
+    assert certificate.status == "complete"
+    assert updated[1:] == [0]  # the writer went on after the commit and found the row gone
+    manifest = _manifest(aws, certificate)
+    orders_obj = next(o for o in manifest["objects"] if o["table"] == "orders")
+    lines = gzip.decompress(aws.get_object(Bucket=ARCHIVE, Key=orders_obj["key"])["Body"].read()).splitlines()
+    assert {json.loads(line)["id"]: json.loads(line)["notes"] for line in lines}[3] is None
 
 
 def test_children_go_first_in_the_same_transaction(shop, aws, tmp_path):
@@ -348,7 +390,7 @@ def test_sigkill_after_upload_before_delete_leaves_no_debris_and_archives_once(
         for obj in manifest["objects"]:
             in_manifests.add(obj["key"])
             if obj["table"] == "orders":
-                import gzip
+
 
                 body = aws_server.get_object(Bucket=bucket, Key=obj["key"])["Body"].read()
                 archived_ids += [json.loads(line)["id"] for line in gzip.decompress(body).splitlines()]

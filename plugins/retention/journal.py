@@ -282,6 +282,18 @@ class JournalLedger:
                 )
             )
 
+    def update_pending(self, batch_no: int, rows: int, descriptor: str | None = None) -> None:
+        """Correct a pending batch once its row count is known (still before it commits)."""
+        values: dict[str, Any] = {"rows_planned": rows, "recorded_at": utc_iso(self.journal.now())}
+        if descriptor is not None:
+            values["bounds"] = descriptor
+        with self.journal.engine.begin() as conn:
+            conn.execute(
+                update(purge_batches)
+                .where(*self._key(), purge_batches.c.batch_no == batch_no, purge_batches.c.state == "pending")
+                .values(**values)
+            )
+
     def done(
         self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None,
         tables: dict[str, int] | None = None, descriptor: str | None = None,

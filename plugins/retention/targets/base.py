@@ -57,6 +57,9 @@ class BatchLedger(Protocol):
     def pending(self, batch_no: int, descriptor: str, rows: int) -> None:
         """Record a batch of ``rows`` records about to be purged."""
 
+    def update_pending(self, batch_no: int, rows: int, descriptor: str | None = None) -> None:
+        """Correct a pending batch once its row count is known (still before it commits)."""
+
     def done(
         self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None,
         tables: dict[str, int] | None = None, descriptor: str | None = None,

@@ -4,17 +4,22 @@ Every action journals the batch *pending* before its irreversible step and *done
 with the rows of each table, so :meth:`SqlTable.reconcile` can settle a crash.
 
 - :class:`DeleteRows` deletes children, then the target's rows, in one transaction.
-- :class:`ArchiveRows` streams the rows of every table to verified archive objects first;
-  only then, in one short transaction, deletes them with ``RETURNING *`` and checks that
-  what was deleted is exactly what was archived (else it rolls back and tries again).
-  If an upload or its check fails, nothing of the batch is deleted.
+- :class:`ArchiveRows` never lets a row go before its archive object is written and
+  verified. On PostgreSQL the batch's ``DELETE ... RETURNING`` *is* the archive: its
+  output streams through ``COPY`` into gzip JSON Lines, the objects are uploaded and
+  verified, and only then does the transaction commit (any failure rolls it back). On
+  other databases rows are read and archived first, then deleted with ``RETURNING *``
+  in one short transaction that checks exactly the archived rows went (else it rolls
+  back and tries again). Either way, if an upload or its check fails, nothing of the
+  batch is deleted.
 - :class:`AnonymizeRows` rewrites the rule's columns and sets the marker column.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import gzip
+import io
 import json
 import logging
 import time
@@ -26,7 +31,7 @@ from sqlalchemy import Date, DateTime, String, and_, bindparam, delete, select, 
 from sqlalchemy import types as sqltypes
 
 from retention import failpoints
-from retention.archive import ArchivedObject, ArchiveFailed, TableShape, canonical_line, encode_rows
+from retention.archive import ArchivedObject, ArchiveFailed, TableShape, column_codec, encode_rows
 from retention.errors import TargetError, TransientError
 from retention.targets.sql import BatchRange, BatchResult, _members, encode_range
 
@@ -123,6 +128,8 @@ class ArchiveRows(SqlAction):
                 f"({self.store.spec.storage_class}) before deletion"]
 
     def apply(self, table, conn, window, lower, size, expired, ledger, batch_no):
+        if table.engine.dialect.name == "postgresql" and self.store.spec.format == "jsonl.gz":
+            return self._archive_in_one_pass(table, conn, window, lower, size, expired, ledger, batch_no)
         for attempt in range(1, ARCHIVE_ATTEMPTS + 1):
             try:
                 return self._archive_batch(table, conn, window, lower, size, expired, ledger, batch_no)
@@ -130,6 +137,61 @@ class ArchiveRows(SqlAction):
                 log.info("%s: %s; archiving the batch again (attempt %d)", table.target.name, changed, attempt + 1)
                 batch_no = ledger.next_batch_no()
         raise TransientError(f"{table.target.name}: rows kept changing while being archived; try again later")
+
+    def _archive_in_one_pass(self, table, conn, window, lower, size, expired, ledger, batch_no) -> BatchResult:
+        """PostgreSQL: DELETE ... RETURNING streams (COPY) into the archive objects; the
+        transaction commits only after every object verified. The archive is exactly what
+        was deleted, with no second read and no comparison."""
+        started = time.perf_counter()
+        depths = _depths(table.family)
+        with conn.begin():
+            batch = BatchRange(lower, table._upper_bound(conn, window, size))
+            selection = and_(expired, table._in_range(batch))
+            members = table.family_conditions(selection)  # children first
+            keys = {member.name: self.store.key_for(self.category, self.run_id, table.target.name, batch_no,
+                                                     member.name) for member, _ in members}
+            planned = sorted([key, name] for name, key in keys.items())
+            # Journaled before anything happens: a crash from here on leaves a batch that is
+            # settled by counting its range (and its objects removed if it did not commit).
+            ledger.pending(batch_no, encode_range(batch, planned=planned, holds=table.batch_holds), 0)
+            _postgres_bitmap(table, conn)
+            conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '120s'"))
+            bodies, counts = {}, {}
+            cursor = conn.connection.dbapi_connection.cursor()
+            try:
+                for member, condition in members:
+                    buffer = io.BytesIO()
+                    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as stream:
+                        cursor.copy_expert(_copy_deleted_as_json(conn, member, condition), stream)
+                    bodies[member.name], counts[member.name] = buffer.getvalue(), cursor.rowcount
+            finally:
+                cursor.close()
+            rows = counts[table.family.name]
+            if rows == 0:
+                ledger.resolve(batch_no, 0)
+                return BatchResult(batch, 0, {}, time.perf_counter() - started)
+            ledger.update_pending(batch_no, rows, encode_range(batch, tables=counts, planned=planned,
+                                                                holds=table.batch_holds))
+            archived = []
+            try:
+                failpoints.hit("archive.before_upload")
+                for member, _ in members:
+                    if counts[member.name]:
+                        stored = self.store.put_verified(keys[member.name], bodies[member.name], table=member.name,
+                                                         rows=counts[member.name],
+                                                         columns=TableShape.of(member.table).columns)
+                        archived.append(dataclasses.replace(stored, depth=depths[member.name]))
+                        failpoints.hit("archive.after_object")
+            except Exception:
+                self.store.remove(keys.values())
+                raise  # the transaction rolls back: nothing of the batch is deleted
+            failpoints.hit("archive.before_commit")
+        seconds = time.perf_counter() - started
+        failpoints.hit("archive.after_commit")
+        ledger.done(batch_no, tables=counts,
+                    descriptor=encode_range(batch, tables=counts, objects=[o.to_dict() for o in archived],
+                                            holds=table.batch_holds))
+        return BatchResult(batch, rows, counts, seconds)
 
     def _archive_batch(self, table, conn, window, lower, size, expired, ledger, batch_no) -> BatchResult:
         with conn.begin():
@@ -143,7 +205,7 @@ class ArchiveRows(SqlAction):
         # 1. Stream every table's rows from a server-side cursor into its compressed archive
         #    body, keeping only a 16-byte digest per row to compare with what the delete returns.
         bodies: dict[str, tuple[Any, int]] = {}
-        digests: dict[str, Counter[bytes]] = {}
+        digests: dict[str, Counter[Any]] = {}
         with conn.begin():
             for member, condition in members:
                 query = select(member.table).where(condition)
@@ -152,14 +214,14 @@ class ArchiveRows(SqlAction):
                 # Per statement: Connection.execution_options would stream every later statement too.
                 result = conn.execute(query.execution_options(stream_results=True, yield_per=5000))
                 shape = shapes[member.name]
-                counter: Counter[bytes] = Counter()
+                counter: Counter[Any] = Counter()
 
-                def rows_with_digest(rows=result, shape=shape, counter=counter):
+                def rows_counted(rows=result, counter=counter):
                     for row in rows:
-                        counter[_digest(canonical_line(shape, row))] += 1
+                        counter[_fingerprint(row)] += 1
                         yield row
 
-                body, count = encode_rows(shape, rows_with_digest(), self.store.spec.format)
+                body, count = encode_rows(shape, rows_counted(), self.store.spec.format)
                 bodies[member.name] = (body, count)
                 digests[member.name] = counter
         rows = bodies[table.family.name][1]
@@ -190,8 +252,7 @@ class ArchiveRows(SqlAction):
                 _postgres_bitmap(table, conn)
                 for member, condition in members:
                     returned = conn.execute(delete(member.table).where(condition).returning(*member.table.c))
-                    shape = shapes[member.name]
-                    went = Counter(_digest(canonical_line(shape, row)) for row in returned)
+                    went = Counter(_fingerprint(row) for row in returned)
                     if went != digests[member.name]:
                         raise _RowsChanged(f"{member.name} changed between archive and delete")
                 failpoints.hit("archive.before_commit")
@@ -242,8 +303,44 @@ class _RowsChanged(Exception):
     """Rows of a batch changed between being archived and being deleted."""
 
 
-def _digest(line: str) -> bytes:
-    return hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest()
+def _fingerprint(row) -> Any:
+    """A row's values, comparable between what was archived and what the delete returned."""
+    values = tuple(row)
+    try:
+        hash(values)
+        return values
+    except TypeError:  # JSON columns hold dicts and lists
+        return repr(values)
+
+
+def _copy_deleted_as_json(conn, member, condition) -> str:
+    """``COPY (DELETE ... RETURNING) TO STDOUT`` as JSON Lines, each value encoded the way
+    :mod:`retention.archive` encodes it (so restore reads both paths alike).
+
+    COPY takes no parameters, so psycopg2 itself renders them into the statement.
+    """
+    statement = delete(member.table).where(condition).returning(*member.table.c)
+    compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        deleting = cursor.mogrify(compiled.string, compiled.params).decode()
+    finally:
+        cursor.close()
+    preparer = conn.dialect.identifier_preparer
+    columns = []
+    for column in member.table.columns:
+        name = preparer.quote(column.name)
+        value = f"d.{name}"
+        codec = column_codec(column)
+        if codec == "decimal":
+            value = f"{value}::text"
+        elif codec == "bytes":
+            value = f"translate(encode({value}, 'base64'), E'\\n', '')"
+        elif codec == "interval":
+            value = f"extract(epoch from {value})"
+        columns.append(f"{value} AS {name}")
+    return (f"COPY (WITH d AS ({deleting}) SELECT row_to_json(x)::text FROM (SELECT {', '.join(columns)} FROM d) x) "
+            "TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')")
 
 
 class AnonymizeRows(SqlAction):

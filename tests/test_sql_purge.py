@@ -326,3 +326,49 @@ def test_sigkill_mid_batch_is_settled_by_the_next_run(pg_db, monkeypatch, audit_
     assert killed_cert.data["targets"][0]["unconfirmed"] == 0
     assert next_cert.data["targets"][0]["deleted"] == 100 - gone_at_kill
     assert ids(pg_db) == set()
+
+
+@pytest.mark.parametrize("action", ["delete", "archive"])
+def test_parallel_workers_split_the_rows_and_purge_each_once(pg_db, monkeypatch, audit_db, keys, tmp_path, action):
+    """Two walkers, each over its own age range: every expired row goes exactly once."""
+    import threading
+
+    connect(monkeypatch, "crm_db", pg_db)
+    make_customers(pg_db)
+    with pg_db.engine.begin() as conn:  # 30,000 rows, 24,000 expired, many sharing an age
+        conn.exec_driver_sql(
+            "INSERT INTO customers SELECT g, 'p' || g || '@example.com', 'closed', "
+            "timestamptz '2020-01-01' + (g / 7) * interval '1 minute' FROM generate_series(1, 24000) g")
+        conn.exec_driver_sql(
+            "INSERT INTO customers SELECT g, 'p' || g, 'closed', timestamptz '2026-01-01' "
+            "FROM generate_series(24001, 30000) g")
+    target = {"workers": 2, "max_batch_rows": 2000}
+    if action == "archive":
+        pytest.importorskip("moto")
+        from moto import mock_aws
+
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", '{"conn_type": "aws", "login": "t", "password": "t"}')
+        mock = mock_aws()
+        mock.start()
+        import boto3
+
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="archive-bucket")
+        path = write_rule(tmp_path / "rules", targets=[target])
+        path.write_text(path.read_text().replace(
+            "action: delete", "action: archive\narchive: {connection: aws_default, bucket: archive-bucket}"))
+        rule_file = load_rule_file(path)
+    else:
+        rule_file = the_rule(tmp_path, where="{status: closed}", **target)
+    threads = set()
+
+    try:
+        certificate = runner().run(rule_file, run_id="r1", as_of=AS_OF,
+                                   progress=lambda *a: threads.add(threading.current_thread().name))
+    finally:
+        if action == "archive":
+            mock.stop()
+
+    assert certificate.status == "complete"
+    assert certificate.data["targets"][0]["deleted"] == 24000
+    assert pg_db.scalar("SELECT count(*) FROM customers") == 6000
+    assert len({name for name in threads if name.startswith("walk-")}) == 2

@@ -233,7 +233,7 @@ class ArchiveStore:
         Rows and manifests go to STANDARD storage, so `retention restore` can read them at
         once; ``storage_class`` is where copies of archived S3 objects go.
         """
-        expected = self._upload(key, body, content_type)
+        expected, whole = self._upload(key, body, content_type)
         head = self.client.head_object(Bucket=self.spec.bucket, Key=key, ChecksumMode="ENABLED")
         stored = (head.get("ChecksumSHA256") or "").split("-")[0]
         if head.get("ContentLength") != len(body) or stored != expected:
@@ -242,18 +242,20 @@ class ArchiveStore:
                 f"(size {head.get('ContentLength')} vs {len(body)}, checksum {stored!r} vs {expected!r})"
             )
         return ArchivedObject(
-            key=key, table=table, rows=rows, bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
+            key=key, table=table, rows=rows, bytes=len(body), sha256=whole,
             format=self.spec.format, storage_class=head.get("StorageClass") or "STANDARD", columns=columns,
         )
 
-    def _upload(self, key: str, body: bytes, content_type: str) -> str:
-        """Upload; return the checksum S3 should report (composite for multipart)."""
+    def _upload(self, key: str, body: bytes, content_type: str) -> tuple[str, str]:
+        """Upload; return the checksum S3 should report (composite for multipart, base64) and
+        the SHA-256 of the whole body (hex)."""
         common = {"Bucket": self.spec.bucket, "Key": key, "StorageClass": "STANDARD"}
         if len(body) <= PART_SIZE:
-            digest = _b64sha256(body)
+            raw = hashlib.sha256(body).digest()
+            digest = base64.b64encode(raw).decode("ascii")
             self.client.put_object(Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=digest,
                                    ContentType=content_type, **common)
-            return digest
+            return digest, raw.hex()
         upload = self.client.create_multipart_upload(ChecksumAlgorithm="SHA256", ContentType=content_type, **common)
         parts, digests = [], []
         try:
@@ -272,7 +274,8 @@ class ArchiveStore:
         except BaseException:
             self.client.abort_multipart_upload(Bucket=self.spec.bucket, Key=key, UploadId=upload["UploadId"])
             raise
-        return base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode("ascii")
+        composite = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode("ascii")
+        return composite, hashlib.sha256(body).hexdigest()
 
     def describe(self, key: str, *, table: str, rows: int,
                  columns: tuple[tuple[str, str], ...] = ()) -> ArchivedObject | None:

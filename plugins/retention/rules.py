@@ -243,6 +243,9 @@ class SqlTarget(_StrictModel):
     """A run that would purge more than this share of the table's rows stops before touching anything."""
     max_records: Annotated[int | None, Field(ge=1)] = None
     """Likewise for a count of rows."""
+    workers: Annotated[int, Field(ge=1, le=8)] = 1
+    """Batches walked in parallel, each over its own share of the expired rows (more of
+    the database's cores for large purges; each worker holds one connection)."""
     children: list[ChildTable] = Field(default_factory=list)
     """Tables referencing this one, archived and deleted with it in the same batch."""
     anonymize: AnonymizeSpec | None = None

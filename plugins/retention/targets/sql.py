@@ -20,9 +20,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -97,6 +99,21 @@ class BatchResult:
     rows: int
     tables: dict[str, int]
     seconds: float
+
+
+class _Tally:
+    """Rows purged so far by every walker of a purge, reported as each batch lands."""
+
+    def __init__(self, progress: Progress | None):
+        self.rows = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def add(self, rows: int, seconds: float) -> None:
+        with self._lock:
+            self.rows += rows
+            if self._progress is not None:
+                self._progress(self.rows, rows, seconds)
 
 
 class BatchSizer:
@@ -443,10 +460,17 @@ class SqlTable:
         """
         self.reconcile(cutoff, ledger)
         expired = self.expired(cutoff)
-        sizer = BatchSizer(self.target.max_batch_rows)
-        deleted = 0
+        done = _Tally(progress)
         for _ in range(self.passes):
-            deleted += self._walk(expired, ledger, sizer, deleted, progress)
+            shares = self._shares(expired) if self.target.workers > 1 else [BatchRange(None, None)]
+            if len(shares) == 1:
+                self._walk(expired, ledger, self._sizer(), done, shares[0])
+            else:
+                with ThreadPoolExecutor(len(shares), thread_name_prefix=f"walk-{self.target.name}") as pool:
+                    walks = [pool.submit(self._walk, expired, ledger, self._sizer(), done, share)
+                             for share in shares]
+                    for walk in walks:
+                        walk.result()
             unheld = self._unheld(expired, self._current_holds())
             remaining = self._with_retries(lambda conn, unheld=unheld: self._count(conn, unheld))
             if remaining == 0:
@@ -458,7 +482,34 @@ class SqlTable:
         held = 0 if held_condition is None else self._with_retries(
             lambda conn: self._count(conn, and_(expired, held_condition)))
         honoured = tuple(sorted(self.holds.honoured)) if self.holds else ()
-        return PurgeOutcome(deleted, remaining, held=held, holds=honoured)
+        return PurgeOutcome(done.rows, remaining, held=held, holds=honoured)
+
+    def _sizer(self) -> BatchSizer:
+        return BatchSizer(self.target.max_batch_rows, target_seconds=self.action.batch_seconds)
+
+    def _shares(self, expired: ColumnElement[bool]) -> list[BatchRange]:
+        """Split the expired rows into ``workers`` age ranges of about equal size.
+
+        Each share is a closed range of the age alone, so shares never overlap and every
+        row belongs to exactly one; a worker's batches never cross its share's end.
+        """
+        workers = self.target.workers
+        age = self._walk_columns()[0]
+
+        def bounds(conn):
+            total = self._count(conn, expired)
+            if total < workers * 10_000:  # not worth the threads
+                return []
+            found = []
+            for i in range(1, workers):
+                row = conn.execute(select(age).where(expired).order_by(age).offset(total * i // workers).limit(1)).first()
+                if row is not None and (not found or row[0] > found[-1]):
+                    found.append(row[0])
+            return found
+
+        cuts = self._with_retries(bounds)
+        edges = [None, *[(cut,) for cut in cuts], None]
+        return [BatchRange(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
     def _current_holds(self) -> list[Hold]:
         return self.holds.current() if self.holds is not None else []
@@ -495,11 +546,12 @@ class SqlTable:
         expired: ColumnElement[bool],
         ledger: BatchLedger,
         sizer: BatchSizer,
-        deleted_before: int,
-        progress: Progress | None,
+        done: _Tally,
+        share: BatchRange,
     ) -> int:
-        columns = self._walk_columns()
-        lower: Bound | None = None
+        """Purge the expired rows of one share, batch after batch; return how many went."""
+        lower: Bound | None = share.lower
+        ceiling = share.upper
         deleted = 0
         while True:
             started = time.perf_counter()
@@ -514,14 +566,13 @@ class SqlTable:
                     return deleted
                 self.batch_holds = [h.id for h in holds]
                 batch_expired = self._unheld(expired, holds)
-                window = batch_expired if lower is None else and_(
-                    batch_expired, _lexicographic(columns, lower, ">"))
+                window = and_(batch_expired, self._in_range(BatchRange(lower, ceiling)))
                 batch_no = ledger.next_batch_no()
                 try:
                     with self.engine.connect() as conn:
                         self._session_timeouts(conn)
                         result = self.action.apply(
-                            self, conn, window, lower, sizer.size, batch_expired, ledger, batch_no)
+                            self, conn, window, lower, sizer.size, batch_expired, ledger, batch_no, ceiling)
                     break
                 except DBAPIError as exc:
                     self._settle_after_error(expired, ledger)
@@ -538,15 +589,17 @@ class SqlTable:
             if result.rows:
                 log.debug("%s: batch %d: %d rows in %.3fs", self.target.name, batch_no, result.rows,
                           time.perf_counter() - started)
-                if progress is not None:
-                    progress(deleted_before + deleted, result.rows, result.seconds)
+                done.add(result.rows, result.seconds)
             sizer.observe(result.rows, result.seconds)
-            if result.batch.upper is None:
+            if result.batch.upper is None or result.batch.upper == ceiling:
                 return deleted
             lower = result.batch.upper
 
-    def _upper_bound(self, conn: Connection, window: ColumnElement[bool], size: int) -> Bound | None:
-        """The last row of the next batch of ``size`` rows in walk order; None if fewer remain.
+    def _upper_bound(
+        self, conn: Connection, window: ColumnElement[bool], size: int, ceiling: Bound | None = None
+    ) -> Bound | None:
+        """The last row of the next batch of ``size`` rows in walk order; ``ceiling`` (None:
+        no end) if fewer remain.
 
         On PostgreSQL the age index does not hold the key, so ordering by (age, key)
         reads every row of the batch from the heap and sorts it; the age alone is found
@@ -559,7 +612,7 @@ class SqlTable:
                 select(columns[0]).where(window).order_by(columns[0]).offset(size - 1).limit(1)
             ).first()
             if row is None:
-                return None
+                return ceiling
             ties = conn.execute(
                 select(func.count()).select_from(
                     select(columns[0]).where(window, columns[0] == row[0]).limit(size + 1).subquery()
@@ -570,7 +623,7 @@ class SqlTable:
         row = conn.execute(
             select(*columns).where(window).order_by(*columns).offset(size - 1).limit(1)
         ).first()
-        return tuple(row) if row is not None else None
+        return tuple(row) if row is not None else ceiling
 
     @property
     def _postgres(self) -> bool:

@@ -1,0 +1,1192 @@
+"""Benchmark: how fast does the engine archive expired PostgreSQL rows to S3 and delete them,
+next to one raw ``COPY (DELETE ... RETURNING *)``, and does its memory stay flat?
+
+What it measures
+----------------
+A throwaway database gets the ``customers`` table of ``bench/sql_purge.py`` (its helpers
+are imported from there): ``--rows`` rows (default 2,000,000), exactly ``--expired``
+(default 1,000,000) closed before the cutoff, primary key on ``id``, index on
+``closed_at``. Each method runs on an identical fresh copy of the table.
+
+* ``raw``    ``COPY (DELETE FROM customers WHERE closed_at < cutoff RETURNING *) TO STDOUT``
+             through psycopg2 ``copy_expert``, in one transaction, into Python's
+             ``gzip.GzipFile(compresslevel=1)`` writing a real file in a temporary
+             directory (fed through a 1 MiB buffer, since ``copy_expert`` writes once per
+             row). Timed end to end: statement, compression, commit, file closed. The
+             speed limit for "archive then delete": no JSON, no S3, no proof, one
+             transaction holding a million row locks.
+* ``engine`` ``Targets(resolver).open(target, RunContext(action="archive", ...))``: a
+             ``SqlTable`` with ``ArchiveRows(ArchiveStore(spec, s3_client))``, from a rule
+             YAML (``action: archive``, ``archive: {connection: aws_default, bucket: ...,
+             format: jsonl.gz}``), ``purge(cutoff, ledger, progress=...)`` with a real
+             :class:`RunJournal` ledger in a second throwaway PostgreSQL database. The S3
+             endpoint is a moto server in a child process of its own (a fresh one per
+             run), so its CPU does not share the client's GIL. The engine itself runs in a
+             fresh child process per run, which also gives a clean memory figure. On
+             PostgreSQL the engine archives in one pass: each batch's ``COPY (DELETE ...
+             RETURNING) TO STDOUT`` as JSON Lines is its archive body, uploaded and verified
+             before that batch's transaction commits; ``--workers`` (default 2, the rule's
+             ``workers``) walks two shares of the expired rows at once.
+
+After each method: exactly ``--expired`` rows gone and every other row there (count and
+sum of ids against the pristine copy, no expired row left). For ``raw`` the gzip file
+is decompressed: it must hold ``--expired`` lines whose ids sum like the expired rows.
+For ``engine`` the archive is checked the expensive way: every object under the run's
+prefix is listed, downloaded, decompressed and parsed; the lines must number exactly
+``--expired`` and their ids must have the count, sum and sum of squares of the expired
+ids of the pristine copy; the listed keys must be exactly the objects the journal
+records (no debris), whose row counts must also add up to ``--expired``; the purge's
+returned and journaled counts must match, with no batch left pending. A failed check
+makes the script exit 1; otherwise it exits 0 whatever the timings.
+
+Memory
+------
+The engine's peak RSS growth is measured in a fresh child process per size: the peak
+(VmHWM, reset through ``/proc/self/clear_refs`` just before ``purge``; if that is not
+allowed, ``ru_maxrss``) minus the RSS just before ``purge`` (after imports, reflection,
+journal and S3 client set-up). Sizes are 1M and 3M expired rows (``--memory-sizes``),
+each in a table of twice as many rows (2M and 6M): the same data shape and the same
+50% expired as the timing run, so the per-batch work is alike and only the total
+grows. (3M rows all expired would change the shape: every batch window would cover the
+whole table.) The target: the peak does not grow with rows, i.e. it is bounded by the
+batch (``max_batch_rows``, default 100,000). PASS when growth(3M) <= max(1.25 x
+growth(1M), growth(1M) + 16 MiB): allowance for allocator noise and for the adaptive
+batch sizer settling on slightly different sizes. The RSS after each batch is also
+kept (``--json``), to show a drift if there is one. If the timing run has the default
+sizes, its first engine run is the 1M point.
+
+How to read the summary
+-----------------------
+``seconds`` is wall time (engine: the whole ``purge`` call). ``rows/s`` is expired rows
+archived and deleted per second; ``ratio`` is engine rows/s over raw rows/s (target
+>= 0.5). For the engine, "batch" is what ``progress`` reports: the batch's transaction
+(one pass: the DELETE streamed into gzip, the upload and its check; what the sizer aims at
+0.25 s). "Whole batch" is the ledger's pending-to-done time. The breakdown wraps
+``_upper_bound``, ``encode_rows`` (the two-phase path only: 0 in one pass),
+``put_verified`` (upload + HEAD) and the ledger writes; with two workers the steps add up
+to more than the wall time. CPU seconds of the engine process, its PostgreSQL backends
+and the moto server show who was busy.
+
+Experiments (not needed for the verdict)
+----------------------------------------
+* ``--profile`` times the pieces separately on one batch of the first ``--profile-rows``
+  (default 100,000) expired rows of a fresh copy, best of 3, with alternatives (psycopg2
+  tuples, orjson if importable, ``row_to_json`` in PostgreSQL over the sorted columns and
+  whether it gives the same bytes as ``canonical_line``, row versions ``xmin, ctid``
+  instead of content digests); its DELETEs are rolled back, each after a CHECKPOINT.
+* ``--sketch`` adds a third method, ``onepass``: NOT the engine, a sketch of a design in
+  which each batch's ``COPY (DELETE ... RETURNING ...) TO STDOUT`` is its archive body,
+  uploaded and verified before that transaction commits (see :func:`measure_onepass`);
+  ``--sketch-format csv`` writes COPY's CSV instead of JSON lines, to show what JSON costs.
+* ``--fixed-batch-rows N`` replaces the engine's adaptive ``BatchSizer`` with a fixed size
+  (in the engine's child process only): how time and peak memory follow the batch size.
+
+Timings on a shared machine are noisy; ``--repeat K`` runs raw and engine K times,
+interleaved, and reports medians and pooled batch percentiles.
+
+Run::
+
+    /work/main/.venv/bin/python bench/archive_purge.py [--rows 2000000] [--expired 1000000]
+        [--repeat 1] [--json] [--memory-only] [--no-memory] [--memory-sizes 1000000,3000000]
+        [--max-batch-rows N] [--fixed-batch-rows N] [--profile] [--sketch] [--save PATH]
+        [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+
+Databases, servers and temporary files are removed at the end, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sqlalchemy as sa  # noqa: E402
+from sql_purge import (  # noqa: E402
+    AS_OF,
+    admin_url,
+    build_pristine,
+    fresh_copy,
+    log,
+    ms,
+    percentile,
+    retention_engine,
+    run_sql,
+    scalar,
+    throwaway_database,
+    verify,
+)
+from sqlalchemy.engine import URL, make_url  # noqa: E402
+
+from retention.rules import load_rule_file  # noqa: E402
+
+BUCKET = "retention-archive-bench"
+REGION = "us-east-1"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+RULE_YAML = """\
+category: bench_customers
+description: Benchmark of archiving closed customer accounts to S3 before deleting them
+owner: bench
+legal_basis: Benchmark only
+retain_for: P2Y
+schedule: null
+action: archive
+archive:
+  connection: aws_default
+  bucket: {bucket}
+  format: jsonl.gz
+targets:
+  - name: customers
+    kind: sql
+    connection: bench_db
+    table: customers
+    key: [id]
+    age_column: closed_at
+{extra}"""
+TARGET_RATIO = 0.5
+MEMORY_SLACK_FACTOR = 1.25
+MEMORY_SLACK_KIB = 16 * 1024
+SERVER_START_TIMEOUT_S = 120
+SINK_BUFFER = 1 << 20
+PROFILE_REPEATS = 3
+# COPY's text format doubles every backslash (JSON escapes included); CSV with a quote and a
+# delimiter that JSON text never holds raw (PG escapes control characters) passes it verbatim.
+VERBATIM = "(FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+
+
+def rule_text(max_batch_rows: int | None, workers: int = 1) -> str:
+    extra = f"    max_batch_rows: {max_batch_rows}\n" if max_batch_rows else ""
+    extra += f"    workers: {workers}\n"
+    return RULE_YAML.format(bucket=BUCKET, extra=extra)
+
+
+def load_rule_cutoff() -> datetime:
+    """The cutoff the benchmark rule gives at AS_OF (validates the rule text too)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rule.yaml"
+        path.write_text(rule_text(None))
+        return load_rule_file(path).rule.cutoff(AS_OF)
+
+
+# -- /proc helpers -------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc); 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status_kib(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return proc_status_kib("VmHWM") <= proc_status_kib("VmRSS") + 64
+
+
+# -- the moto server (child process) -------------------------------------------------
+
+
+def serve_moto() -> None:
+    """Child process: an S3 server with the bench bucket, until stdin closes.
+
+    Prints one JSON line with its port once it serves (what moto.server.ThreadedMotoServer
+    does, in a process of its own).
+    """
+    import logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    s3_backends[DEFAULT_ACCOUNT_ID]["aws"].create_bucket(BUCKET, REGION)
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    print(json.dumps({"port": server.server_port}), flush=True)
+    try:
+        sys.stdin.read()  # EOF: the parent closed the pipe or died
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@contextmanager
+def moto_server() -> Iterator[dict]:
+    """A fresh moto server in a child process: its endpoint and pid."""
+    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-moto"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], SERVER_START_TIMEOUT_S)
+        line = process.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"moto server did not start (exit code {process.poll()})")
+        port = json.loads(line)["port"]
+        yield {"endpoint": f"http://127.0.0.1:{port}", "pid": process.pid}
+    finally:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def plain_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", region_name=REGION, endpoint_url=endpoint, **CREDENTIALS)
+
+
+# -- raw -----------------------------------------------------------------------------
+
+
+class BufferedSink:
+    """Collects copy_expert's one-write-per-row into 1 MiB writes to the gzip stream."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buffer = bytearray()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.buffer += data
+        self.bytes += len(data)
+        if len(self.buffer) >= SINK_BUFFER:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.stream.write(self.buffer)
+            self.buffer = bytearray()
+
+
+def psycopg2_connect(url: URL):
+    import psycopg2
+
+    return psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username,
+                            password=url.password, dbname=url.database)
+
+
+def measure_raw(bench_url: URL, cutoff: datetime, scratch: Path) -> dict:
+    """COPY (DELETE ... RETURNING *) TO STDOUT into gzip -1 (Python) writing a file."""
+    path = scratch / f"raw-{uuid.uuid4().hex[:8]}.tsv.gz"
+    conn = psycopg2_connect(bench_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            backend = cur.fetchone()[0]
+            statement = cur.mogrify(
+                "COPY (DELETE FROM customers WHERE closed_at < %s RETURNING *) TO STDOUT", (cutoff,)
+            ).decode()
+        conn.commit()
+        pg_cpu0, cpu0 = cpu_seconds(backend), time.process_time()
+        started = time.perf_counter()
+        with open(path, "wb") as file, gzip.GzipFile(fileobj=file, mode="wb", compresslevel=1, mtime=0) as gz:
+            sink = BufferedSink(gz)
+            with conn.cursor() as cur:
+                cur.copy_expert(statement, sink)
+                deleted = cur.rowcount
+            sink.flush()
+        conn.commit()
+        seconds = time.perf_counter() - started
+        client_cpu, pg_cpu = time.process_time() - cpu0, cpu_seconds(backend) - pg_cpu0
+    finally:
+        conn.close()
+    lines, id_sum = 0, 0
+    with gzip.open(path, "rb") as stream:
+        for line in stream:
+            lines += 1
+            id_sum += int(line.split(b"\t", 1)[0])
+    size = path.stat().st_size
+    path.unlink()
+    return {"deleted": deleted, "seconds": seconds, "batch_seconds": [seconds], "client_cpu_s": client_cpu,
+            "pg_cpu_s": pg_cpu, "archive": {"lines": lines, "id_sum": id_sum, "bytes": size,
+                                            "text_bytes": sink.bytes}}
+
+
+# -- onepass (a sketch, not the engine) ----------------------------------------------
+
+
+def measure_onepass(bench_url: URL, cutoff: datetime, batch_rows: int, expired_ids: dict,
+                    fmt: str = "jsonl") -> dict:
+    """What the engine could do: per batch, one transaction whose ``COPY (DELETE ... RETURNING
+    <sorted columns>) TO STDOUT`` (as ``row_to_json``) IS the archive body; gzip -1, upload
+    with ``ArchiveStore.put_verified``, and only then COMMIT (ROLLBACK on any failure). The
+    archive holds exactly the rows deleted, so no digest comparison is needed. Batches walk
+    ``closed_at`` (bound found by the age index, as the engine does). No journal (the engine
+    spends ~0.5 ms a batch on it).
+
+    ``fmt="csv"``: the body is COPY's own CSV of the sorted columns instead (a different
+    archive format, which restore would have to learn), to show what JSON costs."""
+    from retention.archive import ArchiveStore
+    from retention.rules import ArchiveSpec
+
+    run_id = f"onepass-{uuid.uuid4().hex[:8]}"
+    category = "bench_customers"
+    with moto_server() as server:
+        client = plain_client(server["endpoint"])
+        store = ArchiveStore(ArchiveSpec(connection="aws_default", bucket=BUCKET), client)
+        conn = psycopg2_connect(bench_url)
+        moto_cpu0 = cpu_seconds(server["pid"])
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET TIME ZONE 'UTC'")
+                cur.execute("SELECT * FROM customers LIMIT 0")
+                names = sorted(d.name for d in cur.description)
+                columns = ", ".join(names)
+                cur.execute("SELECT pg_backend_pid()")
+                backend = cur.fetchone()[0]
+            conn.commit()
+            pg_cpu0, cpu0 = cpu_seconds(backend), time.process_time()
+            lower, batches, objects = None, [], []
+            started = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                window = "closed_at < %(cutoff)s" + ("" if lower is None else " AND closed_at > %(lower)s")
+                params = {"cutoff": cutoff, "lower": lower, "offset": batch_rows - 1}
+                with conn.cursor() as cur:
+                    cur.execute(f"SELECT closed_at FROM customers WHERE {window} ORDER BY closed_at "
+                                "OFFSET %(offset)s LIMIT 1", params)
+                    row = cur.fetchone()
+                    upper = row[0] if row else None
+                    cur.execute("SET LOCAL enable_indexscan = off")
+                    condition = window + ("" if upper is None else " AND closed_at <= %(upper)s")
+                    delete = f"DELETE FROM customers WHERE {condition} RETURNING {columns}"
+                    query = (f"COPY ({delete}) TO STDOUT (FORMAT csv)" if fmt == "csv" else
+                             f"COPY (WITH d AS ({delete}) SELECT row_to_json(d) FROM d) TO STDOUT {VERBATIM}")
+                    statement = cur.mogrify(query, {**params, "upper": upper}).decode()
+                    buffer = io.BytesIO()
+                    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as gz:
+                        sink = LineCountingSink(gz)
+                        cur.copy_expert(statement, sink)
+                        sink.flush()
+                    body = buffer.getvalue()
+                    if sink.lines:
+                        key = store.key_for(category, run_id, "customers", len(batches) + 1, "customers")
+                        stored = store.put_verified(key, body, table="customers", rows=sink.lines)
+                        objects.append({"key": stored.key, "rows": stored.rows, "bytes": stored.bytes,
+                                        "table": "customers"})
+                conn.commit()
+                if sink.lines:
+                    batches.append({"rows": sink.lines, "whole_s": time.perf_counter() - t0})
+                if upper is None:
+                    break
+                lower = upper
+            seconds = time.perf_counter() - started
+            client_cpu, pg_cpu = time.process_time() - cpu0, cpu_seconds(backend) - pg_cpu0
+            moto_cpu = cpu_seconds(server["pid"]) - moto_cpu0
+        finally:
+            conn.close()
+        deleted = sum(b["rows"] for b in batches)
+        result = {"deleted": deleted, "seconds": seconds, "batch_seconds": [b["whole_s"] for b in batches],
+                  "batches": batches, "client_cpu_s": client_cpu, "pg_cpu_s": pg_cpu, "moto_cpu_s": moto_cpu,
+                  "run_id": run_id, "category": category, "objects": objects, "format": fmt,
+                  "id_field": names.index("id")}
+        result["archive"] = check_archive(server["endpoint"], result, expired_ids)
+        client.close()
+        return result
+
+
+class LineCountingSink(BufferedSink):
+    """BufferedSink that counts rows (copy_expert writes one row per call)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.lines = 0
+
+    def write(self, data) -> int:
+        self.lines += 1
+        return super().write(data)
+
+
+def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: datetime) -> dict:
+    log("onepass: fresh copy of customers")
+    fresh_copy(bench)
+    ids = pristine_expired_ids(bench, cutoff)
+    log(f"onepass: sketch, batches of {args.sketch_batch_rows:,} rows")
+    result = measure_onepass(bench_url, cutoff, args.sketch_batch_rows, ids, args.sketch_format)
+    problems = verify(bench, args.rows, args.expired, cutoff)
+    if result["deleted"] != args.expired:
+        problems.append(f"deleted {result['deleted']} rows, expected {args.expired}")
+    problems += result["archive"]["problems"]
+    result["problems"] = problems
+    log(f"onepass: {result['seconds']:.2f} s, {len(result['batches'])} batches"
+        + ("" if not problems else f" — WRONG: {'; '.join(problems)}"))
+    return result
+
+
+# -- engine (child process) ----------------------------------------------------------
+
+
+def engine_child(params: dict) -> dict:
+    """Child process: one engine purge, instrumented; its figures as a dict."""
+    from retention.audit import ensure_schema
+    from retention.connections import ConnectionSpec
+    from retention.journal import JournalLedger, RunJournal
+    from retention.targets import RunContext, Targets, sql_actions
+
+    bench_url, audit_url = make_url(params["bench_url"]), make_url(params["audit_url"])
+    rule_file = load_rule_file(Path(params["rule_path"]))
+    rule = rule_file.rule
+    target = rule.target("customers")
+    specs = {
+        "bench_db": ConnectionSpec(conn_id="bench_db", conn_type="postgres", host=bench_url.host,
+                                   port=bench_url.port, login=bench_url.username, password=bench_url.password,
+                                   schema=bench_url.database),
+        "aws_default": ConnectionSpec(conn_id="aws_default", conn_type="aws", login=CREDENTIALS["aws_access_key_id"],
+                                      password=CREDENTIALS["aws_secret_access_key"],
+                                      extra={"region_name": REGION, "endpoint_url": params["endpoint"]}),
+    }
+    spent: dict[str, float] = {"upper_bound": 0.0, "read_encode": 0.0, "upload": 0.0, "journal": 0.0}
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    class TimedLedger(JournalLedger):
+        def pending(self, *args, **kwargs):
+            return timed("journal", super().pending)(*args, **kwargs)
+
+        def done(self, *args, **kwargs):
+            return timed("journal", super().done)(*args, **kwargs)
+
+        def resolve(self, *args, **kwargs):
+            return timed("journal", super().resolve)(*args, **kwargs)
+
+    if params.get("fixed_batch_rows"):
+        from retention.targets import sql as sql_module
+
+        class FixedSizer:
+            """--fixed-batch-rows: every batch this size (instead of the adaptive sizer)."""
+
+            def __init__(self, _maximum, **_kwargs):
+                self.size = params["fixed_batch_rows"]
+
+            def observe(self, _rows, _seconds):
+                pass
+
+        sql_module.BatchSizer = FixedSizer
+
+    audit_engine = retention_engine(audit_url)
+    targets = Targets(specs.__getitem__)
+    try:
+        ensure_schema(audit_engine)
+        journal = RunJournal(audit_engine)
+        run = journal.open_run(rule_file, run_id=f"bench-{uuid.uuid4().hex[:8]}", as_of=AS_OF,
+                               code_version="bench")
+        journal.plan_target(run, position=0, name=target.name, kind=target.kind, location=target.location,
+                            definition=target.model_dump(mode="json"))
+        ledger = TimedLedger(journal, run, target.name)
+        context = RunContext(action=rule.action, category=rule.category, run_id=run.run_id, as_of=run.as_of,
+                             archive=rule.archive)
+        table = targets.open(target, context)
+        table.check()  # reflect before the clock starts, as planning does
+        assert isinstance(table.action, sql_actions.ArchiveRows), type(table.action)
+        # Coarse, per-batch wrappers (negligible cost): where the time of a batch goes.
+        table._upper_bound = timed("upper_bound", table._upper_bound)
+        sql_actions.encode_rows = timed("read_encode", sql_actions.encode_rows)
+        store = table.action.store
+        store.put_verified = timed("upload", store.put_verified)
+        backends: set[int] = set()
+
+        @sa.event.listens_for(table.engine, "connect")
+        def _remember_backend(dbapi_connection, _record):
+            with dbapi_connection.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                backends.add(cur.fetchone()[0])
+            dbapi_connection.commit()
+
+        table.engine.dispose()  # so that every connection the purge uses goes through the hook
+        batches: list[dict] = []
+        last = [0.0]
+
+        def progress(deleted: int, rows: int, seconds: float) -> None:
+            now = time.perf_counter()
+            batches.append({"rows": rows, "delete_s": seconds, "whole_s": now - last[0], "deleted": deleted,
+                            "rss_kib": proc_status_kib("VmRSS")})
+            last[0] = now
+
+        import gc
+
+        gc.collect()
+        baseline = proc_status_kib("VmRSS")
+        maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm_reset = reset_peak_rss()
+        cpu0 = time.process_time()
+        started = last[0] = time.perf_counter()
+        outcome = table.purge(run.cutoff, ledger, progress=progress)
+        seconds = time.perf_counter() - started
+        client_cpu = time.process_time() - cpu0
+        peak_hwm = proc_status_kib("VmHWM")
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        end_rss = proc_status_kib("VmRSS")
+        pg_cpu = sum(cpu_seconds(pid) for pid in backends)  # backends started after the hook
+        journaled = ledger.deleted()
+        unresolved = len(ledger.unresolved())
+        objects = [obj for descriptor in ledger.descriptors() for obj in json.loads(descriptor).get("objects", [])]
+    finally:
+        targets.close()
+        audit_engine.dispose()
+    peak = peak_hwm if hwm_reset else maxrss
+    return {
+        "deleted": outcome.deleted, "remaining": outcome.remaining, "journaled": journaled,
+        "unresolved": unresolved, "seconds": seconds, "client_cpu_s": client_cpu, "pg_cpu_s": pg_cpu,
+        "batches": batches, "spent": spent, "run_id": run.run_id, "category": rule.category,
+        "objects": [{"key": o["key"], "rows": o["rows"], "bytes": o["bytes"], "table": o["table"]} for o in objects],
+        "memory": {"baseline_kib": baseline, "peak_kib": peak, "growth_kib": peak - baseline, "end_kib": end_rss,
+                   "method": "VmHWM reset by clear_refs" if hwm_reset else "ru_maxrss",
+                   "maxrss_before_kib": maxrss_before},
+    }
+
+
+def measure_engine(bench_url: URL, audit_url: URL, rule_path: Path, expired_ids: dict,
+                   fixed_batch_rows: int | None = None) -> dict:
+    """One engine run in a fresh child process against a fresh moto server; archive checked."""
+    with moto_server() as server:
+        params = {"bench_url": bench_url.render_as_string(hide_password=False),
+                  "audit_url": audit_url.render_as_string(hide_password=False),
+                  "endpoint": server["endpoint"], "rule_path": str(rule_path),
+                  "fixed_batch_rows": fixed_batch_rows}
+        moto_cpu0 = cpu_seconds(server["pid"])
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--engine-child", json.dumps(params)],
+                               stdout=subprocess.PIPE, text=True)
+        moto_cpu = cpu_seconds(server["pid"]) - moto_cpu0
+        if child.returncode != 0:
+            raise RuntimeError(f"engine child process failed (exit code {child.returncode})")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        result["moto_cpu_s"] = moto_cpu
+        t0 = time.perf_counter()
+        result["archive"] = check_archive(server["endpoint"], result, expired_ids)
+        log(f"engine: archive checked in {time.perf_counter() - t0:.1f} s")
+    result["batch_seconds"] = [b["delete_s"] for b in result["batches"]]
+    return result
+
+
+def check_archive(endpoint: str, result: dict, expired_ids: dict) -> dict:
+    """Download every object of the run, count its lines and sum its ids; compare."""
+    client = plain_client(endpoint)
+    prefix = f"{result['category']}/{result['run_id']}/"
+    listed: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for item in page.get("Contents", []):
+            listed[item["Key"]] = item["Size"]
+    lines = id_sum = id_sq = 0
+    problems = []
+    for key in sorted(listed):
+        body = gzip.decompress(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        if result.get("format") == "csv":
+            records = (int(fields[result["id_field"]]) for fields in csv.reader(io.StringIO(body.decode())))
+        else:
+            records = (json.loads(line)["id"] for line in body.splitlines() if line)
+        for ident in records:
+            lines += 1
+            id_sum += ident
+            id_sq += ident * ident
+    client.close()
+    journal_keys = {o["key"] for o in result["objects"]}
+    journal_rows = sum(o["rows"] for o in result["objects"])
+    if set(listed) != journal_keys:
+        problems.append(f"bucket holds {len(listed)} objects under {prefix}, the journal records "
+                        f"{len(journal_keys)} ({len(set(listed) - journal_keys)} not journaled, "
+                        f"{len(journal_keys - set(listed))} missing)")
+    if journal_rows != expired_ids["count"]:
+        problems.append(f"journaled objects hold {journal_rows} rows, expected {expired_ids['count']}")
+    if (lines, id_sum, id_sq) != (expired_ids["count"], expired_ids["sum"], expired_ids["sumsq"]):
+        problems.append(f"archive holds {lines} lines (ids sum {id_sum}), expected {expired_ids['count']} "
+                        f"(ids sum {expired_ids['sum']}) or the ids differ")
+    return {"objects": len(listed), "bytes": sum(listed.values()), "lines": lines, "journal_rows": journal_rows,
+            "problems": problems}
+
+
+def pristine_expired_ids(bench, cutoff: datetime) -> dict:
+    with bench.connect() as conn:
+        count, total, squares = conn.execute(sa.text(
+            "SELECT count(*), coalesce(sum(id), 0), coalesce(sum(id::numeric * id), 0) "
+            "FROM customers_pristine WHERE closed_at < :c"), {"c": cutoff}).one()
+    return {"count": int(count), "sum": int(total), "sumsq": int(squares)}
+
+
+# -- the pieces, one batch at a time (--profile) -------------------------------------
+
+
+def profile_pieces(bench_url: URL, cutoff: datetime, rows: int) -> dict:
+    """Time each step of an archive batch separately on the first ``rows`` expired rows."""
+    from collections import Counter
+
+    from retention.archive import ArchiveStore, TableShape, canonical_line, encode_rows
+    from retention.rules import ArchiveSpec
+
+    engine = retention_engine(bench_url)
+    table = sa.Table("customers", sa.MetaData(), autoload_with=engine)
+    shape = TableShape.of(table)
+    out: dict[str, dict] = {}
+
+    def clock(name: str, function, note: str = "", *, timed_inside: bool = False):
+        """Best of PROFILE_REPEATS runs (the machine is shared); ``timed_inside``: the
+        function times itself and returns (seconds, value)."""
+        best, value = float("inf"), None
+        for _ in range(PROFILE_REPEATS):
+            if timed_inside:
+                seconds, value = function()
+            else:
+                t0 = time.perf_counter()
+                value = function()
+                seconds = time.perf_counter() - t0
+            best = min(best, seconds)
+        out[name] = {"seconds": round(best, 4), "us_per_row": round(best / rows * 1e6, 2), "note": note}
+        if isinstance(value, bool):
+            out[name]["equal"] = value
+        log(f"profile: {name:<32} {best:7.3f} s  {best / rows * 1e6:6.2f} µs/row")
+        return value
+
+    with engine.connect() as conn:
+        bound = conn.execute(sa.select(table.c.closed_at).where(table.c.closed_at < cutoff)
+                             .order_by(table.c.closed_at).offset(rows - 1).limit(1)).scalar_one()
+    rows = int(scalar(engine, "SELECT count(*) FROM customers WHERE closed_at < :c AND closed_at <= :b",
+                      c=cutoff, b=bound))
+    selection = sa.and_(table.c.closed_at < cutoff, table.c.closed_at <= bound)
+
+    def sqlalchemy_stream():
+        with engine.connect() as conn, conn.begin():
+            result = conn.execute(sa.select(table).where(selection).order_by(table.c.closed_at, table.c.id)
+                                  .execution_options(stream_results=True, yield_per=5000))
+            return list(result)
+
+    fetched = clock("read: SQLAlchemy stream", sqlalchemy_stream, "server-side cursor, yield_per 5000, as the engine")
+
+    def psycopg2_named():
+        conn = psycopg2_connect(bench_url)
+        try:
+            with conn.cursor(name="bench") as cur:
+                cur.itersize = 5000
+                cur.execute("SELECT * FROM customers WHERE closed_at < %s AND closed_at <= %s "
+                            "ORDER BY closed_at, id", (cutoff, bound))
+                return sum(1 for _ in cur)
+        finally:
+            conn.close()
+
+    clock("read: psycopg2 named cursor", psycopg2_named, "plain tuples, no SQLAlchemy Row")
+    clock("encode: shape.encode (dict)", lambda: [shape.encode(r) for r in fetched], "codecs, no JSON")
+    lines = clock("encode: canonical_line", lambda: [canonical_line(shape, r) for r in fetched],
+                  "json.dumps(sort_keys) per row; the engine does this 3x a row")
+    counter = clock("digest: blake2b + Counter", lambda: _digest_counter(lines), "of the lines")
+
+    def gzip_lines():
+        buffer = io.BytesIO()
+        with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as stream:
+            for start in range(0, len(lines), 5000):
+                stream.write(("\n".join(lines[start:start + 5000]) + "\n").encode("utf-8"))
+        return buffer.getvalue()
+
+    body = clock("gzip -1 of the lines", gzip_lines, "join, utf-8, zlib level 1")
+    out["gzip -1 of the lines"]["bytes"] = len(body)
+    clock("encode_rows (whole)", lambda: encode_rows(shape, fetched, "jsonl.gz"), "canonical_line + gzip")
+    try:
+        import orjson
+
+        from retention.archive import encode_value
+
+        # TableShape keeps SQLAlchemy's quoted_name (a str subclass); orjson wants plain str keys.
+        columns = [(str(name), codec) for name, codec in shape.columns]
+
+        def orjson_lines():
+            return [orjson.dumps({name: encode_value(codec, value) for (name, codec), value in zip(columns, r)},
+                                 option=orjson.OPT_SORT_KEYS) for r in fetched]
+
+        fast = clock("encode: orjson (sort keys)", orjson_lines, "instead of json.dumps")
+        out["encode: orjson (sort keys)"]["same_bytes"] = all(
+            a == b.decode("utf-8") for a, b in zip(lines, fast))
+    except ImportError:
+        out["encode: orjson (sort keys)"] = {"note": "orjson not installed"}
+
+    sorted_columns = ", ".join(sorted(c.name for c in table.columns))
+    select_json = (f"SELECT row_to_json(x)::text FROM (SELECT {sorted_columns} FROM customers "
+                   "WHERE closed_at < %s AND closed_at <= %s ORDER BY closed_at, id) x")
+
+    def pg_json():
+        conn = psycopg2_connect(bench_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET TIME ZONE 'UTC'")
+            with conn.cursor(name="bench_json") as cur:
+                cur.itersize = 5000
+                cur.execute(select_json, (cutoff, bound))
+                return [r[0] for r in cur]
+        finally:
+            conn.close()
+
+    pg_lines = clock("read+encode: row_to_json in PG", pg_json,
+                     "sorted columns, compact: PG makes the canonical line")
+    out["read+encode: row_to_json in PG"]["same_bytes"] = pg_lines == lines
+
+    def copy_json():
+        conn = psycopg2_connect(bench_url)
+        sink = BufferedSink(gzip.GzipFile(fileobj=open(os.devnull, "wb"), mode="wb", compresslevel=1, mtime=0))
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET TIME ZONE 'UTC'")
+                cur.copy_expert(cur.mogrify(f"COPY ({select_json}) TO STDOUT {VERBATIM}", (cutoff, bound)).decode(),
+                                sink)
+            sink.flush()
+            sink.stream.close()
+        finally:
+            conn.close()
+
+    clock("COPY row_to_json → gzip -1", copy_json, "PG encodes, Python only compresses (to /dev/null)")
+
+    with moto_server() as server:
+        client = plain_client(server["endpoint"])
+        store = ArchiveStore(ArchiveSpec(connection="aws_default", bucket=BUCKET), client)
+        clock("upload: put_verified", lambda: store.put_verified("profile/one.jsonl.gz", body, table="customers",
+                                                                rows=rows), f"{len(body):,} bytes, PUT + HEAD")
+        client.close()
+
+    # Each DELETE is rolled back and preceded by a CHECKPOINT, so that each one, like a real
+    # batch, is the first to change its pages since a checkpoint (full-page images in WAL).
+    delete = "DELETE FROM customers WHERE closed_at < %s AND closed_at <= %s RETURNING {}"
+
+    def in_rolled_back_txn(name: str, note: str, work):
+        def attempt():
+            run_sql(engine, "CHECKPOINT")
+            conn = psycopg2_connect(bench_url)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SET LOCAL enable_indexscan = off")
+                    t0 = time.perf_counter()
+                    value = work(cur)
+                    seconds = time.perf_counter() - t0
+                conn.rollback()
+            finally:
+                conn.close()
+            return seconds, value
+        return clock(name, attempt, note, timed_inside=True)
+
+    def sqlalchemy_delete():
+        run_sql(engine, "CHECKPOINT")
+        with engine.connect() as conn:
+            trans = conn.begin()
+            conn.execute(sa.text("SET LOCAL enable_indexscan = off"))
+            t0 = time.perf_counter()
+            returned = conn.execute(sa.delete(table).where(selection).returning(*table.c)).all()
+            seconds = time.perf_counter() - t0
+            trans.rollback()
+        return seconds, returned
+
+    returned = clock("delete: RETURNING * (SQLAlchemy)", sqlalchemy_delete,
+                     "as the engine: execute + fetch all (rolled back)", timed_inside=True)
+    clock("compare: digest of returned", lambda: _digest_counter([canonical_line(shape, r) for r in returned])
+          == counter, "as the engine: canonical_line + blake2b + Counter ==")
+    clock("compare: Counter of tuples", lambda: Counter(map(tuple, returned)) == Counter(map(tuple, fetched)),
+          "the rows themselves, no JSON (both sides)")
+    in_rolled_back_txn("delete: RETURNING md5(json)", "PG digests each row: 16 bytes back, not the row",
+                       lambda cur: (cur.execute(delete.format("decode(md5(row_to_json(customers)::text), 'hex')"),
+                                                (cutoff, bound)), cur.fetchall())[1])
+
+    versions = clock("read: xmin, ctid", lambda: scalar_rows(
+        bench_url, "SELECT xmin::text, ctid::text FROM customers WHERE closed_at < %s AND closed_at <= %s",
+        (cutoff, bound)), "row versions instead of contents (PostgreSQL)")
+    gone = in_rolled_back_txn("delete: RETURNING xmin, ctid", "what went, as row versions",
+                              lambda cur: (cur.execute(delete.format("xmin::text, ctid::text"), (cutoff, bound)),
+                                           cur.fetchall())[1])
+    clock("compare: xmin, ctid sets", lambda: Counter(gone) == Counter(versions), "Counter ==")
+
+    def copy_delete(query: str, options: str = ""):
+        def work(cur):
+            sink = BufferedSink(gzip.GzipFile(fileobj=open(os.devnull, "wb"), mode="wb", compresslevel=1, mtime=0))
+            cur.execute("SET TIME ZONE 'UTC'")
+            cur.copy_expert(cur.mogrify(f"COPY ({query}) TO STDOUT {options}", (cutoff, bound)).decode(), sink)
+            sink.flush()
+            sink.stream.close()
+        return work
+
+    in_rolled_back_txn("raw: COPY(DELETE…*)→gz", "the raw method, on this one batch", copy_delete(delete.format("*")))
+    in_rolled_back_txn("one pass: COPY(DELETE…json)→gz", "the delete IS the archive (then upload, then COMMIT)",
+                       copy_delete(f"WITH d AS ({delete.format(sorted_columns)}) SELECT row_to_json(d) FROM d",
+                                   VERBATIM))
+    engine.dispose()
+    return {"rows": rows, "pieces": out}
+
+
+def scalar_rows(url: URL, statement: str, params) -> list[tuple]:
+    conn = psycopg2_connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def _digest_counter(lines):
+    from collections import Counter
+
+    return Counter(hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest() for line in lines)
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def summarize(name: str, runs: list[dict], expired: int) -> dict:
+    seconds = statistics.median(r["seconds"] for r in runs)
+    batches = [s for r in runs for s in r["batch_seconds"]]
+    out = {
+        "method": name, "runs": len(runs), "seconds": round(seconds, 3),
+        "seconds_each_run": [round(r["seconds"], 3) for r in runs],
+        "rows_per_s": round(expired / seconds) if seconds else None,
+        "batches": int(statistics.median(len(r["batch_seconds"]) for r in runs)),
+        "longest_batch_ms": ms(max(batches)), "p50_batch_ms": ms(percentile(batches, 0.5)),
+        "p95_batch_ms": ms(percentile(batches, 0.95)),
+        "client_cpu_s": round(statistics.median(r["client_cpu_s"] for r in runs), 2),
+        "pg_cpu_s": round(statistics.median(r["pg_cpu_s"] for r in runs), 2),
+        "archive_bytes": int(statistics.median(r["archive"]["bytes"] for r in runs)),
+        "correct": not any(r["problems"] for r in runs),
+        "problems": [f"run {i + 1}: {p}" for i, r in enumerate(runs) for p in r["problems"]],
+    }
+    if name == "engine":
+        whole = [b["whole_s"] for r in runs for b in r["batches"]]
+        rows = [b["rows"] for r in runs for b in r["batches"]]
+        out.update({
+            "longest_whole_batch_ms": ms(max(whole)), "p50_whole_batch_ms": ms(percentile(whole, 0.5)),
+            "batch_rows_p50": int(percentile(rows, 0.5)), "batch_rows_max": max(rows),
+            "moto_cpu_s": round(statistics.median(r["moto_cpu_s"] for r in runs), 2),
+            "objects": int(statistics.median(r["archive"]["objects"] for r in runs)),
+            "breakdown_s": {k: round(statistics.median(r["spent_all"][k] for r in runs), 3)
+                            for k in runs[0]["spent_all"]},
+            "batch_ms_each_run": [[[b["rows"], ms(b["delete_s"]), ms(b["whole_s"])] for b in r["batches"]]
+                                  for r in runs],
+        })
+    return out
+
+
+def breakdown(result: dict) -> dict:
+    """The engine's wall time split by step (delete = the transactions progress reports)."""
+    spent = dict(result["spent"])
+    spent["delete_txn"] = sum(b["delete_s"] for b in result["batches"])
+    spent["other"] = result["seconds"] - sum(spent.values())
+    return spent
+
+
+def memory_verdict(points: dict[int, dict]) -> dict:
+    sizes = sorted(points)
+    out = {"points": {str(n): points[n] for n in sizes}}
+    if len(sizes) >= 2:
+        small, large = points[sizes[0]]["growth_kib"], points[sizes[-1]]["growth_kib"]
+        limit = max(small * MEMORY_SLACK_FACTOR, small + MEMORY_SLACK_KIB)
+        out.update({"growth_small_kib": small, "growth_large_kib": large, "limit_kib": round(limit),
+                    "flat": large <= limit})
+    return out
+
+
+def print_summary(report: dict) -> None:
+    methods, v = report.get("methods"), report.get("verdict", {})
+    print()
+    if methods:
+        print(f"table customers: {report['rows']:,} rows, {report['expired']:,} expired (cutoff {report['cutoff']}), "
+              f"PostgreSQL {report['server_version']}, {os.cpu_count()} CPUs; moto {report['moto_version']} "
+              f"in its own process")
+        print("raw: COPY (DELETE ... RETURNING *) TO STDOUT → Python gzip level 1 → a file in a temp dir")
+        code = report["engine_code"]
+        print(f"engine at {code['commit']}{' + uncommitted ' + ', '.join(code['modified']) if code['modified'] else ''}; "
+              f"load average {report['load_average_start'][0]} at start, {report['load_average_end'][0]} at end "
+              f"(the machine is shared)")
+        runs = methods["raw"]["runs"]
+        if runs > 1:
+            print(f"{runs} runs per method, each on a fresh copy; seconds are medians, batch figures pooled")
+        print()
+        header = (f"{'method':<7} {'seconds':>8} {'rows/s':>9} {'batches':>8} {'longest ms':>11} {'p50 ms':>8} "
+                  f"{'p95 ms':>8} {'cpu s':>6} {'pg cpu s':>8} {'archive MB':>10}  check")
+        print(header)
+        print("-" * len(header))
+        for m in methods.values():
+            check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
+            print(f"{m['method']:<7} {m['seconds']:>8.2f} {m['rows_per_s']:>9,} {m['batches']:>8,} "
+                  f"{m['longest_batch_ms']:>11,.1f} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f} "
+                  f"{m['client_cpu_s']:>6.1f} {m['pg_cpu_s']:>8.1f} {m['archive_bytes'] / 1e6:>10.1f}  {check}")
+        if runs > 1:
+            print()
+            for m in methods.values():
+                print(f"{m['method']:<7} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
+        e = methods["engine"]
+        print()
+        print(f"engine: {e['objects']} objects; rows per batch p50 {e['batch_rows_p50']:,}, max {e['batch_rows_max']:,}; "
+              f"whole batch p50 {e['p50_whole_batch_ms']:,.0f} ms, max {e['longest_whole_batch_ms']:,.0f} ms; "
+              f"moto cpu {e['moto_cpu_s']:.1f} s")
+        b = e["breakdown_s"]
+        total = sum(b.values())
+        print("engine time by step: " + ", ".join(
+            f"{k.replace('_', ' ')} {s:.1f} s ({s / total:.0%})" for k, s in b.items()))
+        print(f"ratio engine/raw   {v['ratio_engine_over_raw']:>8.2f}   target >= {TARGET_RATIO:<6}  "
+              f"{'PASS' if v['ratio_pass'] else 'FAIL'}")
+        if "ratio_onepass_over_raw" in v:
+            print(f"ratio onepass/raw  {v['ratio_onepass_over_raw']:>8.2f}   (the sketch, not the engine; "
+                  f"batches of {report['sketch_batch_rows']:,} rows, whole batch = its transaction)")
+        print(f"longest batch (s)  {v['longest_batch_s']:>8.3f}   (delete transaction; "
+              f"whole batch {e['longest_whole_batch_ms'] / 1000:.3f} s)")
+    memory = report.get("memory")
+    if memory:
+        for size, point in memory["points"].items():
+            print(f"peak RSS growth at {int(size) / 1e6:g}M expired ({int(size) * 2 / 1e6:g}M rows)   "
+                  f"{point['growth_kib'] / 1024:>7.1f} MiB   (baseline {point['baseline_kib'] / 1024:.0f} MiB, "
+                  f"batch rows max {point['batch_rows_max']:,}, {point['method']})")
+        if "flat" in memory:
+            print(f"memory flat in rows    {memory['growth_large_kib'] / 1024:>7.1f} MiB <= "
+                  f"{memory['limit_kib'] / 1024:.1f} MiB   {'PASS' if memory['flat'] else 'FAIL'}")
+    pieces = report.get("profile")
+    if pieces:
+        print()
+        print(f"pieces of one batch of {pieces['rows']:,} rows (µs per row; × 1M rows = seconds per 1M):")
+        for name, piece in pieces["pieces"].items():
+            if "us_per_row" in piece:
+                extra = ""
+                if "same_bytes" in piece:
+                    extra = f" (same bytes as canonical_line: {piece['same_bytes']})"
+                if "equal" in piece:
+                    extra = f" (equal: {piece['equal']})"
+                print(f"  {name:<32} {piece['us_per_row']:>7.2f}  {piece['note']}{extra}")
+            else:
+                print(f"  {name:<32} {'-':>7}  {piece['note']}")
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="See the module docstring for how to read the figures.")
+    parser.add_argument("--rows", type=int, default=2_000_000, help="rows in the table (default 2,000,000)")
+    parser.add_argument("--expired", type=int, default=1_000_000, help="rows expired (default 1,000,000)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; medians are reported")
+    parser.add_argument("--pg", help="admin SQLAlchemy URL (default $RETENTION_BENCH_PG or postgres@127.0.0.1)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--save", metavar="PATH", help="also write the JSON figures to PATH")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--memory-sizes", default="1000000,3000000",
+                        help="expired rows per memory point, each in a table of twice as many (default 1M,3M)")
+    parser.add_argument("--max-batch-rows", type=int, help="the rule's max_batch_rows (default: the rule default)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="the rule's workers: walkers in parallel, one connection each (default 2, "
+                             "one per core of this machine)")
+    parser.add_argument("--fixed-batch-rows", type=int, metavar="N",
+                        help="engine batches of exactly N rows (replaces the adaptive BatchSizer; an experiment)")
+    parser.add_argument("--sketch", action="store_true",
+                        help="also time the 'onepass' sketch: each batch's COPY (DELETE ... RETURNING json) is its "
+                             "archive, uploaded and verified before COMMIT (not the engine)")
+    parser.add_argument("--sketch-batch-rows", type=int, default=50_000, help="rows per onepass batch")
+    parser.add_argument("--sketch-format", choices=["jsonl", "csv"], default="jsonl",
+                        help="onepass body: row_to_json lines (default) or COPY's CSV (to show what JSON costs)")
+    parser.add_argument("--profile", action="store_true", help="also time the pieces of one batch separately")
+    parser.add_argument("--profile-rows", type=int, default=100_000, help="rows of the profiled batch")
+    parser.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-child", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_moto or args.engine_child:
+        return args
+    if not 0 < args.expired <= args.rows:
+        parser.error("need 0 < --expired <= --rows")
+    if args.repeat < 1:
+        parser.error("need --repeat >= 1")
+    try:
+        args.memory_sizes = sorted({int(s) for s in args.memory_sizes.split(",") if s.strip()})
+    except ValueError:
+        parser.error("--memory-sizes takes comma-separated row counts")
+    if args.memory_only and args.no_memory:
+        parser.error("--memory-only and --no-memory exclude each other")
+    return args
+
+
+def engine_code() -> dict:
+    """Which engine was measured (others edit it concurrently): commit and file hashes."""
+    root = Path(__file__).resolve().parent.parent
+    files = ["plugins/retention/targets/sql_actions.py", "plugins/retention/targets/sql.py",
+             "plugins/retention/archive.py", "plugins/retention/journal.py"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", *files], cwd=root, capture_output=True,
+                               text=True).stdout.split()
+    except OSError:
+        commit, dirty = "?", []
+    return {"commit": commit, "modified": [f for f in files if f in dirty],
+            "sha256": {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in files}}
+
+
+def checked_engine(bench, bench_url, audit_url, rule_path, rows, expired, cutoff, label,
+                   fixed_batch_rows: int | None = None) -> dict:
+    log(f"{label}: fresh copy of customers")
+    fresh_copy(bench)
+    ids = pristine_expired_ids(bench, cutoff)
+    log(f"{label}: archiving and purging in a child process")
+    result = measure_engine(bench_url, audit_url, rule_path, ids, fixed_batch_rows)
+    problems = verify(bench, rows, expired, cutoff)
+    for what in ("deleted", "journaled"):
+        if result[what] != expired:
+            problems.append(f"{what} {result[what]} rows, expected {expired}")
+    if result["remaining"] or result["unresolved"]:
+        problems.append(f"{result['remaining']} expired rows remaining, {result['unresolved']} batches pending")
+    problems += result["archive"]["problems"]
+    result["problems"] = problems
+    result["spent_all"] = breakdown(result)
+    mem = result["memory"]
+    log(f"{label}: {result['seconds']:.2f} s, {len(result['batches'])} batches, peak RSS growth "
+        f"{mem['growth_kib'] / 1024:.1f} MiB" + ("" if not problems else f" — WRONG: {'; '.join(problems)}"))
+    return result
+
+
+def memory_point(result: dict) -> dict:
+    mem = result["memory"]
+    return {**mem, "batch_rows_max": max(b["rows"] for b in result["batches"]),
+            "batches": len(result["batches"]), "seconds": round(result["seconds"], 2),
+            "correct": not result["problems"],
+            "rss_after_batch_kib": [[b["deleted"], b["rss_kib"]] for b in result["batches"]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_moto:
+        serve_moto()
+        return 0
+    if args.engine_child:
+        print(json.dumps(engine_child(json.loads(args.engine_child))), flush=True)
+        return 0
+    import moto
+
+    admin = admin_url(args.pg)
+    cutoff = load_rule_cutoff()
+    report: dict = {"rows": args.rows, "expired": args.expired, "as_of": AS_OF.isoformat(),
+                    "cutoff": cutoff.isoformat(), "moto_version": moto.__version__, "engine_code": engine_code(),
+                    "load_average_start": [round(x, 2) for x in os.getloadavg()],
+                    "fixed_batch_rows": args.fixed_batch_rows, "max_batch_rows": args.max_batch_rows,
+                    "sketch_batch_rows": args.sketch_batch_rows if args.sketch else None}
+    all_correct = True
+    with throwaway_database(admin, "retention_bench") as bench_url, \
+            throwaway_database(admin, "retention_bench_audit") as audit_url, \
+            tempfile.TemporaryDirectory(prefix="retention-bench-archive-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        rule_path = scratch / "bench_customers.yaml"
+        rule_path.write_text(rule_text(args.max_batch_rows, args.workers))
+        bench = sa.create_engine(bench_url)
+        try:
+            report["server_version"] = scalar(bench, "SHOW server_version")
+            memory_points: dict[int, dict] = {}
+            if not args.memory_only:
+                log(f"building {args.rows:,} rows, {args.expired:,} expired")
+                t0 = time.perf_counter()
+                build_pristine(bench, args.rows, args.expired, cutoff)
+                log(f"built in {time.perf_counter() - t0:.1f} s")
+                runs: dict[str, list[dict]] = {"raw": [], "engine": []}
+                if args.sketch:
+                    runs["onepass"] = []
+                for round_no in range(args.repeat):
+                    if args.repeat > 1:
+                        log(f"round {round_no + 1} of {args.repeat}")
+                    log("raw: fresh copy of customers")
+                    fresh_copy(bench)
+                    ids = pristine_expired_ids(bench, cutoff)
+                    log("raw: COPY (DELETE ... RETURNING *) into gzip -1")
+                    raw = measure_raw(bench_url, cutoff, scratch)
+                    raw["problems"] = verify(bench, args.rows, args.expired, cutoff)
+                    if (raw["archive"]["lines"], raw["archive"]["id_sum"]) != (ids["count"], ids["sum"]):
+                        raw["problems"].append(f"the COPY output holds {raw['archive']['lines']} rows "
+                                               f"(ids sum {raw['archive']['id_sum']}), expected {ids['count']}")
+                    log(f"raw: {raw['seconds']:.2f} s" + (f" — WRONG: {raw['problems']}" if raw["problems"] else ""))
+                    runs["raw"].append(raw)
+                    runs["engine"].append(checked_engine(bench, bench_url, audit_url, rule_path, args.rows,
+                                                         args.expired, cutoff, "engine", args.fixed_batch_rows))
+                    if args.sketch:
+                        runs["onepass"].append(checked_onepass(bench, bench_url, args, cutoff))
+                methods = {name: summarize(name, results, args.expired) for name, results in runs.items()}
+                raw_s, engine_s = methods["raw"]["seconds"], methods["engine"]["seconds"]
+                ratio = raw_s / engine_s if engine_s else 0.0
+                report["methods"] = methods
+                report["verdict"] = {"ratio_engine_over_raw": round(ratio, 3), "ratio_target": TARGET_RATIO,
+                                     "ratio_pass": ratio >= TARGET_RATIO,
+                                     "longest_batch_s": round(methods["engine"]["longest_batch_ms"] / 1000, 3)}
+                if "onepass" in methods:
+                    report["verdict"]["ratio_onepass_over_raw"] = round(raw_s / methods["onepass"]["seconds"], 3)
+                all_correct &= all(m["correct"] for m in methods.values())
+                if args.rows == 2 * args.expired:
+                    memory_points[args.expired] = memory_point(runs["engine"][0])
+                if args.profile:
+                    log(f"profile: fresh copy; timing the pieces of one batch of {args.profile_rows:,} rows")
+                    fresh_copy(bench)
+                    report["profile"] = profile_pieces(bench_url, cutoff, min(args.profile_rows, args.expired))
+            if not args.no_memory:
+                for size in args.memory_sizes:
+                    if size in memory_points:
+                        continue
+                    log(f"memory: building {2 * size:,} rows, {size:,} expired")
+                    build_pristine(bench, 2 * size, size, cutoff)
+                    result = checked_engine(bench, bench_url, audit_url, rule_path, 2 * size, size, cutoff,
+                                            f"memory {size / 1e6:g}M", args.fixed_batch_rows)
+                    memory_points[size] = memory_point(result)
+                    all_correct &= not result["problems"]
+                    if result["problems"]:
+                        memory_points[size]["problems"] = result["problems"]
+                report["memory"] = memory_verdict(memory_points)
+        finally:
+            bench.dispose()
+    report["correct"] = all_correct
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.save:
+        Path(args.save).write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_summary(report)
+    return 0 if all_correct else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

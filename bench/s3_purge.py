@@ -34,11 +34,9 @@ How to read the summary
 call, reconcile and bucket probes included). ``keys/s`` is objects deleted per second.
 ``ratio`` is engine keys/s over raw keys/s; the target is >= 1.0 (the engine's thread
 pool should at least pay for its journal). Batch times: for ``raw`` one DeleteObjects
-request; for ``engine`` what the engine reports through ``progress``: from submitting
-the batch to the pool until the main thread collects it. The engine collects the
-oldest batch only once 2 x concurrency batches are in flight, so this is mostly
-queueing (roughly 2 x concurrency list pages). "worker" batch times (``pending`` start
-to ``done`` end on the worker thread) are what a batch really costs.
+request; for ``engine`` what the engine reports through ``progress``: the batch's own
+work on its worker thread (hold check, pending, DeleteObjects, done). "worker" batch
+times (``pending`` start to ``done`` end) are measured by the ledger wrapper.
 
 The breakdown counts requests and the seconds spent inside them (summed over threads,
 so concurrent requests add up to more than the wall time), of which waiting on the

@@ -21,9 +21,11 @@ demo: install
 test: install
 	$(BIN)/pytest
 
-## Speed and memory figures (not part of the tests).
+## Speed and memory figures (not part of the tests; about ten minutes).
 bench: install
 	$(BIN)/python bench/sql_purge.py
+	$(BIN)/python bench/s3_purge.py
+	$(BIN)/python bench/archive_purge.py
 
 validate: install
 	$(BIN)/retention validate retention_rules

@@ -129,6 +129,7 @@ from sql_purge import (  # noqa: E402
     log,
     ms,
     percentile,
+    print_runs,
     retention_engine,
     run_sql,
     scalar,
@@ -953,10 +954,7 @@ def print_summary(report: dict) -> None:
             print(f"{m['method']:<7} {m['seconds']:>8.2f} {m['rows_per_s']:>9,} {m['batches']:>8,} "
                   f"{m['longest_batch_ms']:>11,.1f} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f} "
                   f"{m['client_cpu_s']:>6.1f} {m['pg_cpu_s']:>8.1f} {m['archive_bytes'] / 1e6:>10.1f}  {check}")
-        if runs > 1:
-            print()
-            for m in methods.values():
-                print(f"{m['method']:<7} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
+        print_runs(methods, 7)
         e = methods["engine"]
         print()
         print(f"engine: {e['objects']} objects; rows per batch p50 {e['batch_rows_p50']:,}, max {e['batch_rows_max']:,}; "

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import select
 import signal
@@ -86,6 +85,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sql_purge import log, ms, percentile, print_runs  # noqa: E402
 
 BUCKET = "retention-bench"
 BODY = b"x" * 32
@@ -110,11 +113,6 @@ targets:
 AS_OF_AFTER_SEED = timedelta(days=60)
 TARGET_RATIO = 1.0
 SERVER_START_TIMEOUT_S = 300
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr so that --json output stays clean."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def key_name(i: int) -> str:
@@ -422,18 +420,6 @@ MEASURES = {"raw": measure_raw, "engine": measure_engine}
 # -- report --------------------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
-
-
 def median_of(runs: list[dict], pick) -> float:
     return statistics.median(pick(r) for r in runs)
 
@@ -507,10 +493,7 @@ def print_summary(report: dict) -> None:
         print(f"{m['method']:<8} {report['objects']:>8,} {m['seconds']:>8.2f} {m['keys_per_s']:>8,} "
               f"{m['batches']:>8,} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f} {m['max_batch_ms']:>8.1f} "
               f"{m['client_cpu_s']:>6.2f} {m['server_cpu_s']:>9.2f}  {check}")
-    if runs > 1:
-        print()
-        for m in methods.values():
-            print(f"{m['method']:<8} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
+    print_runs(methods, 8)
     print()
     print("requests: calls, seconds inside them (of which waiting on the wire and server), summed over threads")
     for m in methods.values():

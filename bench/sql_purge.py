@@ -386,10 +386,7 @@ def print_summary(report: dict) -> None:
         check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
         print(f"{m['method']:<8} {m['seconds']:>8.2f} {m['rows_per_s']:>10,} {m['batches']:>8,} "
               f"{m['longest_batch_ms']:>11,.1f} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f}  {check}")
-    if runs > 1:
-        print()
-        for m in methods.values():
-            print(f"{m['method']:<8} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
+    print_runs(methods, 8)
     engine = methods["engine"]
     print()
     print(f"engine: rows per batch p50 {engine['batch_rows_p50']:,}, max {engine['batch_rows_max']:,}; "
@@ -398,6 +395,15 @@ def print_summary(report: dict) -> None:
           f"{'PASS' if v['ratio_pass'] else 'FAIL'}")
     print(f"longest batch (s)  {v['longest_batch_s']:>6.3f}   target <= {TARGET_LONGEST_BATCH_S:<4}  "
           f"{'PASS' if v['longest_batch_pass'] else 'FAIL'}")
+
+
+def print_runs(methods: dict[str, dict], width: int) -> None:
+    """With --repeat, every run's seconds under the table (shared by the benchmarks)."""
+    if next(iter(methods.values()))["runs"] <= 1:
+        return
+    print()
+    for m in methods.values():
+        print(f"{m['method']:<{width}} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
 
 
 # -- main ----------------------------------------------------------------------------

@@ -181,26 +181,34 @@ class ArchiveRows(SqlAction):
                 return BatchResult(batch, 0, {}, time.perf_counter() - started)
             ledger.update_pending(batch_no, rows, encode_range(batch, tables=counts, planned=planned,
                                                                 holds=table.batch_holds))
-            archived = []
             try:
-                failpoints.hit("archive.before_upload")
-                for member, _ in members:
-                    if counts[member.name]:
-                        stored = self.store.put_verified(keys[member.name], bodies[member.name], table=member.name,
-                                                         rows=counts[member.name],
-                                                         columns=TableShape.of(member.table).columns)
-                        archived.append(dataclasses.replace(stored, depth=depths[member.name]))
-                        failpoints.hit("archive.after_object")
+                archived = self._upload(members, bodies, counts, keys, depths)
             except Exception:
                 self.store.remove(keys.values())
                 raise  # the transaction rolls back: nothing of the batch is deleted
             failpoints.hit("archive.before_commit")
-        seconds = time.perf_counter() - started
+        return self._committed(table, ledger, batch_no, batch, counts, archived, time.perf_counter() - started)
+
+    def _upload(self, members, bodies: dict[str, bytes], counts: dict[str, int], keys: dict[str, str],
+                depths: dict[str, int]) -> list[ArchivedObject]:
+        """Upload and verify one object per table that has rows in the batch."""
+        archived = []
+        failpoints.hit("archive.before_upload")
+        for member, _ in members:
+            if counts[member.name]:
+                stored = self.store.put_verified(keys[member.name], bodies[member.name], table=member.name,
+                                                 rows=counts[member.name], columns=TableShape.of(member.table).columns)
+                archived.append(dataclasses.replace(stored, depth=depths[member.name]))
+                failpoints.hit("archive.after_object")
+        return archived
+
+    def _committed(self, table, ledger, batch_no, batch, counts, archived, seconds) -> BatchResult:
+        """The batch committed: journal it done, with its verified objects."""
         failpoints.hit("archive.after_commit")
         ledger.done(batch_no, tables=counts,
                     descriptor=encode_range(batch, tables=counts, objects=[o.to_dict() for o in archived],
                                             holds=table.batch_holds))
-        return BatchResult(batch, rows, counts, seconds)
+        return BatchResult(batch, counts[table.family.name], counts, seconds)
 
     def _archive_batch(self, table, conn, window, lower, size, expired, ledger, batch_no, ceiling) -> BatchResult:
         with conn.begin():
@@ -213,7 +221,8 @@ class ArchiveRows(SqlAction):
                                                  member.name) for member, _ in members}
         # 1. Stream every table's rows from a server-side cursor into its compressed archive
         #    body, keeping only a 16-byte digest per row to compare with what the delete returns.
-        bodies: dict[str, tuple[Any, int]] = {}
+        bodies: dict[str, bytes] = {}
+        counts: dict[str, int] = {}
         digests: dict[str, Counter[Any]] = {}
         with conn.begin():
             for member, condition in members:
@@ -230,25 +239,16 @@ class ArchiveRows(SqlAction):
                         counter[_fingerprint(row)] += 1
                         yield row
 
-                body, count = encode_rows(shape, rows_counted(), self.store.spec.format)
-                bodies[member.name] = (body, count)
+                bodies[member.name], counts[member.name] = encode_rows(shape, rows_counted(), self.store.spec.format)
                 digests[member.name] = counter
-        rows = bodies[table.family.name][1]
+        rows = counts[table.family.name]
         if rows == 0:
             return BatchResult(batch, 0, {}, 0.0)
-        counts = {name: count for name, (_, count) in bodies.items()}
         planned = sorted([key, name] for name, key in keys.items())
         ledger.pending(batch_no, encode_range(batch, tables=counts, planned=planned, holds=table.batch_holds), rows)
         # 2. Upload and verify; on any failure remove what was uploaded and delete nothing.
-        archived: list[ArchivedObject] = []
         try:
-            failpoints.hit("archive.before_upload")
-            for name, (body, count) in bodies.items():
-                if count:
-                    stored = self.store.put_verified(keys[name], body, table=name, rows=count,
-                                                     columns=shapes[name].columns)
-                    archived.append(dataclasses.replace(stored, depth=depths[name]))
-                    failpoints.hit("archive.after_object")
+            archived = self._upload(members, bodies, counts, keys, depths)
         except Exception:
             self.store.remove(keys.values())
             ledger.resolve(batch_no, 0)
@@ -269,12 +269,7 @@ class ArchiveRows(SqlAction):
             self.store.remove(keys.values())
             ledger.resolve(batch_no, 0)
             raise
-        seconds = time.perf_counter() - started
-        failpoints.hit("archive.after_commit")
-        ledger.done(batch_no, tables=counts,
-                    descriptor=encode_range(batch, tables=counts, objects=[o.to_dict() for o in archived],
-                                            holds=table.batch_holds))
-        return BatchResult(batch, rows, counts, seconds)
+        return self._committed(table, ledger, batch_no, batch, counts, archived, time.perf_counter() - started)
 
     def settle(self, table, pending, descriptor, gone, ledger):
         planned = descriptor.get("planned", [])

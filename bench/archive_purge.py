@@ -104,23 +104,20 @@ import io
 import json
 import os
 import resource
-import select
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import moto_process  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
+from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
 from sql_purge import (  # noqa: E402
     AS_OF,
     admin_url,
@@ -141,8 +138,6 @@ from sqlalchemy.engine import URL, make_url  # noqa: E402
 from retention.rules import load_rule_file  # noqa: E402
 
 BUCKET = "retention-archive-bench"
-REGION = "us-east-1"
-CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 RULE_YAML = """\
 category: bench_customers
 description: Benchmark of archiving closed customer accounts to S3 before deleting them
@@ -191,15 +186,6 @@ def load_rule_cutoff() -> datetime:
 # -- /proc helpers -------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc); 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def proc_status_kib(field: str) -> int:
     """A ``kB`` field of /proc/self/status (VmRSS, VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -220,65 +206,15 @@ def reset_peak_rss() -> bool:
 # -- the moto server (child process) -------------------------------------------------
 
 
-def serve_moto() -> None:
-    """Child process: an S3 server with the bench bucket, until stdin closes.
-
-    Prints one JSON line with its port once it serves (what moto.server.ThreadedMotoServer
-    does, in a process of its own).
-    """
-    import logging
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
-
-    s3_backends[DEFAULT_ACCOUNT_ID]["aws"].create_bucket(BUCKET, REGION)
-    app = DomainDispatcherApplication(create_backend_app)
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    print(json.dumps({"port": server.server_port}), flush=True)
-    try:
-        sys.stdin.read()  # EOF: the parent closed the pipe or died
-    finally:
-        server.shutdown()
-        thread.join()
+def seed_bucket(backend) -> dict:
+    """The seed for ``moto_process.serve``: an empty bench bucket."""
+    backend.create_bucket(BUCKET, REGION)
+    return {}
 
 
-@contextmanager
-def moto_server() -> Iterator[dict]:
+def moto_server():
     """A fresh moto server in a child process: its endpoint and pid."""
-    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-moto"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], SERVER_START_TIMEOUT_S)
-        line = process.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(f"moto server did not start (exit code {process.poll()})")
-        port = json.loads(line)["port"]
-        yield {"endpoint": f"http://127.0.0.1:{port}", "pid": process.pid}
-    finally:
-        try:
-            process.stdin.close()
-        except OSError:
-            pass
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-
-
-def plain_client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", region_name=REGION, endpoint_url=endpoint, **CREDENTIALS)
+    return moto_process.moto_server([os.path.abspath(__file__), "--serve-moto"], SERVER_START_TIMEOUT_S)
 
 
 # -- raw -----------------------------------------------------------------------------
@@ -1093,7 +1029,7 @@ def memory_point(result: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_moto:
-        serve_moto()
+        moto_process.serve(seed_bucket)
         return 0
     if args.engine_child:
         print(json.dumps(engine_child(json.loads(args.engine_child))), flush=True)

@@ -71,29 +71,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import moto_process  # noqa: E402
+from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
 from sql_purge import log, ms, percentile, print_runs  # noqa: E402
 
 BUCKET = "retention-bench"
 BODY = b"x" * 32
-REGION = "us-east-1"
-CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 RULE_YAML = """\
 category: bench_exports
 description: Benchmark of the S3 purge on expired exports
@@ -122,85 +117,24 @@ def key_name(i: int) -> str:
 # -- the server (child process) ------------------------------------------------------
 
 
-def serve(objects: int, bucket: str, latency_ms: float = 0.0) -> None:
-    """Child process: seed moto's backend, serve it over HTTP until stdin closes.
+def seed_bucket(objects: int):
+    """The seed for ``moto_process.serve``: the bench bucket with ``objects`` keys."""
 
-    Prints one JSON line (port, objects in the bucket, seed seconds) once it serves.
-    With ``latency_ms``, every request sleeps that long first (outside the GIL), a
-    crude stand-in for the network and S3's own latency.
-    """
-    import logging
+    def seed(backend) -> dict:
+        started = time.perf_counter()
+        backend.create_bucket(BUCKET, REGION)
+        for i in range(objects):
+            backend.put_object(BUCKET, key_name(i), BODY, disable_notification=True)
+        seeded = time.perf_counter() - started
+        return {"objects": len(backend.get_bucket(BUCKET).keys), "seed_seconds": round(seeded, 2)}
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
-
-    started = time.perf_counter()
-    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
-    backend.create_bucket(bucket, REGION)
-    for i in range(objects):
-        backend.put_object(bucket, key_name(i), BODY, disable_notification=True)
-    seeded = time.perf_counter() - started
-
-    # What moto.server.ThreadedMotoServer does, with an optional delay in front.
-    app = DomainDispatcherApplication(create_backend_app)
-    if latency_ms > 0:
-        moto_app = app
-
-        def app(environ, start_response):
-            time.sleep(latency_ms / 1000)
-            return moto_app(environ, start_response)
-
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    count = len(backend.get_bucket(bucket).keys)
-    print(json.dumps({"port": server.server_port, "objects": count, "seed_seconds": round(seeded, 2)}), flush=True)
-    try:
-        sys.stdin.read()  # EOF: the parent closed the pipe or died
-    finally:
-        server.shutdown()
-        thread.join()
+    return seed
 
 
-@contextmanager
-def moto_server(objects: int, latency_ms: float = 0.0) -> Iterator[dict]:
+def moto_server(objects: int, latency_ms: float = 0.0):
     """A freshly seeded moto server in a child process; its endpoint, pid and seed figures."""
-    process = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve-moto", str(objects), "--latency-ms", str(latency_ms)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], SERVER_START_TIMEOUT_S)
-        line = process.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(f"moto server did not start (exit code {process.poll()})")
-        info = json.loads(line)
-        info["endpoint"] = f"http://127.0.0.1:{info['port']}"
-        info["pid"] = process.pid
-        yield info
-    finally:
-        try:
-            process.stdin.close()
-        except OSError:
-            pass
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    argv = [os.path.abspath(__file__), "--serve-moto", str(objects), "--latency-ms", str(latency_ms)]
+    return moto_process.moto_server(argv, SERVER_START_TIMEOUT_S)
 
 
 class Meter:
@@ -224,13 +158,6 @@ class Meter:
 
 
 # -- clients and checks --------------------------------------------------------------
-
-
-def plain_client(endpoint: str):
-    """boto3 with its defaults, as a hand-written script would make it."""
-    import boto3
-
-    return boto3.client("s3", region_name=REGION, endpoint_url=endpoint, **CREDENTIALS)
 
 
 class RequestTimer:
@@ -577,7 +504,7 @@ def run_method(name: str, args: argparse.Namespace, scratch: Path, seeds: list[f
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_moto is not None:
-        serve(args.serve_moto, BUCKET, args.latency_ms)
+        moto_process.serve(seed_bucket(args.serve_moto), args.latency_ms)
         return 0
     import moto
 

@@ -126,6 +126,7 @@ from sql_purge import (  # noqa: E402
     log,
     ms,
     percentile,
+    print_method_table,
     print_runs,
     retention_engine,
     run_sql,
@@ -881,15 +882,12 @@ def print_summary(report: dict) -> None:
         if runs > 1:
             print(f"{runs} runs per method, each on a fresh copy; seconds are medians, batch figures pooled")
         print()
-        header = (f"{'method':<7} {'seconds':>8} {'rows/s':>9} {'batches':>8} {'longest ms':>11} {'p50 ms':>8} "
-                  f"{'p95 ms':>8} {'cpu s':>6} {'pg cpu s':>8} {'archive MB':>10}  check")
-        print(header)
-        print("-" * len(header))
-        for m in methods.values():
-            check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
-            print(f"{m['method']:<7} {m['seconds']:>8.2f} {m['rows_per_s']:>9,} {m['batches']:>8,} "
-                  f"{m['longest_batch_ms']:>11,.1f} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f} "
-                  f"{m['client_cpu_s']:>6.1f} {m['pg_cpu_s']:>8.1f} {m['archive_bytes'] / 1e6:>10.1f}  {check}")
+        print_method_table(methods, [
+            ("seconds", ">8.2f", "seconds"), ("rows/s", ">9,", "rows_per_s"), ("batches", ">8,", "batches"),
+            ("longest ms", ">11,.1f", "longest_batch_ms"), ("p50 ms", ">8.1f", "p50_batch_ms"),
+            ("p95 ms", ">8.1f", "p95_batch_ms"), ("cpu s", ">6.1f", "client_cpu_s"), ("pg cpu s", ">8.1f", "pg_cpu_s"),
+            ("archive MB", ">10.1f", lambda m: m["archive_bytes"] / 1e6),
+        ])
         print_runs(methods, 7)
         e = methods["engine"]
         print()

@@ -85,7 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moto_process  # noqa: E402
 from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
-from sql_purge import log, ms, percentile, print_runs  # noqa: E402
+from sql_purge import log, ms, percentile, print_method_table, print_runs  # noqa: E402
 
 BUCKET = "retention-bench"
 BODY = b"x" * 32
@@ -411,15 +411,12 @@ def print_summary(report: dict) -> None:
     if runs > 1:
         print(f"{runs} runs per method, each on a fresh server; seconds are medians, batch figures pooled")
     print()
-    header = (f"{'method':<8} {'objects':>8} {'seconds':>8} {'keys/s':>8} {'batches':>8} {'p50 ms':>8} "
-              f"{'p95 ms':>8} {'max ms':>8} {'cpu s':>6} {'srv cpu s':>9}  check")
-    print(header)
-    print("-" * len(header))
-    for m in methods.values():
-        check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
-        print(f"{m['method']:<8} {report['objects']:>8,} {m['seconds']:>8.2f} {m['keys_per_s']:>8,} "
-              f"{m['batches']:>8,} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f} {m['max_batch_ms']:>8.1f} "
-              f"{m['client_cpu_s']:>6.2f} {m['server_cpu_s']:>9.2f}  {check}")
+    print_method_table(methods, [
+        ("objects", ">8,", lambda m: report["objects"]), ("seconds", ">8.2f", "seconds"),
+        ("keys/s", ">8,", "keys_per_s"), ("batches", ">8,", "batches"), ("p50 ms", ">8.1f", "p50_batch_ms"),
+        ("p95 ms", ">8.1f", "p95_batch_ms"), ("max ms", ">8.1f", "max_batch_ms"),
+        ("cpu s", ">6.2f", "client_cpu_s"), ("srv cpu s", ">9.2f", "server_cpu_s"),
+    ])
     print_runs(methods, 8)
     print()
     print("requests: calls, seconds inside them (of which waiting on the wire and server), summed over threads")

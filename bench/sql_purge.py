@@ -53,6 +53,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -378,14 +379,11 @@ def print_summary(report: dict) -> None:
     if runs > 1:
         print(f"{runs} runs per method, each on a fresh copy; seconds are medians, batch figures pooled")
     print()
-    header = (f"{'method':<8} {'seconds':>8} {'rows/s':>10} {'batches':>8} {'longest ms':>11} "
-              f"{'p50 ms':>8} {'p95 ms':>8}  check")
-    print(header)
-    print("-" * len(header))
-    for m in methods.values():
-        check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
-        print(f"{m['method']:<8} {m['seconds']:>8.2f} {m['rows_per_s']:>10,} {m['batches']:>8,} "
-              f"{m['longest_batch_ms']:>11,.1f} {m['p50_batch_ms']:>8.1f} {m['p95_batch_ms']:>8.1f}  {check}")
+    print_method_table(methods, [
+        ("seconds", ">8.2f", "seconds"), ("rows/s", ">10,", "rows_per_s"), ("batches", ">8,", "batches"),
+        ("longest ms", ">11,.1f", "longest_batch_ms"), ("p50 ms", ">8.1f", "p50_batch_ms"),
+        ("p95 ms", ">8.1f", "p95_batch_ms"),
+    ])
     print_runs(methods, 8)
     engine = methods["engine"]
     print()
@@ -395,6 +393,28 @@ def print_summary(report: dict) -> None:
           f"{'PASS' if v['ratio_pass'] else 'FAIL'}")
     print(f"longest batch (s)  {v['longest_batch_s']:>6.3f}   target <= {TARGET_LONGEST_BATCH_S:<4}  "
           f"{'PASS' if v['longest_batch_pass'] else 'FAIL'}")
+
+
+def print_method_table(methods: dict[str, dict], columns: list[tuple[str, str, object]]) -> None:
+    """One line per method under a header (shared by the benchmarks).
+
+    ``columns`` are (title, format spec, key or function of the method's figures); the
+    width is the spec's, the title aligned the same way. A last column says whether the
+    method's result was checked correct.
+    """
+    width = max(len(name) for name in methods) + 1
+    cells = []
+    for title, spec, _ in columns:
+        align, size = spec[0], int(re.match(r"[<>]?(\d+)", spec).group(1))
+        cells.append(f"{title:{align}{size}}")
+    header = f"{'method':<{width}} " + " ".join(cells) + "  check"
+    print(header)
+    print("-" * len(header))
+    for m in methods.values():
+        values = [(value(m) if callable(value) else m[value]) for _, _, value in columns]
+        check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
+        print(f"{m['method']:<{width}} " + " ".join(f"{v:{spec}}" for v, (_, spec, _) in zip(values, columns))
+              + f"  {check}")
 
 
 def print_runs(methods: dict[str, dict], width: int) -> None:

@@ -181,6 +181,8 @@ def test_dag_test_purges_a_bucket_on_a_moto_server(airflow_db, aws_server, audit
 
     bucket = f"dag-test-{os.getpid()}"
     aws_server.create_bucket(Bucket=bucket)
+    aws_server.create_bucket(Bucket=f"{bucket}-audit")
+    monkeypatch.setenv("RETENTION_CHECKPOINTS", f"s3://{bucket}-audit/checkpoints")
     aws_server.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     for key in ("exports/2019/01/05/a.csv", "exports/2019/01/05/a.csv", "exports/2026/06/01/b.csv"):
         aws_server.put_object(Bucket=bucket, Key=key, Body=b"rows")
@@ -200,6 +202,11 @@ def test_dag_test_purges_a_bucket_on_a_moto_server(airflow_db, aws_server, audit
     payload = json.loads(audit_db.scalar("SELECT payload FROM purge_certificates"))
     target = payload["targets"][0]
     assert (target["deleted"], target["bytes"], target["location"]) == (1, 8, f"s3://{bucket}/exports/")
+    checkpoints = aws_server.list_objects_v2(Bucket=f"{bucket}-audit")["Contents"]
+    assert [c["Key"] for c in checkpoints] == ["checkpoints/000000000001.checkpoint"]
+    from retention.cli import main
+
+    assert main(["verify", "--public-key", str(keys[1]), "--checkpoint", f"s3://{bucket}-audit/checkpoints"]) == 0
 
 
 def test_an_over_limit_run_fails_until_the_dag_param_approves_it(airflow_db, pg_db, monkeypatch, keys, tmp_path):

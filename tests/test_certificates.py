@@ -15,6 +15,15 @@ from cryptography.hazmat.primitives import serialization
 
 from retention.audit import open_audit
 from retention.certificates import entry_hash, read_certificates, verify_chain
+from retention.checkpoints import (
+    CHECKPOINTS_ENV,
+    Checkpoint,
+    CheckpointError,
+    DirectoryStore,
+    S3Store,
+    sign,
+    sign_note,
+)
 from retention.cli import main
 from retention.connections import from_environment
 from retention.rules import load_rule_file
@@ -28,8 +37,10 @@ UTC = timezone.utc
 
 @pytest.fixture
 def chain(pg_db, sqlite_db, monkeypatch, keys, tmp_path):
-    """Four certificates in a PostgreSQL audit database, from real runs on a SQLite table."""
+    """Four certificates in a PostgreSQL audit database, from real runs on a SQLite table;
+    their signed checkpoints in ``tmp_path/checkpoints``."""
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", pg_db.airflow_uri)
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path / "checkpoints"))
     connect(monkeypatch, "crm_db", sqlite_db)
     make_customers(sqlite_db)
     insert_customers(sqlite_db, [(i, "closed", datetime(2020, 1, 1, tzinfo=UTC) + timedelta(days=30 * i))
@@ -41,8 +52,8 @@ def chain(pg_db, sqlite_db, monkeypatch, keys, tmp_path):
     return pg_db
 
 
-def verify(capsys, public_key) -> tuple[int, str]:
-    code = main(["verify", "--public-key", str(public_key)])
+def verify(capsys, public_key, *checkpoints) -> tuple[int, str]:
+    code = main(["verify", "--public-key", str(public_key), *(f"--checkpoint={c}" for c in checkpoints)])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -232,3 +243,102 @@ def test_a_chain_signed_by_two_keys_verifies_with_both(chain, keys, tmp_path, mo
     assert "2 keys" in capsys.readouterr().out
     code, output = verify(capsys, keys[1])
     assert code == 1 and "seq 5" in output
+
+
+# -- signed checkpoints: what the chain alone cannot show --------------------------------
+
+
+def test_every_run_writes_a_signed_checkpoint_that_verify_accepts(chain, keys, tmp_path, capsys):
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    newest = (tmp_path / "checkpoints" / names[-1]).read_text()
+    head = chain.scalar("SELECT entry_hash FROM purge_certificates WHERE seq = 4")
+
+    code, output = verify(capsys, keys[1], tmp_path / "checkpoints")
+
+    assert names == [f"00000000000{n}.checkpoint" for n in range(1, 5)]
+    assert newest.startswith(f"retention/purge-certificates\n4\n{base64.b64encode(bytes.fromhex(head)).decode()}\n\n— ")
+    assert code == 0
+    assert "4 signed checkpoints agree with the chain; the newest, seq 4," in output
+
+
+def test_a_removed_tail_is_caught_against_the_checkpoints(chain, keys, tmp_path, capsys):
+    tamper(chain, "DELETE FROM purge_certificates WHERE seq >= 3")
+
+    alone = verify(capsys, keys[1])
+    code, output = verify(capsys, keys[1], tmp_path / "checkpoints")
+
+    assert alone[0] == 0 and "seq 1–2 without gaps" in alone[1]  # the chain alone cannot tell
+    assert code == 1
+    assert "seq 3: certificate 3–4 is missing" in output and "reached seq 4" in output
+
+
+def test_a_removed_tail_then_a_new_run_fails_loudly(chain, keys, tmp_path, capsys):
+    """Someone deletes the newest certificate; the next night's certificate takes its seq.
+    The chain looks whole, but its checkpoint cannot be written and verify names the seq."""
+    tamper(chain, "DELETE FROM purge_certificates WHERE seq = 4")
+    rules = tmp_path / "rules"
+
+    code = main(["run", "--rules", str(rules), "--as-of", "2023-05-01T03:00:00Z", "--run-id", "night-5"])
+    run_output = capsys.readouterr().err
+    verified, output = verify(capsys, keys[1], tmp_path / "checkpoints")
+
+    assert code == 1 and "000000000004.checkpoint already exists and differs" in run_output
+    assert chain.scalar("SELECT run_id FROM purge_certificates WHERE seq = 4") == "night-5"
+    assert verified == 1 and "seq 4: differs from the signed checkpoint" in output
+
+
+def test_a_forged_or_foreign_checkpoint_is_refused(chain, keys, tmp_path, capsys):
+    directory = tmp_path / "checkpoints"
+    forged = directory / "000000000009.checkpoint"
+    forged.write_text((directory / "000000000004.checkpoint").read_text().replace("\n4\n", "\n9\n"))
+    code, output = verify(capsys, keys[1], forged)
+    assert code == 1 and "no valid signature by a trusted public key" in output
+
+    attacker = Signer.from_pem_file(generate_keypair(tmp_path / "attacker")[0])
+    DirectoryStore(tmp_path / "foreign").put("000000000002.checkpoint", sign_note(
+        Checkpoint(2, "ab" * 32).body(), "retention/purge-certificates", attacker.private_key))
+    code, output = verify(capsys, keys[1], tmp_path / "foreign")
+    assert code == 1 and "no valid signature" in output
+
+
+def test_an_emptied_checkpoint_store_fails_verify(chain, keys, tmp_path, capsys):
+    for path in (tmp_path / "checkpoints").iterdir():
+        path.unlink()
+
+    code, output = verify(capsys, keys[1], tmp_path / "checkpoints")
+
+    assert code == 1 and "no checkpoints at" in output
+
+
+def test_the_note_format_is_the_c2sp_signed_note_of_the_go_reference():
+    """golang.org/x/mod/sumdb/note's documented example, byte for byte (Ed25519 is deterministic)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from retention.checkpoints import note_key_hash, open_note
+
+    seed = base64.b64decode("AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz")[1:]  # PRIVATE+KEY+PeterNeumann+c74f20a3+…
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    text = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
+    expected = (text + "\n— PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZ"
+                "b6KE6RyyBwJnAM=\n")
+
+    assert note_key_hash("PeterNeumann", key.public_key()).hex() == "c74f20a3"
+    assert sign_note(text, "PeterNeumann", key).decode() == expected
+    assert open_note(expected.encode(), "PeterNeumann", [key.public_key()]) == text
+    assert open_note(expected.replace("problem,", "problem;").encode(), "PeterNeumann", [key.public_key()]) is None
+
+
+def test_an_s3_checkpoint_is_written_once_and_never_replaced(aws_server, keys, tmp_path):
+    aws_server.create_bucket(Bucket="audit-checkpoints")
+    store = S3Store("s3://audit-checkpoints/retention/prod", aws_server)
+    signer, rotated = Signer.from_pem_file(keys[0]), Signer.from_pem_file(generate_keypair(tmp_path / "new")[0])
+    head = Checkpoint(1, "ab" * 32)
+
+    store.put("000000000001.checkpoint", sign(head, signer))
+    store.put("000000000001.checkpoint", sign(head, signer))  # a retried certify writes the same note: fine
+    store.put("000000000001.checkpoint", sign(head, rotated))  # or the same text under a rotated key
+    with pytest.raises(CheckpointError, match="already exists and differs"):
+        store.put("000000000001.checkpoint", sign(Checkpoint(1, "cd" * 32), signer))
+
+    assert list(store.notes()) == [("s3://audit-checkpoints/retention/prod/000000000001.checkpoint",
+                                    sign(head, signer))]

@@ -4,7 +4,8 @@ A certificate's payload is canonical JSON (RFC 8785), stored as the exact signed
 It carries its ``seq`` and the previous entry's hash, so anyone holding the public key
 can check, without trusting the database, that no certificate was forged, edited,
 removed from the middle or reordered. Appends are serialized (an advisory lock on
-PostgreSQL, unique ``seq`` and ``prev_hash`` everywhere), so the chain cannot fork.
+PostgreSQL, unique ``seq`` and ``prev_hash`` everywhere), so the chain cannot fork. A
+removed tail shows only against signed checkpoints kept elsewhere (``checkpoints.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
+    from retention.checkpoints import Checkpoint
     from retention.signing import PublicKeys, Signer
 
 log = logging.getLogger(__name__)
@@ -276,24 +278,43 @@ class Verification:
         return self.reason is None
 
 
-def verify_chain(engine: Engine, keys: PublicKeys) -> Verification:
+def verify_chain(
+    engine: Engine, keys: PublicKeys, checkpoints: Mapping[int, Checkpoint] | None = None
+) -> Verification:
     """Check every certificate's signature, the gap-free seq order and the hash chain.
 
-    Stops at the first certificate that fails, naming its seq and why.
+    With ``checkpoints`` (signed heads kept outside the database, by size), the chain must
+    also reach every checkpoint's size and hash to its head there: a removed tail or a
+    history rewritten before a checkpoint fails. Stops at the first certificate that
+    fails, naming its seq and why.
     """
+    checkpoints = checkpoints or {}
     expected_seq = 1
     prev_hash = GENESIS_HASH
     checked = 0
     used_keys: set[str] = set()
+
+    def failed(bad_seq: int, reason: str) -> Verification:
+        return Verification(checked, expected_seq - 1 or None, prev_hash if checked else None,
+                            bad_seq=bad_seq, reason=reason, key_ids=frozenset(used_keys))
+
     for cert in read_certificates(engine):
         reason = _check(cert, expected_seq, prev_hash, keys)
         if reason is not None:
-            return Verification(checked, expected_seq - 1 or None, prev_hash if checked else None,
-                                bad_seq=cert.seq, reason=reason, key_ids=frozenset(used_keys))
+            return failed(cert.seq, reason)
+        checkpoint = checkpoints.get(cert.seq)
+        if checkpoint is not None and checkpoint.head_hash != cert.entry_hash:
+            return failed(cert.seq, f"differs from the signed checkpoint {checkpoint.source}: the chain "
+                                    "was rewritten up to here after that checkpoint was signed")
         used_keys.add(cert.key_id)
         prev_hash = entry_hash(cert.payload.encode("utf-8"))
         expected_seq += 1
         checked += 1
+    if checkpoints and max(checkpoints) >= expected_seq:
+        furthest = checkpoints[max(checkpoints)]
+        missing = f"{expected_seq}" if furthest.size == expected_seq else f"{expected_seq}–{furthest.size}"
+        return failed(expected_seq, f"certificate {missing} is missing: the signed checkpoint {furthest.source} "
+                                    f"says the chain reached seq {furthest.size} (the newest certificates were removed)")
     return Verification(
         checked, checked or None, prev_hash if checked else None, key_ids=frozenset(used_keys)
     )

@@ -150,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     audit_option(cmd)
     cmd.add_argument("--public-key", action="append", required=True, metavar="PEM",
                      help="trusted Ed25519 public key (repeat while rotating keys)")
+    cmd.add_argument("--checkpoint", action="append", default=[], metavar="LOCATION",
+                     help="signed checkpoints kept outside the database: a file, a directory or "
+                          "s3://bucket/prefix (repeatable); catches a removed tail")
+    cmd.add_argument("--checkpoint-connection", default="aws_default", metavar="CONN_ID",
+                     help="AWS connection that reads s3:// checkpoints (default aws_default)")
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(handler=cmd_verify)
 
@@ -213,6 +218,7 @@ def _hold_registry_if_any(audit: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from retention.audit import open_audit
+    from retention.checkpoints import configured_store
     from retention.connections import from_environment
     from retention.journal import RunJournal
     from retention.plan import build_plan
@@ -232,10 +238,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     signer = Signer.from_environment()  # before anything is touched: an uncertifiable run must not start
     base_id = args.run_id or f"cli__{as_of.strftime('%Y%m%dT%H%M%SZ')}__{uuid.uuid4().hex[:8]}"
-    certificates = []
+    certificates, errors = [], 0
     journal = RunJournal(open_audit(from_environment, args.audit))
     with Targets(from_environment) as targets:
-        runner = Runner(journal, targets, signer)
+        runner = Runner(journal, targets, signer, checkpoints=configured_store(targets.s3_client))
         for rule_file in rules:
             run_id = base_id if len(rules) == 1 else f"{base_id}__{rule_file.rule.category}"
             print(f"{rule_file.rule.category}: as of {moment(as_of)}, retain {rule_file.rule.retain_for} "
@@ -249,6 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _err(f"{rule_file.rule.category}: {exc}")
                 from retention.certificates import find_certificate
 
+                errors += 1
                 certificate = find_certificate(journal.engine, rule_file.rule.category, run_id)
                 if certificate is None:
                     return EXIT_FAILED
@@ -258,7 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(certificate.payload)
     else:
         _print_run_summary(certificates)
-    return EXIT_OK if all(c.status == "complete" for c in certificates) else EXIT_FAILED
+    return EXIT_OK if not errors and all(c.status == "complete" for c in certificates) else EXIT_FAILED
 
 
 def _holds(args: argparse.Namespace):
@@ -388,16 +395,29 @@ def cmd_certificates(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from retention.audit import open_audit
-    from retention.certificates import verify_chain
-    from retention.connections import from_environment
+    from retention.certificates import Verification, verify_chain
+    from retention.checkpoints import CHECKPOINTS_ENV, CheckpointError, open_store, read_all
+    from retention.connections import create_s3_client, from_environment
     from retention.signing import PublicKeys
 
     keys = PublicKeys.from_pem_files(args.public_key)
-    result = verify_chain(open_audit(from_environment, args.audit), keys)
+    def s3_client(conn_id: str):
+        return create_s3_client(from_environment(conn_id))
+
+    checkpoints = {}
+    try:
+        stores = [open_store(where, s3_client, args.checkpoint_connection) for where in args.checkpoint]
+        checkpoints = read_all(stores, keys)
+    except CheckpointError as exc:
+        result = Verification(0, None, None, reason=str(exc))
+    else:
+        result = verify_chain(open_audit(from_environment, args.audit), keys, checkpoints)
+    newest = max(checkpoints) if checkpoints else None
     if args.json:
         print(json.dumps({
             "ok": result.ok, "checked": result.checked, "head_seq": result.head_seq,
             "head_hash": result.head_hash, "bad_seq": result.bad_seq, "reason": result.reason,
+            "checkpoints": len(checkpoints), "newest_checkpoint": newest,
         }))
     elif result.ok:
         if result.checked == 0:
@@ -407,7 +427,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   f"({len(result.key_ids)} key{'s' if len(result.key_ids) != 1 else ''}), "
                   f"seq 1–{result.head_seq} without gaps, hash chain intact")
             print(f"  head: seq {result.head_seq} {result.head_hash}")
-            print("  (record the head outside the database to detect a removed tail later)")
+            if checkpoints:
+                print(f"  {count(len(checkpoints), 'signed checkpoint')} agree with the chain; the newest, "
+                      f"seq {newest}, shows no certificate up to it was removed")
+                print(f"  ({checkpoints[newest].source})")
+            else:
+                print("  (no --checkpoint given: a removed tail is caught only against the signed checkpoints "
+                      f"runs write outside the database when {CHECKPOINTS_ENV} is set)")
+    elif result.bad_seq is None:
+        _err(f"✗ {result.reason}")
     else:
         _err(f"✗ certificate seq {result.bad_seq}: {result.reason}")
         if result.checked:

@@ -182,6 +182,7 @@ class _RunnerScope:
 
     def __enter__(self) -> Runner:
         from retention.audit import open_audit
+        from retention.checkpoints import configured_store
         from retention.journal import RunJournal
         from retention.runs import Runner
         from retention.signing import Signer
@@ -191,7 +192,8 @@ class _RunnerScope:
         audit = os.environ.get("RETENTION_AUDIT_CONN", "retention_audit")
         self.audit = open_audit(airflow_connection, audit)
         self.targets = Targets(airflow_connection)
-        return Runner(RunJournal(self.audit), self.targets, signer)
+        return Runner(RunJournal(self.audit), self.targets, signer,
+                      checkpoints=configured_store(self.targets.s3_client))
 
     def __exit__(self, *exc) -> None:
         self.targets.close()

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from retention import __version__, failpoints
 from retention.archive import build_manifest
 from retention.certificates import Certificate, certify
+from retention.checkpoints import CheckpointStore, publish
 from retention.errors import (
     ConfigError,
     OverLimit,
@@ -56,6 +57,7 @@ class Runner:
     signer: Signer
     code_version: str = field(default_factory=lambda: f"retention {__version__}")
     lease_ttl: timedelta = DEFAULT_TTL
+    checkpoints: CheckpointStore | None = None
 
     # -- start -----------------------------------------------------------------------
 
@@ -211,7 +213,19 @@ class Runner:
         certificate = certify(self.journal, run, self.signer, extra=extra)
         failpoints.hit("certify.after_append")
         self._lock(run.category, run.run_id).release()
+        self._publish_checkpoint(certificate)
         return certificate
+
+    def _publish_checkpoint(self, certificate: Certificate) -> None:
+        """Sign the chain's head at this certificate into the checkpoint store, if there is one.
+
+        Idempotent (a rerun of certify writes the same bytes); a failure fails the step, and
+        its retry publishes what is missing.
+        """
+        if self.checkpoints is None:
+            return
+        name = publish(self.checkpoints, self.signer, certificate.seq, certificate.entry_hash)
+        log.info("checkpoint of seq %d written to %s/%s", certificate.seq, self.checkpoints.location, name)
 
     def _lock(self, category: str, run_id: str) -> RunLock:
         return RunLock(self.journal.engine, category, run_id, ttl=self.lease_ttl)
@@ -255,7 +269,9 @@ class Runner:
                     run, record.target, state="failed",
                     error="interrupted" if record.state == "running" else "not run",
                 )
-        return certify(self.journal, run, self.signer, extra=self._manifest(run))
+        certificate = certify(self.journal, run, self.signer, extra=self._manifest(run))
+        self._publish_checkpoint(certificate)
+        return certificate
 
     def _check_audit_apart(self, rule_file: RuleFile) -> None:
         audit = self.journal.engine.url

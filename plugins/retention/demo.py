@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from retention.anonymize import HASH_KEY_ENV
+from retention.checkpoints import CHECKPOINTS_ENV
 from retention.rules import load_rules
 from retention.signing import SIGNING_KEY_ENV, generate_keypair
 
@@ -223,6 +224,7 @@ def environment(demo: Path, databases: dict[str, Path], s3_endpoint: str) -> dic
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         "RETENTION_RULES_DIR": str(ROOT / "retention_rules"),
         SIGNING_KEY_ENV: str(demo / "keys" / "retention-signing.pem"),
+        CHECKPOINTS_ENV: str(demo / "checkpoints"),  # in production: a bucket with Object Lock
         HASH_KEY_ENV: (demo / "keys" / "hash.key").read_text().strip(),
         "AIRFLOW_CONN_RETENTION_AUDIT": f'{{"conn_type": "sqlite", "host": "{demo / "audit.db"}"}}',
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({
@@ -299,9 +301,10 @@ def _run_demo(demo: Path, env: dict[str, str], bin_dir: Path) -> int:
     _step("Certificates")
     _run([bin_dir / "retention", "certificates", "--limit", "12"], env)
 
-    _step("Verification (anyone with the public key can do this)")
+    _step("Verification (anyone with the public key and the checkpoints can do this)")
     verified = _run(
-        [bin_dir / "retention", "verify", "--public-key", demo / "keys" / "retention-signing.pub.pem"], env
+        [bin_dir / "retention", "verify", "--public-key", demo / "keys" / "retention-signing.pub.pem",
+         "--checkpoint", demo / "checkpoints"], env
     )
     _step("Retention status: how far behind is each target now?")
     _run([bin_dir / "retention", "status"], env)

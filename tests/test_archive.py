@@ -331,10 +331,15 @@ def test_delete_with_children_and_an_undeclared_reference(pg_db, monkeypatch, au
     assert certificate.data["targets"][0]["tables"] == {"order_items": 2 * len(expired), "orders": len(expired)}
 
 
-def test_archived_s3_objects_are_verified_and_land_in_the_storage_class(aws, audit_db, keys, tmp_path):
+RECEIPTS = {"r/2010/01/01/a.pdf": b"%PDF receipt a", "r/2011/02/02/b.pdf": b"%PDF receipt b, longer",
+            "r/2025/01/01/new.pdf": b"%PDF receipt new"}
+
+
+def archive_receipts(aws, tmp_path):
+    """Archive the two expired receipts to GLACIER (and delete them); the certificate."""
     aws.create_bucket(Bucket="retail-receipts")
-    for key in ("r/2010/01/01/a.pdf", "r/2011/02/02/b.pdf", "r/2025/01/01/new.pdf"):
-        aws.put_object(Bucket="retail-receipts", Key=key, Body=b"%PDF receipt " + key.encode())
+    for key, body in RECEIPTS.items():
+        aws.put_object(Bucket="retail-receipts", Key=key, Body=body)
     text = (
         "category: receipts\ndescription: r\nowner: f\nlegal_basis: l\nretain_for: P10Y\naction: archive\n"
         f"archive: {{connection: aws_default, bucket: {ARCHIVE}, prefix: receipts/, storage_class: GLACIER}}\n"
@@ -342,8 +347,11 @@ def test_archived_s3_objects_are_verified_and_land_in_the_storage_class(aws, aud
         "     age_from: key_date, key_date_format: 'r/%Y/%m/%d/', max_fraction: 1.0}\n"
     )
     rule_file = load_rule_file(write_rule(tmp_path / "rules", "receipts", text=text))
+    return make_runner().run(rule_file, run_id="r1", as_of=AS_OF)
 
-    certificate = make_runner().run(rule_file, run_id="r1", as_of=AS_OF)
+
+def test_archived_s3_objects_are_verified_and_land_in_the_storage_class(aws, audit_db, keys, tmp_path):
+    certificate = archive_receipts(aws, tmp_path)
 
     assert certificate.status == "complete"
     left = {o["Key"] for o in aws.list_objects_v2(Bucket="retail-receipts")["Contents"]}
@@ -354,8 +362,36 @@ def test_archived_s3_objects_are_verified_and_land_in_the_storage_class(aws, aud
     for copy in copies:
         head = aws.head_object(Bucket=ARCHIVE, Key=copy["key"])
         assert head["StorageClass"] == "GLACIER"
-        assert head["ContentLength"] == copy["bytes"] == len(b"%PDF receipt " + copy["source"].encode())
+        assert copy["bucket"] == "retail-receipts"
+        assert head["ContentLength"] == copy["bytes"] == len(RECEIPTS[copy["source"]])
         assert copy["verified"] == "size+md5"
+
+
+def test_archived_s3_objects_restore_after_a_thaw_and_never_over_another_object(aws, audit_db, keys, tmp_path,
+                                                                                  capsys):
+    certificate = archive_receipts(aws, tmp_path)
+    restore = ["restore", certificate.data["archive"]["manifest"], "--into", "s3://retail-receipts"]
+    aws.put_object(Bucket="retail-receipts", Key="r/2011/02/02/b.pdf", Body=b"someone else's new file")
+
+    thawing = main(restore)
+    first = capsys.readouterr()
+    assert thawing == 1 and "run the same command again later" in first.err
+    assert "r/2011/02/02/b.pdf holds a different object" in first.err
+    assert aws.get_object(Bucket="retail-receipts", Key="r/2011/02/02/b.pdf")["Body"].read() == b"someone else's new file"
+    assert "r/2010/01/01/a.pdf" not in {o["Key"] for o in aws.list_objects_v2(Bucket="retail-receipts")["Contents"]}
+
+    aws.delete_object(Bucket="retail-receipts", Key="r/2011/02/02/b.pdf")
+    assert main(restore) == 1  # a.pdf thawed (moto thaws at once): copied back; b.pdf's thaw asked only now
+    assert main(restore) == 0
+    assert main(restore) == 0  # a rerun finds both back
+    outputs = capsys.readouterr().out.split("OBJECTS")[1:]
+    assert [_counts(o) for o in outputs] == [(1, 0, 1, 0), (1, 1, 0, 0), (0, 2, 0, 0)]
+
+    for key in ("r/2010/01/01/a.pdf", "r/2011/02/02/b.pdf"):
+        assert aws.get_object(Bucket="retail-receipts", Key=key)["Body"].read() == RECEIPTS[key]
+    assert main(restore[:3] + ["s3://retail-receipts/elsewhere"]) == 0
+    assert aws.get_object(Bucket="retail-receipts", Key="elsewhere/r/2010/01/01/a.pdf")["Body"].read() == \
+        RECEIPTS["r/2010/01/01/a.pdf"]
 
 
 def test_sigkill_after_upload_before_delete_leaves_no_debris_and_archives_once(
@@ -397,6 +433,11 @@ def test_sigkill_after_upload_before_delete_leaves_no_debris_and_archives_once(
     assert sorted(archived_ids) == sorted(expired)
     assert listed == in_manifests  # no orphan object left by the killed batch
     assert set(snapshot(pg_db, "orders")).isdisjoint(expired)
+
+
+def _counts(table: str) -> tuple[int, ...]:
+    """restored, already back, thawing, conflicts, from `retention restore`'s table."""
+    return tuple(int(line.split()[-1]) for line in table.splitlines()[2:6])
 
 
 def _manifest(client, certificate) -> dict:

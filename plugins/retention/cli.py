@@ -158,10 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(handler=cmd_verify)
 
-    cmd = commands.add_parser("restore", help="load an archive's rows back into a database")
+    cmd = commands.add_parser("restore", help="put an archive back: rows into a database, objects into a bucket")
     cmd.add_argument("manifest", metavar="MANIFEST", help="s3://bucket/key of a run's manifest.json, or a file")
-    cmd.add_argument("--into", required=True, metavar="CONN[.TABLE]",
-                     help="connection id to restore into; .TABLE renames the parent table")
+    cmd.add_argument("--into", required=True, metavar="CONN[.TABLE] | s3://BUCKET[/PREFIX]",
+                     help="rows: connection id to restore into (.TABLE renames the parent table); "
+                          "S3 objects: the bucket (and prefix) to copy them back to, each at its original key")
     cmd.add_argument("--archive-connection", default="aws_default", metavar="CONN_ID",
                      help="AWS connection that reads the archive (default aws_default)")
     cmd.set_defaults(handler=cmd_restore)
@@ -448,13 +449,32 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from retention.restore import read_manifest, restore
     from retention.targets import Targets
 
-    conn_id, _, table = args.into.partition(".")
     with Targets(from_environment) as targets:
         client = targets.s3_client(args.archive_connection)
         manifest = read_manifest(args.manifest, lambda: client)
+        if args.into.startswith("s3://"):
+            return _restore_objects(manifest, client, args.into)
+        conn_id, _, table = args.into.partition(".")
         result = restore(manifest, client, targets.sql_engine(conn_id), table=table or None)
     print(table_rows(result.tables, conn_id))
     return EXIT_OK
+
+
+def _restore_objects(manifest: dict, client, into: str) -> int:
+    from retention.restore import THAW_DAYS, restore_objects
+
+    result = restore_objects(manifest, client, into)
+    print(table(["OBJECTS", "COUNT"], [["restored now", f"{len(result.restored):,}"],
+                                       ["already back", f"{len(result.present):,}"],
+                                       ["thawing (GLACIER / DEEP_ARCHIVE)", f"{len(result.thawing):,}"],
+                                       ["left alone: another object is there", f"{len(result.conflicts):,}"]],
+                right=(1,)))
+    for where in result.conflicts:
+        _err(f"  conflict: {where} holds a different object; move it, or restore under another prefix")
+    if result.thawing:
+        _err(f"S3 is thawing {count(len(result.thawing), 'object')} (hours for Standard retrieval; they stay "
+             f"readable {THAW_DAYS} days): run the same command again later to copy them back.")
+    return EXIT_OK if result.complete else EXIT_FAILED
 
 
 def table_rows(tables: dict[str, int], conn_id: str) -> str:

@@ -1,8 +1,13 @@
-"""Restore: load archived rows back into a database, proving an archive is usable.
+"""Restore: put an archive back, proving it is usable.
 
-Reads a run's manifest, checks every object's SHA-256 against it, decodes rows with the
-column codecs the manifest records, and inserts them (the target's table first, then
-its children, so foreign keys hold) in chunked transactions.
+Table rows: read a run's manifest, check every object's SHA-256 against it, decode rows
+with the column codecs the manifest records, and insert them (the target's table first,
+then its children, so foreign keys hold) in chunked transactions.
+
+S3 objects: copy each archived object back, server-side, to a bucket the caller names
+(never silently over another object), and check the copy against the manifest. Objects
+archived to GLACIER or DEEP_ARCHIVE must be thawed first: the first call asks S3 to, and
+a later call, once S3 has, copies them.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def restore(manifest: dict[str, Any], client: Any, engine, *, table: str | None 
     """
     depth = {name: info.get("depth", 0) for name, info in manifest["tables"].items()}
     if not depth:
-        raise TerminalError("the manifest lists no table rows (an S3-object archive restores by copying objects)")
+        raise TerminalError("the manifest lists no table rows; S3 objects restore with --into s3://BUCKET[/PREFIX]")
     parent = min(depth, key=depth.get)
     renames = {parent: table} if table else {}
     shapes = {name: TableShape(name, tuple(tuple(c) for c in info["columns"]))
@@ -82,3 +87,85 @@ def restore(manifest: dict[str, Any], client: Any, engine, *, table: str | None 
         counts[name] = counts.get(name, 0) + len(rows)
         log.info("restored %d rows of %s from %s", len(rows), name, obj["key"])
     return RestoreResult(counts)
+
+
+# -- S3 objects ---------------------------------------------------------------------------
+
+THAWED_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # must be restored before a copy; GLACIER_IR need not
+THAW_DAYS = 7
+
+
+@dataclass
+class ObjectRestoreResult:
+    """What a restore of archived S3 objects did, object by object."""
+
+    restored: list[str]  # copied back now, and checked
+    present: list[str]  # already at the destination, the same object (a rerun)
+    thawing: list[str]  # in a thawed-before-read class: S3 is restoring it; call again later
+    conflicts: list[str]  # another object already sits at the destination: left alone
+
+    @property
+    def complete(self) -> bool:
+        """True when every archived object is back."""
+        return not self.thawing and not self.conflicts
+
+
+def restore_objects(manifest: dict[str, Any], client: Any, into: str, *, thaw_days: int = THAW_DAYS,
+                    thaw_tier: str = "Standard") -> ObjectRestoreResult:
+    """Copy every S3 object the manifest archived back to ``into`` (``s3://bucket[/prefix]``),
+    each at the prefix plus its original key. Safe to call again: what is back is skipped."""
+    bucket, _, prefix = into.removeprefix("s3://").partition("/")
+    if not into.startswith("s3://") or not bucket:
+        raise ConfigError(f"--into {into}: S3 objects restore into s3://BUCKET[/PREFIX]")
+    prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    entries = [e for e in manifest.get("s3_objects", []) if e.get("key")]
+    if not entries:
+        raise TerminalError("the manifest lists no archived S3 objects; table rows restore with --into CONN")
+    result = ObjectRestoreResult([], [], [], [])
+    archive = manifest["bucket"]
+    for entry in entries:
+        dest = prefix + entry["source"]
+        where = f"s3://{bucket}/{dest}"
+        existing = _head(client, bucket, dest)
+        if existing is not None:
+            # Only an object known to be the same counts as back; anything else is left alone.
+            (result.present if _same_object(existing, entry) else result.conflicts).append(where)
+            continue
+        head = client.head_object(Bucket=archive, Key=entry["key"])
+        if head.get("StorageClass") in THAWED_CLASSES and 'ongoing-request="false"' not in (head.get("Restore") or ""):
+            if not head.get("Restore"):
+                client.restore_object(Bucket=archive, Key=entry["key"], RestoreRequest={
+                    "Days": thaw_days, "GlacierJobParameters": {"Tier": thaw_tier}})
+                log.info("asked S3 to thaw s3://%s/%s for %d days", archive, entry["key"], thaw_days)
+            result.thawing.append(where)
+            continue
+        client.copy({"Bucket": archive, "Key": entry["key"]}, bucket, dest, ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+        copied = _head(client, bucket, dest)
+        if copied is None or _same_object(copied, entry) is False:
+            raise TerminalError(f"the restored copy {where} does not match the manifest (size or checksum)")
+        result.restored.append(where)
+    return result
+
+
+def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def _same_object(head: dict[str, Any], entry: dict[str, Any]) -> bool | None:
+    """Whether the object at ``head`` is the archived one: compared by size, then SHA-256
+    or single-part ETag (MD5) where both sides know it; None when only the size agrees."""
+    if head.get("ContentLength") != entry.get("bytes"):
+        return False
+    if entry.get("sha256") and head.get("ChecksumSHA256"):
+        return head["ChecksumSHA256"] == entry["sha256"]
+    etag, recorded = head.get("ETag") or "", entry.get("etag") or ""
+    if etag and recorded and "-" not in etag + recorded:
+        return etag == recorded
+    return None

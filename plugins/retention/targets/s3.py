@@ -401,7 +401,8 @@ class S3Objects:
             if head["ETag"] != version.etag:
                 raise ArchiveFailed(f"archive copy of {key} differs from the source (ETag)")
             checked = "size+md5"
-        return {"source": key, "version_id": version.version_id, "key": dest, "bytes": version.size,
+        return {"bucket": self.target.bucket, "source": key, "version_id": version.version_id, "key": dest,
+                "bytes": version.size, "etag": version.etag,
                 "sha256": head.get("ChecksumSHA256"), "storage_class": head.get("StorageClass") or "STANDARD",
                 "verified": checked}
 
@@ -498,8 +499,8 @@ class S3Objects:
             except ClientError:
                 archived.append({"source": key, "key": None, "note": "gone; no archive copy (only markers?)"})
                 continue
-            archived.append({"source": key, "key": dest, "bytes": head["ContentLength"],
-                             "sha256": head.get("ChecksumSHA256"),
+            archived.append({"bucket": self.target.bucket, "source": key, "key": dest, "bytes": head["ContentLength"],
+                             "etag": head.get("ETag"), "sha256": head.get("ChecksumSHA256"),
                              "storage_class": head.get("StorageClass") or "STANDARD", "verified": "settled"})
         if debris:
             self.archive.remove(debris)

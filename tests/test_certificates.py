@@ -13,7 +13,7 @@ import rfc8785
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
-from retention.audit import open_audit
+from retention.audit import ensure_schema, metadata, open_audit
 from retention.certificates import entry_hash, read_certificates, verify_chain
 from retention.checkpoints import (
     CHECKPOINTS_ENV,
@@ -166,6 +166,32 @@ def test_the_certificates_table_rejects_edits_elsewhere(backend, request, monkey
         with pytest.raises(sa.exc.DBAPIError, match="append-only"):
             db.execute(statement)
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
+def test_workers_starting_at_once_on_a_new_audit_database_all_get_the_schema(backend, request):
+    db = request.getfixturevalue({"postgresql": "pg_db", "mariadb": "mysql_db", "sqlite": "sqlite_db"}[backend])
+    engines = [sa.create_engine(db.url) for _ in range(6)]
+    barrier = threading.Barrier(len(engines))
+    errors = []
+
+    def start(engine):
+        barrier.wait()
+        try:
+            ensure_schema(engine)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for engine in engines:
+        engine.dispose()
+
+    assert errors == []
+    assert set(sa.inspect(db.engine).get_table_names()) >= set(metadata.tables)
 
 
 def test_concurrent_appends_never_fork_the_chain(pg_db, sqlite_db, monkeypatch, keys, tmp_path):

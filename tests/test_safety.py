@@ -227,7 +227,7 @@ def test_two_concurrent_runs_purge_each_record_once(crm, tmp_path):
     assert ids(crm) == set(range(41, 51))
     if codes != [0, 0]:  # the second one found the category busy and did not start
         assert codes == [0, 1]
-        assert any("is being purged by run" in err for _, _, err in results)
+        assert any("is being purged by run" in err for _, _, err in results), [err for _, _, err in results]
 
 
 def test_a_second_run_can_wait_for_the_first(crm, tmp_path):

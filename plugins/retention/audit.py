@@ -10,6 +10,8 @@ the database.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING
 
 from sqlalchemy import (
@@ -26,11 +28,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import DBAPIError
 
 from retention.connections import ConnectionResolver, create_sql_engine
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
+
+log = logging.getLogger(__name__)
 
 DEFAULT_AUDIT_CONNECTION = "retention_audit"
 
@@ -214,8 +219,25 @@ _SQLITE_APPEND_ONLY = [
 CHAIN_LOCK_KEY = 0x7265746E  # "retn"
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create the audit tables and the append-only triggers if they are missing."""
+def ensure_schema(engine: Engine, *, attempts: int = 5) -> None:
+    """Create the audit tables and the append-only triggers if they are missing.
+
+    Two workers starting at once on a new audit database may both try to create a table:
+    PostgreSQL serializes them with a lock; elsewhere the loser's CREATE fails with
+    "already exists" and it looks again (what is there is then skipped).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            _create_schema(engine)
+            return
+        except DBAPIError as exc:
+            if attempt == attempts or "already exists" not in str(exc.orig).lower():
+                raise
+            log.info("audit schema was being created by another worker (%s); looking again", exc.orig)
+            time.sleep(0.05 * 2**attempt)
+
+
+def _create_schema(engine: Engine) -> None:
     dialect = engine.dialect.name
     with engine.begin() as conn:
         if dialect == "postgresql":

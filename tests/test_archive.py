@@ -373,6 +373,9 @@ def test_archived_s3_objects_restore_after_a_thaw_and_never_over_another_object(
     restore = ["restore", certificate.data["archive"]["manifest"], "--into", "s3://retail-receipts"]
     aws.put_object(Bucket="retail-receipts", Key="r/2011/02/02/b.pdf", Body=b"someone else's new file")
 
+    assert main(["certificates", "--seq", str(certificate.seq)]) == 0
+    assert f"archive    {certificate.data['archive']['manifest']} (2 objects" in capsys.readouterr().out
+
     thawing = main(restore)
     first = capsys.readouterr()
     assert thawing == 1 and "run the same command again later" in first.err

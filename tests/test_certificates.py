@@ -67,6 +67,19 @@ def tamper(db, statement: str, params=None) -> None:
             conn.execute(sa.text(f"ALTER TABLE purge_certificates ENABLE ALWAYS TRIGGER {trigger}"))
 
 
+def test_one_certificate_reads_in_full(chain, capsys):
+    assert main(["certificates", "--seq", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert main(["certificates", "--seq", "99"]) == 1
+    missing = capsys.readouterr().err
+
+    assert shown.startswith("certificate 2: customer_accounts, complete\n  run        night-2\n")
+    assert "rules/customer_accounts.yaml (sha256 " in shown
+    assert "delete records older than 2021-02-01 03:00:00Z (as of 2023-02-01 03:00:00Z)" in shown
+    assert "customers  crm_db:customers  complete        1        1     0       0" in shown
+    assert "no certificate with seq 99" in missing
+
+
 def test_an_untouched_chain_verifies(chain, keys, capsys):
     code, output = verify(capsys, keys[1])
 

@@ -234,12 +234,15 @@ def find_certificate(engine: Engine, category: str, run_id: str) -> Certificate 
 
 
 def read_certificates(
-    engine: Engine, *, category: str | None = None, newest_first: bool = False, limit: int | None = None
+    engine: Engine, *, category: str | None = None, seq: int | None = None, newest_first: bool = False,
+    limit: int | None = None,
 ) -> Iterator[Certificate]:
     """Certificates in seq order, streamed."""
     query = select(purge_certificates)
     if category:
         query = query.where(purge_certificates.c.category == category)
+    if seq is not None:
+        query = query.where(purge_certificates.c.seq == seq)
     order = purge_certificates.c.seq.desc() if newest_first else purge_certificates.c.seq
     query = query.order_by(order)
     if limit:

@@ -35,6 +35,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,6 +51,7 @@ CHECKPOINTS_ENV = "RETENTION_CHECKPOINTS"
 CHECKPOINTS_CONN_ENV = "RETENTION_CHECKPOINTS_CONN"
 ORIGIN = "retention/purge-certificates"
 SUFFIX = ".checkpoint"
+READERS = 8  # parallel GETs when reading checkpoints from S3 (boto3's default pool holds 10)
 ED25519_ALGORITHM = b"\x01"  # the signed-note signature type of Ed25519
 
 
@@ -215,11 +217,15 @@ class S3Store:
 
     def notes(self) -> Iterator[tuple[str, bytes]]:
         prefix = f"{self.prefix}/" if self.prefix else ""
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                if item["Key"].endswith(SUFFIX):
-                    body = self.client.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
-                    yield f"s3://{self.bucket}/{item['Key']}", body
+
+        def fetch(key: str) -> tuple[str, bytes]:
+            return f"s3://{self.bucket}/{key}", self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+        # A year of nightly runs is thousands of small objects: fetch a page's worth at once.
+        with ThreadPoolExecutor(READERS, thread_name_prefix="checkpoints") as pool:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys = [item["Key"] for item in page.get("Contents", []) if item["Key"].endswith(SUFFIX)]
+                yield from pool.map(fetch, keys)
 
 
 def _same_or_fail(where: str, existing: bytes, note: bytes) -> None:

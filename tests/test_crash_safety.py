@@ -3,7 +3,8 @@
 For each point: a run is killed there, a second run completes the work. Then every
 expired record is either still present or archived in an object that a certified
 manifest lists and that matches its checksum (never neither); no record is archived
-twice; every run has exactly one certificate; and the chain verifies.
+twice; every run has exactly one certificate; and the chain verifies, against the
+signed checkpoints too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from retention.audit import open_audit
 from retention.certificates import read_certificates, verify_chain
+from retention.checkpoints import CHECKPOINTS_ENV, DirectoryStore, read_all
 from retention.connections import from_environment
 from retention.signing import PublicKeys
 
@@ -35,7 +37,7 @@ SQL_POINTS = [
     "archive.after_object=1", "archive.after_object=2", "archive.after_object=5",
     "archive.before_commit=1", "archive.before_commit=3",
     "archive.after_commit=1", "archive.after_commit=2",
-    "purge.finished=1", "certify.before_append=1", "certify.after_append=1",
+    "purge.finished=1", "certify.before_append=1", "certify.after_append=1", "checkpoint.before_link=1",
 ]
 S3_POINTS = [
     "run.opened=1", "run.planned=1", "purge.started=1",
@@ -59,11 +61,21 @@ def _run(rules_dir, run_id: str, point: str | None = None) -> subprocess.Complet
     )
 
 
-def _check_chain(keys, runs: list[str], category: str) -> list:
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch):
+    """Runs write their signed checkpoints here."""
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path / "checkpoints"))
+    return DirectoryStore(tmp_path / "checkpoints")
+
+
+def _check_chain(keys, runs: list[str], category: str, checkpoints: DirectoryStore) -> list:
     engine = open_audit(from_environment)
     certificates = [c for c in read_certificates(engine) if c.category == category]
     assert sorted(c.run_id for c in certificates) == sorted(runs)  # exactly one per run
-    assert verify_chain(engine, PublicKeys.from_pem_files([keys[1]])).ok
+    public = PublicKeys.from_pem_files([keys[1]])
+    signed = read_all([checkpoints], public)
+    assert max(signed) == max(c.seq for c in certificates)  # the last run's checkpoint is written
+    assert verify_chain(engine, public, signed).ok
     return certificates
 
 
@@ -74,7 +86,7 @@ def _manifest(client, certificate):
 
 @pytest.mark.parametrize("point", SQL_POINTS)
 def test_postgresql_archive_and_delete_survives_a_kill(point, pg_db, aws_server, monkeypatch, audit_db, keys,
-                                                       tmp_path):
+                                                       tmp_path, checkpoints):
     bucket = "archive-" + hashlib.sha1(f"{point}{tmp_path}".encode()).hexdigest()[:12]
     aws_server.create_bucket(Bucket=bucket)
     connect(monkeypatch, "shop_db", pg_db)
@@ -94,7 +106,7 @@ def test_postgresql_archive_and_delete_survives_a_kill(point, pg_db, aws_server,
     finished = _run(rules_dir, "next")
     assert finished.returncode == 0, finished.stderr
 
-    certificates = _check_chain(keys, ["killed", "next"], "orders")
+    certificates = _check_chain(keys, ["killed", "next"], "orders", checkpoints)
     present = set(snapshot(pg_db, "orders"))
     items_present = {i["order_id"] for i in snapshot(pg_db, "order_items").values()}
     archived_orders, archived_items = [], []
@@ -121,7 +133,7 @@ def test_postgresql_archive_and_delete_survives_a_kill(point, pg_db, aws_server,
 
 
 @pytest.mark.parametrize("point", S3_POINTS)
-def test_s3_archive_survives_a_kill(point, aws_server, audit_db, keys, tmp_path):
+def test_s3_archive_survives_a_kill(point, aws_server, audit_db, keys, tmp_path, checkpoints):
     suffix = hashlib.sha1(f"{point}{tmp_path}".encode()).hexdigest()[:12]
     source, archive = f"src-{suffix}", f"arc-{suffix}"
     aws_server.create_bucket(Bucket=source)
@@ -144,7 +156,7 @@ def test_s3_archive_survives_a_kill(point, aws_server, audit_db, keys, tmp_path)
     finished = _run(rules_dir, "next")
     assert finished.returncode == 0, finished.stderr
 
-    certificates = _check_chain(keys, ["killed", "next"], "receipts")
+    certificates = _check_chain(keys, ["killed", "next"], "receipts", checkpoints)
     present = {o["Key"] for o in aws_server.list_objects_v2(Bucket=source).get("Contents", [])}
     copies = []
     for certificate in certificates:

@@ -43,6 +43,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from retention import failpoints
 from retention.errors import ConfigError, TerminalError, TransientError
 from retention.signing import PublicKeys, Signer
 from retention.targets.s3 import TRANSIENT_CODES
@@ -166,6 +167,7 @@ class DirectoryStore:
             handle.write(note)
             handle.flush()
             os.fsync(handle.fileno())
+        failpoints.hit("checkpoint.before_link")
         try:
             os.chmod(handle.name, 0o644)
             os.link(handle.name, target)

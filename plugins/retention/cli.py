@@ -411,6 +411,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from retention.signing import PublicKeys
 
     keys = PublicKeys.from_pem_files(args.public_key)
+
     def s3_client(conn_id: str):
         return create_s3_client(from_environment(conn_id))
 

@@ -349,6 +349,14 @@ def test_an_emptied_checkpoint_store_fails_verify(chain, keys, tmp_path, capsys)
     assert code == 1 and "no checkpoints at" in output
 
 
+def test_before_the_first_certificate_an_empty_checkpoint_store_is_fine(audit_db, keys, tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+
+    code, output = verify(capsys, keys[1], tmp_path / "checkpoints")
+
+    assert code == 0 and "no certificates to verify yet" in output
+
+
 def test_the_note_format_is_the_c2sp_signed_note_of_the_go_reference():
     """golang.org/x/mod/sumdb/note's documented example, byte for byte (Ed25519 is deterministic)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -60,6 +60,10 @@ class CheckpointError(TerminalError):
     """A checkpoint is malformed, unsigned, or contradicts another."""
 
 
+class NoCheckpoints(CheckpointError):
+    """A checkpoint location holds none: emptied, misnamed, or nothing was certified yet."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A signed statement of the chain's size and head hash."""
@@ -290,6 +294,6 @@ def read_all(stores: Iterable[CheckpointStore], keys: PublicKeys) -> dict[int, C
                                       "two different heads: the chain was rewritten")
             found[checkpoint.size] = checkpoint
         if not seen:
-            raise CheckpointError(f"no checkpoints at {store.location}: they were removed, or runs were not "
-                                  f"given {CHECKPOINTS_ENV}")
+            raise NoCheckpoints(f"no checkpoints at {store.location}: they were removed, or runs were not "
+                                f"given {CHECKPOINTS_ENV}")
     return found

@@ -405,8 +405,8 @@ def cmd_certificates(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from retention.audit import open_audit
-    from retention.certificates import Verification, verify_chain
-    from retention.checkpoints import CHECKPOINTS_ENV, CheckpointError, open_store, read_all
+    from retention.certificates import Verification, count_certificates, verify_chain
+    from retention.checkpoints import CHECKPOINTS_ENV, CheckpointError, NoCheckpoints, open_store, read_all
     from retention.connections import create_s3_client, from_environment
     from retention.signing import PublicKeys
 
@@ -416,13 +416,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return create_s3_client(from_environment(conn_id))
 
     checkpoints = {}
+    engine = open_audit(from_environment, args.audit)
     try:
         stores = [open_store(where, s3_client, args.checkpoint_connection) for where in args.checkpoint]
         checkpoints = read_all(stores, keys)
+    except NoCheckpoints as exc:
+        # Before the first certificate there is nothing to checkpoint; after it, an empty store is a loss.
+        result = Verification(0, None, None, reason=None if count_certificates(engine) == 0 else str(exc))
     except CheckpointError as exc:
         result = Verification(0, None, None, reason=str(exc))
     else:
-        result = verify_chain(open_audit(from_environment, args.audit), keys, checkpoints)
+        result = verify_chain(engine, keys, checkpoints)
     newest = max(checkpoints) if checkpoints else None
     if args.json:
         print(json.dumps({

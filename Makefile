@@ -26,6 +26,7 @@ bench: install
 	$(BIN)/python bench/sql_purge.py
 	$(BIN)/python bench/s3_purge.py
 	$(BIN)/python bench/archive_purge.py
+	$(BIN)/python bench/anonymize_purge.py
 
 validate: install
 	$(BIN)/retention validate retention_rules

@@ -57,3 +57,44 @@ def moment(value: datetime | str) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def describe_certificate(certificate) -> str:
+    """One certificate in full, for a person reviewing it (the signed payload is the record)."""
+    data = certificate.data
+    out = [f"certificate {certificate.seq}: {certificate.category}, {certificate.status}"]
+
+    def line(label: str, text: str) -> None:
+        out.append(f"  {label:<10} {text}")
+
+    line("run", f"{certificate.run_id}")
+    line("rule", f"{data['rule']['path']} (sha256 {data['rule']['sha256'][:16]}…), {data['code_version']}")
+    line("action", f"{data['action']} records older than {moment(data['cutoff'])} (as of {moment(data['as_of'])})")
+    line("ran", f"{moment(data['started_at'])} → {moment(data['finished_at'])}, "
+                f"issued {moment(data['issued_at'])}")
+    if data.get("approval"):
+        approval = data["approval"]
+        line("approval", f"over its limit, approved by {approval.get('by', '?')}: {approval.get('reason', '')}")
+    if data.get("holds"):
+        line("holds", "honoured legal holds " + ", ".join(f"#{h}" for h in data["holds"]))
+    if data.get("archive"):
+        archive = data["archive"]
+        line("archive", f"{archive['manifest']} ({count(archive.get('objects'), 'object')}, "
+                        f"sha256 {archive['sha256'][:16]}…)")
+    line("signed", f"key {certificate.key_id[:16]}…; entry {certificate.entry_hash[:16]}…, "
+                   f"after {certificate.prev_hash[:16]}…")
+    out.append("")
+    purged = {"anonymize": "ANONYMIZED", "archive": "ARCHIVED"}.get(data["action"], "DELETED")
+    rows, tables = [], []
+    for t in data.get("targets", []):
+        done = t.get("anonymized", t["deleted"])
+        rows.append([t["name"], t["location"], t["status"], f"{t['matched']:,}", f"{done:,}", f"{t.get('held', 0):,}",
+                     f"{t['failed']:,}", size(t.get("bytes")), t.get("error") or ""])
+        if len(t.get("tables") or {}) > 1:
+            tables.append(f"  {t['name']}: " + ", ".join(f"{name} {n:,}" for name, n in t["tables"].items()))
+    out.append(table(["TARGET", "LOCATION", "STATUS", "MATCHED", purged, "HELD", "FAILED", "BYTES", "ERROR"], rows,
+                     right=(3, 4, 5, 6, 7)))
+    if tables:
+        out.append("rows per table (children with their parent):")
+        out.extend(tables)
+    return "\n".join(out)

@@ -26,8 +26,11 @@ from retention.checkpoints import (
 )
 from retention.cli import main
 from retention.connections import from_environment
+from retention.journal import RunJournal
 from retention.rules import load_rule_file
+from retention.runs import Runner
 from retention.signing import PublicKeys, Signer, generate_keypair
+from retention.targets import Targets
 
 from conftest import connect, write_rule
 from sqlpurge import insert_customers, make_customers, runner
@@ -78,6 +81,28 @@ def test_one_certificate_reads_in_full(chain, capsys):
     assert "delete records older than 2021-02-01 03:00:00Z (as of 2023-02-01 03:00:00Z)" in shown
     assert "customers  crm_db:customers  complete        1        1     0       0" in shown
     assert "no certificate with seq 99" in missing
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
+def test_certificates_of_a_period(backend, request, sqlite_db, monkeypatch, keys, tmp_path, capsys):
+    audit = request.getfixturevalue({"postgresql": "pg_db", "mariadb": "mysql_db", "sqlite": "audit_db"}[backend])
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", audit.airflow_uri)
+    connect(monkeypatch, "crm_db", sqlite_db)
+    make_customers(sqlite_db)
+    rule_file = load_rule_file(write_rule(tmp_path / "rules"))
+    for day in (1, 2, 3):  # issued at 23:30 UTC on Nov 1, 2 and 3
+        issued = datetime(2026, 11, day, 23, 30, tzinfo=UTC)
+        r = Runner(RunJournal(open_audit(from_environment), clock=lambda issued=issued: issued),
+                   Targets(from_environment), Signer.from_environment())
+        r.run(rule_file, run_id=f"night-{day}", as_of=issued)
+
+    assert main(["certificates", "--since", "2026-11-02", "--until", "2026-11-03T23:30:00Z"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["certificates", "--since", "2026-11-02T00:30:00+01:00", "--json"]) == 0  # = Nov 1, 23:30Z
+    as_json = [json.loads(line)["run_id"] for line in capsys.readouterr().out.splitlines()]
+
+    assert "night-2" in listed and "night-1" not in listed and "night-3" not in listed
+    assert as_json == ["night-1", "night-2", "night-3"]
 
 
 def test_an_untouched_chain_verifies(chain, keys, capsys):

@@ -235,14 +235,20 @@ def find_certificate(engine: Engine, category: str, run_id: str) -> Certificate 
 
 def read_certificates(
     engine: Engine, *, category: str | None = None, seq: int | None = None, newest_first: bool = False,
-    limit: int | None = None,
+    limit: int | None = None, since: datetime | None = None, until: datetime | None = None,
 ) -> Iterator[Certificate]:
-    """Certificates in seq order, streamed."""
+    """Certificates in seq order, streamed; ``since``/``until`` bound ``issued_at`` (until excluded)."""
     query = select(purge_certificates)
     if category:
         query = query.where(purge_certificates.c.category == category)
     if seq is not None:
         query = query.where(purge_certificates.c.seq == seq)
+    # SQLite and MySQL store issued_at as naive UTC; compare like with like.
+    naive = engine.dialect.name != "postgresql"
+    if since is not None:
+        query = query.where(purge_certificates.c.issued_at >= _stored(since, naive))
+    if until is not None:
+        query = query.where(purge_certificates.c.issued_at < _stored(until, naive))
     order = purge_certificates.c.seq.desc() if newest_first else purge_certificates.c.seq
     query = query.order_by(order)
     if limit:
@@ -354,6 +360,11 @@ def _check(cert: Certificate, expected_seq: int, prev_hash: str, keys: PublicKey
     if cert.entry_hash != entry_hash(body):
         return "entry_hash column is not the SHA-256 of the payload"
     return None
+
+
+def _stored(moment: datetime, naive: bool) -> datetime:
+    moment = moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=None) if naive else moment
 
 
 def _aware(moment: datetime) -> datetime:

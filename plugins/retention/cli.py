@@ -142,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("certificates", help="list purge certificates")
     audit_option(cmd)
     cmd.add_argument("--category")
-    cmd.add_argument("--limit", type=int, default=50, help="newest N (default 50; 0 for all)")
+    cmd.add_argument("--limit", type=int, help="newest N (default 50, or all with --since/--until; 0 for all)")
+    cmd.add_argument("--since", type=_as_of, metavar="T", help="issued at or after T (a date, or a timestamp with zone)")
+    cmd.add_argument("--until", type=_as_of, metavar="T", help="issued before T")
     cmd.add_argument("--seq", type=int, metavar="N", help="show certificate N in full: its targets, tables, "
                                                         "holds, approval and archive manifest")
     cmd.add_argument("--json", action="store_true", help="print the payloads as JSON lines")
@@ -379,9 +381,9 @@ def cmd_certificates(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print(certificate.payload if args.json else describe_certificate(certificate))
         return EXIT_OK
-    certificates = list(
-        read_certificates(engine, category=args.category, newest_first=True, limit=args.limit or None)
-    )
+    limit = args.limit if args.limit is not None else (0 if args.since or args.until else 50)
+    certificates = list(read_certificates(engine, category=args.category, newest_first=True,
+                                          limit=limit or None, since=args.since, until=args.until))
     certificates.reverse()
     if args.json:
         for certificate in certificates:

@@ -26,6 +26,7 @@ from retention.checkpoints import (
 )
 from retention.cli import main
 from retention.connections import from_environment
+from retention.holds import who
 from retention.journal import RunJournal
 from retention.rules import load_rule_file
 from retention.runs import Runner
@@ -271,7 +272,9 @@ def test_a_certificate_says_what_happened_and_nothing_personal(chain, keys):
     data = first.data
 
     assert set(data) >= {"seq", "prev_hash", "category", "rule", "code_version", "run_id", "as_of", "cutoff",
-                         "action", "targets", "started_at", "finished_at", "status", "issued_at", "key_id"}
+                         "action", "targets", "started_at", "finished_at", "status", "issued_at", "key_id",
+                         "issued_by"}
+    assert data["issued_by"] == who()  # the service user and host that certified the run
     assert data["prev_hash"] == "0" * 64
     assert data["rule"]["path"] == "rules/customer_accounts.yaml"
     assert len(data["rule"]["sha256"]) == 64

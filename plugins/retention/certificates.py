@@ -23,6 +23,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from retention.audit import CHAIN_LOCK_KEY, purge_certificates
+from retention.holds import who
 from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ def build_payload(
     prev_hash: str,
     issued_at: datetime,
     key_id: str,
+    issued_by: str = "",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The certificate body: what was asked, what was done, no personal data.
@@ -142,6 +144,7 @@ def build_payload(
         "prev_hash": prev_hash,
         "issued_at": utc_iso(issued_at),
         "key_id": key_id,
+        **({"issued_by": issued_by} if issued_by else {}),
         "category": run.category,
         "run_id": run.run_id,
         "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
@@ -202,7 +205,8 @@ def _append(journal: RunJournal, run: RunRecord, signer: Signer, extra: dict[str
         prev_hash = head.entry_hash if head else GENESIS_HASH
         issued_at = journal.now()
         payload = build_payload(
-            run, targets, seq=seq, prev_hash=prev_hash, issued_at=issued_at, key_id=signer.key_id, extra=extra
+            run, targets, seq=seq, prev_hash=prev_hash, issued_at=issued_at, key_id=signer.key_id,
+            issued_by=who(), extra=extra,
         )
         body = canonical(payload)
         row = {

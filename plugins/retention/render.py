@@ -70,8 +70,9 @@ def describe_certificate(certificate) -> str:
     line("run", f"{certificate.run_id}")
     line("rule", f"{data['rule']['path']} (sha256 {data['rule']['sha256'][:16]}…), {data['code_version']}")
     line("action", f"{data['action']} records older than {moment(data['cutoff'])} (as of {moment(data['as_of'])})")
+    issuer = f" by {data['issued_by']}" if data.get("issued_by") else ""
     line("ran", f"{moment(data['started_at'])} → {moment(data['finished_at'])}, "
-                f"issued {moment(data['issued_at'])}")
+                f"issued {moment(data['issued_at'])}{issuer}")
     if data.get("approval"):
         approval = data["approval"]
         line("approval", f"over its limit, approved by {approval.get('by', '?')}: {approval.get('reason', '')}")

@@ -170,9 +170,15 @@ def test_object_lock_holds_are_counted_not_failed(s3, tmp_path):
     put(s3, "on-hold", ObjectLockLegalHoldStatus="ON")
     put(s3, "retained", ObjectLockMode="COMPLIANCE",
         ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=365))
+    rule_file, as_of = s3_rule(tmp_path), datetime.now(UTC) + timedelta(days=60)
 
-    certificate = make_runner().run(s3_rule(tmp_path), run_id="r1", as_of=datetime.now(UTC) + timedelta(days=60))
+    with Targets(from_environment) as targets:
+        from retention.plan import build_plan
 
+        plan = build_plan(rule_file, as_of, targets).targets[0]
+    certificate = make_runner().run(rule_file, run_id="r1", as_of=as_of)
+
+    assert (plan.matched, plan.held, plan.bytes) == (1, 2, len(b"receipt"))  # the plan says what the run will do
     assert keys_in(s3) == {"on-hold", "retained"}
     target = certificate.data["targets"][0]
     assert (target["deleted"], target["held"], target["failed"], target["status"]) == (1, 2, 0, "complete")

@@ -210,15 +210,19 @@ class S3Objects:
             yield obj
 
     def survey(self, cutoff: datetime) -> Survey:
-        """Objects and bytes that would go, of how many objects under the prefix."""
+        """Objects and bytes that would go, of how many objects under the prefix.
+
+        Objects a legal hold covers, or (on a bucket with Object Lock) under retention or
+        an S3 legal hold, are counted as held, as the run will count them.
+        """
         survey = Survey(bytes=0)
         seen = [0]
         self.undated = 0
         holds = self.holds.current() if self.holds is not None else []
         survey.notes += [f"{'paused by' if h.whole else 'protected by'} {h.describe()}: {h.reason}" for h in holds]
         with ThreadPoolExecutor(self.target.concurrency) as pool:
-            for obj in self.iter_expired(cutoff, pool, seen):
-                if self._held_by(holds, obj.key):
+            for obj, held in self._lock_checked(self.iter_expired(cutoff, pool, seen), holds):
+                if held:
                     survey.held += 1
                     continue
                 survey.matched += 1
@@ -232,7 +236,8 @@ class S3Objects:
         if self.versioned:
             survey.notes.append("versioned bucket: every version and delete marker of an expired key is deleted")
         if self.locked:
-            survey.notes.append("Object Lock is enabled: objects under retention or legal hold are held, not deleted")
+            survey.notes.append("Object Lock is enabled: objects under retention or an S3 legal hold are counted "
+                                "as held, not deleted")
         return survey
 
     def oldest_expired(self, cutoff: datetime) -> tuple[int, int, datetime | None]:
@@ -241,8 +246,8 @@ class S3Objects:
         expired = held = 0
         oldest: datetime | None = None
         with ThreadPoolExecutor(self.target.concurrency) as pool:
-            for obj in self.iter_expired(cutoff, pool):
-                if self._held_by(holds, obj.key) or (self.locked and self._is_held(obj)):
+            for obj, is_held in self._lock_checked(self.iter_expired(cutoff, pool), holds):
+                if is_held:
                     held += 1
                     continue
                 expired += 1
@@ -252,6 +257,28 @@ class S3Objects:
                     age = obj.newest
                 oldest = age if oldest is None or age < oldest else oldest
         return expired, held, oldest
+
+    def _lock_checked(self, objects: Iterator[S3Object], holds) -> Iterator[tuple[S3Object, bool]]:
+        """Each object with whether it is held: by a legal hold of ours, or by Object Lock.
+
+        Object Lock needs a HEAD per version; those run ``concurrency`` at a time, with a
+        bounded number in flight, in listing order.
+        """
+        if not self.locked:
+            for obj in objects:
+                yield obj, self._held_by(holds, obj.key)
+            return
+        window = 4 * self.target.concurrency
+        with ThreadPoolExecutor(self.target.concurrency, thread_name_prefix="s3-lock") as heads:
+            in_flight: deque[tuple[S3Object, Future[bool] | None]] = deque()
+            for obj in objects:
+                check = None if self._held_by(holds, obj.key) else heads.submit(self._is_held, obj)
+                in_flight.append((obj, check))
+                if len(in_flight) >= window:
+                    done, check = in_flight.popleft()
+                    yield done, check is None or check.result()
+            for done, check in in_flight:
+                yield done, check is None or check.result()
 
     # -- purge ---------------------------------------------------------------------
 

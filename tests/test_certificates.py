@@ -385,6 +385,22 @@ def test_before_the_first_certificate_an_empty_checkpoint_store_is_fine(audit_db
     assert code == 0 and "no certificates to verify yet" in output
 
 
+def test_a_killed_writers_temporary_file_is_swept_by_the_next(keys, tmp_path):
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    store = DirectoryStore(directory)
+    (directory / "000000000001.checkpoint").write_bytes(b"an earlier run's")
+    stale, live = directory / ".000000000002.checkpoint.k1ll3d", directory / ".000000000003.checkpoint.wr1t1ng"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    os.utime(stale, (1_700_000_000, 1_700_000_000))
+
+    store.put("000000000004.checkpoint", sign(Checkpoint(4, "ab" * 32), Signer.from_pem_file(keys[0])))
+
+    assert sorted(p.name for p in directory.iterdir()) == [
+        ".000000000003.checkpoint.wr1t1ng", "000000000001.checkpoint", "000000000004.checkpoint"]
+
+
 def test_the_note_format_is_the_c2sp_signed_note_of_the_go_reference():
     """golang.org/x/mod/sumdb/note's documented example, byte for byte (Ed25519 is deterministic)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -34,6 +34,7 @@ import binascii
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ CHECKPOINTS_ENV = "RETENTION_CHECKPOINTS"
 CHECKPOINTS_CONN_ENV = "RETENTION_CHECKPOINTS_CONN"
 ORIGIN = "retention/purge-certificates"
 SUFFIX = ".checkpoint"
+STALE_TEMP_S = 600  # a checkpoint's temporary file older than this was left by a killed writer
 READERS = 8  # parallel GETs when reading checkpoints from S3 (boto3's default pool holds 10)
 ED25519_ALGORITHM = b"\x01"  # the signed-note signature type of Ed25519
 
@@ -164,6 +166,7 @@ class DirectoryStore:
 
     def put(self, name: str, note: bytes) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        self._sweep()
         target = self.path / name
         # Written whole to a temporary file, then linked into place: link never replaces,
         # and a crash leaves no half-written checkpoint under the real name.
@@ -179,6 +182,15 @@ class DirectoryStore:
             _same_or_fail(str(target), target.read_bytes(), note)
         finally:
             os.unlink(handle.name)
+
+    def _sweep(self) -> None:
+        """Remove temporary files a killed writer left (a live one's exists for milliseconds)."""
+        for stale in self.path.glob(f".*{SUFFIX}.*"):
+            try:
+                if time.time() - stale.stat().st_mtime > STALE_TEMP_S:
+                    stale.unlink()
+            except FileNotFoundError:
+                pass
 
     def notes(self) -> Iterator[tuple[str, bytes]]:
         if self.path.is_file():

@@ -101,6 +101,7 @@ def open_note(note: bytes, name: str, public_keys: Iterable[Ed25519PublicKey]) -
     if not separator:
         return None
     text = body + "\n"
+    public_keys = list(public_keys)  # tried again for every signature line
     for line in signatures.splitlines():
         signer, _, blob = line.removeprefix("— ").rpartition(" ")
         if not line.startswith("— ") or signer != name:

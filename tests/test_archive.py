@@ -160,6 +160,41 @@ def test_archive_round_trip_restores_every_column_of_every_row(shop, aws, tmp_pa
     assert restored_items == {k: v for k, v in items_before.items() if v["order_id"] in expired}
 
 
+def test_verify_archives_finds_a_missing_object_or_a_replaced_manifest(pg_db, aws, monkeypatch, audit_db, keys,
+                                                                         tmp_path, capsys):
+    connect(monkeypatch, "shop_db", pg_db)
+    create_shop(pg_db)
+    fill_shop(pg_db)
+    rows_run = make_runner().run(archive_rule(tmp_path, max_batch_rows=5), run_id="rows", as_of=AS_OF)
+    objects_run = archive_receipts(aws, tmp_path)
+    verify = ["verify", "--public-key", str(keys[1]), "--archives"]
+
+    assert main(verify) == 0
+    intact = capsys.readouterr().out
+    rows_manifest = _manifest(aws, rows_run)
+    first = rows_manifest["objects"][0]["key"]
+    original = aws.get_object(Bucket=ARCHIVE, Key=first)["Body"].read()
+    aws.put_object(Bucket=ARCHIVE, Key=first, Body=original[:-1] + bytes([original[-1] ^ 1]))  # same size
+    assert main(verify) == 1
+    edited = capsys.readouterr().err
+    aws.put_object(Bucket=ARCHIVE, Key=first, Body=original, ChecksumAlgorithm="SHA256")
+    copy = _manifest(aws, objects_run)["s3_objects"][0]["key"]
+    aws.delete_object(Bucket=ARCHIVE, Key=copy)
+    assert main(verify) == 1
+    missing = capsys.readouterr().err
+    aws.put_object(Bucket=ARCHIVE, Key=rows_run.data["archive"]["manifest"][len(f"s3://{ARCHIVE}/"):],
+                   Body=json.dumps({**rows_manifest, "objects": rows_manifest["objects"][1:]}).encode())
+    assert main(verify) == 1
+    replaced = capsys.readouterr().err
+
+    objects = len(rows_manifest["objects"]) + 2
+    assert f"archives of 2 runs: every manifest is the one its certificate records; {objects} objects" in intact
+    assert f"certificate seq {rows_run.seq}: archive: s3://{ARCHIVE}/{first} differs from the manifest" in edited
+    assert f"certificate seq {objects_run.seq}: archive: s3://{ARCHIVE}/{copy} is missing" in missing
+    assert f"certificate seq {rows_run.seq}: archive: manifest" in replaced
+    assert "is not the one the certificate records" in replaced
+
+
 def test_parquet_archives_restore_too(pg_db, aws, monkeypatch, audit_db, keys, tmp_path, new_database):
     pytest.importorskip("pyarrow")
     connect(monkeypatch, "shop_db", pg_db)

@@ -8,6 +8,7 @@ progress and errors to stderr; ``--json`` prints what a machine should read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -159,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
                           "s3://bucket/prefix (repeatable); catches a removed tail")
     cmd.add_argument("--checkpoint-connection", default="aws_default", metavar="CONN_ID",
                      help="AWS connection that reads s3:// checkpoints (default aws_default)")
+    cmd.add_argument("--archives", action="store_true",
+                     help="also check every archive run's manifest against its certificate, and that each "
+                          "archived object is still there with its size and SHA-256")
+    cmd.add_argument("--archive-connection", default="aws_default", metavar="CONN_ID",
+                     help="AWS connection that reads the archives (default aws_default)")
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(handler=cmd_verify)
 
@@ -429,12 +435,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result = Verification(0, None, None, reason=str(exc))
     else:
         result = verify_chain(engine, keys, checkpoints)
+    archives = None
+    if args.archives and result.ok:
+        archives = _check_archives(engine, s3_client(args.archive_connection))
+        if archives["problem"]:
+            result = dataclasses.replace(result, bad_seq=archives["bad_seq"], reason=archives["problem"])
     newest = max(checkpoints) if checkpoints else None
     if args.json:
         print(json.dumps({
             "ok": result.ok, "checked": result.checked, "head_seq": result.head_seq,
             "head_hash": result.head_hash, "bad_seq": result.bad_seq, "reason": result.reason,
-            "checkpoints": len(checkpoints), "newest_checkpoint": newest,
+            "checkpoints": len(checkpoints), "newest_checkpoint": newest, "archives": archives,
         }))
     elif result.ok:
         if result.checked == 0:
@@ -451,6 +462,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             else:
                 print("  (no --checkpoint given: a removed tail is caught only against the signed checkpoints "
                       f"runs write outside the database when {CHECKPOINTS_ENV} is set)")
+            if archives is not None:
+                print(f"  archives of {count(archives['runs'], 'run')}: every manifest is the one its certificate "
+                      f"records; {count(archives['objects'], 'object')} ({size(archives['bytes'])}) still there, "
+                      "sizes and SHA-256 as archived")
     elif result.bad_seq is None:
         _err(f"✗ {result.reason}")
     else:
@@ -458,6 +473,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if result.checked:
             _err(f"  seq 1–{result.head_seq} verified before it")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _check_archives(engine, client) -> dict:
+    """Each archive run's manifest against its certificate, and its objects against the manifest."""
+    from botocore.exceptions import ClientError
+
+    from retention.certificates import read_certificates
+    from retention.restore import check_archive, read_manifest
+
+    figures = {"runs": 0, "objects": 0, "bytes": 0, "problem": None, "bad_seq": None}
+    for certificate in read_certificates(engine):
+        recorded = certificate.data.get("archive")
+        if not recorded:
+            continue
+        try:
+            manifest = read_manifest(recorded["manifest"], lambda: client, sha256=recorded["sha256"])
+        except TerminalError as exc:
+            return figures | {"problem": f"archive: {exc}", "bad_seq": certificate.seq}
+        except ClientError as exc:
+            return figures | {"problem": f"archive: manifest {recorded['manifest']} cannot be read "
+                                         f"({exc.response.get('Error', {}).get('Code')})", "bad_seq": certificate.seq}
+        checked = check_archive(manifest, client)
+        figures["runs"] += 1
+        figures["objects"] += checked.objects
+        figures["bytes"] += checked.bytes
+        if checked.problems:
+            more = f" (and {len(checked.problems) - 1} more)" if len(checked.problems) > 1 else ""
+            return figures | {"problem": f"archive: {checked.problems[0]}{more}", "bad_seq": certificate.seq}
+    return figures
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

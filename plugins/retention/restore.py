@@ -12,11 +12,13 @@ a later call, once S3 has, copies them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import MetaData, Table, insert
@@ -36,8 +38,9 @@ class RestoreResult:
     tables: dict[str, int]
 
 
-def read_manifest(location: str, s3_client_for: Callable[[], Any]) -> dict[str, Any]:
-    """A manifest from ``s3://bucket/key`` or a local file path."""
+def read_manifest(location: str, s3_client_for: Callable[[], Any], *, sha256: str | None = None) -> dict[str, Any]:
+    """A manifest from ``s3://bucket/key`` or a local file path; with ``sha256`` (what the
+    certificate recorded), TerminalError unless the manifest's bytes hash to it."""
     if location.startswith("s3://"):
         bucket, _, key = location[5:].partition("/")
         body = s3_client_for().get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -47,6 +50,8 @@ def read_manifest(location: str, s3_client_for: Callable[[], Any]) -> dict[str, 
                 body = handle.read()
         except OSError as exc:
             raise ConfigError(f"cannot read manifest {location}: {exc.strerror}") from None
+    if sha256 is not None and hashlib.sha256(body).hexdigest() != sha256:
+        raise TerminalError(f"manifest {location} is not the one the certificate records (SHA-256 differs)")
     manifest = json.loads(body)
     if manifest.get("type") != MANIFEST_TYPE:
         raise ConfigError(f"{location} is not a retention archive manifest")
@@ -159,13 +164,75 @@ def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
 
 
 def _same_object(head: dict[str, Any], entry: dict[str, Any]) -> bool | None:
-    """Whether the object at ``head`` is the archived one: compared by size, then SHA-256
-    or single-part ETag (MD5) where both sides know it; None when only the size agrees."""
+    """Whether the object at ``head`` is the archived one: compared by size, then whole-object
+    SHA-256 or single-part ETag (MD5) where both sides know it; None when only the size agrees."""
     if head.get("ContentLength") != entry.get("bytes"):
         return False
-    if entry.get("sha256") and head.get("ChecksumSHA256"):
-        return head["ChecksumSHA256"] == entry["sha256"]
+    stored, recorded_sha = head.get("ChecksumSHA256") or "", entry.get("sha256") or ""
+    if stored and recorded_sha and "-" not in stored + recorded_sha:  # "-N": per part, not the object's
+        return stored == recorded_sha
     etag, recorded = head.get("ETag") or "", entry.get("etag") or ""
     if etag and recorded and "-" not in etag + recorded:
         return etag == recorded
     return None
+
+
+# -- checking an archive in place -----------------------------------------------------------
+
+CHECK_READERS = 8
+
+
+@dataclass
+class ArchiveCheck:
+    """What checking one run's archive found."""
+
+    objects: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def check_archive(manifest: dict[str, Any], client: Any) -> ArchiveCheck:
+    """Every object the manifest lists is still in the archive bucket, unchanged.
+
+    Row archives: by the whole-object SHA-256 S3 keeps, or, where it keeps none (a
+    multipart upload, or an object replaced without one), by reading the object and
+    hashing it. Copies of S3 objects (possibly in GLACIER, so never read): by size and the
+    checksum S3 reported when the copy was made.
+    """
+    bucket = manifest["bucket"]
+    entries = [(e, True) for e in manifest.get("objects", [])]
+    entries += [(e, False) for e in manifest.get("s3_objects", []) if e.get("key")]
+    result = ArchiveCheck()
+
+    def check(item: tuple[dict[str, Any], bool]) -> str | None:
+        entry, rows = item
+        where = f"s3://{bucket}/{entry['key']}"
+        head = _head(client, bucket, entry["key"])
+        if head is None:
+            return f"{where} is missing"
+        if head.get("ContentLength") != entry.get("bytes"):
+            return f"{where} differs from the manifest (size {head.get('ContentLength')}, not {entry.get('bytes')})"
+        stored = head.get("ChecksumSHA256") or ""
+        if rows:
+            if stored and "-" not in stored:
+                same = stored == _b64(entry["sha256"])
+            else:
+                body = client.get_object(Bucket=bucket, Key=entry["key"])["Body"].read()
+                same = hashlib.sha256(body).hexdigest() == entry["sha256"]
+        elif entry.get("sha256"):
+            same = stored == entry["sha256"]
+        else:  # recorded without a checksum: the ETag, where it is a plain MD5
+            same = _same_object(head, entry) is not False
+        return None if same else f"{where} differs from the manifest (SHA-256)"
+
+    with ThreadPoolExecutor(CHECK_READERS, thread_name_prefix="archive-check") as pool:
+        for (entry, _rows), problem in zip(entries, pool.map(check, entries)):
+            result.objects += 1
+            result.bytes += entry.get("bytes") or 0
+            if problem:
+                result.problems.append(problem)
+    return result
+
+
+def _b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")

@@ -385,6 +385,24 @@ def test_before_the_first_certificate_an_empty_checkpoint_store_is_fine(audit_db
     assert code == 0 and "no certificates to verify yet" in output
 
 
+def test_checkpoint_anchors_an_existing_chain_and_refuses_a_broken_one(chain, keys, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(CHECKPOINTS_ENV)
+    anchor = tmp_path / "anchored"
+
+    assert main(["checkpoint", "--to", str(anchor)]) == 0
+    written = capsys.readouterr().out
+    tamper(chain, "DELETE FROM purge_certificates WHERE seq >= 3")
+    code, output = verify(capsys, keys[1], anchor)
+    tamper(chain, "UPDATE purge_certificates SET signature = :s WHERE seq = 1",
+           {"s": base64.b64encode(os.urandom(64)).decode()})
+    refused = main(["checkpoint", "--to", str(tmp_path / "again")])
+
+    assert "signed checkpoint of seq 4" in written and [p.name for p in anchor.iterdir()] == ["000000000004.checkpoint"]
+    assert code == 1 and "certificate 3–4 is missing" in output
+    assert refused == 1 and "not signing a chain that does not verify" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
 def test_a_killed_writers_temporary_file_is_swept_by_the_next(keys, tmp_path):
     directory = tmp_path / "checkpoints"
     directory.mkdir()

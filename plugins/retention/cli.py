@@ -177,6 +177,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="AWS connection that reads the archive (default aws_default)")
     cmd.set_defaults(handler=cmd_restore)
 
+    cmd = commands.add_parser("checkpoint", help="sign the chain's current head into the checkpoint store now")
+    audit_option(cmd)
+    cmd.add_argument("--to", metavar="LOCATION", help="a directory or s3://bucket/prefix (default $RETENTION_CHECKPOINTS)")
+    cmd.add_argument("--checkpoint-connection", default=os.environ.get("RETENTION_CHECKPOINTS_CONN", "aws_default"),
+                     metavar="CONN_ID", help="AWS connection for an s3:// location (default aws_default)")
+    cmd.add_argument("--public-key", action="append", default=[], metavar="PEM",
+                     help="earlier keys the chain was signed with (the signing key's own is always trusted)")
+    cmd.set_defaults(handler=cmd_checkpoint)
+
     cmd = commands.add_parser("keygen", help="create an Ed25519 signing key pair")
     cmd.add_argument("--out", required=True, metavar="DIR")
     cmd.set_defaults(handler=cmd_keygen)
@@ -502,6 +511,39 @@ def _check_archives(engine, client) -> dict:
             more = f" (and {len(checked.problems) - 1} more)" if len(checked.problems) > 1 else ""
             return figures | {"problem": f"archive: {checked.problems[0]}{more}", "bad_seq": certificate.seq}
     return figures
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Anchor the chain as it stands (after enabling checkpoints on an existing chain, say).
+
+    The chain is verified first, with the signing key's own public key: a checkpoint must
+    never vouch for a chain that does not verify.
+    """
+    from retention.audit import open_audit
+    from retention.certificates import verify_chain
+    from retention.checkpoints import CHECKPOINTS_ENV, open_store, publish
+    from retention.connections import create_s3_client, from_environment
+    from retention.signing import PublicKeys, Signer
+
+    location = args.to or os.environ.get(CHECKPOINTS_ENV)
+    if not location:
+        raise ConfigError(f"say where with --to, or set {CHECKPOINTS_ENV}")
+    signer = Signer.from_environment()
+    engine = open_audit(from_environment, args.audit)
+    keys = PublicKeys({**PublicKeys.from_pem_files(args.public_key).by_id,
+                       signer.key_id: signer.private_key.public_key()})
+    result = verify_chain(engine, keys)
+    if not result.ok:
+        _err(f"✗ not signing a chain that does not verify: certificate seq {result.bad_seq}: {result.reason}")
+        return EXIT_FAILED
+    if not result.checked:
+        print("no certificates yet: nothing to checkpoint")
+        return EXIT_OK
+    store = open_store(location, lambda conn_id: create_s3_client(from_environment(conn_id)),
+                       args.checkpoint_connection)
+    name = publish(store, signer, result.head_seq, result.head_hash)
+    print(f"signed checkpoint of seq {result.head_seq} ({result.head_hash[:12]}) written to {store.location}/{name}")
+    return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

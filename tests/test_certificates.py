@@ -403,6 +403,18 @@ def test_checkpoint_anchors_an_existing_chain_and_refuses_a_broken_one(chain, ke
     assert not (tmp_path / "again").exists()
 
 
+def test_a_run_that_could_not_write_its_checkpoint_does_not_start(chain, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path / "a-file" / "checkpoints"))
+    before, rows = chain.scalar("SELECT count(*) FROM purge_certificates"), _left()
+
+    code = main(["run", "--rules", str(tmp_path / "rules"), "--as-of", "2023-09-01T03:00:00Z"])
+
+    assert code == 2 and "checkpoints: cannot create directory" in capsys.readouterr().err
+    assert chain.scalar("SELECT count(*) FROM purge_certificates") == before  # no run was opened
+    assert _left() == rows  # and nothing was touched (five rows had expired by then)
+
+
 def test_a_killed_writers_temporary_file_is_swept_by_the_next(keys, tmp_path):
     directory = tmp_path / "checkpoints"
     directory.mkdir()

@@ -157,6 +157,9 @@ class CheckpointStore(Protocol):
     def notes(self) -> Iterator[tuple[str, bytes]]:
         """Every checkpoint note: (where it is, its bytes)."""
 
+    def check_writable(self) -> None:
+        """ConfigError unless checkpoints can be written here (checked before a run purges)."""
+
 
 class DirectoryStore:
     """Checkpoints as files in a directory (a mounted share, a WORM volume, a git checkout)."""
@@ -183,6 +186,14 @@ class DirectoryStore:
             _same_or_fail(str(target), target.read_bytes(), note)
         finally:
             os.unlink(handle.name)
+
+    def check_writable(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"checkpoints: cannot create directory {self.path}: {exc.strerror}") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise ConfigError(f"checkpoints: directory {self.path} is not writable")
 
     def _sweep(self) -> None:
         """Remove temporary files a killed writer left (a live one's exists for milliseconds)."""
@@ -212,6 +223,17 @@ class S3Store:
             raise ConfigError(f"checkpoints: {url} names no bucket")
         self.bucket, self.prefix, self.client = bucket, prefix.strip("/"), client
         self.location = url
+
+    def check_writable(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise ConfigError(f"checkpoints: bucket {self.bucket} cannot be used ({code})") from None
+        except BotoCoreError as exc:
+            raise TransientError(f"checkpoints: bucket {self.bucket} cannot be reached: {exc}") from exc
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -271,12 +293,17 @@ def open_store(location: str, s3_client: Callable[[str], object], conn_id: str =
 
 def configured_store(s3_client: Callable[[str], object],
                      environ: Mapping[str, str] | None = None) -> CheckpointStore | None:
-    """The store ``RETENTION_CHECKPOINTS`` names, or None when checkpoints are off."""
+    """The store ``RETENTION_CHECKPOINTS`` names, checked writable; None when checkpoints are off.
+
+    Checked before anything is purged: a run that could not leave its checkpoint must not start.
+    """
     environ = os.environ if environ is None else environ
     location = environ.get(CHECKPOINTS_ENV)
     if not location:
         return None
-    return open_store(location, s3_client, environ.get(CHECKPOINTS_CONN_ENV) or "aws_default")
+    store = open_store(location, s3_client, environ.get(CHECKPOINTS_CONN_ENV) or "aws_default")
+    store.check_writable()
+    return store
 
 
 # -- write and read ----------------------------------------------------------------------

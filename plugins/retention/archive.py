@@ -22,6 +22,7 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from retention.connections import s3_error_code
 from retention.errors import TransientError
 
 if TYPE_CHECKING:
@@ -286,7 +287,7 @@ class ArchiveStore:
             body = self.client.get_object(Bucket=self.spec.bucket, Key=key)["Body"].read()
             head = self.client.head_object(Bucket=self.spec.bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            if s3_error_code(exc) in ("404", "NoSuchKey"):
                 return None
             raise
         return ArchivedObject(key, table, rows, len(body), hashlib.sha256(body).hexdigest(),

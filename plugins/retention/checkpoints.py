@@ -45,6 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from retention import failpoints
+from retention.connections import s3_error_code
 from retention.errors import ConfigError, TerminalError, TransientError
 from retention.signing import PublicKeys, Signer
 from retention.targets.s3 import TRANSIENT_CODES
@@ -230,7 +231,7 @@ class S3Store:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            code = s3_error_code(exc)
             raise ConfigError(f"checkpoints: bucket {self.bucket} cannot be used ({code})") from None
         except BotoCoreError as exc:
             raise TransientError(f"checkpoints: bucket {self.bucket} cannot be reached: {exc}") from exc
@@ -247,7 +248,7 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=note, IfNoneMatch="*",
                                    ChecksumSHA256=digest, ContentType="text/plain; charset=utf-8")
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            code = s3_error_code(exc)
             if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
                 error = TransientError if code in TRANSIENT_CODES else CheckpointError
                 raise error(f"checkpoint s3://{self.bucket}/{key} could not be written: {exc}") from exc

@@ -424,18 +424,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from retention.audit import open_audit
     from retention.certificates import Verification, count_certificates, verify_chain
     from retention.checkpoints import CHECKPOINTS_ENV, CheckpointError, NoCheckpoints, open_store, read_all
-    from retention.connections import create_s3_client, from_environment
+    from retention.connections import from_environment, s3_client_from_environment
     from retention.signing import PublicKeys
 
     keys = PublicKeys.from_pem_files(args.public_key)
 
-    def s3_client(conn_id: str):
-        return create_s3_client(from_environment(conn_id))
-
     checkpoints = {}
     engine = open_audit(from_environment, args.audit)
     try:
-        stores = [open_store(where, s3_client, args.checkpoint_connection) for where in args.checkpoint]
+        stores = [open_store(where, s3_client_from_environment, args.checkpoint_connection)
+                  for where in args.checkpoint]
         checkpoints = read_all(stores, keys)
     except NoCheckpoints as exc:
         # Before the first certificate there is nothing to checkpoint; after it, an empty store is a loss.
@@ -446,7 +444,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result = verify_chain(engine, keys, checkpoints)
     archives = None
     if args.archives and result.ok:
-        archives = _check_archives(engine, s3_client(args.archive_connection))
+        archives = _check_archives(engine, s3_client_from_environment(args.archive_connection))
         if archives["problem"]:
             result = dataclasses.replace(result, bad_seq=archives["bad_seq"], reason=archives["problem"])
     newest = max(checkpoints) if checkpoints else None
@@ -489,6 +487,7 @@ def _check_archives(engine, client) -> dict:
     from botocore.exceptions import ClientError
 
     from retention.certificates import read_certificates
+    from retention.connections import s3_error_code
     from retention.restore import check_archive, read_manifest
 
     figures = {"runs": 0, "objects": 0, "bytes": 0, "problem": None, "bad_seq": None}
@@ -502,7 +501,7 @@ def _check_archives(engine, client) -> dict:
             return figures | {"problem": f"archive: {exc}", "bad_seq": certificate.seq}
         except ClientError as exc:
             return figures | {"problem": f"archive: manifest {recorded['manifest']} cannot be read "
-                                         f"({exc.response.get('Error', {}).get('Code')})", "bad_seq": certificate.seq}
+                                         f"({s3_error_code(exc)})", "bad_seq": certificate.seq}
         checked = check_archive(manifest, client)
         figures["runs"] += 1
         figures["objects"] += checked.objects
@@ -522,7 +521,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from retention.audit import open_audit
     from retention.certificates import verify_chain
     from retention.checkpoints import CHECKPOINTS_ENV, open_store, publish
-    from retention.connections import create_s3_client, from_environment
+    from retention.connections import from_environment, s3_client_from_environment
     from retention.signing import PublicKeys, Signer
 
     location = args.to or os.environ.get(CHECKPOINTS_ENV)
@@ -539,8 +538,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     if not result.checked:
         print("no certificates yet: nothing to checkpoint")
         return EXIT_OK
-    store = open_store(location, lambda conn_id: create_s3_client(from_environment(conn_id)),
-                       args.checkpoint_connection)
+    store = open_store(location, s3_client_from_environment, args.checkpoint_connection)
     name = publish(store, signer, result.head_seq, result.head_hash)
     print(f"signed checkpoint of seq {result.head_seq} ({result.head_hash[:12]}) written to {store.location}/{name}")
     return EXIT_OK

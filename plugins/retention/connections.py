@@ -209,6 +209,16 @@ def create_s3_client(spec: ConnectionSpec, *, max_pool_connections: int = 10):
     )
 
 
+def s3_error_code(exc) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``NoSuchKey``, ``404``, ``SlowDown``…)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def s3_client_from_environment(conn_id: str):
+    """A boto3 S3 client for the AWS connection ``conn_id``, resolved from the environment."""
+    return create_s3_client(from_environment(conn_id))
+
+
 def _parse_timestamp(value):
     """S3 timestamps (ISO 8601, ``Z``) at fromisoformat speed; anything else as botocore would."""
     from datetime import datetime

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import MetaData, Table, insert
 
 from retention.archive import MANIFEST_TYPE, TableShape, decode_rows
+from retention.connections import s3_error_code
 from retention.errors import ConfigError, TerminalError
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
     try:
         return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if s3_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
 

@@ -30,6 +30,7 @@ from botocore.exceptions import ClientError
 
 from retention import failpoints
 from retention.archive import ArchiveFailed
+from retention.connections import s3_error_code
 from retention.errors import TargetError
 from retention.render import count
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
@@ -110,7 +111,7 @@ class S3Objects:
         try:
             self.client.head_bucket(Bucket=self.target.bucket)
         except ClientError as exc:
-            code = _code(exc)
+            code = s3_error_code(exc)
             if code in ("404", "NoSuchBucket"):
                 raise TargetError(f"bucket {self.target.bucket!r} does not exist", "bucket") from None
             if code in ("403", "AccessDenied"):
@@ -136,7 +137,7 @@ class S3Objects:
                 config = self.client.get_object_lock_configuration(Bucket=self.target.bucket)
                 self._locked = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
             except ClientError as exc:
-                if _code(exc) not in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration", "404"):
+                if s3_error_code(exc) not in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration", "404"):
                     raise
                 self._locked = False
         return self._locked
@@ -407,7 +408,7 @@ class S3Objects:
             try:
                 archived[obj.key] = self._copy_verified(obj.key, version)
             except (ClientError, ArchiveFailed) as exc:
-                code = _code(exc) if isinstance(exc, ClientError) else "ArchiveNotVerified"
+                code = s3_error_code(exc) if isinstance(exc, ClientError) else "ArchiveNotVerified"
                 log.warning("%s: could not archive %s (%s); it is kept", self.target.name, obj.key, code)
                 failures[obj.key] = code
         return archived, failures
@@ -472,7 +473,7 @@ class S3Objects:
             try:
                 head = self.client.head_object(**kwargs)
             except ClientError as exc:
-                if _code(exc) in ("404", "NoSuchKey", "NoSuchVersion"):
+                if s3_error_code(exc) in ("404", "NoSuchKey", "NoSuchVersion"):
                     continue
                 raise
             if head.get("ObjectLockLegalHoldStatus") == "ON":
@@ -541,7 +542,7 @@ class S3Objects:
         try:
             self.client.head_object(**kwargs)
         except ClientError as exc:
-            code = _code(exc)
+            code = s3_error_code(exc)
             if code in ("404", "NoSuchKey", "NoSuchVersion"):
                 return False
             if code in ("405", "MethodNotAllowed"):
@@ -580,5 +581,3 @@ def _chunks(items: Iterable[S3Object], size: int) -> Iterator[list[S3Object]]:
         yield chunk
 
 
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))

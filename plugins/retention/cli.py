@@ -603,7 +603,7 @@ def _print_plan(plan) -> None:
     notes = []
     for target in plan.targets:
         share = f"{target.matched / target.total:.1%}" if target.total else "–"
-        unit = "object" if target.kind == "s3" else "row"
+        unit = target.unit
         rows.append([target.name, target.kind, target.location, count(target.matched, unit),
                      size(target.bytes), f"{target.held:,}", count(target.total, unit), share])
         notes += [f"  ! {target.name}: {note}" for note in target.notes]

@@ -115,7 +115,7 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
 
                 log.info("run %s: as of %s, cutoff %s", run.run_id, run.as_of, run.cutoff)
                 for target in purge_plan.targets:
-                    unit = "object" if target.kind == "s3" else "row"
+                    unit = target.unit
                     log.info("  %s (%s): %s to purge of %s, %s held", target.name, target.location,
                              count(target.matched, unit), count(target.total, unit), count(target.held, unit))
                     for note in target.notes:

@@ -31,6 +31,11 @@ class TargetPlan:
     held: int = 0
     notes: tuple[str, ...] = ()
 
+    @property
+    def unit(self) -> str:
+        """What one record of this target is called: a row, or an S3 object."""
+        return "object" if self.kind == "s3" else "row"
+
 
 @dataclass(frozen=True)
 class PurgePlan:

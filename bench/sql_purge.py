@@ -49,31 +49,45 @@ the end, also on error or Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import re
-import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import sqlalchemy as sa
-from sqlalchemy.engine import URL, Engine, make_url
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from retention.audit import ensure_schema
-from retention.connections import ConnectionSpec, create_sql_engine
-from retention.journal import RunJournal
-from retention.rules import load_rule_file
-from retention.targets.sql import SqlTable
+import sqlalchemy as sa  # noqa: E402
+from harness import (  # noqa: E402
+    add_common,
+    admin_url,
+    all_correct,
+    bench_parser,
+    check_common,
+    emit,
+    interleave,
+    log,
+    median_of,
+    ms,
+    open_journal_run,
+    percentile,
+    print_method_table,
+    print_runs,
+    print_target,
+    ratio_verdict,
+    retention_engine,
+    rule_cutoff,
+    run_sql,
+    scalar,
+    summarize_runs,
+    throwaway_database,
+    wrong,
+)
+from sqlalchemy.engine import URL, Engine  # noqa: E402
 
-DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+from retention.rules import load_rule_file  # noqa: E402
+from retention.targets.sql import SqlTable  # noqa: E402
+
 AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)
 RULE_YAML = """\
 category: bench_customers
@@ -96,63 +110,7 @@ TARGET_LONGEST_BATCH_S = 0.5
 CTID_BATCH = 10_000
 
 
-def log(message: str) -> None:
-    """Progress goes to stderr so that --json output stays clean."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-# -- databases -----------------------------------------------------------------------
-
-
-def admin_url(argument: str | None) -> URL:
-    """The admin connection URL (any database on the server; used to create/drop)."""
-    url = make_url(argument or os.environ.get("RETENTION_BENCH_PG") or DEFAULT_PG)
-    if url.drivername in ("postgresql", "postgres"):
-        url = url.set(drivername="postgresql+psycopg2")
-    return url
-
-
-@contextmanager
-def throwaway_database(admin: URL, prefix: str) -> Iterator[URL]:
-    """Create a uniquely named database; drop it (forcibly) however the block ends."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        log(f"created database {name}")
-        try:
-            yield admin.set(database=name)
-        finally:
-            with engine.connect() as conn:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            log(f"dropped database {name}")
-    finally:
-        engine.dispose()
-
-
-def retention_engine(url: URL) -> Engine:
-    """An engine built the way a run builds it (UTC sessions, pre-ping, timeouts)."""
-    spec = ConnectionSpec(
-        conn_id="bench_db", conn_type="postgres", host=url.host, port=url.port,
-        login=url.username, password=url.password, schema=url.database,
-    )
-    return create_sql_engine(spec)
-
-
-def run_sql(engine: Engine, *statements: str, **params) -> None:
-    """Run statements outside any transaction (VACUUM and CHECKPOINT need that)."""
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for statement in statements:
-            conn.execute(sa.text(statement), params)
-
-
-def scalar(engine: Engine, statement: str, **params):
-    with engine.connect() as conn:
-        return conn.execute(sa.text(statement), params).scalar()
-
-
-# -- data ----------------------------------------------------------------------------
+# -- data (also the archive benchmark's) ---------------------------------------------
 
 
 def build_pristine(engine: Engine, rows: int, expired: int, cutoff: datetime) -> None:
@@ -237,9 +195,6 @@ def verify(engine: Engine, rows: int, expired: int, cutoff: datetime) -> list[st
     return problems
 
 
-# -- methods -------------------------------------------------------------------------
-
-
 def measure_raw(engine: Engine, cutoff: datetime) -> dict:
     """One DELETE of every expired row, one transaction."""
     started = time.perf_counter()
@@ -279,13 +234,7 @@ def measure_engine(bench_url: URL, audit_url: URL, rule_dir: Path, cutoff: datet
     audit_engine = retention_engine(audit_url)
     engine = retention_engine(bench_url)
     try:
-        ensure_schema(audit_engine)
-        journal = RunJournal(audit_engine)
-        run = journal.open_run(rule_file, run_id=f"bench-{uuid.uuid4().hex[:8]}", as_of=AS_OF, code_version="bench")
-        journal.plan_target(
-            run, position=0, name=target.name, kind=target.kind, location=target.location,
-            definition=target.model_dump(mode="json"),
-        )
+        journal, run = open_journal_run(audit_engine, rule_file, target, AS_OF)
         ledger = journal.ledger(run, target.name)
         table = SqlTable(target, engine)
         table.check()  # reflect before the clock starts, as Runner.start does when planning
@@ -314,56 +263,24 @@ def measure_engine(bench_url: URL, audit_url: URL, rule_dir: Path, cutoff: datet
 # -- report --------------------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
-
-
 def summarize(name: str, runs: list[dict], expired: int) -> dict:
     """One method's figures over its runs: median time, batch times pooled, worst batch."""
-    seconds = statistics.median(r["seconds"] for r in runs)
-    batches = [s for r in runs for s in r["batch_seconds"]]
-    out = {
-        "method": name,
-        "runs": len(runs),
-        "seconds": round(seconds, 3),
-        "seconds_each_run": [round(r["seconds"], 3) for r in runs],
-        "rows_per_s": round(expired / seconds) if seconds else None,
-        "batches": int(statistics.median(len(r["batch_seconds"]) for r in runs)),
-        "longest_batch_ms": ms(max(batches)),
-        "p50_batch_ms": ms(percentile(batches, 0.50)),
-        "p95_batch_ms": ms(percentile(batches, 0.95)),
-        "correct": not any(r["problems"] for r in runs),
-        "problems": [f"run {i + 1}: {p}" for i, r in enumerate(runs) for p in r["problems"]],
-    }
+    out = summarize_runs(name, runs, expired)
     if name == "engine":
         rows = [n for r in runs for n in r["batch_rows"]]
         out["batch_rows_p50"] = int(percentile(rows, 0.50))
         out["batch_rows_max"] = max(rows)
         # Time spent outside batch transactions: reconciling, and recounting what is left.
-        out["outside_batches_s"] = round(
-            statistics.median(r["seconds"] - sum(r["batch_seconds"]) for r in runs), 3
-        )
+        out["outside_batches_s"] = round(median_of(runs, lambda r: r["seconds"] - sum(r["batch_seconds"])), 3)
         out["batch_ms_each_run"] = [[ms(s) for s in r["batch_seconds"]] for r in runs]
     return out
 
 
 def verdict(methods: dict[str, dict]) -> dict:
     """Engine vs raw (median times), and PASS/FAIL against the targets."""
-    raw, engine = methods["raw"], methods["engine"]
-    ratio = raw["seconds"] / engine["seconds"] if engine["seconds"] else 0.0
-    longest_s = engine["longest_batch_ms"] / 1000
+    longest_s = methods["engine"]["longest_batch_ms"] / 1000
     return {
-        "ratio_engine_over_raw": round(ratio, 3),
-        "ratio_target": TARGET_RATIO,
-        "ratio_pass": ratio >= TARGET_RATIO,
+        **ratio_verdict(methods, TARGET_RATIO),
         "longest_batch_s": round(longest_s, 3),
         "longest_batch_target_s": TARGET_LONGEST_BATCH_S,
         "longest_batch_pass": longest_s <= TARGET_LONGEST_BATCH_S,
@@ -371,6 +288,7 @@ def verdict(methods: dict[str, dict]) -> dict:
 
 
 def print_summary(report: dict) -> None:
+    """The figures as a table, the engine's batch sizes, and the verdict lines."""
     rows, expired, methods, v = report["rows"], report["expired"], report["methods"], report["verdict"]
     runs = methods["raw"]["runs"]
     print()
@@ -389,66 +307,29 @@ def print_summary(report: dict) -> None:
     print()
     print(f"engine: rows per batch p50 {engine['batch_rows_p50']:,}, max {engine['batch_rows_max']:,}; "
           f"{engine['outside_batches_s']:.2f} s outside batches (final recount, reconcile)")
-    print(f"ratio engine/raw   {v['ratio_engine_over_raw']:>6.2f}   target >= {TARGET_RATIO:<4}  "
-          f"{'PASS' if v['ratio_pass'] else 'FAIL'}")
-    print(f"longest batch (s)  {v['longest_batch_s']:>6.3f}   target <= {TARGET_LONGEST_BATCH_S:<4}  "
-          f"{'PASS' if v['longest_batch_pass'] else 'FAIL'}")
-
-
-def print_method_table(methods: dict[str, dict], columns: list[tuple[str, str, object]]) -> None:
-    """One line per method under a header (shared by the benchmarks).
-
-    ``columns`` are (title, format spec, key or function of the method's figures); the
-    width is the spec's, the title aligned the same way. A last column says whether the
-    method's result was checked correct.
-    """
-    width = max(len(name) for name in methods) + 1
-    cells = []
-    for title, spec, _ in columns:
-        align, size = spec[0], int(re.match(r"[<>]?(\d+)", spec).group(1))
-        cells.append(f"{title:{align}{size}}")
-    header = f"{'method':<{width}} " + " ".join(cells) + "  check"
-    print(header)
-    print("-" * len(header))
-    for m in methods.values():
-        values = [(value(m) if callable(value) else m[value]) for _, _, value in columns]
-        check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
-        print(f"{m['method']:<{width}} " + " ".join(f"{v:{spec}}" for v, (_, spec, _) in zip(values, columns))
-              + f"  {check}")
-
-
-def print_runs(methods: dict[str, dict], width: int) -> None:
-    """With --repeat, every run's seconds under the table (shared by the benchmarks)."""
-    if next(iter(methods.values()))["runs"] <= 1:
-        return
-    print()
-    for m in methods.values():
-        print(f"{m['method']:<{width}} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
+    print_target("ratio engine/raw", v["ratio_engine_over_raw"], ">6.2f", ">=", TARGET_RATIO, v["ratio_pass"])
+    print_target("longest batch (s)", v["longest_batch_s"], ">6.3f", "<=", TARGET_LONGEST_BATCH_S,
+                 v["longest_batch_pass"])
 
 
 # -- main ----------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], epilog="See the module docstring for how to read the figures."
-    )
+def parse_args(argv: list[str] | None):
+    """The command line, checked."""
+    parser = bench_parser(__doc__)
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows in the table (default 2,000,000)")
     parser.add_argument("--expired", type=int, default=1_000_000, help="rows expired at as_of (default 1,000,000)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per method, interleaved (raw, engine, ctid, raw, ...); medians are reported")
-    parser.add_argument("--pg", help=f"admin SQLAlchemy URL (default $RETENTION_BENCH_PG or {DEFAULT_PG})")
+    add_common(parser, repeat_order="raw, engine, ctid, raw, ...")
     parser.add_argument("--no-ctid", action="store_true", help="skip the naive ctid reference loop")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = parser.parse_args(argv)
     if not 0 < args.expired <= args.rows:
         parser.error("need 0 < --expired <= --rows")
-    if args.repeat < 1:
-        parser.error("need --repeat >= 1")
+    check_common(parser, args)
     return args
 
 
-def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff: datetime, measure) -> dict:
+def run_method(name: str, bench: Engine, args, cutoff: datetime, measure) -> dict:
     """One timed run of a method on a fresh copy, checked afterwards."""
     log(f"{name}: fresh copy of customers")
     fresh_copy(bench)
@@ -463,15 +344,15 @@ def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff: datet
         problems.append(f"purge reported {result['remaining']} expired rows remaining")
     result["problems"] = problems
     log(f"{name}: {result['seconds']:.2f} s, {len(result['batch_seconds'])} batches, "
-        f"longest {max(result['batch_seconds']) * 1000:.1f} ms"
-        + ("" if not problems else f" — WRONG: {'; '.join(problems)}"))
+        f"longest {max(result['batch_seconds']) * 1000:.1f} ms" + wrong(problems))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build the table, run every method on fresh copies, print the figures; 1 if a check failed."""
     args = parse_args(argv)
     admin = admin_url(args.pg)
-    cutoff = load_rule_cutoff()
+    cutoff = rule_cutoff(RULE_YAML, AS_OF)
     with throwaway_database(admin, "retention_bench") as bench_url, \
             throwaway_database(admin, "retention_bench_audit") as audit_url, \
             tempfile.TemporaryDirectory(prefix="retention-bench-") as rule_dir:
@@ -487,12 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             if not args.no_ctid:
                 measures["ctid"] = lambda: measure_ctid(bench, cutoff)
-            runs: dict[str, list[dict]] = {name: [] for name in measures}
-            for round_no in range(args.repeat):
-                if args.repeat > 1:
-                    log(f"round {round_no + 1} of {args.repeat}")
-                for name, measure in measures.items():
-                    runs[name].append(run_method(name, bench, args, cutoff, measure))
+            runs = interleave({name: (lambda name=name, measure=measure:
+                                      run_method(name, bench, args, cutoff, measure))
+                               for name, measure in measures.items()}, args.repeat)
             version = scalar(bench, "SHOW server_version")
         finally:
             bench.dispose()
@@ -502,19 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         "cutoff": cutoff.isoformat(), "server_version": version,
         "methods": methods, "verdict": verdict(methods),
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_summary(report)
-    return 0 if all(m["correct"] for m in methods.values()) else 1
-
-
-def load_rule_cutoff() -> datetime:
-    """The cutoff the benchmark rule gives at AS_OF (validates the rule text too)."""
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "rule.yaml"
-        path.write_text(RULE_YAML)
-        return load_rule_file(path).rule.cutoff(AS_OF)
+    emit(report, args, print_summary)
+    return 0 if all_correct(methods) else 1
 
 
 if __name__ == "__main__":

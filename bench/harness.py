@@ -1,0 +1,357 @@
+"""The bench harness: what the benchmarks share, so each script holds only what it measures.
+
+A bench script brings its data setup, its engine run, its peer (the plain way of doing the
+same work, measured in the same run) and its checks; this module brings the rest:
+
+* command line: :func:`bench_parser` with ``--repeat``, ``--json``, ``--save`` and ``--pg``
+  (:func:`add_common`), checked by :func:`check_common`;
+* databases: :func:`admin_url`, :func:`throwaway_database`, :func:`retention_engine`,
+  :func:`psycopg2_connect`, :func:`run_sql`, :func:`scalar`; the engine's side of a run:
+  :func:`rule_cutoff`, :func:`open_journal_run`;
+* measuring: :func:`interleave` (every method once per round, rounds repeated),
+  :class:`Meter` (wall time, this process's CPU and other processes' CPU), peak RSS
+  (:func:`proc_status_kib`, :func:`reset_peak_rss`);
+* figures: :func:`percentile`, :func:`ms`, :func:`median_of`, :func:`summarize_runs`
+  (median seconds, pooled batch percentiles, the checks' verdict), :func:`ratio_verdict`;
+* output: :func:`print_method_table`, :func:`print_runs`, :func:`print_target`, and
+  :func:`emit` (table or JSON, and the JSON saved under ``bench/.results/`` with ``--save``).
+
+Progress goes to stderr (:func:`log`) so that ``--json`` output stays clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from moto_process import cpu_seconds
+from sqlalchemy.engine import URL, Engine, make_url
+
+DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+RESULTS_DIR = Path(__file__).resolve().parent / ".results"
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that --json output stays clean."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def wrong(problems: list[str]) -> str:
+    """The tail of a per-run log line: empty when the run checked out."""
+    return "" if not problems else f" — WRONG: {'; '.join(problems)}"
+
+
+# -- command line --------------------------------------------------------------------
+
+
+def bench_parser(doc: str, *, epilog: bool = True) -> argparse.ArgumentParser:
+    """A parser described by the first line of the script's docstring."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n")[0],
+        epilog="See the module docstring for how to read the figures." if epilog else None,
+    )
+
+
+def add_common(parser: argparse.ArgumentParser, *, repeat_order: str | None = "", pg: bool = True) -> None:
+    """The options every bench shares: ``--repeat`` (unless ``repeat_order`` is None),
+    ``--pg`` (with ``pg``), ``--json`` and ``--save``."""
+    if repeat_order is not None:
+        order = f" ({repeat_order})" if repeat_order else ""
+        parser.add_argument("--repeat", type=int, default=1,
+                            help=f"runs per method, interleaved{order}; medians are reported")
+    if pg:
+        parser.add_argument("--pg", help=f"admin SQLAlchemy URL (default $RETENTION_BENCH_PG or {DEFAULT_PG})")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--save", metavar="PATH", nargs="?", const="",
+                        help="also write the JSON figures to PATH (no PATH: a new file under bench/.results/)")
+
+
+def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse common options that cannot work, through ``parser.error`` (exit 2)."""
+    if getattr(args, "repeat", 1) < 1:
+        parser.error("need --repeat >= 1")
+
+
+# -- databases -----------------------------------------------------------------------
+
+
+def admin_url(argument: str | None) -> URL:
+    """The admin connection URL (any database on the server; used to create/drop)."""
+    url = make_url(argument or os.environ.get("RETENTION_BENCH_PG") or DEFAULT_PG)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg2")
+    return url
+
+
+@contextmanager
+def throwaway_database(admin: URL, prefix: str) -> Iterator[URL]:
+    """Create a uniquely named database; drop it (forcibly) however the block ends."""
+    # The name is ours (a fixed prefix and hex), never user input; CREATE DATABASE takes no parameters.
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        log(f"created database {name}")
+        try:
+            yield admin.set(database=name)
+        finally:
+            with engine.connect() as conn:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            log(f"dropped database {name}")
+    finally:
+        engine.dispose()
+
+
+def retention_engine(url: URL) -> Engine:
+    """An engine built the way a run builds it (UTC sessions, pre-ping, timeouts)."""
+    from retention.connections import ConnectionSpec, create_sql_engine
+
+    spec = ConnectionSpec(
+        conn_id="bench_db", conn_type="postgres", host=url.host, port=url.port,
+        login=url.username, password=url.password, schema=url.database,
+    )
+    return create_sql_engine(spec)
+
+
+def psycopg2_connect(url: URL):
+    """A bare psycopg2 connection (for COPY ... TO STDOUT and other peers below SQLAlchemy)."""
+    import psycopg2
+
+    return psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username,
+                            password=url.password, dbname=url.database)
+
+
+def run_sql(engine: Engine, *statements: str, **params) -> None:
+    """Run statements outside any transaction (VACUUM and CHECKPOINT need that)."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for statement in statements:
+            conn.execute(sa.text(statement), params)
+
+
+def scalar(engine: Engine, statement: str, **params):
+    """The one value a statement returns."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text(statement), params).scalar()
+
+
+# -- the engine's side of a run ------------------------------------------------------
+
+
+def rule_cutoff(rule_yaml: str, as_of: datetime) -> datetime:
+    """The cutoff a bench rule gives at ``as_of`` (loading it validates the rule text too)."""
+    from retention.rules import load_rule_file
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rule.yaml"
+        path.write_text(rule_yaml)
+        return load_rule_file(path).rule.cutoff(as_of)
+
+
+def open_journal_run(audit_engine: Engine, rule_file, target, as_of: datetime):
+    """A :class:`RunJournal` with one run open and its target planned, as a run's start leaves it.
+
+    Returns ``(journal, run)``; the ledger is the caller's (some benches time it)."""
+    from retention.audit import ensure_schema
+    from retention.journal import RunJournal
+
+    ensure_schema(audit_engine)
+    journal = RunJournal(audit_engine)
+    run = journal.open_run(rule_file, run_id=f"bench-{uuid.uuid4().hex[:8]}", as_of=as_of, code_version="bench")
+    journal.plan_target(
+        run, position=0, name=target.name, kind=target.kind, location=target.location,
+        definition=target.model_dump(mode="json"),
+    )
+    return journal, run
+
+
+# -- measuring -----------------------------------------------------------------------
+
+
+def interleave(measures: dict[str, Callable[[], dict]], repeat: int) -> dict[str, list[dict]]:
+    """Run every method once per round, ``repeat`` rounds: each method's results, in order.
+
+    Interleaving (raw, engine, raw, engine, ...) spreads the shared machine's slow
+    moments over all methods instead of over whichever ran last."""
+    runs: dict[str, list[dict]] = {name: [] for name in measures}
+    for round_no in range(repeat):
+        if repeat > 1:
+            log(f"round {round_no + 1} of {repeat}")
+        for name, measure in measures.items():
+            runs[name].append(measure())
+    return runs
+
+
+class Meter:
+    """Wall time and CPU time of this process, and of other processes, over a timed section.
+
+    ``others`` maps a figure's name to a process id (a moto server, a PostgreSQL backend);
+    after :meth:`stop`, ``figures`` holds ``seconds``, ``client_cpu_s`` and one CPU-seconds
+    figure per other process.
+    """
+
+    def __init__(self, others: dict[str, int] | None = None):
+        self.others = dict(others or {})
+        self.figures: dict[str, float] = {}
+
+    def start(self) -> None:
+        """Start the clocks."""
+        self._others = {name: cpu_seconds(pid) for name, pid in self.others.items()}
+        self._cpu = time.process_time()
+        self._wall = time.perf_counter()
+
+    def stop(self) -> float:
+        """Stop the clocks; the wall seconds since :meth:`start`."""
+        seconds = time.perf_counter() - self._wall
+        self.figures = {"seconds": seconds, "client_cpu_s": time.process_time() - self._cpu}
+        for name, pid in self.others.items():
+            self.figures[name] = cpu_seconds(pid) - self._others[name]
+        return seconds
+
+
+def proc_status_kib(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return proc_status_kib("VmHWM") <= proc_status_kib("VmRSS") + 64
+
+
+# -- figures -------------------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, to 0.1 ms."""
+    return round(seconds * 1000, 1)
+
+
+def median_of(runs: list[dict], pick: Callable[[dict], float]) -> float:
+    """The median of one figure over a method's runs."""
+    return statistics.median(pick(r) for r in runs)
+
+
+def summarize_runs(name: str, runs: list[dict], done: int, *, rate: str = "rows_per_s",
+                   longest: str = "longest_batch_ms", extra: dict | None = None) -> dict:
+    """One method's figures over its runs: median seconds, ``done`` items per second,
+    batch times (``batch_seconds`` of each run) pooled, and whether every run checked out.
+
+    ``rate`` and ``longest`` name the per-second and longest-batch figures (a script's JSON
+    keeps its own names); ``extra`` figures go before the verdict of the checks."""
+    seconds = median_of(runs, lambda r: r["seconds"])
+    batches = [s for r in runs for s in r["batch_seconds"]]
+    out = {
+        "method": name,
+        "runs": len(runs),
+        "seconds": round(seconds, 3),
+        "seconds_each_run": [round(r["seconds"], 3) for r in runs],
+        rate: round(done / seconds) if seconds else None,
+        "batches": int(median_of(runs, lambda r: len(r["batch_seconds"]))),
+        longest: ms(max(batches, default=0.0)),
+        "p50_batch_ms": ms(percentile(batches, 0.50)),
+        "p95_batch_ms": ms(percentile(batches, 0.95)),
+        **(extra or {}),
+        "correct": not any(r["problems"] for r in runs),
+        "problems": [f"run {i + 1}: {p}" for i, r in enumerate(runs) for p in r["problems"]],
+    }
+    return out
+
+
+def ratio_verdict(methods: dict[str, dict], target: float, *, method: str = "engine", peer: str = "raw") -> dict:
+    """The method against its peer (median times: peer seconds over method seconds), and PASS/FAIL."""
+    seconds = methods[method]["seconds"]
+    ratio = methods[peer]["seconds"] / seconds if seconds else 0.0
+    return {f"ratio_{method}_over_{peer}": round(ratio, 3), "ratio_target": target, "ratio_pass": ratio >= target}
+
+
+def all_correct(methods: dict[str, dict]) -> bool:
+    """Whether every method's every run checked out (the exit code follows this, not timings)."""
+    return all(m["correct"] for m in methods.values())
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def print_method_table(methods: dict[str, dict], columns: list[tuple[str, str, object]]) -> None:
+    """One line per method under a header.
+
+    ``columns`` are (title, format spec, key or function of the method's figures); the
+    width is the spec's, the title aligned the same way. A last column says whether the
+    method's result was checked correct.
+    """
+    width = max(len(name) for name in methods) + 1
+    cells = []
+    for title, spec, _ in columns:
+        align, size = spec[0], int(re.match(r"[<>]?(\d+)", spec).group(1))
+        cells.append(f"{title:{align}{size}}")
+    header = f"{'method':<{width}} " + " ".join(cells) + "  check"
+    print(header)
+    print("-" * len(header))
+    for m in methods.values():
+        values = [(value(m) if callable(value) else m[value]) for _, _, value in columns]
+        check = "ok" if m["correct"] else "WRONG: " + "; ".join(m["problems"])
+        print(f"{m['method']:<{width}} " + " ".join(f"{v:{spec}}" for v, (_, spec, _) in zip(values, columns))
+              + f"  {check}")
+
+
+def print_runs(methods: dict[str, dict], width: int) -> None:
+    """With --repeat, every run's seconds under the table."""
+    if next(iter(methods.values()))["runs"] <= 1:
+        return
+    print()
+    for m in methods.values():
+        print(f"{m['method']:<{width}} seconds per run: {', '.join(f'{s:.2f}' for s in m['seconds_each_run'])}")
+
+
+def print_target(label: str, value: float, spec: str, relation: str, target: float, passed: bool,
+                 width: int = 4) -> None:
+    """One verdict line: ``label  value   target >= T  PASS``."""
+    print(f"{label:<19}{value:{spec}}   target {relation} {target:<{width}}  {'PASS' if passed else 'FAIL'}")
+
+
+def emit(report: dict, args: argparse.Namespace, print_summary: Callable[[dict], None]) -> None:
+    """The report as a table (``print_summary``) or as JSON (``--json``); with ``--save``
+    also as JSON in a file (its path goes to stderr)."""
+    save = getattr(args, "save", None)
+    if save is not None:
+        if save:
+            path = Path(save)
+        else:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            path = RESULTS_DIR / f"{Path(sys.argv[0]).stem}-{stamp}.json"
+            path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        log(f"figures saved to {path}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_summary(report)

@@ -18,7 +18,6 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -32,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sqlalchemy as sa  # noqa: E402
-from sql_purge import admin_url, log, throwaway_database  # noqa: E402
+from harness import add_common, admin_url, bench_parser, emit, log, throwaway_database  # noqa: E402
 
 from retention.audit import open_audit  # noqa: E402
 from retention.connections import from_environment  # noqa: E402
@@ -71,6 +70,7 @@ PHONE = "+44 20 7946 0018"
 
 
 def seed(url: sa.URL, rows: int) -> None:
+    """The ``invoices`` table: odd ids expired, even ids recent, indexed on ``issued_at``."""
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text(
@@ -110,11 +110,13 @@ def check(url: sa.URL, rows: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Seed the table, anonymize through ``Runner.run``, check every row; 1 if a check failed."""
+    parser = bench_parser(__doc__, epilog=False)
     parser.add_argument("--rows", type=int, default=200_000, help="rows in the table; half expire (default 200,000)")
-    parser.add_argument("--pg", help="admin SQLAlchemy URL (default $RETENTION_BENCH_PG or postgres@127.0.0.1)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_common(parser, repeat_order=None)
     args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error("need --rows >= 1")
     with throwaway_database(admin_url(args.pg), "retention_bench_anon") as url, \
             tempfile.TemporaryDirectory(prefix="retention-bench-anon-") as scratch:
         log(f"seeding {args.rows:,} invoices")
@@ -146,13 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         "longest_batch_ms": round(max(s for _, s in batches) * 1000, 1),
         "rows_per_batch_max": max(r for r, _ in batches), "problems": problems,
     }
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        print(f"anonymized {anonymized:,} of {args.rows:,} rows in {seconds:.2f} s: {figures['rows_per_s']:,} rows/s; "
-              f"{len(batches)} batches (up to {figures['rows_per_batch_max']:,} rows), longest "
-              f"{figures['longest_batch_ms']:,.0f} ms; check {'ok' if not problems else 'WRONG: ' + '; '.join(problems)}")
+    emit(figures, args, print_summary)
     return 1 if problems else 0
+
+
+def print_summary(figures: dict) -> None:
+    """The figures as one line."""
+    anonymized, rows, seconds, problems = figures["anonymized"], figures["rows"], figures["seconds"], figures["problems"]
+    print(f"anonymized {anonymized:,} of {rows:,} rows in {seconds:.2f} s: {figures['rows_per_s']:,} rows/s; "
+          f"{figures['batches']} batches (up to {figures['rows_per_batch_max']:,} rows), longest "
+          f"{figures['longest_batch_ms']:,.0f} ms; check {'ok' if not problems else 'WRONG: ' + '; '.join(problems)}")
 
 
 if __name__ == "__main__":

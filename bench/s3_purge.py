@@ -69,7 +69,6 @@ Server processes and temporary files are removed at the end, also on error or Ct
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -84,8 +83,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moto_process  # noqa: E402
-from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
-from sql_purge import log, ms, percentile, print_method_table, print_runs  # noqa: E402
+from harness import (  # noqa: E402
+    Meter,
+    add_common,
+    all_correct,
+    bench_parser,
+    check_common,
+    emit,
+    interleave,
+    log,
+    median_of,
+    ms,
+    open_journal_run,
+    percentile,
+    print_method_table,
+    print_runs,
+    print_target,
+    ratio_verdict,
+    summarize_runs,
+    wrong,
+)
+from moto_process import CREDENTIALS, REGION, plain_client  # noqa: E402
 
 BUCKET = "retention-bench"
 BODY = b"x" * 32
@@ -111,6 +129,7 @@ SERVER_START_TIMEOUT_S = 300
 
 
 def key_name(i: int) -> str:
+    """The key of the i-th seeded object (zero-padded, so listing order is seeding order)."""
     return f"exports/{i:07d}.json"
 
 
@@ -135,26 +154,6 @@ def moto_server(objects: int, latency_ms: float = 0.0):
     """A freshly seeded moto server in a child process; its endpoint, pid and seed figures."""
     argv = [os.path.abspath(__file__), "--serve-moto", str(objects), "--latency-ms", str(latency_ms)]
     return moto_process.moto_server(argv, SERVER_START_TIMEOUT_S)
-
-
-class Meter:
-    """Wall time and CPU time of this process and of the server over the timed section."""
-
-    def __init__(self, server_pid: int):
-        self.server_pid = server_pid
-        self.figures: dict[str, float] = {}
-
-    def start(self) -> None:
-        self._start = (time.perf_counter(), time.process_time(), cpu_seconds(self.server_pid))
-
-    def stop(self) -> float:
-        wall, cpu, server = self._start
-        self.figures = {
-            "seconds": time.perf_counter() - wall,
-            "client_cpu_s": time.process_time() - cpu,
-            "server_cpu_s": cpu_seconds(self.server_pid) - server,
-        }
-        return self.figures["seconds"]
 
 
 # -- clients and checks --------------------------------------------------------------
@@ -255,9 +254,8 @@ def measure_raw(endpoint: str, meter: Meter, _args: argparse.Namespace, _scratch
 
 def measure_engine(endpoint: str, meter: Meter, args: argparse.Namespace, scratch: Path) -> dict:
     """S3Objects.purge with a RunJournal ledger in a throwaway SQLite audit database."""
-    from retention.audit import ensure_schema
     from retention.connections import ConnectionSpec, create_sql_engine
-    from retention.journal import JournalLedger, RunJournal
+    from retention.journal import JournalLedger
     from retention.rules import load_rule_file
     from retention.targets import Targets
     from retention.targets.s3 import S3Objects
@@ -298,13 +296,7 @@ def measure_engine(endpoint: str, meter: Meter, args: argparse.Namespace, scratc
     audit_engine = create_sql_engine(specs["bench_audit"])
     targets = Targets(specs.__getitem__)
     try:
-        ensure_schema(audit_engine)
-        journal = RunJournal(audit_engine)
-        run = journal.open_run(rule_file, run_id=f"bench-{uuid.uuid4().hex[:8]}", as_of=as_of, code_version="bench")
-        journal.plan_target(
-            run, position=0, name=target.name, kind=target.kind, location=target.location,
-            definition=target.model_dump(mode="json"),
-        )
+        journal, run = open_journal_run(audit_engine, rule_file, target, as_of)
         ledger = TimedLedger(journal, run, target.name)
         client = targets.s3_client(target.connection, concurrency=target.concurrency)
         timer = RequestTimer(client)
@@ -347,24 +339,9 @@ MEASURES = {"raw": measure_raw, "engine": measure_engine}
 # -- report --------------------------------------------------------------------------
 
 
-def median_of(runs: list[dict], pick) -> float:
-    return statistics.median(pick(r) for r in runs)
-
-
 def summarize(name: str, runs: list[dict], objects: int) -> dict:
     """One method's figures over its runs: median times, batch times pooled."""
-    seconds = median_of(runs, lambda r: r["seconds"])
-    batches = [s for r in runs for s in r["batch_seconds"]]
-    out = {
-        "method": name,
-        "runs": len(runs),
-        "seconds": round(seconds, 3),
-        "seconds_each_run": [round(r["seconds"], 3) for r in runs],
-        "keys_per_s": round(objects / seconds) if seconds else None,
-        "batches": int(median_of(runs, lambda r: len(r["batch_seconds"]))),
-        "max_batch_ms": ms(max(batches, default=0.0)),
-        "p50_batch_ms": ms(percentile(batches, 0.50)),
-        "p95_batch_ms": ms(percentile(batches, 0.95)),
+    out = summarize_runs(name, runs, objects, rate="keys_per_s", longest="max_batch_ms", extra={
         "client_cpu_s": round(median_of(runs, lambda r: r["client_cpu_s"]), 2),
         "server_cpu_s": round(median_of(runs, lambda r: r["server_cpu_s"]), 2),
         "requests": {
@@ -373,9 +350,7 @@ def summarize(name: str, runs: list[dict], objects: int) -> dict:
                  "wait_s": round(median_of(runs, lambda r, op=op: r["call_wait"].get(op, 0.0)), 3)}
             for op in sorted({op for r in runs for op in r["calls"]})
         },
-        "correct": not any(r["problems"] for r in runs),
-        "problems": [f"run {i + 1}: {p}" for i, r in enumerate(runs) for p in r["problems"]],
-    }
+    })
     if name == "engine":
         worker = [s for r in runs for s in r["worker_batch_seconds"]]
         keys = [k for r in runs for k in r["batch_keys"]]
@@ -394,12 +369,11 @@ def summarize(name: str, runs: list[dict], objects: int) -> dict:
 
 def verdict(methods: dict[str, dict]) -> dict:
     """Engine vs raw (median times), and PASS/FAIL against the target."""
-    raw, engine = methods["raw"], methods["engine"]
-    ratio = raw["seconds"] / engine["seconds"] if engine["seconds"] else 0.0
-    return {"ratio_engine_over_raw": round(ratio, 3), "ratio_target": TARGET_RATIO, "ratio_pass": ratio >= TARGET_RATIO}
+    return ratio_verdict(methods, TARGET_RATIO)
 
 
 def print_summary(report: dict) -> None:
+    """The figures as a table, the request breakdown, the engine's batches and the verdict."""
     methods, v = report["methods"], report["verdict"]
     runs = methods["raw"]["runs"]
     print()
@@ -431,33 +405,28 @@ def print_summary(report: dict) -> None:
           f"p95 {engine['p95_worker_batch_ms']:.1f} ms, max {engine['max_worker_batch_ms']:.1f} ms")
     print(f"engine: journal {engine['journal_s']:.2f} s over all batches ({engine['journal_ms_per_batch']:.1f} ms "
           f"a batch, 2 transactions), delete step {engine['delete_step_s']:.2f} s (both summed over threads)")
-    print(f"ratio engine/raw   {v['ratio_engine_over_raw']:>6.2f}   target >= {TARGET_RATIO:<4}  "
-          f"{'PASS' if v['ratio_pass'] else 'FAIL'}")
+    print_target("ratio engine/raw", v["ratio_engine_over_raw"], ">6.2f", ">=", TARGET_RATIO, v["ratio_pass"])
 
 
 # -- main ----------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], epilog="See the module docstring for how to read the figures."
-    )
+    """The command line, checked (the moto child's own flag skips the checks)."""
+    parser = bench_parser(__doc__)
     parser.add_argument("--objects", type=int, default=100_000, help="objects in the bucket (default 100,000)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per method, interleaved (raw, engine, raw, ...); medians are reported")
+    add_common(parser, repeat_order="raw, engine, raw, ...", pg=False)
     parser.add_argument("--concurrency", type=int, default=8, help="the rule's concurrency for the engine (default 8)")
     parser.add_argument("--check-seed", action="store_true",
                         help="list and count every seeded object over HTTP before each method (slow)")
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="delay the server adds to every request (default 0: moto's own speed)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     parser.add_argument("--serve-moto", type=int, metavar="N", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.serve_moto is None:
         if args.objects < 1:
             parser.error("need --objects >= 1")
-        if args.repeat < 1:
-            parser.error("need --repeat >= 1")
+        check_common(parser, args)
         if args.latency_ms < 0:
             parser.error("need --latency-ms >= 0")
         if not 1 <= args.concurrency <= 64:
@@ -480,7 +449,7 @@ def run_method(name: str, args: argparse.Namespace, scratch: Path, seeds: list[f
                 raise RuntimeError(f"seeding went wrong: {'; '.join(problems)}")
             listed = f"all {args.objects:,} listed" if args.check_seed else "first and last keys listed"
             log(f"{name}: seeded in {server['seed_seconds']:.1f} s ({listed}), serving at {server['endpoint']}; purging")
-            result = MEASURES[name](server["endpoint"], Meter(server["pid"]), args, scratch)
+            result = MEASURES[name](server["endpoint"], Meter({"server_cpu_s": server["pid"]}), args, scratch)
             problems += check_empty(probe)
         finally:
             probe.close()
@@ -493,12 +462,12 @@ def run_method(name: str, args: argparse.Namespace, scratch: Path, seeds: list[f
                         f"{result.get('unresolved')} batches left pending {result.get('failures')}")
     result["problems"] = problems
     log(f"{name}: {result['seconds']:.2f} s, {len(result['batch_seconds'])} batches, "
-        f"client cpu {result['client_cpu_s']:.1f} s, server cpu {result['server_cpu_s']:.1f} s"
-        + ("" if not problems else f" — WRONG: {'; '.join(problems)}"))
+        f"client cpu {result['client_cpu_s']:.1f} s, server cpu {result['server_cpu_s']:.1f} s" + wrong(problems))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run every method against fresh servers, print the figures; 1 if a check failed."""
     args = parse_args(argv)
     if args.serve_moto is not None:
         moto_process.serve(seed_bucket(args.serve_moto), args.latency_ms)
@@ -506,13 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     import moto
 
     seeds: list[float] = []
-    runs: dict[str, list[dict]] = {name: [] for name in MEASURES}
     with tempfile.TemporaryDirectory(prefix="retention-bench-s3-") as scratch:
-        for round_no in range(args.repeat):
-            if args.repeat > 1:
-                log(f"round {round_no + 1} of {args.repeat}")
-            for name in MEASURES:
-                runs[name].append(run_method(name, args, Path(scratch), seeds))
+        runs = interleave({name: (lambda name=name: run_method(name, args, Path(scratch), seeds))
+                           for name in MEASURES}, args.repeat)
     methods = {name: summarize(name, results, args.objects) for name, results in runs.items()}
     report = {
         "objects": args.objects, "concurrency": args.concurrency, "latency_ms": args.latency_ms,
@@ -520,11 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed_seconds": round(statistics.median(seeds), 2),
         "methods": methods, "verdict": verdict(methods),
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_summary(report)
-    return 0 if all(m["correct"] for m in methods.values()) else 1
+    emit(report, args, print_summary)
+    return 0 if all_correct(methods) else 1
 
 
 if __name__ == "__main__":

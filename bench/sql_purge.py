@@ -49,6 +49,7 @@ the end, also on error or Ctrl-C.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -315,7 +316,7 @@ def print_summary(report: dict) -> None:
 # -- main ----------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, checked."""
     parser = bench_parser(__doc__)
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows in the table (default 2,000,000)")
@@ -329,7 +330,7 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def run_method(name: str, bench: Engine, args, cutoff: datetime, measure) -> dict:
+def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff: datetime, measure) -> dict:
     """One timed run of a method on a fresh copy, checked afterwards."""
     log(f"{name}: fresh copy of customers")
     fresh_copy(bench)

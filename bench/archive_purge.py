@@ -104,7 +104,6 @@ import io
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,23 +116,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moto_process  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
-from sql_purge import (  # noqa: E402
-    AS_OF,
+from harness import (  # noqa: E402
+    Meter,
+    add_common,
     admin_url,
-    build_pristine,
-    fresh_copy,
+    bench_parser,
+    check_common,
+    emit,
+    interleave,
     log,
+    median_of,
     ms,
+    open_journal_run,
     percentile,
     print_method_table,
     print_runs,
+    print_target,
+    proc_status_kib,
+    psycopg2_connect,
+    ratio_verdict,
+    reset_peak_rss,
     retention_engine,
+    rule_cutoff,
     run_sql,
     scalar,
+    summarize_runs,
     throwaway_database,
-    verify,
+    wrong,
 )
+from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
+from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 
 from retention.rules import load_rule_file  # noqa: E402
@@ -171,37 +183,10 @@ VERBATIM = "(FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
 
 
 def rule_text(max_batch_rows: int | None, workers: int = 1) -> str:
+    """The bench rule, with the rule's ``max_batch_rows`` (if given) and ``workers``."""
     extra = f"    max_batch_rows: {max_batch_rows}\n" if max_batch_rows else ""
     extra += f"    workers: {workers}\n"
     return RULE_YAML.format(bucket=BUCKET, extra=extra)
-
-
-def load_rule_cutoff() -> datetime:
-    """The cutoff the benchmark rule gives at AS_OF (validates the rule text too)."""
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "rule.yaml"
-        path.write_text(rule_text(None))
-        return load_rule_file(path).rule.cutoff(AS_OF)
-
-
-# -- /proc helpers -------------------------------------------------------------------
-
-
-def proc_status_kib(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return proc_status_kib("VmHWM") <= proc_status_kib("VmRSS") + 64
 
 
 # -- the moto server (child process) -------------------------------------------------
@@ -244,13 +229,6 @@ class BufferedSink:
             self.buffer = bytearray()
 
 
-def psycopg2_connect(url: URL):
-    import psycopg2
-
-    return psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username,
-                            password=url.password, dbname=url.database)
-
-
 def measure_raw(bench_url: URL, cutoff: datetime, scratch: Path) -> dict:
     """COPY (DELETE ... RETURNING *) TO STDOUT into gzip -1 (Python) writing a file."""
     path = scratch / f"raw-{uuid.uuid4().hex[:8]}.tsv.gz"
@@ -263,8 +241,8 @@ def measure_raw(bench_url: URL, cutoff: datetime, scratch: Path) -> dict:
                 "COPY (DELETE FROM customers WHERE closed_at < %s RETURNING *) TO STDOUT", (cutoff,)
             ).decode()
         conn.commit()
-        pg_cpu0, cpu0 = cpu_seconds(backend), time.process_time()
-        started = time.perf_counter()
+        meter = Meter({"pg_cpu_s": backend})
+        meter.start()
         with open(path, "wb") as file, gzip.GzipFile(fileobj=file, mode="wb", compresslevel=1, mtime=0) as gz:
             sink = BufferedSink(gz)
             with conn.cursor() as cur:
@@ -272,8 +250,7 @@ def measure_raw(bench_url: URL, cutoff: datetime, scratch: Path) -> dict:
                 deleted = cur.rowcount
             sink.flush()
         conn.commit()
-        seconds = time.perf_counter() - started
-        client_cpu, pg_cpu = time.process_time() - cpu0, cpu_seconds(backend) - pg_cpu0
+        seconds = meter.stop()
     finally:
         conn.close()
     lines, id_sum = 0, 0
@@ -283,9 +260,8 @@ def measure_raw(bench_url: URL, cutoff: datetime, scratch: Path) -> dict:
             id_sum += int(line.split(b"\t", 1)[0])
     size = path.stat().st_size
     path.unlink()
-    return {"deleted": deleted, "seconds": seconds, "batch_seconds": [seconds], "client_cpu_s": client_cpu,
-            "pg_cpu_s": pg_cpu, "archive": {"lines": lines, "id_sum": id_sum, "bytes": size,
-                                            "text_bytes": sink.bytes}}
+    return {"deleted": deleted, **meter.figures, "batch_seconds": [seconds],
+            "archive": {"lines": lines, "id_sum": id_sum, "bytes": size, "text_bytes": sink.bytes}}
 
 
 # -- onepass (a sketch, not the engine) ----------------------------------------------
@@ -311,7 +287,6 @@ def measure_onepass(bench_url: URL, cutoff: datetime, batch_rows: int, expired_i
         client = plain_client(server["endpoint"])
         store = ArchiveStore(ArchiveSpec(connection="aws_default", bucket=BUCKET), client)
         conn = psycopg2_connect(bench_url)
-        moto_cpu0 = cpu_seconds(server["pid"])
         try:
             with conn.cursor() as cur:
                 cur.execute("SET TIME ZONE 'UTC'")
@@ -321,9 +296,9 @@ def measure_onepass(bench_url: URL, cutoff: datetime, batch_rows: int, expired_i
                 cur.execute("SELECT pg_backend_pid()")
                 backend = cur.fetchone()[0]
             conn.commit()
-            pg_cpu0, cpu0 = cpu_seconds(backend), time.process_time()
             lower, batches, objects = None, [], []
-            started = time.perf_counter()
+            meter = Meter({"pg_cpu_s": backend, "moto_cpu_s": server["pid"]})
+            meter.start()
             while True:
                 t0 = time.perf_counter()
                 window = "closed_at < %(cutoff)s" + ("" if lower is None else " AND closed_at > %(lower)s")
@@ -356,15 +331,12 @@ def measure_onepass(bench_url: URL, cutoff: datetime, batch_rows: int, expired_i
                 if upper is None:
                     break
                 lower = upper
-            seconds = time.perf_counter() - started
-            client_cpu, pg_cpu = time.process_time() - cpu0, cpu_seconds(backend) - pg_cpu0
-            moto_cpu = cpu_seconds(server["pid"]) - moto_cpu0
+            meter.stop()
         finally:
             conn.close()
         deleted = sum(b["rows"] for b in batches)
-        result = {"deleted": deleted, "seconds": seconds, "batch_seconds": [b["whole_s"] for b in batches],
-                  "batches": batches, "client_cpu_s": client_cpu, "pg_cpu_s": pg_cpu, "moto_cpu_s": moto_cpu,
-                  "run_id": run_id, "category": category, "objects": objects, "format": fmt,
+        result = {"deleted": deleted, **meter.figures, "batch_seconds": [b["whole_s"] for b in batches],
+                  "batches": batches, "run_id": run_id, "category": category, "objects": objects, "format": fmt,
                   "id_field": names.index("id")}
         result["archive"] = check_archive(server["endpoint"], result, expired_ids)
         client.close()
@@ -384,6 +356,7 @@ class LineCountingSink(BufferedSink):
 
 
 def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: datetime) -> dict:
+    """One timed run of the onepass sketch on a fresh copy, checked afterwards."""
     log("onepass: fresh copy of customers")
     fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
@@ -394,8 +367,7 @@ def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: dat
         problems.append(f"deleted {result['deleted']} rows, expected {args.expired}")
     problems += result["archive"]["problems"]
     result["problems"] = problems
-    log(f"onepass: {result['seconds']:.2f} s, {len(result['batches'])} batches"
-        + ("" if not problems else f" — WRONG: {'; '.join(problems)}"))
+    log(f"onepass: {result['seconds']:.2f} s, {len(result['batches'])} batches" + wrong(problems))
     return result
 
 
@@ -404,9 +376,8 @@ def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: dat
 
 def engine_child(params: dict) -> dict:
     """Child process: one engine purge, instrumented; its figures as a dict."""
-    from retention.audit import ensure_schema
     from retention.connections import ConnectionSpec
-    from retention.journal import JournalLedger, RunJournal
+    from retention.journal import JournalLedger
     from retention.targets import RunContext, Targets, sql_actions
 
     bench_url, audit_url = make_url(params["bench_url"]), make_url(params["audit_url"])
@@ -459,12 +430,7 @@ def engine_child(params: dict) -> dict:
     audit_engine = retention_engine(audit_url)
     targets = Targets(specs.__getitem__)
     try:
-        ensure_schema(audit_engine)
-        journal = RunJournal(audit_engine)
-        run = journal.open_run(rule_file, run_id=f"bench-{uuid.uuid4().hex[:8]}", as_of=AS_OF,
-                               code_version="bench")
-        journal.plan_target(run, position=0, name=target.name, kind=target.kind, location=target.location,
-                            definition=target.model_dump(mode="json"))
+        journal, run = open_journal_run(audit_engine, rule_file, target, AS_OF)
         ledger = TimedLedger(journal, run, target.name)
         context = RunContext(action=rule.action, category=rule.category, run_id=run.run_id, as_of=run.as_of,
                              archive=rule.archive)
@@ -816,30 +782,21 @@ def _digest_counter(lines):
 
 
 def summarize(name: str, runs: list[dict], expired: int) -> dict:
-    seconds = statistics.median(r["seconds"] for r in runs)
-    batches = [s for r in runs for s in r["batch_seconds"]]
-    out = {
-        "method": name, "runs": len(runs), "seconds": round(seconds, 3),
-        "seconds_each_run": [round(r["seconds"], 3) for r in runs],
-        "rows_per_s": round(expired / seconds) if seconds else None,
-        "batches": int(statistics.median(len(r["batch_seconds"]) for r in runs)),
-        "longest_batch_ms": ms(max(batches)), "p50_batch_ms": ms(percentile(batches, 0.5)),
-        "p95_batch_ms": ms(percentile(batches, 0.95)),
-        "client_cpu_s": round(statistics.median(r["client_cpu_s"] for r in runs), 2),
-        "pg_cpu_s": round(statistics.median(r["pg_cpu_s"] for r in runs), 2),
-        "archive_bytes": int(statistics.median(r["archive"]["bytes"] for r in runs)),
-        "correct": not any(r["problems"] for r in runs),
-        "problems": [f"run {i + 1}: {p}" for i, r in enumerate(runs) for p in r["problems"]],
-    }
+    """One method's figures over its runs: median times and sizes, batch times pooled."""
+    out = summarize_runs(name, runs, expired, extra={
+        "client_cpu_s": round(median_of(runs, lambda r: r["client_cpu_s"]), 2),
+        "pg_cpu_s": round(median_of(runs, lambda r: r["pg_cpu_s"]), 2),
+        "archive_bytes": int(median_of(runs, lambda r: r["archive"]["bytes"])),
+    })
     if name == "engine":
         whole = [b["whole_s"] for r in runs for b in r["batches"]]
         rows = [b["rows"] for r in runs for b in r["batches"]]
         out.update({
             "longest_whole_batch_ms": ms(max(whole)), "p50_whole_batch_ms": ms(percentile(whole, 0.5)),
             "batch_rows_p50": int(percentile(rows, 0.5)), "batch_rows_max": max(rows),
-            "moto_cpu_s": round(statistics.median(r["moto_cpu_s"] for r in runs), 2),
-            "objects": int(statistics.median(r["archive"]["objects"] for r in runs)),
-            "breakdown_s": {k: round(statistics.median(r["spent_all"][k] for r in runs), 3)
+            "moto_cpu_s": round(median_of(runs, lambda r: r["moto_cpu_s"]), 2),
+            "objects": int(median_of(runs, lambda r: r["archive"]["objects"])),
+            "breakdown_s": {k: round(median_of(runs, lambda r, k=k: r["spent_all"][k]), 3)
                             for k in runs[0]["spent_all"]},
             "batch_ms_each_run": [[[b["rows"], ms(b["delete_s"]), ms(b["whole_s"])] for b in r["batches"]]
                                   for r in runs],
@@ -856,6 +813,7 @@ def breakdown(result: dict) -> dict:
 
 
 def memory_verdict(points: dict[int, dict]) -> dict:
+    """The memory points by size, and whether growth at the largest stays within the slack of the smallest."""
     sizes = sorted(points)
     out = {"points": {str(n): points[n] for n in sizes}}
     if len(sizes) >= 2:
@@ -867,6 +825,7 @@ def memory_verdict(points: dict[int, dict]) -> dict:
 
 
 def print_summary(report: dict) -> None:
+    """The figures as a table, the engine's breakdown, the verdict lines, memory and profile."""
     methods, v = report.get("methods"), report.get("verdict", {})
     print()
     if methods:
@@ -898,8 +857,8 @@ def print_summary(report: dict) -> None:
         total = sum(b.values())
         print("engine time by step: " + ", ".join(
             f"{k.replace('_', ' ')} {s:.1f} s ({s / total:.0%})" for k, s in b.items()))
-        print(f"ratio engine/raw   {v['ratio_engine_over_raw']:>8.2f}   target >= {TARGET_RATIO:<6}  "
-              f"{'PASS' if v['ratio_pass'] else 'FAIL'}")
+        print_target("ratio engine/raw", v["ratio_engine_over_raw"], ">8.2f", ">=", TARGET_RATIO, v["ratio_pass"],
+                     width=6)
         if "ratio_onepass_over_raw" in v:
             print(f"ratio onepass/raw  {v['ratio_onepass_over_raw']:>8.2f}   (the sketch, not the engine; "
                   f"batches of {report['sketch_batch_rows']:,} rows, whole batch = its transaction)")
@@ -934,14 +893,11 @@ def print_summary(report: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="See the module docstring for how to read the figures.")
+    """The command line, checked (the child processes' own flags skip the checks)."""
+    parser = bench_parser(__doc__)
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows in the table (default 2,000,000)")
     parser.add_argument("--expired", type=int, default=1_000_000, help="rows expired (default 1,000,000)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; medians are reported")
-    parser.add_argument("--pg", help="admin SQLAlchemy URL (default $RETENTION_BENCH_PG or postgres@127.0.0.1)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-    parser.add_argument("--save", metavar="PATH", help="also write the JSON figures to PATH")
+    add_common(parser, repeat_order="raw, engine, raw, ...")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--memory-sizes", default="1000000,3000000",
@@ -967,8 +923,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return args
     if not 0 < args.expired <= args.rows:
         parser.error("need 0 < --expired <= --rows")
-    if args.repeat < 1:
-        parser.error("need --repeat >= 1")
+    check_common(parser, args)
     try:
         args.memory_sizes = sorted({int(s) for s in args.memory_sizes.split(",") if s.strip()})
     except ValueError:
@@ -994,8 +949,24 @@ def engine_code() -> dict:
             "sha256": {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in files}}
 
 
+def checked_raw(bench, bench_url: URL, rows: int, expired: int, cutoff: datetime, scratch: Path) -> dict:
+    """One timed run of the raw peer on a fresh copy; the table and its COPY output checked."""
+    log("raw: fresh copy of customers")
+    fresh_copy(bench)
+    ids = pristine_expired_ids(bench, cutoff)
+    log("raw: COPY (DELETE ... RETURNING *) into gzip -1")
+    raw = measure_raw(bench_url, cutoff, scratch)
+    raw["problems"] = verify(bench, rows, expired, cutoff)
+    if (raw["archive"]["lines"], raw["archive"]["id_sum"]) != (ids["count"], ids["sum"]):
+        raw["problems"].append(f"the COPY output holds {raw['archive']['lines']} rows "
+                               f"(ids sum {raw['archive']['id_sum']}), expected {ids['count']}")
+    log(f"raw: {raw['seconds']:.2f} s" + wrong(raw["problems"]))
+    return raw
+
+
 def checked_engine(bench, bench_url, audit_url, rule_path, rows, expired, cutoff, label,
                    fixed_batch_rows: int | None = None) -> dict:
+    """One engine run on a fresh copy (in a child process); table, journal and archive checked."""
     log(f"{label}: fresh copy of customers")
     fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
@@ -1012,11 +983,12 @@ def checked_engine(bench, bench_url, audit_url, rule_path, rows, expired, cutoff
     result["spent_all"] = breakdown(result)
     mem = result["memory"]
     log(f"{label}: {result['seconds']:.2f} s, {len(result['batches'])} batches, peak RSS growth "
-        f"{mem['growth_kib'] / 1024:.1f} MiB" + ("" if not problems else f" — WRONG: {'; '.join(problems)}"))
+        f"{mem['growth_kib'] / 1024:.1f} MiB" + wrong(problems))
     return result
 
 
 def memory_point(result: dict) -> dict:
+    """An engine run's memory figures, with its batch sizes and RSS after each batch."""
     mem = result["memory"]
     return {**mem, "batch_rows_max": max(b["rows"] for b in result["batches"]),
             "batches": len(result["batches"]), "seconds": round(result["seconds"], 2),
@@ -1025,6 +997,7 @@ def memory_point(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time raw and engine (and the extras asked for), then memory; print the figures; 1 if a check failed."""
     args = parse_args(argv)
     if args.serve_moto:
         moto_process.serve(seed_bucket)
@@ -1035,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     import moto
 
     admin = admin_url(args.pg)
-    cutoff = load_rule_cutoff()
+    cutoff = rule_cutoff(rule_text(None), AS_OF)
     report: dict = {"rows": args.rows, "expired": args.expired, "as_of": AS_OF.isoformat(),
                     "cutoff": cutoff.isoformat(), "moto_version": moto.__version__, "engine_code": engine_code(),
                     "load_average_start": [round(x, 2) for x in os.getloadavg()],
@@ -1057,35 +1030,20 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 build_pristine(bench, args.rows, args.expired, cutoff)
                 log(f"built in {time.perf_counter() - t0:.1f} s")
-                runs: dict[str, list[dict]] = {"raw": [], "engine": []}
+                measures = {
+                    "raw": lambda: checked_raw(bench, bench_url, args.rows, args.expired, cutoff, scratch),
+                    "engine": lambda: checked_engine(bench, bench_url, audit_url, rule_path, args.rows,
+                                                     args.expired, cutoff, "engine", args.fixed_batch_rows),
+                }
                 if args.sketch:
-                    runs["onepass"] = []
-                for round_no in range(args.repeat):
-                    if args.repeat > 1:
-                        log(f"round {round_no + 1} of {args.repeat}")
-                    log("raw: fresh copy of customers")
-                    fresh_copy(bench)
-                    ids = pristine_expired_ids(bench, cutoff)
-                    log("raw: COPY (DELETE ... RETURNING *) into gzip -1")
-                    raw = measure_raw(bench_url, cutoff, scratch)
-                    raw["problems"] = verify(bench, args.rows, args.expired, cutoff)
-                    if (raw["archive"]["lines"], raw["archive"]["id_sum"]) != (ids["count"], ids["sum"]):
-                        raw["problems"].append(f"the COPY output holds {raw['archive']['lines']} rows "
-                                               f"(ids sum {raw['archive']['id_sum']}), expected {ids['count']}")
-                    log(f"raw: {raw['seconds']:.2f} s" + (f" — WRONG: {raw['problems']}" if raw["problems"] else ""))
-                    runs["raw"].append(raw)
-                    runs["engine"].append(checked_engine(bench, bench_url, audit_url, rule_path, args.rows,
-                                                         args.expired, cutoff, "engine", args.fixed_batch_rows))
-                    if args.sketch:
-                        runs["onepass"].append(checked_onepass(bench, bench_url, args, cutoff))
+                    measures["onepass"] = lambda: checked_onepass(bench, bench_url, args, cutoff)
+                runs = interleave(measures, args.repeat)
                 methods = {name: summarize(name, results, args.expired) for name, results in runs.items()}
-                raw_s, engine_s = methods["raw"]["seconds"], methods["engine"]["seconds"]
-                ratio = raw_s / engine_s if engine_s else 0.0
                 report["methods"] = methods
-                report["verdict"] = {"ratio_engine_over_raw": round(ratio, 3), "ratio_target": TARGET_RATIO,
-                                     "ratio_pass": ratio >= TARGET_RATIO,
+                report["verdict"] = {**ratio_verdict(methods, TARGET_RATIO),
                                      "longest_batch_s": round(methods["engine"]["longest_batch_ms"] / 1000, 3)}
                 if "onepass" in methods:
+                    raw_s = methods["raw"]["seconds"]
                     report["verdict"]["ratio_onepass_over_raw"] = round(raw_s / methods["onepass"]["seconds"], 3)
                 all_correct &= all(m["correct"] for m in methods.values())
                 if args.rows == 2 * args.expired:
@@ -1111,12 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.dispose()
     report["correct"] = all_correct
     report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    if args.save:
-        Path(args.save).write_text(json.dumps(report, indent=2))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_summary(report)
+    emit(report, args, print_summary)
     return 0 if all_correct else 1
 
 

@@ -120,8 +120,10 @@ from harness import (  # noqa: E402
     Meter,
     add_common,
     admin_url,
+    aws_spec,
     bench_parser,
     check_common,
+    count_problems,
     emit,
     interleave,
     log,
@@ -129,6 +131,7 @@ from harness import (  # noqa: E402
     ms,
     open_journal_run,
     percentile,
+    postgres_spec,
     print_method_table,
     print_runs,
     print_target,
@@ -144,7 +147,7 @@ from harness import (  # noqa: E402
     throwaway_database,
     wrong,
 )
-from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
+from moto_process import REGION, cpu_seconds, plain_client  # noqa: E402
 from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 
@@ -362,9 +365,7 @@ def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: dat
     ids = pristine_expired_ids(bench, cutoff)
     log(f"onepass: sketch, batches of {args.sketch_batch_rows:,} rows")
     result = measure_onepass(bench_url, cutoff, args.sketch_batch_rows, ids, args.sketch_format)
-    problems = verify(bench, args.rows, args.expired, cutoff)
-    if result["deleted"] != args.expired:
-        problems.append(f"deleted {result['deleted']} rows, expected {args.expired}")
+    problems = verify(bench, args.rows, args.expired, cutoff) + count_problems(result, args.expired, "rows")
     problems += result["archive"]["problems"]
     result["problems"] = problems
     log(f"onepass: {result['seconds']:.2f} s, {len(result['batches'])} batches" + wrong(problems))
@@ -376,7 +377,6 @@ def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: dat
 
 def engine_child(params: dict) -> dict:
     """Child process: one engine purge, instrumented; its figures as a dict."""
-    from retention.connections import ConnectionSpec
     from retention.journal import JournalLedger
     from retention.targets import RunContext, Targets, sql_actions
 
@@ -385,12 +385,8 @@ def engine_child(params: dict) -> dict:
     rule = rule_file.rule
     target = rule.target("customers")
     specs = {
-        "bench_db": ConnectionSpec(conn_id="bench_db", conn_type="postgres", host=bench_url.host,
-                                   port=bench_url.port, login=bench_url.username, password=bench_url.password,
-                                   schema=bench_url.database),
-        "aws_default": ConnectionSpec(conn_id="aws_default", conn_type="aws", login=CREDENTIALS["aws_access_key_id"],
-                                      password=CREDENTIALS["aws_secret_access_key"],
-                                      extra={"region_name": REGION, "endpoint_url": params["endpoint"]}),
+        "bench_db": postgres_spec(bench_url),
+        "aws_default": aws_spec(params["endpoint"], "aws_default"),
     }
     spent: dict[str, float] = {"upper_bound": 0.0, "read_encode": 0.0, "upload": 0.0, "journal": 0.0}
 
@@ -972,10 +968,7 @@ def checked_engine(bench, bench_url, audit_url, rule_path, rows, expired, cutoff
     ids = pristine_expired_ids(bench, cutoff)
     log(f"{label}: archiving and purging in a child process")
     result = measure_engine(bench_url, audit_url, rule_path, ids, fixed_batch_rows)
-    problems = verify(bench, rows, expired, cutoff)
-    for what in ("deleted", "journaled"):
-        if result[what] != expired:
-            problems.append(f"{what} {result[what]} rows, expected {expired}")
+    problems = verify(bench, rows, expired, cutoff) + count_problems(result, expired, "rows")
     if result["remaining"] or result["unresolved"]:
         problems.append(f"{result['remaining']} expired rows remaining, {result['unresolved']} batches pending")
     problems += result["archive"]["problems"]

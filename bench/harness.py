@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
-from moto_process import cpu_seconds
+from moto_process import CREDENTIALS, REGION, cpu_seconds
 from sqlalchemy.engine import URL, Engine, make_url
 
 DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -47,6 +47,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / ".results"
 def log(message: str) -> None:
     """Progress goes to stderr so that --json output stays clean."""
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def count_problems(result: dict, expected: int, unit: str) -> list[str]:
+    """A method's own counts against what should have gone: reported and (if any) journaled deletions."""
+    problems = []
+    if result["deleted"] != expected:
+        problems.append(f"reported {result['deleted']} {unit} deleted, expected {expected}")
+    if "journaled" in result and result["journaled"] != expected:
+        problems.append(f"journal records {result['journaled']} {unit} deleted, expected {expected}")
+    return problems
 
 
 def wrong(problems: list[str]) -> str:
@@ -83,6 +93,22 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     """Refuse common options that cannot work, through ``parser.error`` (exit 2)."""
     if getattr(args, "repeat", 1) < 1:
         parser.error("need --repeat >= 1")
+    save = getattr(args, "save", None)
+    if save:
+        # Checked now, so that a typo in the path does not throw away a long run's figures at the end.
+        path = Path(save)
+        if path.is_dir():
+            parser.error(f"--save {save}: is a directory; give a file name")
+        if not path.parent.is_dir():
+            parser.error(f"--save {save}: directory {path.parent} does not exist; create it or give another path")
+        existed = path.exists()
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as error:
+            parser.error(f"--save {save}: cannot write there ({error.strerror}); give another path")
+        if not existed:
+            path.unlink()
 
 
 # -- databases -----------------------------------------------------------------------
@@ -116,15 +142,31 @@ def throwaway_database(admin: URL, prefix: str) -> Iterator[URL]:
         engine.dispose()
 
 
-def retention_engine(url: URL) -> Engine:
-    """An engine built the way a run builds it (UTC sessions, pre-ping, timeouts)."""
-    from retention.connections import ConnectionSpec, create_sql_engine
+def postgres_spec(url: URL, conn_id: str = "bench_db"):
+    """The Airflow-style connection a run would resolve for the PostgreSQL database at ``url``."""
+    from retention.connections import ConnectionSpec
 
-    spec = ConnectionSpec(
-        conn_id="bench_db", conn_type="postgres", host=url.host, port=url.port,
+    return ConnectionSpec(
+        conn_id=conn_id, conn_type="postgres", host=url.host, port=url.port,
         login=url.username, password=url.password, schema=url.database,
     )
-    return create_sql_engine(spec)
+
+
+def aws_spec(endpoint: str, conn_id: str):
+    """The Airflow-style ``aws`` connection a run would resolve for the moto server at ``endpoint``."""
+    from retention.connections import ConnectionSpec
+
+    return ConnectionSpec(
+        conn_id=conn_id, conn_type="aws", login=CREDENTIALS["aws_access_key_id"],
+        password=CREDENTIALS["aws_secret_access_key"], extra={"region_name": REGION, "endpoint_url": endpoint},
+    )
+
+
+def retention_engine(url: URL) -> Engine:
+    """An engine built the way a run builds it (UTC sessions, pre-ping, timeouts)."""
+    from retention.connections import create_sql_engine
+
+    return create_sql_engine(postgres_spec(url))
 
 
 def psycopg2_connect(url: URL):

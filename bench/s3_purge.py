@@ -87,8 +87,10 @@ from harness import (  # noqa: E402
     Meter,
     add_common,
     all_correct,
+    aws_spec,
     bench_parser,
     check_common,
+    count_problems,
     emit,
     interleave,
     log,
@@ -103,7 +105,7 @@ from harness import (  # noqa: E402
     summarize_runs,
     wrong,
 )
-from moto_process import CREDENTIALS, REGION, plain_client  # noqa: E402
+from moto_process import REGION, plain_client  # noqa: E402
 
 BUCKET = "retention-bench"
 BODY = b"x" * 32
@@ -286,11 +288,7 @@ def measure_engine(endpoint: str, meter: Meter, args: argparse.Namespace, scratc
     as_of = datetime.now(timezone.utc) + AS_OF_AFTER_SEED
 
     specs = {
-        "bench_s3": ConnectionSpec(
-            conn_id="bench_s3", conn_type="aws", login=CREDENTIALS["aws_access_key_id"],
-            password=CREDENTIALS["aws_secret_access_key"],
-            extra={"region_name": REGION, "endpoint_url": endpoint},
-        ),
+        "bench_s3": aws_spec(endpoint, "bench_s3"),
         "bench_audit": ConnectionSpec(conn_id="bench_audit", conn_type="sqlite", host=str(run_dir / "audit.db")),
     }
     audit_engine = create_sql_engine(specs["bench_audit"])
@@ -453,10 +451,7 @@ def run_method(name: str, args: argparse.Namespace, scratch: Path, seeds: list[f
             problems += check_empty(probe)
         finally:
             probe.close()
-    if result["deleted"] != args.objects:
-        problems.append(f"reported {result['deleted']} objects deleted, expected {args.objects}")
-    if "journaled" in result and result["journaled"] != args.objects:
-        problems.append(f"journal records {result['journaled']} objects deleted, expected {args.objects}")
+    problems += count_problems(result, args.objects, "objects")
     if result.get("failed") or result.get("held") or result.get("unresolved"):
         problems.append(f"{result.get('failed')} failed, {result.get('held')} held, "
                         f"{result.get('unresolved')} batches left pending {result.get('failures')}")

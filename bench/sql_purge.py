@@ -65,6 +65,7 @@ from harness import (  # noqa: E402
     all_correct,
     bench_parser,
     check_common,
+    count_problems,
     emit,
     interleave,
     log,
@@ -336,11 +337,7 @@ def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff: datet
     fresh_copy(bench)
     log(f"{name}: purging")
     result = measure()
-    problems = verify(bench, args.rows, args.expired, cutoff)
-    if result["deleted"] != args.expired:
-        problems.append(f"reported {result['deleted']} rows deleted, expected {args.expired}")
-    if "journaled" in result and result["journaled"] != args.expired:
-        problems.append(f"journal records {result['journaled']} rows deleted, expected {args.expired}")
+    problems = verify(bench, args.rows, args.expired, cutoff) + count_problems(result, args.expired, "rows")
     if result.get("remaining"):
         problems.append(f"purge reported {result['remaining']} expired rows remaining")
     result["problems"] = problems

@@ -116,7 +116,11 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def admin_url(argument: str | None) -> URL:
     """The admin connection URL (any database on the server; used to create/drop)."""
-    url = make_url(argument or os.environ.get("RETENTION_BENCH_PG") or DEFAULT_PG)
+    try:
+        url = make_url(argument or os.environ.get("RETENTION_BENCH_PG") or DEFAULT_PG)
+    except sa.exc.ArgumentError:
+        # Not echoed: the value may hold a password.
+        raise SystemExit(f"error: --pg (or $RETENTION_BENCH_PG) is not a SQLAlchemy URL; give one like {DEFAULT_PG}") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg2")
     return url
@@ -129,8 +133,14 @@ def throwaway_database(admin: URL, prefix: str) -> Iterator[URL]:
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
     try:
-        with engine.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        except sa.exc.DBAPIError as error:
+            where = admin.render_as_string(hide_password=True)
+            first = str(error.orig).strip().splitlines()[0] if error.orig else type(error).__name__
+            raise SystemExit(f"error: cannot create a bench database through {where}: {first}; "
+                             "check --pg or $RETENTION_BENCH_PG") from None
         log(f"created database {name}")
         try:
             yield admin.set(database=name)

@@ -14,6 +14,7 @@ row is checked untouched; a failed check exits 1.
 Run::
 
     .venv/bin/python bench/anonymize_purge.py [--rows 200000] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+        [--json] [--save [PATH]]
 """
 
 from __future__ import annotations

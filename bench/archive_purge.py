@@ -88,7 +88,7 @@ Run::
 
     /work/main/.venv/bin/python bench/archive_purge.py [--rows 2000000] [--expired 1000000]
         [--repeat 1] [--json] [--memory-only] [--no-memory] [--memory-sizes 1000000,3000000]
-        [--max-batch-rows N] [--fixed-batch-rows N] [--profile] [--sketch] [--save PATH]
+        [--max-batch-rows N] [--fixed-batch-rows N] [--profile] [--sketch] [--save [PATH]]
         [--pg postgresql://postgres@127.0.0.1:5432/postgres]
 
 Databases, servers and temporary files are removed at the end, also on error or Ctrl-C.

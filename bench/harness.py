@@ -7,12 +7,16 @@ same work, measured in the same run) and its checks; this module brings the rest
   (:func:`add_common`), checked by :func:`check_common`;
 * databases: :func:`admin_url`, :func:`throwaway_database`, :func:`retention_engine`,
   :func:`psycopg2_connect`, :func:`run_sql`, :func:`scalar`; the engine's side of a run:
-  :func:`rule_cutoff`, :func:`open_journal_run`;
+  :func:`rule_cutoff`, :func:`open_journal_run`, the connections it would resolve
+  (:func:`postgres_spec`, :func:`aws_spec`);
 * measuring: :func:`interleave` (every method once per round, rounds repeated),
   :class:`Meter` (wall time, this process's CPU and other processes' CPU), peak RSS
   (:func:`proc_status_kib`, :func:`reset_peak_rss`);
+* checks: :func:`count_problems` (reported and journaled deletions against what should
+  have gone), :func:`wrong` (the tail of a per-run log line);
 * figures: :func:`percentile`, :func:`ms`, :func:`median_of`, :func:`summarize_runs`
-  (median seconds, pooled batch percentiles, the checks' verdict), :func:`ratio_verdict`;
+  (median seconds, pooled batch percentiles, the checks' verdict), :func:`ratio_verdict`,
+  :func:`all_correct` (the exit code follows the checks, never the timings);
 * output: :func:`print_method_table`, :func:`print_runs`, :func:`print_target`, and
   :func:`emit` (table or JSON, and the JSON saved under ``bench/.results/`` with ``--save``).
 

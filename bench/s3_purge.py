@@ -60,7 +60,7 @@ and pooled batch percentiles.
 Run::
 
     /work/main/.venv/bin/python bench/s3_purge.py [--objects 100000] [--repeat 1]
-        [--concurrency 8] [--latency-ms 0] [--check-seed] [--json]
+        [--concurrency 8] [--latency-ms 0] [--check-seed] [--json] [--save [PATH]]
 
 Server processes and temporary files are removed at the end, also on error or Ctrl-C
 (a server also exits by itself when its parent goes away).

@@ -41,9 +41,11 @@ percentiles and the worst batch of all runs.
 Run::
 
     /work/main/.venv/bin/python bench/sql_purge.py [--rows 2000000] [--expired 1000000]
-        [--repeat 3] [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--no-ctid] [--json]
+        [--repeat 3] [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--no-ctid] [--json] [--save [PATH]]
 
-The admin URL may also come from RETENTION_BENCH_PG. Both databases are dropped at
+The admin URL may also come from RETENTION_BENCH_PG. ``--save`` also writes the JSON figures
+to PATH (without one, to a new file under bench/.results/). Options, databases, rounds,
+summaries and output come from ``bench/harness.py``. Both databases are dropped at
 the end, also on error or Ctrl-C.
 """
 

@@ -667,7 +667,9 @@ def _now() -> datetime:
 
 
 def _err(message: str) -> None:
-    print(message, file=sys.stderr)
+    from retention.connections import redact
+
+    print(redact(message), file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,13 @@ class Signer:
         """Load an unencrypted PKCS#8 PEM Ed25519 private key."""
         path = Path(path)
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            key = serialization.load_pem_private_key(_read_private(path), password=None)
         except FileNotFoundError:
             raise ConfigError(f"signing key {path} does not exist (make one with `retention keygen`)") from None
+        except IsADirectoryError:
+            raise ConfigError(f"signing key {path} is a directory, not a PEM file") from None
+        except PermissionError:
+            raise ConfigError(f"signing key {path} cannot be read by this user") from None
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"signing key {path} is not an unencrypted PEM private key: {exc}") from None
         if not isinstance(key, Ed25519PrivateKey):
@@ -65,6 +70,22 @@ class Signer:
     def sign(self, data: bytes) -> str:
         """Base64 Ed25519 signature of ``data``."""
         return base64.b64encode(self.private_key.sign(data)).decode("ascii")
+
+
+def _read_private(path: Path) -> bytes:
+    """The key file's bytes, refused (as ssh does) when its group or others may read or write it.
+
+    The mode is read from the open file, so a file swapped in between cannot slip past.
+    """
+    with path.open("rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if os.name == "posix" and mode & 0o077:
+            raise ConfigError(
+                f"signing key {path} is accessible to others (mode {stat.S_IMODE(mode):04o}): anyone who can "
+                f"read it can forge certificates; run `chmod 600 {path}` (and rotate the key if others "
+                "may have copied it)"
+            )
+        return handle.read()
 
 
 @dataclass(frozen=True)

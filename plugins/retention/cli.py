@@ -371,8 +371,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     rules = load_rules(args.rules, category=args.category)
     now = args.as_of or _now()
     engine = open_audit(from_environment, args.audit)
+    skipped: list[str] = []
     with Targets(from_environment) as targets:
-        report = retention_status(rules, engine, targets, now=now)
+        report = retention_status(rules, engine, targets, now=now, skipped=skipped)
+    for note in skipped:
+        _err(f"! {note}")
     if args.json:
         print(json.dumps([r.to_dict() for r in report], indent=2))
     else:
@@ -394,7 +397,11 @@ def cmd_certificates(args: argparse.Namespace) -> int:
         if certificate is None:
             _err(f"no certificate with seq {args.seq}")
             return EXIT_FAILED
-        print(certificate.payload if args.json else describe_certificate(certificate))
+        shown = certificate.payload if args.json and certificate.problem is None else _described(certificate)
+        if shown is None:
+            _err(f"certificate {args.seq} is unreadable: {_unreadable(certificate)}; run `retention verify`")
+            return EXIT_FAILED
+        print(shown)
         return EXIT_OK
     limit = args.limit if args.limit is not None else (0 if args.since or args.until else 50)
     certificates = list(read_certificates(engine, category=args.category, newest_first=True,
@@ -402,22 +409,57 @@ def cmd_certificates(args: argparse.Namespace) -> int:
     certificates.reverse()
     if args.json:
         for certificate in certificates:
-            print(certificate.payload)
+            if certificate.problem is None:
+                print(certificate.payload)
+            else:  # still one JSON object a line
+                print(json.dumps({"seq": certificate.seq if isinstance(certificate.seq, int) else str(certificate.seq),
+                                  "unreadable": True, "problem": certificate.problem}))
         return EXIT_OK
     if not certificates:
         print("No certificates yet.")
         return EXIT_OK
-    rows = []
+    rows, unreadable = [], 0
     for c in certificates:
+        row = _listed(c)
+        if row is None:  # shown, not skipped: a planted row is news to whoever reviews the listing
+            unreadable += 1
+            row = [str(c.seq)[:20], "", str(c.category)[:63], "unreadable", "", "", "", "", str(c.run_id)[:60], ""]
+        rows.append(row)
+    print(table(["SEQ", "ISSUED", "CATEGORY", "STATUS", "PURGED", "HELD", "FAILED", "AS OF", "RUN", "HASH"],
+                rows, right=(0, 4, 5, 6)))
+    if unreadable:
+        _err(f"! {count(unreadable, 'row')} could not be read as certificates: `retention certificates --seq N` "
+             "says why, `retention verify` names the first")
+    return EXIT_OK
+
+
+def _listed(c) -> list | None:
+    """A certificate's row in the listing; None when its row or payload cannot be read."""
+    if c.problem is not None:
+        return None
+    try:
         totals = c.data.get("totals", {})
-        rows.append([
+        return [
             c.seq, moment(c.issued_at), c.category, c.status, f"{c.deleted:,}",
             f"{totals.get('held', 0):,}", f"{totals.get('failed', 0):,}", c.data.get("as_of", "")[:19] + "Z",
             c.run_id, c.entry_hash[:12],
-        ])
-    print(table(["SEQ", "ISSUED", "CATEGORY", "STATUS", "PURGED", "HELD", "FAILED", "AS OF", "RUN", "HASH"],
-                rows, right=(0, 4, 5, 6)))
-    return EXIT_OK
+        ]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _described(certificate) -> str | None:
+    """A certificate in full; None when its row or payload cannot be read."""
+    if certificate.problem is not None:
+        return None
+    try:
+        return describe_certificate(certificate)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _unreadable(certificate) -> str:
+    return certificate.problem or "its payload is JSON, but not a certificate as retention writes them"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -403,7 +403,7 @@ def _check(cert: Certificate, expected_seq: int, prev_hash: str, keys: PublicKey
             return f"certificate {missing} is missing: the chain jumps from {expected_seq - 1} to {cert.seq}"
         return f"seq {cert.seq} appears out of order (expected {expected_seq})"
     body = cert.payload.encode("utf-8")
-    problem = keys.verify(cert.key_id, cert.signature, body)
+    problem = keys.verify(cert.key_id, cert.signature, body, seq=cert.seq)
     if problem:
         return problem
     data = cert.data

@@ -128,6 +128,10 @@ def test_item14_a_private_signing_key_is_used(crm, keys, tmp_path, capsys):
 # -- 15: rows an attacker planted ------------------------------------------------------------
 
 
+class Sql(str):
+    """A value planted as this SQL expression (to store bytes that are not UTF-8 as TEXT)."""
+
+
 def _plant(audit_db, **row) -> None:
     """Insert a row as a superuser would: triggers off, any type in any column (SQLite allows it)."""
     conn = sqlite3.connect(audit_db.url.database)
@@ -138,8 +142,9 @@ def _plant(audit_db, **row) -> None:
         conn.execute("DROP TRIGGER IF EXISTS purge_certificates_no_update")
         conn.execute("DROP TRIGGER IF EXISTS purge_certificates_no_delete")
         columns = ", ".join(values)
-        conn.execute(f"INSERT INTO purge_certificates ({columns}) VALUES ({', '.join('?' * len(values))})",
-                     list(values.values()))
+        marks = ", ".join(v if isinstance(v, Sql) else "?" for v in values.values())
+        conn.execute(f"INSERT INTO purge_certificates ({columns}) VALUES ({marks})",
+                     [v for v in values.values() if not isinstance(v, Sql)])
     conn.close()
 
 
@@ -152,6 +157,8 @@ PLANTED = {
     "issued-at-not-a-time": {"seq": 3, "issued_at": "yesterday"},
     "signature-a-blob": {"seq": 3, "signature": b"\x01\x02", "key_id": b"\x07"},
     "payload-a-json-list": {"seq": 3, "payload": "[1, 2]"},
+    "payload-not-utf8": {"seq": 3, "payload": Sql("CAST(x'7bff7d' AS TEXT)")},
+    "run-id-not-utf8": {"seq": 3, "run_id": Sql("CAST(x'706c616e746564ff' AS TEXT)")},
 }
 
 
@@ -165,7 +172,7 @@ def test_item15_verify_names_a_malformed_row_and_exits_1(planted, crm, keys, aud
     as_json = run_cli(capsys, "verify", "--public-key", str(keys[1]), "--json")
 
     assert code == 1
-    assert "certificate seq 3" in output and "unreadable" in output and "run planted" in output
+    assert "certificate seq 3" in output and "unreadable" in output and "run " in output
     if planted == "seq-not-a-number":
         assert "'abc'" in output
     assert "Traceback" not in output
@@ -199,6 +206,17 @@ def test_item15_listings_show_malformed_rows_as_unreadable_and_go_on(crm, keys, 
     assert odd[0] == 1 and "certificate 6 is unreadable" in odd[1]
     assert status[0] in (0, 1) and "Traceback" not in status[1]
     assert "customer_accounts" in status[1] and "unreadable" in status[1]
+
+
+def test_item15_a_row_whose_text_is_not_utf8_is_listed_as_unreadable(crm, keys, audit_db, tmp_path, capsys):
+    night(capsys, tmp_path, 1)
+    _plant(audit_db, seq=2, payload=Sql("CAST(x'7bff7d' AS TEXT)"))
+
+    listed = run_cli(capsys, "certificates")
+    verified = run_cli(capsys, "verify", "--public-key", str(keys[1]))
+
+    assert listed[0] == 0 and "night-1" in listed[1] and "unreadable" in listed[1]
+    assert verified[0] == 1 and "certificate seq 2: the row seq 2" in verified[1] and "not UTF-8" in verified[1]
 
 
 # -- 18: a keyring; checkpoints name their log -----------------------------------------------

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import rfc8785
-from sqlalchemy import func, insert, select, text, type_coerce
+from sqlalchemy import LargeBinary, cast, func, insert, select, text, type_coerce
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import NullType
 
@@ -240,7 +240,7 @@ def find_certificate(engine: Engine, category: str, run_id: str) -> Certificate 
     """The certificate of one run, or None."""
     with engine.connect() as conn:
         row = conn.execute(
-            _raw_select().where(
+            _raw_select(engine).where(
                 purge_certificates.c.category == category, purge_certificates.c.run_id == run_id
             )
         ).mappings().first()
@@ -252,7 +252,7 @@ def read_certificates(
     limit: int | None = None, since: datetime | None = None, until: datetime | None = None,
 ) -> Iterator[Certificate]:
     """Certificates in seq order, streamed; ``since``/``until`` bound ``issued_at`` (until excluded)."""
-    query = _raw_select()
+    query = _raw_select(engine)
     if category:
         query = query.where(purge_certificates.c.category == category)
     if seq is not None:
@@ -272,10 +272,39 @@ def read_certificates(
             yield _certificate(row)
 
 
-def _raw_select():
-    """Every column, issued_at as the driver hands it: a planted value must not stop the stream."""
+def _raw_select(engine: Engine):
+    """Every column, so that a planted value cannot stop the stream: issued_at as the driver
+    hands it; on SQLite, which keeps any type (and any bytes as TEXT) anywhere, every column
+    as its bytes and storage class, decoded by :func:`_sqlite_value`."""
+    if engine.dialect.name == "sqlite":
+        columns = []
+        for c in purge_certificates.c:
+            columns += [cast(c, LargeBinary).label(c.name), func.typeof(c).label(f"{c.name}{_TYPE_SUFFIX}")]
+        return select(*columns)
     return select(*(type_coerce(c, NullType()).label(c.name) if c.name == "issued_at" else c
                     for c in purge_certificates.c))
+
+
+_TYPE_SUFFIX = "__storage_class"
+
+
+class _Undecodable(bytes):
+    """TEXT that is not UTF-8."""
+
+
+def _sqlite_value(raw: bytes | None, storage_class: str) -> Any:
+    if raw is None or storage_class == "null":
+        return None
+    if storage_class == "text":
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _Undecodable(raw)
+    if storage_class == "integer":
+        return int(raw)
+    if storage_class == "real":
+        return float(raw)
+    return bytes(raw)  # blob
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:/+=-]{1,80}")
@@ -287,6 +316,8 @@ def _certificate(row) -> Certificate:
 
     SQLite keeps any type in any column, and a superuser can write anything anywhere.
     """
+    if f"seq{_TYPE_SUFFIX}" in row:
+        row = {c.name: _sqlite_value(row[c.name], row[f"{c.name}{_TYPE_SUFFIX}"]) for c in purge_certificates.c}
     problem = None
     seq, payload, issued_at = row["seq"], row["payload"], row["issued_at"]
     if isinstance(issued_at, str):  # SQLite: ISO text
@@ -300,7 +331,9 @@ def _certificate(row) -> Certificate:
         if not isinstance(row[column], str):
             problem = f"its {column} {_shown(row[column])} is not text"
     data: Any = {}
-    if not isinstance(payload, str):
+    if isinstance(payload, _Undecodable):
+        problem = "its payload is not UTF-8 text"
+    elif not isinstance(payload, str):
         problem = "its payload is binary data, not the signed JSON text"
     else:
         try:

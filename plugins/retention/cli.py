@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # -v logs driver messages too: no password in them
+        handler.addFilter(_redacted)
     try:
         return args.handler(args)
     except RuleError as exc:
@@ -473,7 +475,14 @@ def _unreadable(certificate) -> str:
 def cmd_verify(args: argparse.Namespace) -> int:
     from retention.audit import open_audit
     from retention.certificates import Verification, count_certificates, verify_chain
-    from retention.checkpoints import CHECKPOINTS_ENV, CheckpointError, NoCheckpoints, log_identity, open_store, read_all
+    from retention.checkpoints import (
+        CHECKPOINTS_ENV,
+        CheckpointError,
+        NoCheckpoints,
+        log_identity,
+        open_store,
+        read_all,
+    )
     from retention.connections import from_environment, s3_client_from_environment
 
     keys = _trusted_keys(args)
@@ -520,7 +529,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                       f"seq {newest}, shows no certificate up to it was removed")
                 print(f"  ({checkpoints[newest].source})")
                 if unanchored:
-                    print(f"  {count(unanchored, 'certificate')} not yet checkpointed (seq {newest + 1}–{result.head_seq}): "
+                    span = f"{newest + 1}" if unanchored == 1 else f"{newest + 1}–{result.head_seq}"
+                    print(f"  {count(unanchored, 'certificate')} not yet checkpointed (seq {span}): "
                           f"a removed tail past seq {newest} would not show; `retention checkpoint` anchors them")
             else:
                 print("  (no --checkpoint given: a removed tail is caught only against the signed checkpoints "
@@ -746,6 +756,17 @@ def _as_of(text: str) -> datetime:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _redacted(record: logging.LogRecord) -> bool:
+    """A logging filter: the record's message with every known secret scrubbed."""
+    from retention.connections import redact
+
+    message = record.getMessage()
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    return True
 
 
 def _err(message: str) -> None:

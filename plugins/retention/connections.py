@@ -56,7 +56,7 @@ class ConnectionSpec:
             password = unquote(parts.password) if parts.password else None
         except ValueError:
             raise ConfigError(
-                f"connection {conn_id}: the URI does not parse (its port is not a number, or a bracket "
+                f"connection {conn_id}: the URI does not parse (its port is not a number from 1 to 65535, or a bracket "
                 "is unbalanced); percent-encode any '/', '?', '#', '@', '[' or ']' in the password "
                 "(e.g. %2F, %3F, %23)"
             ) from None

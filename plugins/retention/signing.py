@@ -107,7 +107,7 @@ class PublicKeys:
         """
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise ConfigError(f"keyring {path} does not exist") from None
         except (OSError, UnicodeDecodeError):

@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import rfc8785
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import LargeBinary, cast, func, insert, select, text, type_coerce
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import NullType
 
 from retention.audit import CHAIN_LOCK_KEY, purge_certificates
 from retention.holds import who
@@ -54,6 +56,14 @@ class Certificate:
     prev_hash: str
     entry_hash: str
     data: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
+    problem: str | None = field(default=None, compare=False)
+    """Why the row cannot be read as a certificate (planted, or edited by hand); None when it can."""
+
+    @property
+    def label(self) -> str:
+        """The row, named for a person: its seq as stored, category and run."""
+        seq = self.seq if isinstance(self.seq, int) else _quoted(self.seq)
+        return f"seq {seq} (category {_shown(self.category)}, run {_shown(self.run_id)})"
 
     @property
     def deleted(self) -> int:
@@ -230,7 +240,7 @@ def find_certificate(engine: Engine, category: str, run_id: str) -> Certificate 
     """The certificate of one run, or None."""
     with engine.connect() as conn:
         row = conn.execute(
-            select(purge_certificates).where(
+            _raw_select(engine).where(
                 purge_certificates.c.category == category, purge_certificates.c.run_id == run_id
             )
         ).mappings().first()
@@ -242,7 +252,7 @@ def read_certificates(
     limit: int | None = None, since: datetime | None = None, until: datetime | None = None,
 ) -> Iterator[Certificate]:
     """Certificates in seq order, streamed; ``since``/``until`` bound ``issued_at`` (until excluded)."""
-    query = select(purge_certificates)
+    query = _raw_select(engine)
     if category:
         query = query.where(purge_certificates.c.category == category)
     if seq is not None:
@@ -262,16 +272,98 @@ def read_certificates(
             yield _certificate(row)
 
 
+def _raw_select(engine: Engine):
+    """Every column, so that a planted value cannot stop the stream: issued_at as the driver
+    hands it; on SQLite, which keeps any type (and any bytes as TEXT) anywhere, every column
+    as its bytes and storage class, decoded by :func:`_sqlite_value`."""
+    if engine.dialect.name == "sqlite":
+        columns = []
+        for c in purge_certificates.c:
+            columns += [cast(c, LargeBinary).label(c.name), func.typeof(c).label(f"{c.name}{_TYPE_SUFFIX}")]
+        return select(*columns)
+    return select(*(type_coerce(c, NullType()).label(c.name) if c.name == "issued_at" else c
+                    for c in purge_certificates.c))
+
+
+_TYPE_SUFFIX = "__storage_class"
+
+
+class _Undecodable(bytes):
+    """TEXT that is not UTF-8."""
+
+
+def _sqlite_value(raw: bytes | None, storage_class: str) -> Any:
+    if raw is None or storage_class == "null":
+        return None
+    if storage_class == "text":
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _Undecodable(raw)
+    if storage_class == "integer":
+        return int(raw)
+    if storage_class == "real":
+        return float(raw)
+    return bytes(raw)  # blob
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/+=-]{1,80}")
+_TEXT_COLUMNS = ("category", "run_id", "status", "signature", "key_id", "prev_hash", "entry_hash")
+
+
 def _certificate(row) -> Certificate:
-    try:
-        data = json.loads(row["payload"])
-    except ValueError:
-        data = {}
+    """The row as a Certificate; one that cannot be read says why in ``problem``, and never raises.
+
+    SQLite keeps any type in any column, and a superuser can write anything anywhere.
+    """
+    if f"seq{_TYPE_SUFFIX}" in row:
+        row = {c.name: _sqlite_value(row[c.name], row[f"{c.name}{_TYPE_SUFFIX}"]) for c in purge_certificates.c}
+    problem = None
+    seq, payload, issued_at = row["seq"], row["payload"], row["issued_at"]
+    if isinstance(issued_at, str):  # SQLite: ISO text
+        try:
+            issued_at = datetime.fromisoformat(issued_at)
+        except ValueError:
+            issued_at, problem = None, f"its issued_at {_shown(row['issued_at'])} is not a timestamp"
+    elif not isinstance(issued_at, datetime):
+        issued_at, problem = None, f"its issued_at {_shown(row['issued_at'])} is not a timestamp"
+    for column in reversed(_TEXT_COLUMNS):
+        if not isinstance(row[column], str):
+            problem = f"its {column} {_shown(row[column])} is not text"
+    data: Any = {}
+    if isinstance(payload, _Undecodable):
+        problem = "its payload is not UTF-8 text"
+    elif not isinstance(payload, str):
+        problem = "its payload is binary data, not the signed JSON text"
+    else:
+        try:
+            data = json.loads(payload)
+        except RecursionError:
+            data, problem = {}, "its payload is JSON nested too deep to be a certificate"
+        except ValueError:
+            data, problem = {}, "its payload is not JSON"
+        if not isinstance(data, dict):
+            data, problem = {}, "its payload is JSON, but not an object"
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        problem = f"its seq {_quoted(seq)} is not a whole number"
     return Certificate(
-        seq=row["seq"], category=row["category"], run_id=row["run_id"], status=row["status"],
-        issued_at=row["issued_at"], payload=row["payload"], signature=row["signature"],
+        seq=seq, category=row["category"], run_id=row["run_id"], status=row["status"],
+        issued_at=issued_at, payload=payload, signature=row["signature"],
         key_id=row["key_id"], prev_hash=row["prev_hash"], entry_hash=row["entry_hash"], data=data,
+        problem=problem,
     )
+
+
+def _shown(value: Any) -> str:
+    """A stored value, safe and short enough to print: plain text as is, anything else as repr."""
+    if isinstance(value, str) and _PLAIN.fullmatch(value):
+        return value
+    return _quoted(value)
+
+
+def _quoted(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}…"
 
 
 @dataclass(frozen=True)
@@ -312,6 +404,10 @@ def verify_chain(
                             bad_seq=bad_seq, reason=reason, key_ids=frozenset(used_keys))
 
     for cert in read_certificates(engine):
+        if cert.problem is not None:
+            bad = cert.seq if isinstance(cert.seq, int) and not isinstance(cert.seq, bool) else expected_seq
+            return failed(bad, f"the row {cert.label} is unreadable: {cert.problem}; it was not written "
+                               "by retention (planted or edited in the database)")
         reason = _check(cert, expected_seq, prev_hash, keys)
         if reason is not None:
             return failed(cert.seq, reason)
@@ -340,13 +436,17 @@ def _check(cert: Certificate, expected_seq: int, prev_hash: str, keys: PublicKey
             return f"certificate {missing} is missing: the chain jumps from {expected_seq - 1} to {cert.seq}"
         return f"seq {cert.seq} appears out of order (expected {expected_seq})"
     body = cert.payload.encode("utf-8")
-    problem = keys.verify(cert.key_id, cert.signature, body)
+    problem = keys.verify(cert.key_id, cert.signature, body, seq=cert.seq)
     if problem:
         return problem
     data = cert.data
     if not data:
         return "payload is not JSON"
-    if canonical(data) != body:
+    try:
+        canonical_body = canonical(data)
+    except (RecursionError, ValueError, TypeError):
+        canonical_body = None
+    if canonical_body != body:
         return "payload is not in canonical form (RFC 8785); it was not written by retention"
     if data.get("seq") != cert.seq:
         return f"row seq {cert.seq} holds the certificate signed as seq {data.get('seq')} (rows reordered)"

@@ -33,6 +33,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -53,6 +54,8 @@ from retention.targets.s3 import TRANSIENT_CODES
 CHECKPOINTS_ENV = "RETENTION_CHECKPOINTS"
 CHECKPOINTS_CONN_ENV = "RETENTION_CHECKPOINTS_CONN"
 ORIGIN = "retention/purge-certificates"
+LOG_ID_ENV = "RETENTION_LOG_ID"
+_LOG_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,255}")
 SUFFIX = ".checkpoint"
 STALE_TEMP_S = 600  # a checkpoint's temporary file older than this was left by a killed writer
 READERS = 8  # parallel GETs when reading checkpoints from S3 (boto3's default pool holds 10)
@@ -74,11 +77,28 @@ class Checkpoint:
     size: int
     head_hash: str  # hex, as in purge_certificates.entry_hash
     source: str = ""  # where it was read from, for messages
+    origin: str = ORIGIN  # the log identity: which deployment's chain this is a checkpoint of
 
     def body(self) -> str:
         """The signed text: origin, size, head hash (base64), each line newline-terminated."""
         root = base64.b64encode(bytes.fromhex(self.head_hash)).decode("ascii")
-        return f"{ORIGIN}\n{self.size}\n{root}\n"
+        return f"{self.origin}\n{self.size}\n{root}\n"
+
+
+def log_identity(value: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The log identity checkpoints are signed under: ``value``, else ``RETENTION_LOG_ID``, else ORIGIN.
+
+    Each deployment names its own (``example.com/retention/eu``), so a checkpoint of one chain
+    can never pass for another's, even when both are signed with one key. Unset, it is the
+    origin every checkpoint was written with before it could be configured.
+    """
+    environ = os.environ if environ is None else environ
+    where = "--log-id" if value else LOG_ID_ENV
+    value = value or environ.get(LOG_ID_ENV) or ORIGIN
+    if not _LOG_ID.fullmatch(value):
+        raise ConfigError(f"{where}: {value[:60]!r} is not a log identity: up to 255 letters, digits and . _ ~ : / -, "
+                          "no spaces or '+' (e.g. example.com/retention/eu)")
+    return value
 
 
 def note_key_hash(name: str, public_key: Ed25519PublicKey) -> bytes:
@@ -123,25 +143,32 @@ def open_note(note: bytes, name: str, public_keys: Iterable[Ed25519PublicKey]) -
 
 
 def sign(checkpoint: Checkpoint, signer: Signer) -> bytes:
-    """The checkpoint as a note signed by ``signer`` under the name ``ORIGIN``."""
-    return sign_note(checkpoint.body(), ORIGIN, signer.private_key)
+    """The checkpoint as a note signed by ``signer`` under its origin (the log identity)."""
+    return sign_note(checkpoint.body(), checkpoint.origin, signer.private_key)
 
 
-def parse(note: bytes, keys: PublicKeys, source: str) -> Checkpoint:
-    """The checkpoint in ``note`` if one of ``keys`` signed it; CheckpointError otherwise."""
-    text = open_note(note, ORIGIN, keys.by_id.values())
+def parse(note: bytes, keys: PublicKeys, source: str, origin: str = ORIGIN) -> Checkpoint:
+    """The checkpoint of log ``origin`` in ``note`` if one of ``keys`` signed it; CheckpointError otherwise."""
+    named = note.split(b"\n", 1)[0].decode("utf-8", "replace")
+    if named != origin:
+        raise CheckpointError(
+            f"checkpoint {source}: is a checkpoint of log {named[:80]!r}, not of this deployment's log {origin!r} "
+            f"({LOG_ID_ENV}, or --log-id): it belongs to another chain, or was written before the log identity "
+            "was set (anchor the chain anew with `retention checkpoint` and move such files aside)"
+        )
+    text = open_note(note, origin, keys.by_id.values())
     if text is None:
         raise CheckpointError(f"checkpoint {source}: no valid signature by a trusted public key (forged or edited)")
     lines = text.split("\n")
     try:
-        if lines[0] != ORIGIN:
+        if lines[0] != origin:
             raise ValueError(lines[0])
         size, head = int(lines[1]), base64.b64decode(lines[2], validate=True)
     except (IndexError, ValueError, binascii.Error):
-        raise CheckpointError(f"checkpoint {source}: signed, but not a checkpoint of {ORIGIN}") from None
+        raise CheckpointError(f"checkpoint {source}: signed, but not a checkpoint of {origin}") from None
     if size < 1 or len(head) != 32:
         raise CheckpointError(f"checkpoint {source}: signed, but its size or head hash is malformed")
-    return Checkpoint(size, head.hex(), source)
+    return Checkpoint(size, head.hex(), source, origin)
 
 
 # -- stores -----------------------------------------------------------------------------
@@ -302,6 +329,7 @@ def configured_store(s3_client: Callable[[str], object],
     location = environ.get(CHECKPOINTS_ENV)
     if not location:
         return None
+    log_identity(environ=environ)  # a malformed one must stop the run before it purges
     store = open_store(location, s3_client, environ.get(CHECKPOINTS_CONN_ENV) or "aws_default")
     store.check_writable()
     return store
@@ -310,25 +338,29 @@ def configured_store(s3_client: Callable[[str], object],
 # -- write and read ----------------------------------------------------------------------
 
 
-def publish(store: CheckpointStore, signer: Signer, seq: int, head_hash: str) -> str:
-    """Write the signed checkpoint of a chain whose certificate ``seq`` hashes to ``head_hash``."""
+def publish(store: CheckpointStore, signer: Signer, seq: int, head_hash: str, origin: str | None = None) -> str:
+    """Write the signed checkpoint of a chain whose certificate ``seq`` hashes to ``head_hash``.
+
+    ``origin`` is the log identity (default: :func:`log_identity`).
+    """
     name = f"{seq:012d}{SUFFIX}"
-    store.put(name, sign(Checkpoint(seq, head_hash), signer))
+    store.put(name, sign(Checkpoint(seq, head_hash, origin=origin or log_identity()), signer))
     return name
 
 
-def read_all(stores: Iterable[CheckpointStore], keys: PublicKeys) -> dict[int, Checkpoint]:
-    """Every checkpoint in ``stores``, signature checked, by size.
+def read_all(stores: Iterable[CheckpointStore], keys: PublicKeys, origin: str | None = None) -> dict[int, Checkpoint]:
+    """Every checkpoint of log ``origin`` (default: :func:`log_identity`) in ``stores``, signature checked, by size.
 
-    Raises CheckpointError for a note no trusted key signed, for two checkpoints that give
-    one seq different heads, and for a store that holds none (emptied, or misnamed).
+    Raises CheckpointError for a note no trusted key signed, for one of another log, for two
+    checkpoints that give one seq different heads, and for a store that holds none.
     """
+    origin = origin or log_identity()
     found: dict[int, Checkpoint] = {}
     for store in stores:
         seen = False
         for source, note in store.notes():
             seen = True
-            checkpoint = parse(note, keys, source)
+            checkpoint = parse(note, keys, source, origin)
             other = found.get(checkpoint.size)
             if other is not None and other.head_hash != checkpoint.head_hash:
                 raise CheckpointError(f"checkpoints {other.source} and {source} give seq {checkpoint.size} "

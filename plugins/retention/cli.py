@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # -v logs driver messages too: no password in them
+        handler.addFilter(_redacted)
     try:
         return args.handler(args)
     except RuleError as exc:
@@ -153,8 +155,13 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = commands.add_parser("verify", help="check signatures, seq order and the hash chain")
     audit_option(cmd)
-    cmd.add_argument("--public-key", action="append", required=True, metavar="PEM",
-                     help="trusted Ed25519 public key (repeat while rotating keys)")
+    cmd.add_argument("--public-key", action="append", default=[], metavar="PEM",
+                     help="trusted Ed25519 public key, for any seq (repeat while rotating keys); or --keyring")
+    cmd.add_argument("--keyring", default=os.environ.get("RETENTION_KEYRING"), metavar="FILE",
+                     help="the keyring: each public key with the seq range it may sign (default $RETENTION_KEYRING)")
+    cmd.add_argument("--log-id", metavar="ID",
+                     help="the log identity checkpoints must name (default $RETENTION_LOG_ID, or "
+                          "retention/purge-certificates)")
     cmd.add_argument("--checkpoint", action="append", default=[], metavar="LOCATION",
                      help="signed checkpoints kept outside the database: a file, a directory or "
                           "s3://bucket/prefix (repeatable); catches a removed tail")
@@ -184,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
                      metavar="CONN_ID", help="AWS connection for an s3:// location (default aws_default)")
     cmd.add_argument("--public-key", action="append", default=[], metavar="PEM",
                      help="earlier keys the chain was signed with (the signing key's own is always trusted)")
+    cmd.add_argument("--keyring", default=os.environ.get("RETENTION_KEYRING"), metavar="FILE",
+                     help="verify the chain against the keyring instead (it must hold the signing key)")
+    cmd.add_argument("--log-id", metavar="ID", help="the log identity to sign under (default $RETENTION_LOG_ID)")
     cmd.set_defaults(handler=cmd_checkpoint)
 
     cmd = commands.add_parser("keygen", help="create an Ed25519 signing key pair")
@@ -371,8 +381,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     rules = load_rules(args.rules, category=args.category)
     now = args.as_of or _now()
     engine = open_audit(from_environment, args.audit)
+    skipped: list[str] = []
     with Targets(from_environment) as targets:
-        report = retention_status(rules, engine, targets, now=now)
+        report = retention_status(rules, engine, targets, now=now, skipped=skipped)
+    for note in skipped:
+        _err(f"! {note}")
     if args.json:
         print(json.dumps([r.to_dict() for r in report], indent=2))
     else:
@@ -394,7 +407,11 @@ def cmd_certificates(args: argparse.Namespace) -> int:
         if certificate is None:
             _err(f"no certificate with seq {args.seq}")
             return EXIT_FAILED
-        print(certificate.payload if args.json else describe_certificate(certificate))
+        shown = certificate.payload if args.json and certificate.problem is None else _described(certificate)
+        if shown is None:
+            _err(f"certificate {args.seq} is unreadable: {_unreadable(certificate)}; run `retention verify`")
+            return EXIT_FAILED
+        print(shown)
         return EXIT_OK
     limit = args.limit if args.limit is not None else (0 if args.since or args.until else 50)
     certificates = list(read_certificates(engine, category=args.category, newest_first=True,
@@ -402,39 +419,81 @@ def cmd_certificates(args: argparse.Namespace) -> int:
     certificates.reverse()
     if args.json:
         for certificate in certificates:
-            print(certificate.payload)
+            if certificate.problem is None:
+                print(certificate.payload)
+            else:  # still one JSON object a line
+                print(json.dumps({"seq": certificate.seq if isinstance(certificate.seq, int) else str(certificate.seq),
+                                  "unreadable": True, "problem": certificate.problem}))
         return EXIT_OK
     if not certificates:
         print("No certificates yet.")
         return EXIT_OK
-    rows = []
+    rows, unreadable = [], 0
     for c in certificates:
+        row = _listed(c)
+        if row is None:  # shown, not skipped: a planted row is news to whoever reviews the listing
+            unreadable += 1
+            row = [str(c.seq)[:20], "", str(c.category)[:63], "unreadable", "", "", "", "", str(c.run_id)[:60], ""]
+        rows.append(row)
+    print(table(["SEQ", "ISSUED", "CATEGORY", "STATUS", "PURGED", "HELD", "FAILED", "AS OF", "RUN", "HASH"],
+                rows, right=(0, 4, 5, 6)))
+    if unreadable:
+        _err(f"! {count(unreadable, 'row')} could not be read as certificates: `retention certificates --seq N` "
+             "says why, `retention verify` names the first")
+    return EXIT_OK
+
+
+def _listed(c) -> list | None:
+    """A certificate's row in the listing; None when its row or payload cannot be read."""
+    if c.problem is not None:
+        return None
+    try:
         totals = c.data.get("totals", {})
-        rows.append([
+        return [
             c.seq, moment(c.issued_at), c.category, c.status, f"{c.deleted:,}",
             f"{totals.get('held', 0):,}", f"{totals.get('failed', 0):,}", c.data.get("as_of", "")[:19] + "Z",
             c.run_id, c.entry_hash[:12],
-        ])
-    print(table(["SEQ", "ISSUED", "CATEGORY", "STATUS", "PURGED", "HELD", "FAILED", "AS OF", "RUN", "HASH"],
-                rows, right=(0, 4, 5, 6)))
-    return EXIT_OK
+        ]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _described(certificate) -> str | None:
+    """A certificate in full; None when its row or payload cannot be read."""
+    if certificate.problem is not None:
+        return None
+    try:
+        return describe_certificate(certificate)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _unreadable(certificate) -> str:
+    return certificate.problem or "its payload is JSON, but not a certificate as retention writes them"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from retention.audit import open_audit
     from retention.certificates import Verification, count_certificates, verify_chain
-    from retention.checkpoints import CHECKPOINTS_ENV, CheckpointError, NoCheckpoints, open_store, read_all
+    from retention.checkpoints import (
+        CHECKPOINTS_ENV,
+        CheckpointError,
+        NoCheckpoints,
+        log_identity,
+        open_store,
+        read_all,
+    )
     from retention.connections import from_environment, s3_client_from_environment
-    from retention.signing import PublicKeys
 
-    keys = PublicKeys.from_pem_files(args.public_key)
+    keys = _trusted_keys(args)
+    origin = log_identity(args.log_id)
 
     checkpoints = {}
     engine = open_audit(from_environment, args.audit)
     try:
         stores = [open_store(where, s3_client_from_environment, args.checkpoint_connection)
                   for where in args.checkpoint]
-        checkpoints = read_all(stores, keys)
+        checkpoints = read_all(stores, keys, origin)
     except NoCheckpoints as exc:
         # Before the first certificate there is nothing to checkpoint; after it, an empty store is a loss.
         result = Verification(0, None, None, reason=None if count_certificates(engine) == 0 else str(exc))
@@ -448,11 +507,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if archives["problem"]:
             result = dataclasses.replace(result, bad_seq=archives["bad_seq"], reason=archives["problem"])
     newest = max(checkpoints) if checkpoints else None
+    # A tail cut after the newest checkpoint would go unseen: say how much is exposed.
+    unanchored = max((result.head_seq or 0) - newest, 0) if newest is not None and result.ok else None
     if args.json:
         print(json.dumps({
             "ok": result.ok, "checked": result.checked, "head_seq": result.head_seq,
             "head_hash": result.head_hash, "bad_seq": result.bad_seq, "reason": result.reason,
             "checkpoints": len(checkpoints), "newest_checkpoint": newest, "archives": archives,
+            "not_checkpointed": unanchored,
         }))
     elif result.ok:
         if result.checked == 0:
@@ -466,6 +528,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  {count(len(checkpoints), 'signed checkpoint')} agree with the chain; the newest, "
                       f"seq {newest}, shows no certificate up to it was removed")
                 print(f"  ({checkpoints[newest].source})")
+                if unanchored:
+                    span = f"{newest + 1}" if unanchored == 1 else f"{newest + 1}–{result.head_seq}"
+                    print(f"  {count(unanchored, 'certificate')} not yet checkpointed (seq {span}): "
+                          f"a removed tail past seq {newest} would not show; `retention checkpoint` anchors them")
             else:
                 print("  (no --checkpoint given: a removed tail is caught only against the signed checkpoints "
                       f"runs write outside the database when {CHECKPOINTS_ENV} is set)")
@@ -480,6 +546,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if result.checked:
             _err(f"  seq 1–{result.head_seq} verified before it")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _trusted_keys(args: argparse.Namespace):
+    """The keyring (each key for its seq range), or PEM public keys (any key for any seq)."""
+    from retention.signing import PublicKeys
+
+    if args.public_key and args.keyring:
+        raise ConfigError("give --keyring (or $RETENTION_KEYRING) or --public-key, not both: the keyring's "
+                          "seq ranges would not bind keys given beside it")
+    if args.keyring:
+        return PublicKeys.from_keyring(args.keyring)
+    if not args.public_key:
+        raise ConfigError("say which keys to trust: --keyring FILE (each key with the seqs it may sign) "
+                          "or --public-key PEM")
+    return PublicKeys.from_pem_files(args.public_key)
 
 
 def _check_archives(engine, client) -> dict:
@@ -520,17 +601,24 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     """
     from retention.audit import open_audit
     from retention.certificates import verify_chain
-    from retention.checkpoints import CHECKPOINTS_ENV, open_store, publish
+    from retention.checkpoints import CHECKPOINTS_ENV, log_identity, open_store, publish
     from retention.connections import from_environment, s3_client_from_environment
     from retention.signing import PublicKeys, Signer
 
     location = args.to or os.environ.get(CHECKPOINTS_ENV)
     if not location:
         raise ConfigError(f"say where with --to, or set {CHECKPOINTS_ENV}")
+    origin = log_identity(args.log_id)
     signer = Signer.from_environment()
+    if args.keyring and not args.public_key:
+        keys = PublicKeys.from_keyring(args.keyring)
+        if signer.key_id not in keys.by_id:
+            raise ConfigError(f"the signing key ({signer.key_id[:16]}…) is not in the keyring {args.keyring}: "
+                              "add its line (`retention keygen` printed it) before it signs anything")
+    else:
+        keys = PublicKeys({**PublicKeys.from_pem_files(args.public_key).by_id,
+                           signer.key_id: signer.private_key.public_key()})
     engine = open_audit(from_environment, args.audit)
-    keys = PublicKeys({**PublicKeys.from_pem_files(args.public_key).by_id,
-                       signer.key_id: signer.private_key.public_key()})
     result = verify_chain(engine, keys)
     if not result.ok:
         _err(f"✗ not signing a chain that does not verify: certificate seq {result.bad_seq}: {result.reason}")
@@ -539,7 +627,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         print("no certificates yet: nothing to checkpoint")
         return EXIT_OK
     store = open_store(location, s3_client_from_environment, args.checkpoint_connection)
-    name = publish(store, signer, result.head_seq, result.head_hash)
+    name = publish(store, signer, result.head_seq, result.head_hash, origin)
     print(f"signed checkpoint of seq {result.head_seq} ({result.head_hash[:12]}) written to {store.location}/{name}")
     return EXIT_OK
 
@@ -584,11 +672,15 @@ def table_rows(tables: dict[str, int], conn_id: str) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from retention.signing import SIGNING_KEY_ENV, generate_keypair
+    from retention.signing import SIGNING_KEY_ENV, Signer, generate_keypair, keyring_line
 
     private_path, public_path = generate_keypair(args.out)
     print(f"private key: {private_path} (keep secret; set {SIGNING_KEY_ENV}={private_path})")
     print(f"public key:  {public_path} (give to verifiers: retention verify --public-key {public_path})")
+    line = keyring_line(Signer.from_pem_file(private_path).private_key.public_key())
+    print(f"keyring line: {line}")
+    print("  (FIRST_SEQ: the seq of the first certificate it signs, the chain's head + 1; end the previous "
+          "key's line with its last seq)")
     return EXIT_OK
 
 
@@ -666,8 +758,21 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _redacted(record: logging.LogRecord) -> bool:
+    """A logging filter: the record's message with every known secret scrubbed."""
+    from retention.connections import redact
+
+    message = record.getMessage()
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    return True
+
+
 def _err(message: str) -> None:
-    print(message, file=sys.stderr)
+    from retention.connections import redact
+
+    print(redact(message), file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,27 +38,43 @@ class ConnectionSpec:
     @classmethod
     def from_uri(cls, conn_id: str, uri: str) -> ConnectionSpec:
         """Parse an Airflow connection URI (mirrors ``airflow.sdk.Connection.from_uri``)."""
+        # Messages below never quote the URI or a part of it: any part may be a piece of the
+        # password (an unencoded '#', '/' or '?' in it moves the rest into the port or path).
         if uri.count("://") > 2 or "://" not in uri:
             raise ConfigError(f"connection {conn_id}: not a connection URI")
-        host_with_protocol = uri.count("://") == 2
-        conn_type = urlsplit(uri).scheme
-        rest = uri.replace(f"{conn_type}://", "" if host_with_protocol else "//")
-        parts = urlsplit(rest)
-        host = _hostname(parts)
+        if "#" in uri:
+            raise ConfigError(f"connection {conn_id}: the URI holds a '#', which would cut it short; "
+                              f"percent-encode it (%23), and any '/', '?' or '@' in the password too")
+        try:
+            host_with_protocol = uri.count("://") == 2
+            conn_type = urlsplit(uri).scheme
+            rest = uri.replace(f"{conn_type}://", "" if host_with_protocol else "//")
+            parts = urlsplit(rest)
+            host = _hostname(parts)
+            port = parts.port
+            login = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password) if parts.password else None
+        except ValueError:
+            raise ConfigError(
+                f"connection {conn_id}: the URI does not parse (its port is not a number from 1 to 65535, or a bracket "
+                "is unbalanced); percent-encode any '/', '?', '#', '@', '[' or ']' in the password "
+                "(e.g. %2F, %3F, %23)"
+            ) from None
         if host and host_with_protocol:
             host = f"{parts.scheme}://{host}"
         extra: dict[str, Any] = {}
         if parts.query:
             query = dict(parse_qsl(parts.query, keep_blank_values=True))
-            extra = json.loads(query["__extra__"]) if "__extra__" in query else query
+            extra = _extra(conn_id, query["__extra__"]) if "__extra__" in query else query
+        _remember_secret(password)
         return cls(
             conn_id=conn_id,
             conn_type=_normal_type(conn_type),
             host=host or None,
             schema=unquote(parts.path[1:]) or None,
-            login=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            port=parts.port,
+            login=login,
+            password=password,
+            port=port,
             extra=extra,
         )
 
@@ -68,9 +85,24 @@ class ConnectionSpec:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"connection {conn_id}: not valid JSON ({exc.msg})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"connection {conn_id}: the JSON form must be an object with conn_type, host, ...")
+        _remember_secret(data.get("password"))
+        for name in ("conn_type", "host", "schema", "login", "password"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise ConfigError(f"connection {conn_id}: {name} must be a string")
         extra = data.get("extra") or {}
         if isinstance(extra, str):
-            extra = json.loads(extra)
+            extra = _extra(conn_id, extra)
+        if not isinstance(extra, dict):
+            raise ConfigError(f"connection {conn_id}: extra must be a JSON object")
+        port = data.get("port")
+        if port:
+            try:
+                port = int(port)
+            except (TypeError, ValueError):
+                # Not quoted: the field may hold a misplaced secret.
+                raise ConfigError(f"connection {conn_id}: port must be a number") from None
         return cls(
             conn_id=conn_id,
             conn_type=_normal_type(data.get("conn_type") or ""),
@@ -78,9 +110,40 @@ class ConnectionSpec:
             schema=data.get("schema"),
             login=data.get("login"),
             password=data.get("password"),
-            port=int(data["port"]) if data.get("port") else None,
+            port=port or None,
             extra=extra,
         )
+
+
+_SECRETS: set[str] = set()  # every password parsed in this process, to scrub from messages
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/?#@\s]*):[^@\s]*@")
+
+
+def _remember_secret(password: object) -> None:
+    if isinstance(password, str) and len(password) >= 3:
+        _SECRETS.add(password)
+
+
+def _extra(conn_id: str, text: str) -> dict[str, Any]:
+    try:
+        extra = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"connection {conn_id}: extra is not valid JSON") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"connection {conn_id}: extra must be a JSON object")
+    return extra
+
+
+def redact(message: str) -> str:
+    """``message`` without any password this process was given, nor a URL's ``user:password@``.
+
+    Driver errors may echo parts of what they were handed; the CLI passes every message it
+    prints through here.
+    """
+    message = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", message)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
 
 
 ConnectionResolver = Callable[[str], ConnectionSpec]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
+import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -40,9 +42,13 @@ class Signer:
         """Load an unencrypted PKCS#8 PEM Ed25519 private key."""
         path = Path(path)
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            key = serialization.load_pem_private_key(_read_private(path), password=None)
         except FileNotFoundError:
             raise ConfigError(f"signing key {path} does not exist (make one with `retention keygen`)") from None
+        except IsADirectoryError:
+            raise ConfigError(f"signing key {path} is a directory, not a PEM file") from None
+        except PermissionError:
+            raise ConfigError(f"signing key {path} cannot be read by this user") from None
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"signing key {path} is not an unencrypted PEM private key: {exc}") from None
         if not isinstance(key, Ed25519PrivateKey):
@@ -67,11 +73,79 @@ class Signer:
         return base64.b64encode(self.private_key.sign(data)).decode("ascii")
 
 
+def _read_private(path: Path) -> bytes:
+    """The key file's bytes, refused (as ssh does) when its group or others may read or write it.
+
+    The mode is read from the open file, so a file swapped in between cannot slip past.
+    """
+    with path.open("rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if os.name == "posix" and mode & 0o077:
+            raise ConfigError(
+                f"signing key {path} is accessible to others (mode {stat.S_IMODE(mode):04o}): anyone who can "
+                f"read it can forge certificates; run `chmod 600 {path}` (and rotate the key if others "
+                "may have copied it)"
+            )
+        return handle.read()
+
+
 @dataclass(frozen=True)
 class PublicKeys:
-    """The public keys a verifier accepts, by key id."""
+    """The public keys a verifier accepts, by key id; from a keyring, each for its seq range only."""
 
     by_id: Mapping[str, Ed25519PublicKey]
+    ranges: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
+    """Key id → (first seq it may sign, last seq or None while it is current); empty: any seq."""
+
+    @classmethod
+    def from_keyring(cls, path: str | Path) -> PublicKeys:
+        """Load a keyring: one key a line, ``KEY FIRST_SEQ [LAST_SEQ]``, ``#`` starts a comment.
+
+        KEY is the base64 of the raw 32-byte Ed25519 public key (``retention keygen`` prints the
+        line). A key may sign seq FIRST_SEQ to LAST_SEQ; without LAST_SEQ it is the current key.
+        Ranges may not overlap, so every seq has exactly one key that may sign it.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ConfigError(f"keyring {path} does not exist") from None
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(f"keyring {path} cannot be read as UTF-8 text") from None
+        keys: dict[str, Ed25519PublicKey] = {}
+        ranges: dict[str, tuple[int, int | None]] = {}
+        lines: dict[str, int] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            where = f"{path}:{number}"
+            if len(fields) > 3:
+                raise ConfigError(f"{where}: {len(fields)} fields where a keyring line has KEY FIRST_SEQ [LAST_SEQ]; "
+                                  "put notes after a #")
+            key = _raw_public_key(fields[0], where)
+            if len(fields) < 2:
+                raise ConfigError(f"{where}: first seq: missing; write the seq of the first certificate this key signs "
+                                  "after the key")
+            first = _keyring_seq(fields[1], where, "first seq")
+            last = _keyring_seq(fields[2], where, "last seq") if len(fields) == 3 else None
+            if last is not None and last < first:
+                raise ConfigError(f"{where}: last seq: {last} is before the first seq {first}")
+            kid = key_id(key)
+            if kid in keys:
+                raise ConfigError(f"{where}: key: already listed on line {lines[kid]}; give each key one range")
+            for other, (other_first, other_last) in ranges.items():
+                if first <= (other_last or math.inf) and other_first <= (last or math.inf):
+                    span = f"seq {other_first}–{other_last}" if other_last is not None else f"seq {other_first} on"
+                    raise ConfigError(
+                        f"{where}: first seq: the range overlaps the key on line {lines[other]} ({span}); end that "
+                        "key's range with its last seq (the seq before this key's first)"
+                    )
+            keys[kid], ranges[kid], lines[kid] = key, (first, last), number
+        if not keys:
+            raise ConfigError(f"{path}: no keys; each line is KEY FIRST_SEQ [LAST_SEQ] "
+                              "(`retention keygen` prints one)")
+        return cls(keys, ranges)
 
     @classmethod
     def from_pem_files(cls, paths: list[str | Path]) -> PublicKeys:
@@ -89,17 +163,47 @@ class PublicKeys:
             keys[key_id(key)] = key
         return cls(keys)
 
-    def verify(self, key_id_: str, signature_b64: str, data: bytes) -> str | None:
-        """None when the signature holds; otherwise why it does not."""
+    def verify(self, key_id_: str, signature_b64: str, data: bytes, *, seq: int | None = None) -> str | None:
+        """None when the signature holds (and the keyring lets its key sign ``seq``); otherwise why not."""
         key = self.by_id.get(key_id_)
         if key is None:
             return f"signed by key {key_id_[:16]}…, which is not one of the trusted public keys"
+        if seq is not None and key_id_ in self.ranges:
+            first, last = self.ranges[key_id_]
+            if seq < first:
+                return (f"signed by key {key_id_[:16]}…, which the keyring lets sign only from seq {first} on: "
+                        "a row appended with a key before it was due")
+            if last is not None and seq > last:
+                return (f"signed by key {key_id_[:16]}…, which the keyring retired after seq {last}: "
+                        "a row appended with a retired key")
         try:
             signature = base64.b64decode(signature_b64, validate=True)
             key.verify(signature, data)
         except (InvalidSignature, ValueError):
             return "signature does not match the payload (payload edited or signature forged)"
         return None
+
+
+def keyring_line(public_key: Ed25519PublicKey, first: str = "FIRST_SEQ") -> str:
+    """The keyring line of ``public_key``: its raw key in base64, then the first seq it signs."""
+    return f"{base64.b64encode(public_key.public_bytes_raw()).decode('ascii')}  {first}"
+
+
+def _raw_public_key(text: str, where: str) -> Ed25519PublicKey:
+    try:
+        raw = base64.b64decode(text, validate=True)
+        if len(raw) != 32:
+            raise ValueError
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: key: not the base64 of a 32-byte Ed25519 public key "
+                          "(`retention keygen` prints the line to copy)") from None
+
+
+def _keyring_seq(text: str, where: str, name: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ConfigError(f"{where}: {name}: {text[:20]!r} is not a seq (a whole number from 1)")
+    return int(text)
 
 
 def generate_keypair(out_dir: str | Path, *, name: str = "retention-signing") -> tuple[Path, Path]:

@@ -58,16 +58,21 @@ class TargetStatus:
         return asdict(self)
 
 
-def retention_status(rule_files: list[RuleFile], audit: Engine, targets: Targets, *, now: datetime) -> list[TargetStatus]:
-    """The status of every target of ``rule_files`` at ``now``."""
-    latest = _latest_certificates(audit)
+def retention_status(rule_files: list[RuleFile], audit: Engine, targets: Targets, *, now: datetime,
+                     skipped: list[str] | None = None) -> list[TargetStatus]:
+    """The status of every target of ``rule_files`` at ``now``.
+
+    Certificate rows that cannot be read are passed over (the newest readable one of a
+    category counts) and described in ``skipped``, when given.
+    """
+    latest = _latest_certificates(audit, skipped if skipped is not None else [])
     registry = HoldRegistry(audit)
     report = []
     for rule_file in rule_files:
         rule = rule_file.rule
         cutoff = rule.cutoff(now)
         certificate = latest.get(rule.category)
-        entries = {t["name"]: t for t in certificate.data.get("targets", [])} if certificate else {}
+        entries = _entries(certificate) or {} if certificate else {}
         tolerance = 2 * _interval(rule)
         for target in rule.targets:
             context = RunContext(rule.action, rule.category, "status", now, rule.archive)
@@ -86,11 +91,28 @@ def retention_status(rule_files: list[RuleFile], audit: Engine, targets: Targets
     return report
 
 
-def _latest_certificates(audit: Engine) -> dict[str, Any]:
+def _latest_certificates(audit: Engine, skipped: list[str]) -> dict[str, Any]:
     latest: dict[str, Any] = {}
     for certificate in read_certificates(audit):
+        if certificate.problem is not None or _entries(certificate) is None:
+            why = certificate.problem or "its payload is not a certificate as retention writes them"
+            skipped.append(f"certificate row {certificate.label} is unreadable ({why}): passed over; "
+                           "run `retention verify`")
+            continue
         latest[certificate.category] = certificate  # seq order: the last one wins
     return latest
+
+
+def _entries(certificate) -> dict[str, dict] | None:
+    """The certificate's targets by name, each with a text status; None when the payload has no such shape."""
+    targets = certificate.data.get("targets", [])
+    if not isinstance(targets, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("status"), str)
+            for t in targets):
+        return None
+    if not isinstance(certificate.issued_at, datetime):
+        return None
+    return {t["name"]: t for t in targets}
 
 
 def _interval(rule: RetentionRule) -> timedelta:

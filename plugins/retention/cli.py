@@ -18,7 +18,7 @@ import uuid
 from datetime import date, datetime, timezone
 
 from retention import __version__
-from retention.errors import ConfigError, RetentionError, RuleError, TerminalError
+from retention.errors import ConfigError, InvalidAsOf, RetentionError, RuleError, TerminalError
 from retention.render import count, describe_certificate, moment, rate, size, table
 
 DEFAULT_RULES_DIR = "retention_rules"
@@ -212,6 +212,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     rules = load_rules(args.rules, category=args.category)
     as_of = args.as_of or _now()
+    _what_if(as_of)
     holds = _hold_registry_if_any(args.audit)
     with Targets(from_environment) as targets:
         plans = [build_plan(rule_file, as_of, targets, holds=holds) for rule_file in rules]
@@ -243,19 +244,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from retention.journal import RunJournal
     from retention.plan import build_plan
     from retention.rules import load_rules
-    from retention.runs import Runner
+    from retention.runs import Runner, check_as_of
     from retention.signing import Signer
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
     as_of = args.as_of or _now()
     if args.dry_run:
+        _what_if(as_of)
         holds = _hold_registry_if_any(args.audit)
         with Targets(from_environment) as targets:
             for rule_file in rules:
                 _print_plan(build_plan(rule_file, as_of, targets, holds=holds))
         print("Dry run: nothing was changed and no certificate was written.")
         return EXIT_OK
+    check_as_of(as_of, _now())  # Runner.start checks too; this stops before the signer and the audit database
     signer = Signer.from_environment()  # before anything is touched: an uncertifiable run must not start
     base_id = args.run_id or f"cli__{as_of.strftime('%Y%m%dT%H%M%SZ')}__{uuid.uuid4().hex[:8]}"
     certificates, errors = [], 0
@@ -269,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 certificate = runner.run(rule_file, run_id=run_id, as_of=as_of, progress=_Progress(),
                                          approval=args.approve_over_limit, wait=args.wait)
-            except RuleError:
+            except (RuleError, InvalidAsOf):
                 raise
             except TerminalError as exc:
                 _err(f"{rule_file.rule.category}: {exc}")
@@ -660,6 +663,20 @@ def _as_of(text: str) -> datetime:
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset such as +02:00")
     return value.astimezone(timezone.utc)
+
+
+def _what_if(as_of: datetime) -> None:
+    """A plan may look ahead (it touches nothing) but not before 1970; say a future one is a what-if."""
+    from retention.runs import check_as_of
+
+    now = _now()
+    try:
+        check_as_of(as_of, now)
+    except InvalidAsOf:
+        if as_of <= now:
+            raise
+        print(f"(as of {moment(as_of)} is in the future: a what-if; `retention run` refuses a future --as-of)",
+              file=sys.stderr)
 
 
 def _now() -> datetime:

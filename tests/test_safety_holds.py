@@ -1,0 +1,93 @@
+"""Dates and holds that must not fool a purge: a future as_of, holds lapsing by the clock,
+holds that protect nothing (issue #9 items 3, 4 and 12)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from retention.audit import open_audit, purge_runs
+from retention.cli import main
+from retention.connections import from_environment
+from retention.errors import InvalidAsOf, TerminalError
+from retention.holds import HoldRegistry
+from retention.journal import RunJournal
+from retention.plan import build_plan
+from retention.rules import load_rule_file
+from retention.runs import Runner
+from retention.signing import Signer
+from retention.targets import Targets
+
+from conftest import connect, write_rule
+from sqlpurge import ids, insert_customers, make_customers
+
+UTC = timezone.utc
+NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+OLD = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+def at(moment: datetime):
+    """A clock stopped at ``moment``."""
+    return lambda: moment
+
+
+@pytest.fixture
+def crm(sqlite_db, monkeypatch, audit_db, keys):
+    """customers 1-40 closed in 2020 (expired under P2Y), 41-50 closed at NOW (kept)."""
+    connect(monkeypatch, "crm_db", sqlite_db)
+    make_customers(sqlite_db)
+    insert_customers(sqlite_db, [(i, "closed", OLD + timedelta(hours=i)) for i in range(1, 41)]
+                     + [(i, "closed", NOW) for i in range(41, 51)])
+    return sqlite_db
+
+
+def rule(tmp_path, **target):
+    target.setdefault("where", "{status: closed}")
+    return load_rule_file(write_rule(tmp_path / "rules", targets=[target]))
+
+
+def runner(clock=None) -> Runner:
+    return Runner(RunJournal(open_audit(from_environment)), Targets(from_environment), Signer.from_environment(),
+                  clock=clock)
+
+
+def runs_opened() -> int:
+    with open_audit(from_environment).connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(purge_runs)).scalar_one()
+
+
+# -- item 3: a future as_of ------------------------------------------------------------------
+
+
+def test_item03_a_future_as_of_is_refused_before_anything_is_touched(crm, tmp_path):
+    rule_file = rule(tmp_path)
+    # A year ahead, every row (also 41-50, closed "now") would be past a P2Y cutoff of 2029.
+    with pytest.raises(InvalidAsOf, match="later than this machine's clock") as refused:
+        runner(at(NOW)).run(rule_file, run_id="r1", as_of=datetime(2029, 1, 1, tzinfo=UTC))
+
+    assert isinstance(refused.value, TerminalError)  # Airflow fails the task without retrying
+    assert len(ids(crm)) == 50 and runs_opened() == 0
+    # A few minutes of skew between hosts is not a future date.
+    certificate = runner(at(NOW)).run(rule_file, run_id="r2", as_of=NOW + timedelta(minutes=3))
+    assert certificate.data["targets"][0]["deleted"] == 40
+
+
+def test_item03_the_cli_refuses_future_and_absurd_dates_in_one_line(crm, tmp_path, capsys):
+    rules_dir = str(rule(tmp_path).path.parent)
+    for as_of in ("2999-01-01", "9999-12-31T23:59:59+00:00", "0001-06-01"):
+        assert main(["run", "--rules", rules_dir, "--as-of", as_of]) == 2, as_of
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert ("later than this machine's clock" in err) or ("before 1970" in err), err
+    assert len(ids(crm)) == 50 and runs_opened() == 0
+
+    # A plan looks ahead without touching anything: allowed, and said to be a what-if.
+    assert main(["plan", "--rules", rules_dir, "--as-of", "2999-01-01"]) == 0
+    captured = capsys.readouterr()
+    assert "what-if" in captured.err and "50 records would be purged" in captured.out
+    # A year-1 plan cannot compute a cutoff: one line, exit 2, no traceback.
+    assert main(["plan", "--rules", rules_dir, "--as-of", "0001-06-01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("before year 1" in err or "before 1970" in err), err

@@ -91,3 +91,57 @@ def test_item03_the_cli_refuses_future_and_absurd_dates_in_one_line(crm, tmp_pat
     assert main(["plan", "--rules", rules_dir, "--as-of", "0001-06-01"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("before year 1" in err or "before 1970" in err), err
+
+
+# -- item 4: dated holds lapse by the clock ---------------------------------------------------
+
+
+def real_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def test_item04_a_dated_hold_lapses_by_the_clock_not_by_as_of(crm, tmp_path):
+    rule_file = rule(tmp_path)
+    audit = open_audit(from_environment)
+    # The clock says the hold has ten days to go; a what-if as_of a month ahead must not end it.
+    registry = HoldRegistry(audit, clock=at(NOW))
+    registry.add(category="customer_accounts", match={"id": 7}, case_id="C-7", reason="r",
+                 until=NOW.date() + timedelta(days=10))
+    with Targets(from_environment) as targets:
+        plan = build_plan(rule_file, NOW + timedelta(days=30), targets, holds=registry)
+    assert plan.targets[0].held == 1
+
+    # A backfill (as_of five days ago) must not revive a hold whose last day has passed on the clock,
+    # and a hold whose last day is today still protects.
+    today = real_now().date()
+    earlier = HoldRegistry(audit, clock=at(real_now() - timedelta(days=10)))
+    earlier.add(category="customer_accounts", match={"id": 8}, case_id="C-8", reason="r",
+                until=today - timedelta(days=2))
+    earlier.add(category="customer_accounts", match={"id": 9}, case_id="C-9", reason="r", until=today)
+    certificate = runner().run(rule_file, run_id="backfill", as_of=real_now() - timedelta(days=5))
+
+    left = ids(crm)  # (hold 7's last day, 2026-06-25, has passed on the real clock too)
+    assert 9 in left and not {7, 8} & left
+    assert certificate.data["targets"][0]["held"] == 1
+
+
+def test_item04_hold_add_refuses_a_past_until_and_list_never_calls_a_lapsed_hold_in_force(
+        crm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RETENTION_RULES_DIR", str(rule(tmp_path).path.parent))
+    placed = ["hold", "add", "--category", "customer_accounts", "--match", '{"id": 3}', "--case", "C-3",
+              "--reason", "dispute"]
+    yesterday = (real_now().date() - timedelta(days=1)).isoformat()
+    assert main(placed + ["--until", yesterday]) == 2
+    assert "in the past" in capsys.readouterr().err
+    assert main(placed + ["--until", real_now().date().isoformat()]) == 0  # today: in force all day
+
+    # One placed earlier, whose last day has since passed.
+    HoldRegistry(open_audit(from_environment), clock=at(real_now() - timedelta(days=10))).add(
+        category="customer_accounts", match={"id": 4}, case_id="C-4", reason="r", until=date.fromisoformat(yesterday))
+    capsys.readouterr()
+    assert main(["hold", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "C-3" in listed and "C-4" not in listed
+    assert main(["hold", "list", "--all"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "C-4" in line)
+    assert "lapsed after" in line and "in force" not in line

@@ -118,11 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     scope.add_argument("--prefix", metavar="KEY_PREFIX", help="S3 objects whose key starts with this")
     add.add_argument("--case", required=True, metavar="CASE_ID", help="the legal case or ticket, e.g. CASE-123")
     add.add_argument("--reason", required=True, metavar="TEXT")
-    add.add_argument("--until", type=date.fromisoformat, metavar="DATE", help="the hold lapses after this day")
+    add.add_argument("--until", type=_day, metavar="DATE",
+                     help="the last day (UTC) the hold is in force; it lapses when that day has passed on the clock")
     add.add_argument("--rules", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), metavar="DIR",
                      help="rules directory, to check the category and target exist")
     add.set_defaults(handler=cmd_hold_add)
-    listing = holds.add_parser("list", help="holds in force (--all: with released ones)")
+    listing = holds.add_parser("list", help="holds in force (--all: with released and lapsed ones)")
     audit_option(listing)
     listing.add_argument("--category")
     listing.add_argument("--all", action="store_true")
@@ -340,9 +341,14 @@ def _check_hold_scope(args: argparse.Namespace, match) -> None:
 
 
 def cmd_hold_list(args: argparse.Namespace) -> int:
-    holds = _holds(args).list(category=args.category, include_released=args.all)
+    registry = _holds(args)
+    now = registry.now()  # a dated hold lapses by the clock, so "in force" is judged by it too
+    holds = registry.list(category=args.category, include_released=args.all)
+    if not args.all:
+        holds = [h for h in holds if h.in_force(now)]
     if args.json:
-        print(json.dumps([h.__dict__ | {"until": h.until.isoformat() if h.until else None} for h in holds], indent=2))
+        print(json.dumps([h.__dict__ | {"until": h.until.isoformat() if h.until else None, "state": h.state(now)}
+                          for h in holds], indent=2))
         return EXIT_OK
     if not holds:
         print("No holds in force." if not args.all else "No holds.")
@@ -350,7 +356,7 @@ def cmd_hold_list(args: argparse.Namespace) -> int:
     rows = []
     for h in holds:
         scope = json.dumps(h.match, sort_keys=True) if h.match else (f"prefix {h.prefix}" if h.prefix else "everything")
-        state = f"released {h.released_at[:10]} by {h.released_by}" if h.released_at else "in force"
+        state = h.state(now)
         rows.append([h.id, h.case_id, h.category, h.target or "(all)", scope, h.until or "", state,
                      h.placed_at[:10], h.placed_by, h.reason])
     print(table(["ID", "CASE", "CATEGORY", "TARGET", "RECORDS", "UNTIL", "STATE", "PLACED", "BY", "REASON"],
@@ -677,6 +683,13 @@ def _what_if(as_of: datetime) -> None:
             raise
         print(f"(as of {moment(as_of)} is in the future: a what-if; `retention run` refuses a future --as-of)",
               file=sys.stderr)
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; write YYYY-MM-DD, e.g. 2027-01-31") from None
 
 
 def _now() -> datetime:

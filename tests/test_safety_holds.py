@@ -145,3 +145,93 @@ def test_item04_hold_add_refuses_a_past_until_and_list_never_calls_a_lapsed_hold
     assert main(["hold", "list", "--all"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "C-4" in line)
     assert "lapsed after" in line and "in force" not in line
+
+
+# -- item 12: holds that protect nothing ------------------------------------------------------
+
+
+@pytest.fixture
+def emails(db, monkeypatch, audit_db, keys, tmp_path):
+    """customers on each backend; 1 has a capitalised email, 2 a trailing space."""
+    connect(monkeypatch, "crm_db", db)
+    make_customers(db)
+    insert_customers(db, [(i, "closed", OLD) for i in range(1, 6)])
+    db.execute("UPDATE customers SET email = 'Alice@Example.com' WHERE id = 1")
+    db.execute("UPDATE customers SET email = 'bob@example.com ' WHERE id = 2")
+    monkeypatch.setenv("RETENTION_RULES_DIR", str(rule(tmp_path).path.parent))
+    return db
+
+
+def held_by(match: dict, tmp_path) -> int:
+    registry = HoldRegistry(open_audit(from_environment))
+    hold = registry.add(category="customer_accounts", match=match, case_id="C", reason="r")
+    with Targets(from_environment) as targets:
+        plan = build_plan(rule(tmp_path), NOW, targets, holds=registry)
+    registry.release(hold.id, reason="next case")
+    return plan.targets[0].held
+
+
+def test_item12_a_hold_matches_exactly_on_every_backend(emails, tmp_path):
+    assert held_by({"email": "alice@example.com"}, tmp_path) == 0  # case counts (MariaDB's collation ignored it)
+    assert held_by({"email": "bob@example.com"}, tmp_path) == 0  # so do trailing spaces (MariaDB pads)
+    assert held_by({"email": "Alice@Example.com"}, tmp_path) == 1
+    assert held_by({"email": "bob@example.com "}, tmp_path) == 1
+
+
+def test_item12_a_hold_that_matches_no_row_warns_and_shows_near_matches(emails, capsys):
+    add = ["hold", "add", "--category", "customer_accounts", "--case", "C", "--reason", "r", "--match"]
+
+    assert main(add + ['{"email": "alice@example.com"}']) == 0
+    err = capsys.readouterr().err
+    assert "matches no row of crm_db:customers" in err and '"Alice@Example.com"' in err
+    assert main(add + ['{"email": "bob@example.com"}']) == 0
+    assert '"bob@example.com "' in capsys.readouterr().err
+    assert main(add + ['{"email": "person3@example.com"}']) == 0
+    assert "protects 1 row" in capsys.readouterr().err
+    # PostgreSQL would fail every run on '3' against an integer; MariaDB would match '03'.
+    assert main(add + ['{"id": "3"}']) == 2
+    assert "holds integers" in capsys.readouterr().err
+
+
+def test_item12_unknown_category_target_or_column_is_refused_with_did_you_mean(crm, tmp_path, capsys,
+                                                                                monkeypatch):
+    runner(at(NOW)).run(rule(tmp_path), run_id="seen", as_of=NOW)  # the audit database has seen the category
+    add = ["hold", "add", "--case", "C", "--reason", "r"]
+    empty = tmp_path / "no_rules"
+    empty.mkdir()
+
+    assert main(add + ["--rules", str(empty), "--category", "customer_acounts"]) == 2
+    assert "did you mean 'customer_accounts'?" in capsys.readouterr().err
+    assert main(add + ["--rules", str(empty), "--category", "customer_accounts"]) == 0  # seen: allowed
+    assert main(add + ["--rules", str(empty), "--category", "customer_acounts", "--force"]) == 0
+    capsys.readouterr()
+
+    monkeypatch.setenv("RETENTION_RULES_DIR", str(tmp_path / "rules"))
+    assert main(add + ["--category", "customer_accounts", "--target", "custmers"]) == 2
+    assert "did you mean 'customers'?" in capsys.readouterr().err
+    assert main(add + ["--category", "customer_accounts", "--match", '{"emial": "a@b.c"}']) == 2
+    err = capsys.readouterr().err
+    assert "no column 'emial' (checked against the table) (did you mean 'email'?)" in err
+
+    # Unreachable table: checked against what the rule declares, and said so.
+    monkeypatch.delenv("AIRFLOW_CONN_CRM_DB")
+    assert main(add + ["--category", "customer_accounts", "--match", '{"statu": "closed"}']) == 2
+    err = capsys.readouterr().err
+    assert "checked against the rule only" in err and "did you mean 'status'?" in err
+    assert main(add + ["--category", "customer_accounts", "--match", '{"status": "closed"}']) == 0
+    assert "checked against the rule only" in capsys.readouterr().err
+    listed = HoldRegistry(open_audit(from_environment)).list()
+    assert [h.category for h in listed] == ["customer_accounts", "customer_acounts", "customer_accounts"]
+
+
+def test_item12_an_s3_prefix_outside_the_target_is_refused(audit_db, tmp_path, capsys):
+    text = ("category: receipts\ndescription: d\nowner: o\nlegal_basis: l\nretain_for: P7Y\naction: delete\n"
+            "targets:\n  - {name: r, kind: s3, connection: aws_default, bucket: receipts-bucket, prefix: r/,\n"
+            "     age_from: key_date, key_date_format: 'r/%Y/%m/%d/', max_fraction: 1.0}\n")
+    rules_dir = write_rule(tmp_path / "rules", "receipts", text=text).parent
+    add = ["hold", "add", "--rules", str(rules_dir), "--category", "receipts", "--case", "C", "--reason", "r"]
+
+    assert main(add + ["--prefix", "2010/"]) == 2
+    assert "did you mean 'r/2010/'?" in capsys.readouterr().err
+    assert main(add + ["--prefix", "r/2010/"]) == 0
+    assert main(add + ["--prefix", ""]) == 0  # covers the whole target

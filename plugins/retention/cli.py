@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="the last day (UTC) the hold is in force; it lapses when that day has passed on the clock")
     add.add_argument("--rules", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), metavar="DIR",
                      help="rules directory, to check the category and target exist")
+    add.add_argument("--force", action="store_true",
+                     help="place the hold even if its category, target, column or prefix is unknown")
     add.set_defaults(handler=cmd_hold_add)
     listing = holds.add_parser("list", help="holds in force (--all: with released and lapsed ones)")
     audit_option(listing)
@@ -307,37 +309,139 @@ def cmd_hold_add(args: argparse.Namespace) -> int:
             match = json.loads(args.match)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--match is not JSON: {exc.msg}") from None
-    _check_hold_scope(args, match)
-    hold = _holds(args).add(category=args.category, target=args.target, match=match, prefix=args.prefix,
-                            case_id=args.case, reason=args.reason, until=args.until)
+    registry = _holds(args)
+    warnings = _check_hold_scope(args, match, registry)
+    hold = registry.add(category=args.category, target=args.target, match=match, prefix=args.prefix,
+                        case_id=args.case, reason=args.reason, until=args.until)
     print(f"placed {hold.describe()}")
     print("  it protects its records from the next batch of any run on; release it with "
           f"`retention hold release {hold.id} --reason ...`")
+    for warning in warnings:
+        _err(f"warning: {warning}")
     return EXIT_OK
 
 
-def _check_hold_scope(args: argparse.Namespace, match) -> None:
-    """The category, target and columns a hold names should exist (when the rules can tell)."""
+def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
+    """A hold must name what exists, or it protects nothing: its category (in the rules, else
+    among those the audit database has run), its target, its columns (in the live table, else
+    in the rule) and its S3 prefix. ``--force`` places it anyway. Returns warnings to print
+    after placing it (a hold that matches no row now, and its near matches)."""
     from retention.rules import load_rules
 
     try:
         rules = {r.rule.category: r.rule for r in load_rules(args.rules)}
     except RuleError:
         rules = {}
+    notes: list[str] = []
+
+    def unknown(message: str) -> None:
+        if not args.force:
+            raise ConfigError(f"{message}; a hold on it would protect nothing. Check the spelling, "
+                              "or add --force to place it anyway")
+        notes.append(f"--force: {message}")
+
     rule = rules.get(args.category)
     if rule is None:
-        if rules:
-            raise ConfigError(f"no rule for category {args.category!r} in {args.rules} "
-                              f"(categories: {', '.join(sorted(rules))})")
-        return
+        seen = registry.seen_categories()
+        if args.category in seen:
+            notes.append(f"category {args.category} has no rule in {args.rules}: its target, columns and "
+                         "prefix were not checked")
+        else:
+            unknown(f"no category {args.category!r} in the rules in {args.rules} or in the audit database"
+                    f"{_did_you_mean(args.category, set(rules) | seen)}")
+        return notes
     targets = [t for t in rule.targets if args.target in (None, t.name)]
     if not targets:
-        raise ConfigError(f"category {args.category} has no target {args.target!r} "
-                          f"(targets: {', '.join(t.name for t in rule.targets)})")
+        unknown(f"category {args.category} has no target {args.target!r}"
+                f"{_did_you_mean(args.target, [t.name for t in rule.targets])}")
+        return notes
     if match is not None and any(t.kind != "sql" for t in targets):
         raise ConfigError("--match protects table rows; for S3 targets use --prefix")
     if args.prefix is not None and any(t.kind != "s3" for t in targets):
         raise ConfigError("--prefix protects S3 keys; for table rows use --match")
+    for target in targets:
+        if args.prefix is not None and not (args.prefix.startswith(target.prefix)
+                                            or target.prefix.startswith(args.prefix)):
+            unknown(f"--prefix {args.prefix!r} is outside target {target.name}'s prefix {target.prefix!r} "
+                    f"(did you mean {target.prefix + args.prefix.lstrip('/')!r}?)")
+        if match is not None and isinstance(match, dict):
+            _check_hold_columns(target, match, unknown, notes)
+    return notes
+
+
+def _check_hold_columns(target, match: dict, unknown, notes: list[str]) -> None:
+    """The match's columns against the live table when it is reachable, else against the rule."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retention.connections import from_environment
+    from retention.targets import Targets
+    from retention.targets.sql import hold_match
+
+    schema, _, name = target.table.rpartition(".")
+    with Targets(from_environment) as targets:
+        try:
+            engine = targets.sql_engine(target.connection)
+            table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=engine)
+        except (ConfigError, SQLAlchemyError) as exc:
+            why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:120]
+            declared = dict.fromkeys([*target.key, target.age_column, *target.where])
+            if target.anonymize:
+                declared.update(dict.fromkeys([target.anonymize.marker, *target.anonymize.columns]))
+            missing = [c for c in match if c not in declared]
+            source = f"checked against the rule only: {target.location} is not reachable ({why})"
+            if missing:
+                unknown(f"target {target.name} declares no column {missing[0]!r} ({source})"
+                        f"{_did_you_mean(missing[0], declared)}")
+            else:
+                notes.append(f"{target.name}: columns {source}")
+            return
+        missing = [c for c in match if c not in table.c]
+        if missing:
+            unknown(f"table {target.location} has no column {missing[0]!r} (checked against the table)"
+                    f"{_did_you_mean(missing[0], [c.name for c in table.c])}")
+            return
+        for column, value in match.items():
+            _check_match_type(target, table.c[column], value)
+        exact = hold_match(table, match, engine.dialect.name)
+        with engine.connect() as conn:
+            held = conn.execute(sa.select(sa.func.count()).select_from(table).where(exact)).scalar_one()
+            if held:
+                notes.append(f"{target.name}: the hold protects {count(held, 'row')} of {target.location} now")
+                return
+            near = [sa.func.lower(sa.func.trim(table.c[c])) == v.strip().lower()
+                    if isinstance(v, str) and isinstance(table.c[c].type, sa.String)
+                    else table.c[c].is_not_distinct_from(v) for c, v in match.items()]
+            columns = [table.c[c] for c in match]
+            found = conn.execute(sa.select(*columns).where(*near).distinct().limit(5)).all()
+    hint = ("; near matches (match is exact: case and spaces count): "
+            + ", ".join(json.dumps(dict(zip(match, row)), default=str) for row in found)) if found else ""
+    notes.append(f"{target.name}: the hold matches no row of {target.location} now{hint}")
+
+
+def _check_match_type(target, column, value) -> None:
+    """A value of the column's kind: PostgreSQL refuses '42' against an integer, MariaDB matches '042'."""
+    from sqlalchemy import types as sqltypes
+
+    if value is None:
+        return
+    if isinstance(column.type, sqltypes.String) and not isinstance(value, str):
+        raise ConfigError(f"--match {column.name!r}: {target.location}.{column.name} holds text; "
+                          f"give the value as a JSON string, e.g. {json.dumps(str(value))}")
+    if isinstance(column.type, sqltypes.Integer) and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"--match {column.name!r}: {target.location}.{column.name} holds integers; "
+                          f"give a JSON number, e.g. 42, not {json.dumps(value)}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` when a choice is close, else the choices there are."""
+    import difflib
+
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (there are: {', '.join(choices)})" if choices else ""
 
 
 def cmd_hold_list(args: argparse.Namespace) -> int:

@@ -10,6 +10,11 @@ append-only history.
 A dated hold (``until``) is in force through its ``until`` day on the clock, in UTC,
 whatever ``as_of`` a run measures retention from: a backfill or a skewed as_of must not
 end a hold early (nor keep a lapsed one alive).
+
+A ``match`` is exact equality, case- and space-sensitive, on every backend (MariaDB
+compares bytes, not by its collation): ``{"email": "Alice@x.com"}`` does not protect
+``alice@x.com`` or ``Alice@x.com ``. ``retention hold add`` warns when a hold matches no
+row and shows the near matches.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, or_, select, update
 
-from retention.audit import legal_hold_events, legal_holds
+from retention.audit import legal_hold_events, legal_holds, purge_certificates, purge_runs
 from retention.errors import ConfigError
 from retention.journal import utc_iso
 
@@ -113,6 +118,11 @@ class HoldRegistry:
             raise ConfigError("a hold takes --match (table rows) or --prefix (S3 keys), not both")
         if match is not None and (not isinstance(match, dict) or not match):
             raise ConfigError('--match takes a JSON object of column: value, e.g. \'{"customer_id": 42}\'')
+        if match is not None:
+            for column, value in match.items():
+                if isinstance(value, (dict, list)):
+                    raise ConfigError(f"--match {column!r}: give a string, a number, true/false or null, "
+                                      f"not {json.dumps(value)} (a hold compares values exactly)")
         if not case_id.strip() or not reason.strip():
             raise ConfigError("a hold needs a case id and a reason")
         today = self.now().date()
@@ -186,6 +196,13 @@ class HoldRegistry:
             holds = [_hold(r) for r in conn.execute(query).mappings()]
         now = self.now()
         return [h for h in holds if h.in_force(now)]
+
+    def seen_categories(self) -> set[str]:
+        """Categories this audit database has run or certified (to check a hold's category without rules)."""
+        with self.engine.connect() as conn:
+            runs = conn.execute(select(purge_runs.c.category).distinct()).scalars()
+            certified = conn.execute(select(purge_certificates.c.category).distinct()).scalars()
+            return set(runs) | set(certified)
 
     def history(self, hold_id: int) -> list[dict[str, Any]]:
         """Every event of a hold, oldest first."""

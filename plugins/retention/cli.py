@@ -309,6 +309,9 @@ def cmd_hold_add(args: argparse.Namespace) -> int:
             match = json.loads(args.match)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--match is not JSON: {exc.msg}") from None
+    from retention.holds import check_match
+
+    check_match(match)  # before the scope checks, which compare its values with the table
     registry = _holds(args)
     warnings = _check_hold_scope(args, match, registry)
     hold = registry.add(category=args.category, target=args.target, match=match, prefix=args.prefix,
@@ -328,17 +331,17 @@ def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
     after placing it (a hold that matches no row now, and its near matches)."""
     from retention.rules import load_rules
 
+    unreadable = ""
     try:
         rules = {r.rule.category: r.rule for r in load_rules(args.rules)}
-    except RuleError:
-        rules = {}
+    except RuleError as exc:  # still checked against the categories the audit database has seen
+        rules, unreadable = {}, f" ({exc.problems[0]})" if exc.problems else ""
     notes: list[str] = []
 
-    def unknown(message: str) -> None:
+    def unknown(message: str, effect: str = "it would protect nothing") -> None:
         if not args.force:
-            raise ConfigError(f"{message}; a hold on it would protect nothing. Check the spelling, "
-                              "or add --force to place it anyway")
-        notes.append(f"--force: {message}")
+            raise ConfigError(f"{message}; {effect}. Check the spelling, or add --force to place it anyway")
+        notes.append(f"--force: {message}; {effect}")
 
     rule = rules.get(args.category)
     if rule is None:
@@ -347,8 +350,8 @@ def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
             notes.append(f"category {args.category} has no rule in {args.rules}: its target, columns and "
                          "prefix were not checked")
         else:
-            unknown(f"no category {args.category!r} in the rules in {args.rules} or in the audit database"
-                    f"{_did_you_mean(args.category, set(rules) | seen)}")
+            unknown(f"no category {args.category!r} in the rules in {args.rules}{unreadable} or in the audit "
+                    f"database{_did_you_mean(args.category, set(rules) | seen)}")
         return notes
     targets = [t for t in rule.targets if args.target in (None, t.name)]
     if not targets:
@@ -364,12 +367,13 @@ def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
                                             or target.prefix.startswith(args.prefix)):
             unknown(f"--prefix {args.prefix!r} is outside target {target.name}'s prefix {target.prefix!r} "
                     f"(did you mean {target.prefix + args.prefix.lstrip('/')!r}?)")
-        if match is not None and isinstance(match, dict):
-            _check_hold_columns(target, match, unknown, notes)
+        if match is not None:
+            _check_hold_columns(target, match, unknown, notes,
+                                target_named=args.target is not None or len(rule.targets) == 1)
     return notes
 
 
-def _check_hold_columns(target, match: dict, unknown, notes: list[str]) -> None:
+def _check_hold_columns(target, match: dict, unknown, notes: list[str], *, target_named: bool) -> None:
     """The match's columns against the live table when it is reachable, else against the rule."""
     import sqlalchemy as sa
     from sqlalchemy.exc import SQLAlchemyError
@@ -392,14 +396,18 @@ def _check_hold_columns(target, match: dict, unknown, notes: list[str]) -> None:
             source = f"checked against the rule only: {target.location} is not reachable ({why})"
             if missing:
                 unknown(f"target {target.name} declares no column {missing[0]!r} ({source})"
-                        f"{_did_you_mean(missing[0], declared)}")
+                        f"{_did_you_mean(missing[0], declared)}"
+                        f"{'' if target_named else '; to hold rows of one target only, add --target'}",
+                        "while it names a missing column, every run of the target stops")
             else:
                 notes.append(f"{target.name}: columns {source}")
             return
         missing = [c for c in match if c not in table.c]
         if missing:
             unknown(f"table {target.location} has no column {missing[0]!r} (checked against the table)"
-                    f"{_did_you_mean(missing[0], [c.name for c in table.c])}")
+                    f"{_did_you_mean(missing[0], [c.name for c in table.c])}"
+                    f"{'' if target_named else '; to hold rows of one target only, add --target'}",
+                    "while it names a missing column, every run of the target stops")
             return
         for column, value in match.items():
             _check_match_type(target, table.c[column], value)

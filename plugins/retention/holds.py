@@ -89,6 +89,18 @@ class Hold:
         return f"hold {self.id} ({self.case_id}): {scope}{until}"
 
 
+def check_match(match: Any) -> None:
+    """A hold's ``match`` is a non-empty object of column: scalar value (compared exactly)."""
+    if match is None:
+        return
+    if not isinstance(match, dict) or not match:
+        raise ConfigError('--match takes a JSON object of column: value, e.g. \'{"customer_id": 42}\'')
+    for column, value in match.items():
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"--match {column!r}: give a string, a number, true/false or null, "
+                              f"not {json.dumps(value)} (a hold compares values exactly)")
+
+
 def who() -> str:
     """Who is acting: the OS user and host (Airflow workers act as their service user)."""
     try:
@@ -116,13 +128,7 @@ class HoldRegistry:
         """Place a hold; it protects records from the next batch on."""
         if match is not None and prefix is not None:
             raise ConfigError("a hold takes --match (table rows) or --prefix (S3 keys), not both")
-        if match is not None and (not isinstance(match, dict) or not match):
-            raise ConfigError('--match takes a JSON object of column: value, e.g. \'{"customer_id": 42}\'')
-        if match is not None:
-            for column, value in match.items():
-                if isinstance(value, (dict, list)):
-                    raise ConfigError(f"--match {column!r}: give a string, a number, true/false or null, "
-                                      f"not {json.dumps(value)} (a hold compares values exactly)")
+        check_match(match)
         if not case_id.strip() or not reason.strip():
             raise ConfigError("a hold needs a case id and a reason")
         today = self.now().date()

@@ -235,3 +235,30 @@ def test_item12_an_s3_prefix_outside_the_target_is_refused(audit_db, tmp_path, c
     assert "did you mean 'r/2010/'?" in capsys.readouterr().err
     assert main(add + ["--prefix", "r/2010/"]) == 0
     assert main(add + ["--prefix", ""]) == 0  # covers the whole target
+
+
+@pytest.mark.airflow
+def test_item03_the_dag_plan_task_refuses_a_future_logical_date(sqlite_db, monkeypatch, audit_db, keys, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    from retention.orchestration import build_dags
+
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
+                   env=os.environ.copy())
+    connect(monkeypatch, "crm_db", sqlite_db)
+    make_customers(sqlite_db)
+    insert_customers(sqlite_db, [(i, "closed", real_now() - timedelta(days=30)) for i in range(1, 6)])
+    rules = write_rule(tmp_path / "rules", retain_for="P1Y").parent
+    monkeypatch.setenv("RETENTION_RULES_DIR", str(rules))
+    dag = build_dags(rules)["retention__customer_accounts"]
+
+    dag_run = dag.test(logical_date=real_now() + timedelta(days=400))  # a manual trigger with a future date
+
+    assert dag_run.state == DagRunState.FAILED
+    plan = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "plan")
+    assert plan.state == TaskInstanceState.FAILED and plan.try_number == 1  # terminal: not retried
+    assert len(ids(sqlite_db)) == 5 and runs_opened() == 0

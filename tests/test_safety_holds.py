@@ -262,3 +262,14 @@ def test_item03_the_dag_plan_task_refuses_a_future_logical_date(sqlite_db, monke
     plan = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "plan")
     assert plan.state == TaskInstanceState.FAILED and plan.try_number == 1  # terminal: not retried
     assert len(ids(sqlite_db)) == 5 and runs_opened() == 0
+
+
+def test_item12_a_hold_protects_a_latin1_column_on_mariadb(mysql_db, monkeypatch, audit_db, tmp_path):
+    connect(monkeypatch, "crm_db", mysql_db)
+    mysql_db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, email VARCHAR(100) CHARACTER SET latin1, "
+                     "status VARCHAR(20) NOT NULL, closed_at DATETIME)")
+    mysql_db.execute("INSERT INTO customers VALUES (1, 'José@example.com', 'closed', '2020-01-01'), "
+                     "(2, 'jose@example.com', 'closed', '2020-01-01')")
+
+    assert held_by({"email": "José@example.com"}, tmp_path) == 1  # bytes compared in one charset, not latin1's
+    assert held_by({"email": "JOSÉ@example.com"}, tmp_path) == 0

@@ -155,9 +155,11 @@ def hold_match(table: Table, match: dict[str, Any], dialect: str) -> ColumnEleme
         column = table.c[name]
         if value is not None and isinstance(column.type, sqltypes.String):
             if dialect == "mysql":
-                from sqlalchemy.dialects.mysql import BINARY
+                from sqlalchemy.dialects.mysql import BINARY, CHAR
 
-                conditions.append(cast(column, BINARY()).is_not_distinct_from(cast(literal(value), BINARY())))
+                # In the connection's charset (utf8mb4) first: a latin1 'José' has other bytes.
+                as_utf8 = cast(column, CHAR(charset="utf8mb4"))
+                conditions.append(cast(as_utf8, BINARY()).is_not_distinct_from(cast(literal(value), BINARY())))
                 continue
             if dialect == "sqlite":
                 conditions.append(column.collate("BINARY").is_not_distinct_from(value))

@@ -126,7 +126,8 @@ def test_a_whole_target_hold_pauses_it_and_the_plan_says_why(crm, tmp_path, caps
 
 
 def test_a_lapsed_hold_no_longer_protects(crm, tmp_path):
-    holds().add(category="customer_accounts", match={"id": 5}, case_id="C", reason="r", until=date(2026, 6, 1))
+    placed_then = HoldRegistry(open_audit(from_environment), clock=lambda: datetime(2026, 5, 1, tzinfo=UTC))
+    placed_then.add(category="customer_accounts", match={"id": 5}, case_id="C", reason="r", until=date(2026, 6, 1))
 
     runner().run(rule(tmp_path), run_id="r1", as_of=AS_OF)
 

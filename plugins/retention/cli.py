@@ -18,7 +18,7 @@ import uuid
 from datetime import date, datetime, timezone
 
 from retention import __version__
-from retention.errors import ConfigError, RetentionError, RuleError, TerminalError
+from retention.errors import ConfigError, InvalidAsOf, RetentionError, RuleError, TerminalError
 from retention.render import count, describe_certificate, moment, rate, size, table
 
 DEFAULT_RULES_DIR = "retention_rules"
@@ -120,11 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     scope.add_argument("--prefix", metavar="KEY_PREFIX", help="S3 objects whose key starts with this")
     add.add_argument("--case", required=True, metavar="CASE_ID", help="the legal case or ticket, e.g. CASE-123")
     add.add_argument("--reason", required=True, metavar="TEXT")
-    add.add_argument("--until", type=date.fromisoformat, metavar="DATE", help="the hold lapses after this day")
+    add.add_argument("--until", type=_day, metavar="DATE",
+                     help="the last day (UTC) the hold is in force; it lapses when that day has passed on the clock")
     add.add_argument("--rules", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), metavar="DIR",
                      help="rules directory, to check the category and target exist")
+    add.add_argument("--force", action="store_true",
+                     help="place the hold even if its category, target, column or prefix is unknown")
     add.set_defaults(handler=cmd_hold_add)
-    listing = holds.add_parser("list", help="holds in force (--all: with released ones)")
+    listing = holds.add_parser("list", help="holds in force (--all: with released and lapsed ones)")
     audit_option(listing)
     listing.add_argument("--category")
     listing.add_argument("--all", action="store_true")
@@ -222,6 +225,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     rules = load_rules(args.rules, category=args.category)
     as_of = args.as_of or _now()
+    _what_if(as_of)
     holds = _hold_registry_if_any(args.audit)
     with Targets(from_environment) as targets:
         plans = [build_plan(rule_file, as_of, targets, holds=holds) for rule_file in rules]
@@ -253,19 +257,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from retention.journal import RunJournal
     from retention.plan import build_plan
     from retention.rules import load_rules
-    from retention.runs import Runner
+    from retention.runs import Runner, check_as_of
     from retention.signing import Signer
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
     as_of = args.as_of or _now()
     if args.dry_run:
+        _what_if(as_of)
         holds = _hold_registry_if_any(args.audit)
         with Targets(from_environment) as targets:
             for rule_file in rules:
                 _print_plan(build_plan(rule_file, as_of, targets, holds=holds))
         print("Dry run: nothing was changed and no certificate was written.")
         return EXIT_OK
+    check_as_of(as_of, _now())  # Runner.start checks too; this stops before the signer and the audit database
     signer = Signer.from_environment()  # before anything is touched: an uncertifiable run must not start
     base_id = args.run_id or f"cli__{as_of.strftime('%Y%m%dT%H%M%SZ')}__{uuid.uuid4().hex[:8]}"
     certificates, errors = [], 0
@@ -279,7 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 certificate = runner.run(rule_file, run_id=run_id, as_of=as_of, progress=_Progress(),
                                          approval=args.approve_over_limit, wait=args.wait)
-            except RuleError:
+            except (RuleError, InvalidAsOf):
                 raise
             except TerminalError as exc:
                 _err(f"{rule_file.rule.category}: {exc}")
@@ -313,43 +319,158 @@ def cmd_hold_add(args: argparse.Namespace) -> int:
             match = json.loads(args.match)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--match is not JSON: {exc.msg}") from None
-    _check_hold_scope(args, match)
-    hold = _holds(args).add(category=args.category, target=args.target, match=match, prefix=args.prefix,
-                            case_id=args.case, reason=args.reason, until=args.until)
+    from retention.holds import check_match
+
+    check_match(match)  # before the scope checks, which compare its values with the table
+    registry = _holds(args)
+    warnings = _check_hold_scope(args, match, registry)
+    hold = registry.add(category=args.category, target=args.target, match=match, prefix=args.prefix,
+                        case_id=args.case, reason=args.reason, until=args.until)
     print(f"placed {hold.describe()}")
     print("  it protects its records from the next batch of any run on; release it with "
           f"`retention hold release {hold.id} --reason ...`")
+    for warning in warnings:
+        _err(f"warning: {warning}")
     return EXIT_OK
 
 
-def _check_hold_scope(args: argparse.Namespace, match) -> None:
-    """The category, target and columns a hold names should exist (when the rules can tell)."""
+def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
+    """A hold must name what exists, or it protects nothing: its category (in the rules, else
+    among those the audit database has run), its target, its columns (in the live table, else
+    in the rule) and its S3 prefix. ``--force`` places it anyway. Returns warnings to print
+    after placing it (a hold that matches no row now, and its near matches)."""
     from retention.rules import load_rules
 
+    unreadable = ""
     try:
         rules = {r.rule.category: r.rule for r in load_rules(args.rules)}
-    except RuleError:
-        rules = {}
+    except RuleError as exc:  # still checked against the categories the audit database has seen
+        rules, unreadable = {}, f" ({exc.problems[0]})" if exc.problems else ""
+    notes: list[str] = []
+
+    def unknown(message: str, effect: str = "it would protect nothing") -> None:
+        if not args.force:
+            raise ConfigError(f"{message}; {effect}. Check the spelling, or add --force to place it anyway")
+        notes.append(f"--force: {message}; {effect}")
+
     rule = rules.get(args.category)
     if rule is None:
-        if rules:
-            raise ConfigError(f"no rule for category {args.category!r} in {args.rules} "
-                              f"(categories: {', '.join(sorted(rules))})")
-        return
+        seen = registry.seen_categories()
+        if args.category in seen:
+            notes.append(f"category {args.category} has no rule in {args.rules}: its target, columns and "
+                         "prefix were not checked")
+        else:
+            unknown(f"no category {args.category!r} in the rules in {args.rules}{unreadable} or in the audit "
+                    f"database{_did_you_mean(args.category, set(rules) | seen)}")
+        return notes
     targets = [t for t in rule.targets if args.target in (None, t.name)]
     if not targets:
-        raise ConfigError(f"category {args.category} has no target {args.target!r} "
-                          f"(targets: {', '.join(t.name for t in rule.targets)})")
+        unknown(f"category {args.category} has no target {args.target!r}"
+                f"{_did_you_mean(args.target, [t.name for t in rule.targets])}")
+        return notes
     if match is not None and any(t.kind != "sql" for t in targets):
         raise ConfigError("--match protects table rows; for S3 targets use --prefix")
     if args.prefix is not None and any(t.kind != "s3" for t in targets):
         raise ConfigError("--prefix protects S3 keys; for table rows use --match")
+    for target in targets:
+        if args.prefix is not None and not (args.prefix.startswith(target.prefix)
+                                            or target.prefix.startswith(args.prefix)):
+            unknown(f"--prefix {args.prefix!r} is outside target {target.name}'s prefix {target.prefix!r} "
+                    f"(did you mean {target.prefix + args.prefix.lstrip('/')!r}?)")
+        if match is not None:
+            _check_hold_columns(target, match, unknown, notes,
+                                target_named=args.target is not None or len(rule.targets) == 1)
+    return notes
+
+
+def _check_hold_columns(target, match: dict, unknown, notes: list[str], *, target_named: bool) -> None:
+    """The match's columns against the live table when it is reachable, else against the rule."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retention.connections import from_environment
+    from retention.targets import Targets
+    from retention.targets.sql import hold_match
+
+    schema, _, name = target.table.rpartition(".")
+    with Targets(from_environment) as targets:
+        try:
+            engine = targets.sql_engine(target.connection)
+            table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=engine)
+        except (ConfigError, SQLAlchemyError) as exc:
+            why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:120]
+            declared = dict.fromkeys([*target.key, target.age_column, *target.where])
+            if target.anonymize:
+                declared.update(dict.fromkeys([target.anonymize.marker, *target.anonymize.columns]))
+            missing = [c for c in match if c not in declared]
+            source = f"checked against the rule only: {target.location} is not reachable ({why})"
+            if missing:
+                unknown(f"target {target.name} declares no column {missing[0]!r} ({source})"
+                        f"{_did_you_mean(missing[0], declared)}"
+                        f"{'' if target_named else '; to hold rows of one target only, add --target'}",
+                        "while it names a missing column, every run of the target stops")
+            else:
+                notes.append(f"{target.name}: columns {source}")
+            return
+        missing = [c for c in match if c not in table.c]
+        if missing:
+            unknown(f"table {target.location} has no column {missing[0]!r} (checked against the table)"
+                    f"{_did_you_mean(missing[0], [c.name for c in table.c])}"
+                    f"{'' if target_named else '; to hold rows of one target only, add --target'}",
+                    "while it names a missing column, every run of the target stops")
+            return
+        for column, value in match.items():
+            _check_match_type(target, table.c[column], value)
+        exact = hold_match(table, match, engine.dialect.name)
+        with engine.connect() as conn:
+            held = conn.execute(sa.select(sa.func.count()).select_from(table).where(exact)).scalar_one()
+            if held:
+                notes.append(f"{target.name}: the hold protects {count(held, 'row')} of {target.location} now")
+                return
+            near = [sa.func.lower(sa.func.trim(table.c[c])) == v.strip().lower()
+                    if isinstance(v, str) and isinstance(table.c[c].type, sa.String)
+                    else table.c[c].is_not_distinct_from(v) for c, v in match.items()]
+            columns = [table.c[c] for c in match]
+            found = conn.execute(sa.select(*columns).where(*near).distinct().limit(5)).all()
+    hint = ("; near matches (match is exact: case and spaces count): "
+            + ", ".join(json.dumps(dict(zip(match, row)), default=str) for row in found)) if found else ""
+    notes.append(f"{target.name}: the hold matches no row of {target.location} now{hint}")
+
+
+def _check_match_type(target, column, value) -> None:
+    """A value of the column's kind: PostgreSQL refuses '42' against an integer, MariaDB matches '042'."""
+    from sqlalchemy import types as sqltypes
+
+    if value is None:
+        return
+    if isinstance(column.type, sqltypes.String) and not isinstance(value, str):
+        raise ConfigError(f"--match {column.name!r}: {target.location}.{column.name} holds text; "
+                          f"give the value as a JSON string, e.g. {json.dumps(str(value))}")
+    if isinstance(column.type, sqltypes.Integer) and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"--match {column.name!r}: {target.location}.{column.name} holds integers; "
+                          f"give a JSON number, e.g. 42, not {json.dumps(value)}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` when a choice is close, else the choices there are."""
+    import difflib
+
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (there are: {', '.join(choices)})" if choices else ""
 
 
 def cmd_hold_list(args: argparse.Namespace) -> int:
-    holds = _holds(args).list(category=args.category, include_released=args.all)
+    registry = _holds(args)
+    now = registry.now()  # a dated hold lapses by the clock, so "in force" is judged by it too
+    holds = registry.list(category=args.category, include_released=args.all)
+    if not args.all:
+        holds = [h for h in holds if h.in_force(now)]
     if args.json:
-        print(json.dumps([h.__dict__ | {"until": h.until.isoformat() if h.until else None} for h in holds], indent=2))
+        print(json.dumps([h.__dict__ | {"until": h.until.isoformat() if h.until else None, "state": h.state(now)}
+                          for h in holds], indent=2))
         return EXIT_OK
     if not holds:
         print("No holds in force." if not args.all else "No holds.")
@@ -357,7 +478,7 @@ def cmd_hold_list(args: argparse.Namespace) -> int:
     rows = []
     for h in holds:
         scope = json.dumps(h.match, sort_keys=True) if h.match else (f"prefix {h.prefix}" if h.prefix else "everything")
-        state = f"released {h.released_at[:10]} by {h.released_by}" if h.released_at else "in force"
+        state = h.state(now)
         rows.append([h.id, h.case_id, h.category, h.target or "(all)", scope, h.until or "", state,
                      h.placed_at[:10], h.placed_by, h.reason])
     print(table(["ID", "CASE", "CATEGORY", "TARGET", "RECORDS", "UNTIL", "STATE", "PLACED", "BY", "REASON"],
@@ -752,6 +873,27 @@ def _as_of(text: str) -> datetime:
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset such as +02:00")
     return value.astimezone(timezone.utc)
+
+
+def _what_if(as_of: datetime) -> None:
+    """A plan may look ahead (it touches nothing) but not before 1970; say a future one is a what-if."""
+    from retention.runs import check_as_of
+
+    now = _now()
+    try:
+        check_as_of(as_of, now)
+    except InvalidAsOf:
+        if as_of <= now:
+            raise
+        print(f"(as of {moment(as_of)} is in the future: a what-if; `retention run` refuses a future --as-of)",
+              file=sys.stderr)
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; write YYYY-MM-DD, e.g. 2027-01-31") from None
 
 
 def _now() -> datetime:

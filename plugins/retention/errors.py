@@ -50,6 +50,10 @@ class ConfigError(TerminalError):
     """The environment is incomplete: a connection, key or setting is missing or wrong."""
 
 
+class InvalidAsOf(ConfigError):
+    """A run's ``as_of`` is not a real "now": later than the clock, or absurdly early."""
+
+
 class TargetError(TerminalError):
     """A target does not match its rule (missing table, column or key).
 

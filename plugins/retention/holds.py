@@ -6,6 +6,15 @@ either it pauses the whole target or category. Holds beat rules: every batch rea
 holds in force at that moment, so a hold placed after a run has planned still protects
 its records. Holds are released, never deleted, and every change is an event in an
 append-only history.
+
+A dated hold (``until``) is in force through its ``until`` day on the clock, in UTC,
+whatever ``as_of`` a run measures retention from: a backfill or a skewed as_of must not
+end a hold early (nor keep a lapsed one alive).
+
+A ``match`` is exact equality, case- and space-sensitive, on every backend (MariaDB
+compares bytes, not by its collation): ``{"email": "Alice@x.com"}`` does not protect
+``alice@x.com`` or ``Alice@x.com ``. ``retention hold add`` warns when a hold matches no
+row and shows the near matches.
 """
 
 from __future__ import annotations
@@ -15,12 +24,12 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, or_, select, update
 
-from retention.audit import legal_hold_events, legal_holds
+from retention.audit import legal_hold_events, legal_holds, purge_certificates, purge_runs
 from retention.errors import ConfigError
 from retention.journal import utc_iso
 
@@ -51,9 +60,21 @@ class Hold:
         """True when the hold pauses its target (or category) entirely."""
         return self.match is None and self.prefix is None
 
-    def in_force(self, as_of: datetime) -> bool:
-        """Not released, and not lapsed at ``as_of``."""
-        return self.released_at is None and (self.until is None or self.until >= as_of.date())
+    def in_force(self, now: datetime) -> bool:
+        """Not released, and not lapsed on the clock: in force through its ``until`` day (UTC).
+
+        ``now`` is the wall clock, never a run's as_of."""
+        return self.released_at is None and not self.lapsed(now)
+
+    def lapsed(self, now: datetime) -> bool:
+        """True once the ``until`` day has passed on the clock (UTC)."""
+        return self.until is not None and self.until < now.astimezone(timezone.utc).date()
+
+    def state(self, now: datetime) -> str:
+        """``in force``, ``lapsed after DAY`` or ``released DAY by WHO``, as ``hold list`` shows it."""
+        if self.released_at is not None:
+            return f"released {self.released_at[:10]} by {self.released_by}"
+        return f"lapsed after {self.until}" if self.lapsed(now) else "in force"
 
     def applies_to(self, category: str, target: str) -> bool:
         """True when the hold names this category and this target (or all its targets)."""
@@ -66,6 +87,18 @@ class Hold:
         )
         until = f", until {self.until}" if self.until else ""
         return f"hold {self.id} ({self.case_id}): {scope}{until}"
+
+
+def check_match(match: Any) -> None:
+    """A hold's ``match`` is a non-empty object of column: scalar value (compared exactly)."""
+    if match is None:
+        return
+    if not isinstance(match, dict) or not match:
+        raise ConfigError('--match takes a JSON object of column: value, e.g. \'{"customer_id": 42}\'')
+    for column, value in match.items():
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"--match {column!r}: give a string, a number, true/false or null, "
+                              f"not {json.dumps(value)} (a hold compares values exactly)")
 
 
 def who() -> str:
@@ -82,7 +115,11 @@ class HoldRegistry:
 
     def __init__(self, engine: Engine, *, clock=None):
         self.engine = engine
-        self._clock = clock or (lambda: datetime.now().astimezone())
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+
+    def now(self) -> datetime:
+        """The wall clock, in UTC: what dated holds lapse by."""
+        return self._clock().astimezone(timezone.utc)
 
     def add(
         self, *, category: str, target: str | None = None, match: dict[str, Any] | None = None,
@@ -91,10 +128,13 @@ class HoldRegistry:
         """Place a hold; it protects records from the next batch on."""
         if match is not None and prefix is not None:
             raise ConfigError("a hold takes --match (table rows) or --prefix (S3 keys), not both")
-        if match is not None and (not isinstance(match, dict) or not match):
-            raise ConfigError('--match takes a JSON object of column: value, e.g. \'{"customer_id": 42}\'')
+        check_match(match)
         if not case_id.strip() or not reason.strip():
             raise ConfigError("a hold needs a case id and a reason")
+        today = self.now().date()
+        if until is not None and until < today:
+            raise ConfigError(f"--until {until} is in the past (today is {today} UTC): such a hold would protect "
+                              "nothing; give the last day it must hold, or leave --until out until released")
         by = by or who()
         now = utc_iso(self._clock())
         values = {
@@ -149,8 +189,10 @@ class HoldRegistry:
         with self.engine.connect() as conn:
             return [_hold(r) for r in conn.execute(query).mappings()]
 
-    def in_force(self, category: str, target: str, as_of: datetime) -> list[Hold]:
-        """The holds protecting ``category``/``target`` records now."""
+    def in_force(self, category: str, target: str, as_of: datetime | None = None) -> list[Hold]:
+        """The holds protecting ``category``/``target`` records now, on this registry's clock.
+
+        ``as_of`` is ignored: holds lapse by the clock, not by the instant a run measures from."""
         query = select(legal_holds).where(
             legal_holds.c.category == category,
             legal_holds.c.released_at.is_(None),
@@ -158,7 +200,15 @@ class HoldRegistry:
         )
         with self.engine.connect() as conn:
             holds = [_hold(r) for r in conn.execute(query).mappings()]
-        return [h for h in holds if h.in_force(as_of)]
+        now = self.now()
+        return [h for h in holds if h.in_force(now)]
+
+    def seen_categories(self) -> set[str]:
+        """Categories this audit database has run or certified (to check a hold's category without rules)."""
+        with self.engine.connect() as conn:
+            runs = conn.execute(select(purge_runs.c.category).distinct()).scalars()
+            certified = conn.execute(select(purge_certificates.c.category).distinct()).scalars()
+            return set(runs) | set(certified)
 
     def history(self, hold_id: int) -> list[dict[str, Any]]:
         """Every event of a hold, oldest first."""
@@ -180,7 +230,10 @@ def _hold(row) -> Hold:
 
 
 class HoldView:
-    """The holds of one target of one run, read afresh each time they are asked for."""
+    """The holds of one target of one run, read afresh each time they are asked for.
+
+    ``as_of`` is the run's, kept for context; which holds are in force is decided by the
+    registry's clock."""
 
     def __init__(self, registry: HoldRegistry, category: str, target: str, as_of: datetime):
         self.registry = registry
@@ -191,7 +244,7 @@ class HoldView:
 
     def current(self) -> list[Hold]:
         """The holds in force now (recorded as honoured by this run)."""
-        holds = self.registry.in_force(self.category, self.target, self.as_of)
+        holds = self.registry.in_force(self.category, self.target)
         self.honoured.update(h.id for h in holds)
         return holds
 

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from retention.anonymize import Strategy
-from retention.errors import RuleError, RuleProblem
+from retention.errors import InvalidAsOf, RuleError, RuleProblem
 from retention.yamlsource import LocatedDocument, YamlProblem, load_located
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -115,7 +115,7 @@ class IsoDuration:
         duration = cls(text=text, **parts)
         try:
             too_long = duration.before(_FAR_FUTURE) < _FAR_FUTURE.replace(year=_FAR_FUTURE.year - 100)
-        except (ValueError, OverflowError):
+        except (ValueError, OverflowError, InvalidAsOf):
             too_long = True
         if too_long:
             raise ValueError(f"{value!r} is longer than 100 years; write the period you mean")
@@ -126,10 +126,16 @@ class IsoDuration:
         if as_of.tzinfo is None:
             raise ValueError("as_of must carry a time zone")
         start = pendulum.instance(as_of.astimezone(timezone.utc))
-        cut = start.subtract(
-            years=self.years, months=self.months, weeks=self.weeks, days=self.days,
-            hours=self.hours, minutes=self.minutes, seconds=self.seconds,
-        )
+        try:
+            cut = start.subtract(
+                years=self.years, months=self.months, weeks=self.weeks, days=self.days,
+                hours=self.hours, minutes=self.minutes, seconds=self.seconds,
+            )
+        except (ValueError, OverflowError):  # before year 1: a typo'd as_of, not a cutoff
+            raise InvalidAsOf(
+                f"as of {as_of.date().isoformat()}, retain_for {self.text} would cut off before year 1; "
+                "give a real date as --as-of (ISO 8601, e.g. 2026-06-01)"
+            ) from None
         return datetime(
             cut.year, cut.month, cut.day, cut.hour, cut.minute, cut.second, cut.microsecond,
             tzinfo=timezone.utc,

@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
@@ -24,6 +24,7 @@ from retention.certificates import Certificate, certify
 from retention.checkpoints import CheckpointStore, publish
 from retention.errors import (
     ConfigError,
+    InvalidAsOf,
     OverLimit,
     PurgeFailed,
     RuleError,
@@ -47,6 +48,29 @@ log = logging.getLogger(__name__)
 TargetProgress = Callable[[str, int, int | None, int, float], None]
 """(target, rows deleted so far, rows matched, last batch rows, last batch seconds)."""
 
+CLOCK_SKEW = timedelta(minutes=5)
+"""How far a run's as_of may be ahead of this machine's clock (clocks of hosts drift)."""
+
+EARLIEST_AS_OF = datetime(1970, 1, 1, tzinfo=timezone.utc)
+"""No retention run measures from before this: an earlier as_of is a typo."""
+
+
+def check_as_of(as_of: datetime, now: datetime) -> None:
+    """Refuse an ``as_of`` that is not a plausible "now": a future one would purge records
+    still inside their retention period; one before 1970 is a typo."""
+    if as_of.tzinfo is None:
+        raise InvalidAsOf(f"as_of {as_of.isoformat()} has no time zone; give one, e.g. 2026-06-01T00:00:00Z")
+    if as_of > now + CLOCK_SKEW:
+        raise InvalidAsOf(
+            f"as_of {utc_iso(as_of)} is later than this machine's clock ({utc_iso(now)}, allowing "
+            f"{CLOCK_SKEW.seconds // 60} min of skew): it would purge records still inside their retention "
+            "period. Nothing was touched. Run without --as-of (in Airflow: without a future logical date); "
+            "`retention plan --as-of` shows what a future date would purge"
+        )
+    if as_of < EARLIEST_AS_OF:
+        raise InvalidAsOf(f"as_of {as_of.date().isoformat()} is before 1970: not a real run date; "
+                          "check the year. Nothing was touched")
+
 
 @dataclass
 class Runner:
@@ -58,6 +82,8 @@ class Runner:
     code_version: str = field(default_factory=lambda: f"retention {__version__}")
     lease_ttl: timedelta = DEFAULT_TTL
     checkpoints: CheckpointStore | None = None
+    clock: Callable[[], datetime] | None = None
+    """What time it is (default: the journal's clock); a run's as_of may not be after it."""
 
     # -- start -----------------------------------------------------------------------
 
@@ -73,6 +99,7 @@ class Runner:
         before anything is touched. Another run holding the lease raises CategoryBusy
         (after ``wait`` seconds).
         """
+        check_as_of(as_of, (self.clock or self.journal.now)())  # before anything is touched, even the lease
         category = rule_file.rule.category
         self._check_audit_apart(rule_file)
         self._lock(category, run_id).acquire(wait=wait)

@@ -36,8 +36,10 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    cast,
     func,
     inspect,
+    literal,
     not_,
     or_,
     select,
@@ -138,6 +140,32 @@ class BatchSizer:
             wanted = int(rows * self.target_seconds / seconds)
         wanted = max(self.size // 2, min(wanted, self.size * 4))
         self.size = max(1, min(wanted, self.maximum))
+
+
+def hold_match(table: Table, match: dict[str, Any], dialect: str) -> ColumnElement[bool]:
+    """Rows whose columns equal ``match``'s values exactly: case- and space-sensitive, on every backend.
+
+    A hold must protect the same rows wherever its table lives. MariaDB and MySQL compare
+    strings by collation (usually case-insensitive, trailing spaces ignored), so they
+    compare bytes here; SQLite compares with BINARY even where a column says NOCASE.
+    PostgreSQL's deterministic collations already compare exactly.
+    """
+    conditions = []
+    for name, value in match.items():
+        column = table.c[name]
+        if value is not None and isinstance(column.type, sqltypes.String):
+            if dialect == "mysql":
+                from sqlalchemy.dialects.mysql import BINARY, CHAR
+
+                # In the connection's charset (utf8mb4) first: a latin1 'José' has other bytes.
+                as_utf8 = cast(column, CHAR(charset="utf8mb4"))
+                conditions.append(cast(as_utf8, BINARY()).is_not_distinct_from(cast(literal(value), BINARY())))
+                continue
+            if dialect == "sqlite":
+                conditions.append(column.collate("BINARY").is_not_distinct_from(value))
+                continue
+        conditions.append(column.is_not_distinct_from(value))
+    return and_(*conditions)
 
 
 class SqlTable:
@@ -355,7 +383,7 @@ class SqlTable:
                     f"{hold.describe()} matches column {missing[0]!r}, which {self.target.location} does not "
                     "have: nothing is purged until the hold is corrected (release it and place it again)"
                 )
-            conditions.append(and_(*[self.table.c[c].is_not_distinct_from(v) for c, v in hold.match.items()]))
+            conditions.append(hold_match(self.table, hold.match, self.engine.dialect.name))
         return or_(*conditions) if conditions else None
 
     def _unheld(self, expired: ColumnElement[bool], holds: list[Hold]) -> ColumnElement[bool]:

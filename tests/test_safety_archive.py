@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from botocore.exceptions import ClientError
 
 from retention import failpoints
-from retention.archive import ArchiveFailed, ArchiveStore
+from retention.archive import ArchiveExists, ArchiveFailed, ArchiveStore
 from retention.audit import open_audit
 from retention.certificates import find_certificate
 from retention.cli import main
@@ -110,7 +110,8 @@ def test_item01_an_existing_archive_object_is_an_error_never_replaced(pg_shop, a
     before = snapshot(pg_shop, "orders")
     rule_file = archive_rule(tmp_path)
     store = ArchiveStore(rule_file.rule.archive, aws)
-    squatted = store.key_for("orders", "r1", "orders", 1, "order_items")
+    # The batch's second object (children go first): its first, order_items, is written and must go again.
+    squatted = store.key_for("orders", "r1", "orders", 1, "orders")
     aws.put_object(Bucket=ARCHIVE, Key=squatted, Body=b"someone else's object")
 
     certificate = make_runner().run(rule_file, run_id="r1", as_of=AS_OF)
@@ -176,6 +177,30 @@ def test_item01_archive_copies_of_s3_objects_never_replace_an_object(aws, audit_
     assert left == {"r/2010/01/01/a.pdf", "r/2025/01/01/new.pdf"}  # kept: its archive copy could not be made
     _key, manifest = _manifest_of(aws, certificate)
     assert [c["source"] for c in manifest["s3_objects"]] == ["r/2011/02/02/b.pdf"]
+
+
+def test_item01_large_copies_are_create_only_too(aws, monkeypatch):
+    """Objects over CopyObject's limit are copied in parts; the completing request is
+    conditional, so even a key taken after the check is not overwritten."""
+    monkeypatch.setattr("retention.archive.COPY_LIMIT", 1024)
+    monkeypatch.setattr("retention.archive.COPY_PART_SIZE", 5 * 1024 * 1024)
+    aws.create_bucket(Bucket="big-source")
+    body = os.urandom(6 * 1024 * 1024)
+    aws.put_object(Bucket="big-source", Key="big", Body=body)
+    store = ArchiveStore(ArchiveSpec(connection="aws_default", bucket=ARCHIVE, sse="AES256"), aws)
+
+    head = store.copy_in(aws, {"Bucket": "big-source", "Key": "big"}, "copies/big", size=len(body))
+    assert head["ContentLength"] == len(body) and head["ServerSideEncryption"] == "AES256"
+    assert aws.get_object(Bucket=ARCHIVE, Key="copies/big")["Body"].read() == body
+
+    with pytest.raises(ArchiveExists):  # caught by the check before copying
+        store.copy_in(aws, {"Bucket": "big-source", "Key": "big"}, "copies/big", size=len(body))
+    aws.put_object(Bucket=ARCHIVE, Key="copies/taken", Body=b"theirs")
+    monkeypatch.setattr("retention.archive._head_or_none", lambda *args: None)  # taken after the check
+    with pytest.raises(ArchiveExists):
+        store.copy_in(aws, {"Bucket": "big-source", "Key": "big"}, "copies/taken", size=len(body))
+    assert aws.get_object(Bucket=ARCHIVE, Key="copies/taken")["Body"].read() == b"theirs"
+    assert not aws.list_multipart_uploads(Bucket=ARCHIVE).get("Uploads")
 
 
 # -- item 17: restore trusts only a manifest a certificate records ---------------------------

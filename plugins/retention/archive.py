@@ -235,6 +235,12 @@ class ArchiveStore:
         """Where an archived S3 object goes: its source bucket and key under the run."""
         return f"{self._run_prefix(category, run_id)}{target}/{bucket}/{key}"
 
+    def legacy_key_for_object(self, category: str, run_id: str, target: str, bucket: str, key: str) -> str:
+        """Where the scheme before ``run=`` put an archived S3 object (only to settle a batch
+        journaled by that code; its keys could collide, so nothing is written there)."""
+        safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+        return f"{self.spec.prefix}{category}/{safe_run}/{target}/{bucket}/{key}"
+
     def manifest_key(self, category: str, run_id: str) -> str:
         """Where the run's manifest goes."""
         return f"{self._run_prefix(category, run_id)}manifest.json"

@@ -65,7 +65,7 @@ def certified_manifest(engine, location: str | None, s3_client_for: Callable[[],
     hash differs, TerminalError, before anything is read from the archive or written.
     With ``keys`` (:class:`retention.signing.PublicKeys`) the certificate's signature must hold too.
     """
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     from retention.certificates import read_certificates
 
@@ -85,6 +85,8 @@ def certified_manifest(engine, location: str | None, s3_client_for: Callable[[],
         body = _manifest_bytes(location, s3_client_for)
     except ClientError as exc:
         raise TerminalError(f"cannot read manifest {location} ({s3_error_code(exc)})") from None
+    except BotoCoreError as exc:  # no endpoint, no credentials: S3 never answered
+        raise TerminalError(f"cannot read manifest {location} ({type(exc).__name__})") from None
     digest = hashlib.sha256(body).hexdigest()
     if certificate is not None:
         if certificate.data["archive"].get("sha256") != digest:

@@ -420,8 +420,9 @@ def _sse(value: Any) -> str | None:
     if value is None:
         return None
     if value not in SSE_ALGORITHMS:
-        hint = difflib.get_close_matches(str(value), SSE_ALGORITHMS, n=1, cutoff=0.5)
-        advice = f"; did you mean {hint[0]!r}?" if hint else ""
+        by_lower = {a.lower(): a for a in SSE_ALGORITHMS}
+        hint = difflib.get_close_matches(str(value).lower(), by_lower, n=1, cutoff=0.5)
+        advice = f"; did you mean {by_lower[hint[0]]!r}?" if hint else ""
         raise ValueError(f"{value!r} is not a server-side encryption: use AES256 or aws:kms (with kms_key_id){advice}")
     return value
 

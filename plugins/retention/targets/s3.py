@@ -526,7 +526,7 @@ class S3Objects:
         objects that went are looked up for the manifest."""
         spec = self.archive.spec
         archived, debris = [], []
-        for (key, _versions), still_there in zip(objects, present):
+        for (key, versions), still_there in zip(objects, present):
             dest = self.archive.key_for_object(self.category, self.run_id, self.target.name, self.target.bucket, key)
             if still_there:
                 debris.append(dest)
@@ -534,8 +534,17 @@ class S3Objects:
             try:
                 head = self.archive.client.head_object(Bucket=spec.bucket, Key=dest, ChecksumMode="ENABLED")
             except ClientError:
-                archived.append({"source": key, "key": None, "note": "gone; no archive copy (only markers?)"})
-                continue
+                # A batch journaled before the run= key scheme: its copy sits at the old key. Taken
+                # only when its size is one the batch journaled (that key may be another run's).
+                dest = self.archive.legacy_key_for_object(self.category, self.run_id, self.target.name,
+                                                          self.target.bucket, key)
+                try:
+                    head = self.archive.client.head_object(Bucket=spec.bucket, Key=dest, ChecksumMode="ENABLED")
+                except ClientError:
+                    head = None
+                if head is None or head["ContentLength"] not in {size for _version, size in versions if size}:
+                    archived.append({"source": key, "key": None, "note": "gone; no archive copy (only markers?)"})
+                    continue
             archived.append({"bucket": self.target.bucket, "source": key, "key": dest, "bytes": head["ContentLength"],
                              "etag": head.get("ETag"), "sha256": head.get("ChecksumSHA256"),
                              "storage_class": head.get("StorageClass") or "STANDARD", "verified": "settled"})

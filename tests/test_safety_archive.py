@@ -1,6 +1,7 @@
 """Archive safety (issue #9 items 1, 17, 19): collision-free create-only archive writes,
 restores that trust only what a certificate records, and server-side encryption."""
 
+# ruff: noqa: F811  (the aws fixture comes from test_archive and is named in test signatures)
 from __future__ import annotations
 
 import gzip

@@ -179,7 +179,14 @@ def _parser() -> argparse.ArgumentParser:
     cmd.set_defaults(handler=cmd_verify)
 
     cmd = commands.add_parser("restore", help="put an archive back: rows into a database, objects into a bucket")
-    cmd.add_argument("manifest", metavar="MANIFEST", help="s3://bucket/key of a run's manifest.json, or a file")
+    cmd.add_argument("manifest", metavar="MANIFEST", nargs="?",
+                     help="s3://bucket/key of a run's manifest.json, or a file (default with --seq: the one "
+                          "its certificate records); only a manifest a certificate records is restored")
+    cmd.add_argument("--seq", type=int, metavar="N", help="the certificate that records the manifest "
+                                                        "(default: the one holding its SHA-256)")
+    audit_option(cmd)
+    cmd.add_argument("--public-key", action="append", default=[], metavar="PEM",
+                     help="also check the certificate's signature with this key (repeatable)")
     cmd.add_argument("--into", required=True, metavar="CONN[.TABLE] | s3://BUCKET[/PREFIX]",
                      help="rows: connection id to restore into (.TABLE renames the parent table); "
                           "S3 objects: the bucket (and prefix) to copy them back to, each at its original key")
@@ -754,17 +761,28 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from retention.audit import open_audit
     from retention.connections import from_environment
-    from retention.restore import read_manifest, restore
+    from retention.restore import certified_manifest, restore
+    from retention.rules import _table_name
+    from retention.signing import PublicKeys
     from retention.targets import Targets
 
+    keys = PublicKeys.from_pem_files(args.public_key) if args.public_key else None
+    conn_id, _, table = args.into.partition(".")
+    if table and not args.into.startswith("s3://"):
+        try:
+            _table_name(table)
+        except ValueError as exc:
+            raise ConfigError(f"--into {args.into}: {exc}") from None
+    engine = open_audit(from_environment, args.audit)
     with Targets(from_environment) as targets:
         client = targets.s3_client(args.archive_connection)
-        manifest = read_manifest(args.manifest, lambda: client)
+        manifest, certificate = certified_manifest(engine, args.manifest, lambda: client, seq=args.seq, keys=keys)
         if args.into.startswith("s3://"):
             return _restore_objects(manifest, client, args.into)
-        conn_id, _, table = args.into.partition(".")
-        result = restore(manifest, client, targets.sql_engine(conn_id), table=table or None)
+        result = restore(manifest, client, targets.sql_engine(conn_id), certificate=certificate,
+                         table=table or None)
     print(table_rows(result.tables, conn_id))
     return EXIT_OK
 

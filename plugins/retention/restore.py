@@ -1,8 +1,12 @@
 """Restore: put an archive back, proving it is usable.
 
-Table rows: read a run's manifest, check every object's SHA-256 against it, decode rows
-with the column codecs the manifest records, and insert them (the target's table first,
-then its children, so foreign keys hold) in chunked transactions.
+Only a manifest a certificate records is trusted: its SHA-256 must be the one the
+certificate (found by ``--seq``, or by that hash) holds, else nothing is restored.
+
+Table rows: check every object's size and SHA-256 against the manifest before writing
+anything, decode rows with the column codecs the manifest records, and insert each batch
+(the target's rows first, then its children's, so foreign keys hold) in one transaction,
+only into tables the certificate's targets name.
 
 S3 objects: copy each archived object back, server-side, to a bucket the caller names
 (never silently over another object), and check the copy against the manifest. Objects
@@ -16,12 +20,14 @@ import base64
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import MetaData, Table, insert
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from retention.archive import MANIFEST_TYPE, TableShape, decode_rows
 from retention.connections import s3_error_code
@@ -30,6 +36,7 @@ from retention.errors import ConfigError, TerminalError
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 5000
+CODECS = frozenset({"plain", "datetime", "date", "time", "interval", "decimal", "bytes", "uuid"})
 
 
 @dataclass(frozen=True)
@@ -42,57 +49,207 @@ class RestoreResult:
 def read_manifest(location: str, s3_client_for: Callable[[], Any], *, sha256: str | None = None) -> dict[str, Any]:
     """A manifest from ``s3://bucket/key`` or a local file path; with ``sha256`` (what the
     certificate recorded), TerminalError unless the manifest's bytes hash to it."""
-    if location.startswith("s3://"):
-        bucket, _, key = location[5:].partition("/")
-        body = s3_client_for().get_object(Bucket=bucket, Key=key)["Body"].read()
-    else:
-        try:
-            with open(location, "rb") as handle:
-                body = handle.read()
-        except OSError as exc:
-            raise ConfigError(f"cannot read manifest {location}: {exc.strerror}") from None
+    body = _manifest_bytes(location, s3_client_for)
     if sha256 is not None and hashlib.sha256(body).hexdigest() != sha256:
         raise TerminalError(f"manifest {location} is not the one the certificate records (SHA-256 differs)")
-    manifest = json.loads(body)
-    if manifest.get("type") != MANIFEST_TYPE:
+    return _parse_manifest(body, location)
+
+
+def certified_manifest(engine, location: str | None, s3_client_for: Callable[[], Any], *, seq: int | None = None,
+                       keys=None) -> tuple[dict[str, Any], Any]:
+    """The manifest at ``location`` (or, with only ``seq``, the one certificate ``seq``
+    records) and the certificate that records it, found in the audit database ``engine``.
+
+    A manifest is only as good as the certificate that records its SHA-256: without one
+    (a hand-written manifest, or one rewritten after a tampered object), or with one whose
+    hash differs, TerminalError, before anything is read from the archive or written.
+    With ``keys`` (:class:`retention.signing.PublicKeys`) the certificate's signature must hold too.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from retention.certificates import read_certificates
+
+    certificate = None
+    if seq is not None:
+        certificate = next(iter(read_certificates(engine, seq=seq)), None)
+        if certificate is None:
+            raise TerminalError(f"no certificate with seq {seq}; `retention certificates` lists them")
+        recorded = certificate.data.get("archive") or {}
+        if not recorded.get("manifest"):
+            raise TerminalError(f"certificate seq {seq} records no archive manifest "
+                                f"(run {certificate.run_id} of {certificate.category} is not an archive run)")
+        location = location or recorded["manifest"]
+    if not location:
+        raise ConfigError("say what to restore: MANIFEST (s3://bucket/key or a file), or --seq N of its certificate")
+    try:
+        body = _manifest_bytes(location, s3_client_for)
+    except ClientError as exc:
+        raise TerminalError(f"cannot read manifest {location} ({s3_error_code(exc)})") from None
+    except BotoCoreError as exc:  # no endpoint, no credentials: S3 never answered
+        raise TerminalError(f"cannot read manifest {location} ({type(exc).__name__})") from None
+    digest = hashlib.sha256(body).hexdigest()
+    if certificate is not None:
+        if certificate.data["archive"].get("sha256") != digest:
+            raise TerminalError(f"manifest {location} is not the one certificate seq {seq} records "
+                                "(SHA-256 differs): it was changed after the run; nothing was restored")
+    else:
+        certificate = next((c for c in read_certificates(engine)
+                            if (c.data.get("archive") or {}).get("sha256") == digest), None)
+        if certificate is None:
+            raise TerminalError(f"manifest {location}: no certificate records it (none holds its SHA-256 "
+                                f"{digest[:16]}…); only a manifest a certificate records is restored: "
+                                "give the run's own manifest, or --seq N")
+    if keys is not None:
+        problem = keys.verify(certificate.key_id, certificate.signature, certificate.payload.encode("utf-8"))
+        if problem:
+            raise TerminalError(f"certificate seq {certificate.seq}: {problem}; nothing was restored")
+    manifest = _parse_manifest(body, location)
+    for field_name in ("category", "run_id"):
+        if manifest.get(field_name) != certificate.data.get(field_name):
+            raise TerminalError(f"manifest {location} names {field_name} {manifest.get(field_name)!r}, but "
+                                f"certificate seq {certificate.seq} is of {certificate.data.get(field_name)!r}")
+    return manifest, certificate
+
+
+def _manifest_bytes(location: str, s3_client_for: Callable[[], Any]) -> bytes:
+    if location.startswith("s3://"):
+        bucket, _, key = location[5:].partition("/")
+        return s3_client_for().get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        with open(location, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read manifest {location}: {exc.strerror}") from None
+
+
+def _parse_manifest(body: bytes, location: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        raise ConfigError(f"{location} is not a retention archive manifest (not JSON)") from None
+    if not isinstance(manifest, dict) or manifest.get("type") != MANIFEST_TYPE:
         raise ConfigError(f"{location} is not a retention archive manifest")
     return manifest
 
 
-def restore(manifest: dict[str, Any], client: Any, engine, *, table: str | None = None) -> RestoreResult:
-    """Insert every archived row of ``manifest`` into ``engine``'s database.
+_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(?:\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
+KEEP_BODIES = 256 * 1024 * 1024  # compressed bytes kept between checking and loading; beyond, read again
 
-    ``table`` renames the manifest's first (parent) table; children keep their names.
+
+def certified_tables(certificate) -> set[str]:
+    """The tables a certificate's SQL targets name (each target's table and its children)."""
+    names: set[str] = set()
+    for target in certificate.data.get("targets", []):
+        if target.get("kind") != "sql":
+            continue
+        names.add(str(target.get("location", "")).partition(":")[2])
+        names.update(target.get("tables") or {})
+    names.discard("")
+    return names
+
+
+def restore(manifest: dict[str, Any], client: Any, engine, *, certificate, table: str | None = None) -> RestoreResult:
+    """Insert every archived row of ``manifest`` (recorded by ``certificate``) into ``engine``'s database.
+
+    Nothing is inserted until every object has been read and matched its manifest entry
+    (size and SHA-256). Then each batch (the target's rows and its children's) is loaded
+    in one transaction, parents first, so a failure leaves no parent without its children.
+    Only tables the certificate's targets name are written; names are never formatted into
+    SQL. ``table`` renames the manifest's first (parent) table; children keep their names.
     """
-    depth = {name: info.get("depth", 0) for name, info in manifest["tables"].items()}
-    if not depth:
+    tables = manifest.get("tables") or {}
+    if not tables:
         raise TerminalError("the manifest lists no table rows; S3 objects restore with --into s3://BUCKET[/PREFIX]")
+    allowed = certified_tables(certificate)
+    shapes: dict[str, TableShape] = {}
+    depth: dict[str, int] = {}
+    for name, info in tables.items():
+        if not isinstance(name, str) or not _TABLE.fullmatch(name):
+            raise TerminalError(f"the manifest names table {name!r}, which is not a plain table name; nothing was restored")
+        if name not in allowed:
+            raise TerminalError(f"the manifest names table {name!r}, which certificate seq {certificate.seq} does not "
+                                f"(it names {', '.join(sorted(allowed)) or 'none'}); nothing was restored")
+        columns = info.get("columns") or []
+        if not all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and c[1] in CODECS for c in columns):
+            raise TerminalError(f"the manifest's columns of {name} are malformed; nothing was restored")
+        shapes[name] = TableShape(name, tuple(tuple(c) for c in columns))
+        depth[name] = int(info.get("depth", 0))
     parent = min(depth, key=depth.get)
     renames = {parent: table} if table else {}
-    shapes = {name: TableShape(name, tuple(tuple(c) for c in info["columns"]))
-              for name, info in manifest["tables"].items()}
+    objects = manifest.get("objects") or []
+    for obj in objects:
+        if obj.get("table") not in shapes:
+            raise TerminalError(f"archive object {obj.get('key')} is of table {obj.get('table')!r}, which the "
+                                "manifest's tables do not list; nothing was restored")
+    # 1. Every object, checked (and decoded) before a single row is written.
+    bodies: dict[str, bytes] = {}
+    kept = 0
+    for obj in objects:
+        body = _checked_body(client, manifest["bucket"], obj)
+        decode_rows(shapes[obj["table"]], body, obj["format"])
+        if kept + len(body) <= KEEP_BODIES:
+            bodies[obj["key"]] = body
+            kept += len(body)
+    # 2. The tables exist and hold every archived column.
     metadata = MetaData()
     reflected: dict[str, Table] = {}
-    counts: dict[str, int] = {}
-    # Parents before children, so foreign keys hold at every insert.
-    order = sorted(manifest["objects"], key=lambda o: (depth[o["table"]], o["key"]))
-    for obj in order:
-        body = client.get_object(Bucket=manifest["bucket"], Key=obj["key"])["Body"].read()
-        digest = hashlib.sha256(body).hexdigest()
-        if digest != obj["sha256"] or len(body) != obj["bytes"]:
-            raise TerminalError(f"archive object {obj['key']} does not match its manifest (sha256 {digest})")
-        rows = decode_rows(shapes[obj["table"]], body, obj["format"])
-        name = renames.get(obj["table"], obj["table"])
-        if name not in reflected:
-            schema, _, bare = name.rpartition(".")
+    for name, shape in shapes.items():
+        into = renames.get(name, name)
+        schema, _, bare = into.rpartition(".")
+        try:
             reflected[name] = Table(bare, metadata, schema=schema or None, autoload_with=engine)
-        target = reflected[name]
-        for start in range(0, len(rows), CHUNK_ROWS):
+        except NoSuchTableError:
+            raise TerminalError(f"table {into} does not exist in the database restored into; create it "
+                                "(with the archived columns) first; nothing was restored") from None
+        missing = [c for c, _codec in shape.columns if c not in reflected[name].c]
+        if missing:
+            raise TerminalError(f"table {into} has no column {', '.join(missing)}, which the archive holds; "
+                                "nothing was restored")
+    # 3. One transaction per batch: parents before children, so foreign keys hold.
+    counts: dict[str, int] = {}
+    batches: dict[tuple, list[dict[str, Any]]] = {}
+    for obj in objects:
+        batches.setdefault(_batch_of(obj), []).append(obj)
+    done = 0
+    for batch_key in sorted(batches):
+        members = sorted(batches[batch_key], key=lambda o: (depth[o["table"]], o["key"]))
+        loaded: dict[str, int] = {}
+        try:
             with engine.begin() as conn:
-                conn.execute(insert(target), rows[start : start + CHUNK_ROWS])
-        counts[name] = counts.get(name, 0) + len(rows)
-        log.info("restored %d rows of %s from %s", len(rows), name, obj["key"])
+                for obj in members:
+                    body = bodies.pop(obj["key"], None) or _checked_body(client, manifest["bucket"], obj)
+                    rows = decode_rows(shapes[obj["table"]], body, obj["format"])
+                    for start in range(0, len(rows), CHUNK_ROWS):
+                        conn.execute(insert(reflected[obj["table"]]), rows[start : start + CHUNK_ROWS])
+                    name = renames.get(obj["table"], obj["table"])
+                    loaded[name] = loaded.get(name, 0) + len(rows)
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "pgcode", None) or (exc.orig.args[0] if getattr(exc.orig, "args", None) else "")
+            raise TerminalError(
+                f"restoring the batch of {members[0]['key']} failed ({type(exc.orig).__name__} {code}); none of "
+                f"its rows were written; {done} batches before it were restored (rerunning restores them again)"
+            ) from None
+        done += 1
+        for name, n in loaded.items():
+            counts[name] = counts.get(name, 0) + n
+        log.info("restored batch %s: %s", members[0]["key"], loaded)
     return RestoreResult(counts)
+
+
+def _checked_body(client: Any, bucket: str, obj: dict[str, Any]) -> bytes:
+    body = client.get_object(Bucket=bucket, Key=obj["key"])["Body"].read()
+    digest = hashlib.sha256(body).hexdigest()
+    if digest != obj.get("sha256") or len(body) != obj.get("bytes"):
+        raise TerminalError(f"archive object {obj['key']} does not match its manifest (sha256 {digest}); "
+                            "nothing was restored from it")
+    return body
+
+
+def _batch_of(obj: dict[str, Any]) -> tuple:
+    """The batch an object belongs to: its target, and its key without the table part
+    (``…/orders/000007.order_items.jsonl.gz`` is batch ``…/orders/000007``)."""
+    folder, _, name = obj["key"].rpartition("/")
+    return (str(obj.get("target") or ""), folder, name.partition(".")[0])
 
 
 # -- S3 objects ---------------------------------------------------------------------------

@@ -413,6 +413,37 @@ STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING
                    "DEEP_ARCHIVE")
 
 
+SSE_ALGORITHMS = ("AES256", "aws:kms")
+_KMS_KEY_ID = re.compile(
+    r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}"
+    r"|alias/[A-Za-z0-9/_-]{1,250}"
+    r"|arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(?:key/(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    r"|mrk-[0-9a-f]{32})|alias/[A-Za-z0-9/_-]{1,250}))"
+)
+
+
+def _sse(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in SSE_ALGORITHMS:
+        by_lower = {a.lower(): a for a in SSE_ALGORITHMS}
+        hint = difflib.get_close_matches(str(value).lower(), by_lower, n=1, cutoff=0.5)
+        advice = f"; did you mean {by_lower[hint[0]]!r}?" if hint else ""
+        raise ValueError(f"{value!r} is not a server-side encryption: use AES256 or aws:kms (with kms_key_id){advice}")
+    return value
+
+
+def _kms_key_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _KMS_KEY_ID.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a KMS key: use a key id (1234abcd-12ab-34cd-56ef-1234567890ab), a key ARN, "
+            "alias/NAME or an alias ARN"
+        )
+    return value
+
+
 class ArchiveSpec(_StrictModel):
     """Where ``action: archive`` writes records before it deletes them."""
 
@@ -424,11 +455,42 @@ class ArchiveSpec(_StrictModel):
     storage_class: Literal[STORAGE_CLASSES] = "STANDARD"  # type: ignore[valid-type]
     """The storage class copies of archived S3 objects land in (rows and manifests stay
     STANDARD, so a restore can read them without a thaw)."""
+    sse: Annotated[str | None, BeforeValidator(_sse)] = None
+    """Server-side encryption of every archive object (rows, manifest, copies): ``AES256``
+    (S3-managed keys) or ``aws:kms`` (with ``kms_key_id``); checked on each object after it is written."""
+    kms_key_id: Annotated[str | None, BeforeValidator(_kms_key_id), Field(validate_default=True)] = None
+    """With ``sse: aws:kms``: the KMS key id, key ARN, ``alias/name`` or alias ARN."""
+
+    @field_validator("kms_key_id")
+    @classmethod
+    def _kms_key_needs_kms(cls, value: str | None, info: ValidationInfo) -> str | None:
+        sse = info.data.get("sse")
+        if sse == "aws:kms" and value is None:
+            raise ValueError("sse: aws:kms needs kms_key_id (a key id, key ARN or alias/NAME): "
+                             "archives are encrypted with the key you choose, never a default one")
+        if sse != "aws:kms" and value is not None:
+            raise ValueError(f"kms_key_id is only read with sse: aws:kms (sse is {sse or 'not set'})")
+        return value
 
     @property
     def location(self) -> str:
         """``s3://bucket/prefix``."""
         return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def sse_manifest(self) -> dict[str, str] | None:
+        """How the run's archive is encrypted, as its manifest records it (None: as the bucket does)."""
+        if self.sse is None:
+            return None
+        return {"algorithm": self.sse, **({"kms_key_id": self.kms_key_id} if self.kms_key_id else {})}
+
+    def sse_arguments(self) -> dict[str, str]:
+        """The S3 request arguments that encrypt an object as ``sse`` asks (none without it)."""
+        if self.sse is None:
+            return {}
+        if self.sse == "aws:kms":
+            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
+        return {"ServerSideEncryption": self.sse}
 
 
 class RetentionRule(_StrictModel):

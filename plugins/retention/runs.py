@@ -278,7 +278,8 @@ class Runner:
         body = build_manifest(
             {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
              "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": context.archive.connection,
-             "bucket": context.archive.bucket, "format": context.archive.format},
+             "bucket": context.archive.bucket, "format": context.archive.format,
+             **({"sse": context.archive.sse_manifest} if context.archive.sse else {})},
             sql_objects, s3_objects,
         )
         key = store.manifest_key(run.category, run.run_id)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from retention import failpoints
-from retention.archive import ArchiveFailed
+from retention.archive import ArchiveExists, ArchiveFailed
 from retention.connections import s3_error_code
 from retention.errors import TargetError
 from retention.render import count
@@ -408,7 +408,8 @@ class S3Objects:
             try:
                 archived[obj.key] = self._copy_verified(obj.key, version)
             except (ClientError, ArchiveFailed) as exc:
-                code = s3_error_code(exc) if isinstance(exc, ClientError) else "ArchiveNotVerified"
+                code = s3_error_code(exc) if isinstance(exc, ClientError) else \
+                    "ArchiveKeyTaken" if isinstance(exc, ArchiveExists) else "ArchiveNotVerified"
                 log.warning("%s: could not archive %s (%s); it is kept", self.target.name, obj.key, code)
                 failures[obj.key] = code
         return archived, failures
@@ -419,20 +420,28 @@ class S3Objects:
         source = {"Bucket": self.target.bucket, "Key": key}
         if version.version_id:
             source["VersionId"] = version.version_id
-        self.client.copy(source, spec.bucket, dest, ExtraArgs={"StorageClass": spec.storage_class,
-                                                               "ChecksumAlgorithm": "SHA256"})
-        head = self.archive.client.head_object(Bucket=spec.bucket, Key=dest, ChecksumMode="ENABLED")
+        head = self.archive.copy_in(self.client, source, dest, size=version.size)  # create-only
         checked = "size"
+        problem = self.archive.encryption_problem(dest, head)
         if head.get("ContentLength") != version.size:
-            raise ArchiveFailed(f"archive copy of {key} has {head.get('ContentLength')} bytes, not {version.size}")
-        if version.etag and "-" not in version.etag and "-" not in (head.get("ETag") or "-"):
+            problem = f"archive copy of {key} has {head.get('ContentLength')} bytes, not {version.size}"
+        # Under SSE-KMS an ETag is not the MD5 of the data: there the size (and S3's checksum) must do.
+        plain_etags = head.get("ServerSideEncryption") != "aws:kms" and version.etag and \
+            "-" not in version.etag and "-" not in (head.get("ETag") or "-")
+        if problem is None and plain_etags:
             if head["ETag"] != version.etag:
-                raise ArchiveFailed(f"archive copy of {key} differs from the source (ETag)")
+                problem = f"archive copy of {key} differs from the source (ETag)"
             checked = "size+md5"
-        return {"bucket": self.target.bucket, "source": key, "version_id": version.version_id, "key": dest,
+        if problem:
+            self.archive.remove([dest])  # our copy, and not a good one: no debris
+            raise ArchiveFailed(problem)
+        copy = {"bucket": self.target.bucket, "source": key, "version_id": version.version_id, "key": dest,
                 "bytes": version.size, "etag": version.etag,
                 "sha256": head.get("ChecksumSHA256"), "storage_class": head.get("StorageClass") or "STANDARD",
                 "verified": checked}
+        if spec.sse:
+            copy["sse"] = head.get("ServerSideEncryption")
+        return copy
 
     def _delete(self, batch: list[S3Object]) -> dict[tuple[str, str | None], str]:
         """Delete every version of every object; return the versions that failed, with codes."""
@@ -517,7 +526,7 @@ class S3Objects:
         objects that went are looked up for the manifest."""
         spec = self.archive.spec
         archived, debris = [], []
-        for (key, _versions), still_there in zip(objects, present):
+        for (key, versions), still_there in zip(objects, present):
             dest = self.archive.key_for_object(self.category, self.run_id, self.target.name, self.target.bucket, key)
             if still_there:
                 debris.append(dest)
@@ -525,8 +534,17 @@ class S3Objects:
             try:
                 head = self.archive.client.head_object(Bucket=spec.bucket, Key=dest, ChecksumMode="ENABLED")
             except ClientError:
-                archived.append({"source": key, "key": None, "note": "gone; no archive copy (only markers?)"})
-                continue
+                # A batch journaled before the run= key scheme: its copy sits at the old key. Taken
+                # only when its size is one the batch journaled (that key may be another run's).
+                dest = self.archive.legacy_key_for_object(self.category, self.run_id, self.target.name,
+                                                          self.target.bucket, key)
+                try:
+                    head = self.archive.client.head_object(Bucket=spec.bucket, Key=dest, ChecksumMode="ENABLED")
+                except ClientError:
+                    head = None
+                if head is None or head["ContentLength"] not in {size for _version, size in versions if size}:
+                    archived.append({"source": key, "key": None, "note": "gone; no archive copy (only markers?)"})
+                    continue
             archived.append({"bucket": self.target.bucket, "source": key, "key": dest, "bytes": head["ContentLength"],
                              "etag": head.get("ETag"), "sha256": head.get("ChecksumSHA256"),
                              "storage_class": head.get("StorageClass") or "STANDARD", "verified": "settled"})

@@ -31,7 +31,14 @@ from sqlalchemy import Date, DateTime, String, and_, bindparam, delete, select, 
 from sqlalchemy import types as sqltypes
 
 from retention import failpoints
-from retention.archive import ArchivedObject, ArchiveFailed, TableShape, column_codec, encode_rows
+from retention.archive import (
+    ArchivedObject,
+    ArchiveExists,
+    ArchiveFailed,
+    TableShape,
+    column_codec,
+    encode_rows,
+)
 from retention.errors import TargetError, TransientError
 from retention.targets.sql import BatchRange, BatchResult, _members, encode_range
 
@@ -181,26 +188,44 @@ class ArchiveRows(SqlAction):
                 return BatchResult(batch, 0, {}, time.perf_counter() - started)
             ledger.update_pending(batch_no, rows, encode_range(batch, tables=counts, planned=planned,
                                                                 holds=table.batch_holds))
+            written: list[str] = []
             try:
-                archived = self._upload(members, bodies, counts, keys, depths)
+                archived = self._upload(members, bodies, counts, keys, depths, written)
             except Exception:
-                self.store.remove(keys.values())
-                raise  # the transaction rolls back: nothing of the batch is deleted
+                # The transaction rolls back: nothing of the batch is deleted.
+                self._discard(ledger, batch_no, rows, written,
+                              encode_range(batch, tables=counts, planned=_only(planned, written),
+                                           holds=table.batch_holds))
+                raise
             failpoints.hit("archive.before_commit")
         return self._committed(table, ledger, batch_no, batch, counts, archived, time.perf_counter() - started)
 
     def _upload(self, members, bodies: dict[str, bytes], counts: dict[str, int], keys: dict[str, str],
-                depths: dict[str, int]) -> list[ArchivedObject]:
-        """Upload and verify one object per table that has rows in the batch."""
+                depths: dict[str, int], written: list[str]) -> list[ArchivedObject]:
+        """Upload and verify one object per table that has rows in the batch; ``written``
+        collects the keys this attempt may have written (a taken key is never among them)."""
         archived = []
         failpoints.hit("archive.before_upload")
         for member, _ in members:
             if counts[member.name]:
-                stored = self.store.put_verified(keys[member.name], bodies[member.name], table=member.name,
-                                                 rows=counts[member.name], columns=TableShape.of(member.table).columns)
+                written.append(keys[member.name])
+                try:
+                    stored = self.store.put_verified(keys[member.name], bodies[member.name], table=member.name,
+                                                     rows=counts[member.name],
+                                                     columns=TableShape.of(member.table).columns)
+                except ArchiveExists:
+                    written.pop()  # someone else's object: never removed, never replaced
+                    raise
                 archived.append(dataclasses.replace(stored, depth=depths[member.name]))
                 failpoints.hit("archive.after_object")
         return archived
+
+    def _discard(self, ledger, batch_no: int, rows: int, written: list[str], descriptor: str) -> None:
+        """A batch that will not commit: journal only the keys this attempt wrote (so a
+        settlement never removes an object that was there before), remove them, resolve it."""
+        ledger.update_pending(batch_no, rows, descriptor)
+        self.store.remove(written)
+        ledger.resolve(batch_no, 0)
 
     def _committed(self, table, ledger, batch_no, batch, counts, archived, seconds) -> BatchResult:
         """The batch committed: journal it done, with its verified objects."""
@@ -247,11 +272,12 @@ class ArchiveRows(SqlAction):
         planned = sorted([key, name] for name, key in keys.items())
         ledger.pending(batch_no, encode_range(batch, tables=counts, planned=planned, holds=table.batch_holds), rows)
         # 2. Upload and verify; on any failure remove what was uploaded and delete nothing.
+        written: list[str] = []
         try:
-            archived = self._upload(members, bodies, counts, keys, depths)
+            archived = self._upload(members, bodies, counts, keys, depths, written)
         except Exception:
-            self.store.remove(keys.values())
-            ledger.resolve(batch_no, 0)
+            self._discard(ledger, batch_no, rows, written,
+                          encode_range(batch, tables=counts, planned=_only(planned, written), holds=table.batch_holds))
             raise
         # 3. One short transaction: delete children first, then the target's rows, and
         #    check that exactly the archived rows went.
@@ -297,6 +323,10 @@ def _depths(member, depth: int = 0) -> dict[str, int]:
     for child in member.children:
         found |= _depths(child, depth + 1)
     return found
+
+
+def _only(planned: list[list[str]], written: list[str]) -> list[list[str]]:
+    return [entry for entry in planned if entry[0] in written]
 
 
 def _member(table: SqlTable, name: str):

@@ -312,3 +312,16 @@ def test_item08_every_plan_task_reports_the_broken_rules(tmp_path, caplog):
     assert f"{broken}:5: retain_for:" in caplog.text
     assert "not being purged" in caplog.text
 
+
+
+def test_item08_the_file_named_after_a_category_keeps_its_id_over_a_broken_copy(tmp_path):
+    from retention.orchestration import build_dags
+
+    # Both broken; the copy sorts first but must not take the id of the rule that ran.
+    write_rule(tmp_path, "x", filename="a_copy.yaml", text=_good().replace("P3Y", "3 years"))
+    write_rule(tmp_path, "support_tickets", text=_good().replace("P3Y", "3 years"))
+
+    dags = build_dags(tmp_path)
+
+    assert "support_tickets.yaml:5" in dags["retention__support_tickets"].doc_md
+    assert "a_copy.yaml" in dags["retention__a_copy"].doc_md

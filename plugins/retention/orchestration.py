@@ -71,7 +71,9 @@ def build_dags(rules_dir: str | os.PathLike[str]) -> dict[str, DAG]:
     by_file: dict[str, list[RuleProblem]] = {}
     for problem in problems:
         by_file.setdefault(problem.path, []).append(problem)
-    for path, file_problems in by_file.items():
+    # A file whose category agrees with its name claims that DAG id before a stray copy does.
+    ordered = sorted(by_file.items(), key=lambda item: salvage_fields(item[0]).category != Path(item[0]).stem)
+    for path, file_problems in ordered:
         if not Path(path).is_file():
             # No rules directory, or no rule in it: nothing could run, say so at parse time.
             raise ConfigError("; ".join(str(p) for p in file_problems))

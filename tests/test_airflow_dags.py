@@ -93,8 +93,9 @@ def test_an_invalid_rule_file_fails_loudly_without_hiding_the_others(tmp_path):
 
     dags = build_dags(tmp_path)
 
-    assert set(dags) == {"retention__good", "retention__invalid__broken"}
-    broken = dags["retention__invalid__broken"]
+    # The broken rule keeps its DAG id (issue #9 item 8): it fails where it used to run.
+    assert set(dags) == {"retention__good", "retention__broken"}
+    broken = dags["retention__broken"]
     assert broken.task_ids == ["rule_is_invalid"]
     assert "broken.yaml:5" in broken.doc_md
 

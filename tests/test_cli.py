@@ -120,8 +120,8 @@ def _broken(directory: Path, case: str) -> tuple[Path, int, str]:
         path.write_text(path.read_text().replace('"@daily"', '"61 3 * * *"'))
         return path, 6, "not a schedule"
     if case == "duplicate_category":
-        write_rule(directory, category, filename="a_tickets.yaml")
-        return write_rule(directory, category, filename="b_tickets.yaml"), 1, "a_tickets.yaml"
+        write_rule(directory, category)  # a file is named after its category: .yaml and .yml collide
+        return write_rule(directory, category, filename=f"{category}.yml"), 1, f"{category}.yaml"
     if case == "sql_injection":
         path = write_rule(directory, category, targets=[{"table": '"customers; drop table orders"'}])
         return path, 12, "not a table name"

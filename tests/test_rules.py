@@ -537,8 +537,9 @@ def test_load_rules_returns_every_category_in_file_order(tmp_path):
 
 
 def test_duplicate_category_is_a_problem_of_the_second_file(tmp_path):
-    first = write_rule(tmp_path, "customer_accounts", filename="a_accounts.yaml")
-    second = write_rule(tmp_path, "customer_accounts", filename="b_accounts.yaml")
+    # Files are named after their category, so only .yaml and .yml can collide.
+    first = write_rule(tmp_path, "customer_accounts")
+    second = write_rule(tmp_path, "customer_accounts", filename="customer_accounts.yml")
 
     with pytest.raises(RuleError) as caught:
         load_rules(tmp_path)

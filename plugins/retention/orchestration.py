@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from retention.connections import ConnectionSpec
 from retention.errors import ConfigError, RuleProblem
-from retention.rules import RuleFile, scan_rules
+from retention.rules import RuleFile, salvage_fields, scan_rules
 
 if TYPE_CHECKING:
     from retention.runs import Runner
@@ -59,19 +60,43 @@ def build_dags(rules_dir: str | os.PathLike[str]) -> dict[str, DAG]:
     rules, problems = scan_rules(rules_dir)
     dags = {}
     for rule_file in rules:
-        dag = _rule_dag(rule_file)
+        try:
+            dag = _rule_dag(rule_file)
+        except Exception as exc:
+            # A rule Airflow refuses (a schedule croniter takes but Airflow does not) must
+            # not make the whole DAG file fail to import: it becomes this file's problem.
+            problems.append(rule_file.problem((), f"Airflow cannot build its DAG: {exc}"))
+            continue
         dags[dag.dag_id] = dag
     by_file: dict[str, list[RuleProblem]] = {}
     for problem in problems:
         by_file.setdefault(problem.path, []).append(problem)
-    for path, file_problems in by_file.items():
+    # A file whose category agrees with its name claims that DAG id before a stray copy does.
+    ordered = sorted(by_file.items(), key=lambda item: salvage_fields(item[0]).category != Path(item[0]).stem)
+    for path, file_problems in ordered:
         if not Path(path).is_file():
             # No rules directory, or no rule in it: nothing could run, say so at parse time.
             raise ConfigError("; ".join(str(p) for p in file_problems))
         log.error("invalid retention rule %s:\n%s", path, "\n".join(str(p) for p in file_problems))
-        dag = _invalid_rule_dag(Path(path), file_problems)
+        dag = _invalid_rule_dag(Path(path), file_problems, taken=dags)
         dags[dag.dag_id] = dag
     return dags
+
+
+def report_invalid_rules(rules_dir: str | os.PathLike[str]) -> list[RuleProblem]:
+    """Log every problem of the rule files in ``rules_dir`` as an error; return them.
+
+    Each DAG's plan task calls this, so a broken rule shows in every category's log,
+    not only in the DAG that fails for it. Never raises: reporting must not stop a purge.
+    """
+    try:
+        _rules, problems = scan_rules(rules_dir)
+    except Exception as exc:
+        log.error("could not check the other rule files in %s: %s", rules_dir, type(exc).__name__)
+        return []
+    for problem in problems:
+        log.error("another rule file is invalid and its category is not being purged: %s", problem)
+    return problems
 
 
 def _rule_dag(rule_file: RuleFile) -> DAG:
@@ -106,6 +131,7 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
         def plan() -> list[str]:
             """Open the run with its as_of, settle earlier uncertified runs, count."""
             context = get_current_context()
+            report_invalid_rules(Path(path).parent)
             with _runner() as runner:
                 rule_file = _reload(path, category)
                 as_of = context["logical_date"] or context["dag_run"].run_after
@@ -157,16 +183,33 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
     return dag
 
 
-def _invalid_rule_dag(path: Path, problems: list[RuleProblem]) -> DAG:
+def _invalid_rule_dag(path: Path, problems: list[RuleProblem], *, taken: dict[str, DAG]) -> DAG:
+    # The DAG that was running keeps its id, so it stays unpaused and its runs turn red;
+    # a new id would be created paused and fail silently. The category names it when it
+    # can be read, else the file name (validation makes the two agree). A valid rule of
+    # the same category keeps its id; then this file fails under its own name.
+    fields = salvage_fields(path)
+    stem = re.sub(r"[^a-z0-9_]", "_", path.stem.lower())[:200] or "unnamed"
+    candidates = [f"{DAG_PREFIX}{name}" for name in (fields.category, stem) if name]
+    dag_id = next((c for c in candidates if c not in taken), f"{DAG_PREFIX}invalid__{stem}")
     message = "\n".join(str(p) for p in problems)
+    tags = ["retention", "invalid-rule"]
+    if fields.owner:
+        tags.append(f"owner:{fields.owner}")
+    if fields.action:
+        tags.append(f"action:{fields.action}")
     with DAG(
-        dag_id=f"{DAG_PREFIX}invalid__{path.stem.replace('-', '_')}",
+        dag_id=dag_id,
         description=f"INVALID rule file {path.name}: fix it to restore its purges",
-        schedule="@daily",
+        schedule=None if fields.schedule_is_manual else (fields.schedule or "@daily"),
         start_date=START_DATE,
         catchup=False,
         max_active_runs=1,
-        tags=["retention", "invalid-rule"],
+        # New DAGs are paused by default; a broken rule must run (and fail) without anyone
+        # noticing it first. An existing DAG keeps whatever pause state it had.
+        is_paused_upon_creation=False,
+        tags=tags,
+        default_args={"owner": fields.owner or "airflow", "retries": 0},
         doc_md=f"### Invalid rule file `{path.name}`\n\n```\n{message}\n```",
     ) as dag:
 

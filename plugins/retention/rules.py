@@ -44,6 +44,8 @@ _DURATION = re.compile(
     r"(?:T(?=\d)(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+)S)?)?"
 )
 _FAR_FUTURE = datetime(2200, 1, 1, tzinfo=timezone.utc)
+MAX_RULE_FILE_BYTES = 256 * 1024
+"""A rule file is read by reviewers line by line; anything larger is a mistake (or an attack)."""
 SCHEDULE_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 
 
@@ -549,15 +551,25 @@ def load_rule_file(path: str | Path) -> RuleFile:
     """Load and validate one rule file; raise :class:`RuleError` naming file:line:field."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_RULE_FILE_BYTES + 1)  # never read an unbounded file into memory
     except OSError as exc:
         raise RuleError([RuleProblem(str(path), None, None, f"cannot read: {exc.strerror}")]) from None
+    if len(raw) > MAX_RULE_FILE_BYTES:
+        raise RuleError([RuleProblem(str(path), None, None, f"larger than {MAX_RULE_FILE_BYTES // 1024} KiB, "
+                                     "the most a rule file may be: split it or remove what is not a rule")])
     try:
         document = load_located(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RuleError([RuleProblem(str(path), None, None, "not UTF-8 text")]) from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RuleError([RuleProblem(str(path), line, None, "not UTF-8 text: save the file as UTF-8")]) from None
     except YamlProblem as exc:
         raise RuleError([RuleProblem(str(path), exc.line, _dotted(exc.path) or None, exc.message)]) from None
+    except Exception as exc:
+        # The loader turns what it knows into YamlProblem; anything else must still be a
+        # problem of this file, or one bad file would crash validation and every DAG.
+        raise RuleError([RuleProblem(str(path), None, None,
+                                     f"cannot be read as YAML ({type(exc).__name__}); check the file's syntax")]) from None
     if not isinstance(document.data, dict):
         raise RuleError([RuleProblem(str(path), 1, None, "expected a mapping of rule fields at the top level")])
     try:
@@ -565,6 +577,10 @@ def load_rule_file(path: str | Path) -> RuleFile:
     except ValidationError as exc:
         problems = _problems(path, document, exc)
         raise RuleError(sorted(problems, key=lambda p: p.line or 0)) from None
+    except Exception as exc:
+        # Validators raise ValueError (which pydantic reports); this is the safety net.
+        raise RuleError([RuleProblem(str(path), 1, None,
+                                     f"cannot be validated ({type(exc).__name__}); check the file's structure")]) from None
     rule_file = RuleFile(path, hashlib.sha256(raw).hexdigest(), rule, document)
     problems = _action_problems(rule_file)
     if problems:
@@ -616,13 +632,19 @@ def _action_problems(rule_file: RuleFile) -> list[RuleProblem]:
 def scan_rules(directory: str | Path) -> tuple[list[RuleFile], list[RuleProblem]]:
     """Every rule in ``directory`` that is valid, and the problems of the rest.
 
-    Used where one bad file must not stop the others (building DAGs). A category that
-    appears in two files is a problem of the second file (in name order).
+    Used where one bad file must not stop the others (building DAGs). A file is named
+    after its category (``<category>.yaml``), so the DAG id read from a broken file is
+    the one its valid version had; a category that appears in two files is a problem of
+    the second file (in name order). Files starting with ``_`` are configuration
+    (``_pools.yaml``), not rules, and are skipped.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return [], [RuleProblem(str(directory), None, None, "rules directory does not exist")]
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    files = sorted(
+        p for p in directory.iterdir()
+        if p.suffix in (".yaml", ".yml") and not p.name.startswith("_") and p.is_file()
+    )
     if not files:
         return [], [RuleProblem(str(directory), None, None, "no rule files (*.yaml) in this directory")]
     rules: list[RuleFile] = []
@@ -633,6 +655,13 @@ def scan_rules(directory: str | Path) -> tuple[list[RuleFile], list[RuleProblem]
             loaded = load_rule_file(path)
         except RuleError as exc:
             problems.extend(exc.problems)
+            continue
+        if path.stem != loaded.rule.category:
+            problems.append(loaded.problem(
+                ("category",),
+                f"category {loaded.rule.category!r} does not match the file name {path.name}: rename the "
+                f"file to {loaded.rule.category}{path.suffix} (or fix the category), so the DAG id stays the same",
+            ))
             continue
         first = seen.get(loaded.rule.category)
         if first is not None:
@@ -647,6 +676,53 @@ def scan_rules(directory: str | Path) -> tuple[list[RuleFile], list[RuleProblem]
         seen[loaded.rule.category] = loaded
         rules.append(loaded)
     return rules, problems
+
+
+@dataclass(frozen=True)
+class SalvagedFields:
+    """What can still be read from a rule file that does not validate (each field or None)."""
+
+    category: str | None = None
+    schedule: str | None = None
+    """None when unreadable; ``manual`` is reported as ``schedule_is_manual``."""
+    schedule_is_manual: bool = False
+    owner: str | None = None
+    action: str | None = None
+
+
+def salvage_fields(path: str | Path) -> SalvagedFields:
+    """The category, schedule, owner and action of a broken rule file, where each still validates.
+
+    The invalid-rule DAG keeps the DAG id, schedule and owner of the rule it replaces, so
+    a typo keeps failing where people were looking. Never raises.
+    """
+    try:
+        with Path(path).open("rb") as stream:
+            raw = stream.read(MAX_RULE_FILE_BYTES + 1)
+        if len(raw) > MAX_RULE_FILE_BYTES:
+            return SalvagedFields()
+        data = load_located(raw.decode("utf-8")).data
+    except Exception:
+        return SalvagedFields()
+    if not isinstance(data, dict):
+        return SalvagedFields()
+
+    def valid(name: str, check: Any) -> Any:
+        try:
+            return check(data[name]) if name in data else None
+        except Exception:
+            return None
+
+    owner = data.get("owner")
+    owner_ok = isinstance(owner, str) and re.fullmatch(r"[A-Za-z0-9_.@-]{1,100}", owner.strip())
+    action = data.get("action")
+    return SalvagedFields(
+        category=valid("category", _category),
+        schedule=valid("schedule", _schedule),
+        schedule_is_manual="schedule" in data and data["schedule"] is None,
+        owner=owner.strip() if owner_ok else None,
+        action=action if action in ("delete", "archive", "anonymize") else None,
+    )
 
 
 def load_rules(directory: str | Path, *, category: str | None = None) -> list[RuleFile]:

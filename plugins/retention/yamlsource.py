@@ -4,6 +4,10 @@ Validation errors name ``file:line``; PyYAML's node tree has the marks, so we co
 the tree ourselves and keep a map from data paths to lines. Two YAML traps are closed
 on the way: duplicate keys (PyYAML silently keeps the last) and YAML 1.1 booleans
 (``NO``, ``on``, ``yes`` would otherwise turn a country code or a status into a bool).
+Three more keep any file, however broken, a located problem rather than a crash:
+date-looking scalars stay strings (no rule field wants a YAML timestamp, and
+``2024-02-30`` made the timestamp constructor raise), explicit tags are refused,
+and nesting is bounded (a 5,000-deep document exhausted the recursion limit).
 """
 
 from __future__ import annotations
@@ -16,26 +20,63 @@ import yaml
 
 Path = tuple[str | int, ...]
 
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists a rule file may use (real rules use under 20)."""
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 booleans (only true/false are bools) and no aliases.
 
     Aliases are refused: a rule is read by reviewers line by line, and an alias can
-    make a small file expand without bound (or refer to itself).
+    make a small file expand without bound (or refer to itself). Explicit tags
+    (``!!timestamp``, ``!!binary``) are refused too: every rule value is a plain string,
+    number, boolean, list or mapping, and a tag only asks a constructor for something else.
     """
 
+    _depth = 0
+
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
             raise YamlProblem(
                 f"aliases (*{event.anchor}) are not allowed in rule files: write the value out",
                 event.start_mark.line + 1,
             )
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag != "!":
+            shown = tag.replace("tag:yaml.org,2002:", "!!")
+            raise YamlProblem(
+                f"YAML tags ({shown}) are not allowed in rule files: write the plain value, quoted if need be",
+                event.start_mark.line + 1,
+            )
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            # The composer recurses once per level: refuse before Python's stack runs out.
+            if self._depth >= MAX_DEPTH:
+                raise YamlProblem(
+                    f"nested more than {MAX_DEPTH} levels deep; a rule file needs far fewer",
+                    event.start_mark.line + 1,
+                )
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
         return super().compose_node(parent, index)
+
+    def construct_object(self, node, deep=False):
+        # Tags are refused above, so this should not fail; if a constructor still raises,
+        # it is a problem at this node's line, never a traceback.
+        try:
+            return super().construct_object(node, deep)
+        except (YamlProblem, yaml.YAMLError):
+            raise
+        except Exception as exc:
+            raise YamlProblem(f"cannot read this value: {exc}", node.start_mark.line + 1) from None
 
 
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
@@ -73,8 +114,9 @@ class LocatedDocument:
 
 def load_located(text: str) -> LocatedDocument:
     """Parse one YAML document, keeping line numbers; raise :class:`YamlProblem`."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # the reader checks every character here
         node = loader.get_single_node()
         if node is None:
             raise YamlProblem("the file is empty", 1)
@@ -95,10 +137,16 @@ def load_located(text: str) -> LocatedDocument:
         mark = exc.context_mark if unclosed else (exc.problem_mark or exc.context_mark)
         line = mark.line + 1 if mark is not None else None
         raise YamlProblem(f"not valid YAML: {problem}", line) from None
+    except yaml.reader.ReaderError as exc:
+        # Control characters (NUL, form feeds from a binary paste) are refused by the reader.
+        line = text[: exc.position].count("\n") + 1
+        raise YamlProblem(f"not valid YAML: character #x{exc.character:04x} is not allowed in a YAML file"
+                          if isinstance(exc.character, int) else f"not valid YAML: {exc.reason}", line) from None
     except yaml.YAMLError as exc:
         raise YamlProblem(f"not valid YAML: {exc}", None) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return LocatedDocument(data, lines)
 
 

@@ -129,6 +129,22 @@ def load_pool_config(rules_dir: str | Path, known: list[str] | None = None) -> P
     return PoolConfig(default_slots=default, slots=slots, path=shown)
 
 
+def load_pool_rules(rules_dir: str | Path) -> list[RuleFile]:
+    """The rules of ``rules_dir`` for pool purposes; raise :class:`RuleError` if any rule is invalid.
+
+    The pools file is not a rule: its own problems are reported by :func:`load_pool_config`,
+    whether or not the rule scanner already skips ``_``-files.
+    """
+    from retention.rules import scan_rules
+
+    rules, problems = scan_rules(rules_dir)
+    pools_file = Path(rules_dir) / POOLS_FILE
+    problems = [p for p in problems if Path(p.path) != pools_file]
+    if problems:
+        raise RuleError(problems)
+    return [r for r in rules if Path(r.path) != pools_file]
+
+
 def required_pools(rules: list[RuleFile], config: PoolConfig) -> list[Pool]:
     """The pools ``rules`` need, by name, with their slots and which categories share them."""
     users: dict[str, list[str]] = {}

@@ -231,7 +231,7 @@ def test_item01_init_steps_migrate_create_pools_keys_schema_and_buckets(compose)
     checkpoints = _env(compose["services"]["airflow-worker"])["RETENTION_CHECKPOINTS"]
     bucket = checkpoints.removeprefix("s3://").split("/")[0]
     assert f"mc mb --ignore-existing --with-lock local/{bucket}" in buckets
-    assert f"mc retention set --default COMPLIANCE" in buckets and f"local/{bucket}" in buckets
+    assert re.search(rf"mc retention set --default COMPLIANCE \d+d local/{bucket}$", buckets, re.M)
 
 
 def test_item01_demo_seed_creates_every_table_a_rule_names_where_its_connection_points(compose):
@@ -478,6 +478,20 @@ def test_item03_sync_pools_refuses_a_bad_pools_file_in_one_line_and_exit_2(tmp_p
     out, err = capsys.readouterr()
     assert f"{rules_dir / '_pools.yaml'}:2: connections.crm: no rule uses connection 'crm'" in err
     assert "Traceback" not in err and out == ""
+
+
+def test_item03_sync_pools_without_airflow_says_where_to_run_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from retention.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "airflow" else real(name, *a))
+    assert main(["airflow", "sync-pools", "--rules", str(_rules_dir(tmp_path))]) == 2
+
+    err = capsys.readouterr().err
+    assert "configuration: Airflow is not installed in this environment" in err and "--json" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.airflow

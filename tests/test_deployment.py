@@ -535,3 +535,39 @@ def test_item06_the_airflow_extra_brings_postgres_support_and_the_amazon_provide
     # what `airflow db migrate` on PostgreSQL imports, present where the extra was installed
     for module in ("asyncpg", "psycopg2", "airflow.providers.postgres", "airflow.providers.amazon.aws.hooks.s3"):
         __import__(module)
+
+
+def test_item01_a_whole_run_works_with_the_audit_runtime_role(compose, audit_roles, sqlite_db, keys, tmp_path,
+                                                               monkeypatch, capsys):
+    """Journal, lock, hold and certificate: everything a run writes fits the grants, nothing more is needed."""
+    from datetime import datetime, timezone
+
+    from retention.audit import ensure_schema
+    from retention.cli import main
+
+    from conftest import connect
+    from sqlpurge import ids, insert_customers, make_customers
+
+    owner, app, app_role = audit_roles
+    ensure_schema(owner)
+    with owner.begin() as conn:
+        conn.execute(sa.text(compose["configs"]["audit-grants"]["content"].replace("retention_app", app_role)))
+    url = app.url
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", f"postgres://{url.username}@{url.host}:{url.port}/{url.database}")
+    make_customers(sqlite_db)
+    old = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    insert_customers(sqlite_db, [(1, "closed", old), (2, "closed", old), (3, "open", None)])
+    connect(monkeypatch, "crm_db", sqlite_db)
+    rules = tmp_path / "rules"
+    write_rule(rules)
+
+    assert main(["hold", "add", "--category", "customer_accounts", "--match", '{"id": 2}', "--case", "CASE-1",
+                 "--reason", "dispute", "--rules", str(rules)]) == 0
+    assert main(["run", "--rules", str(rules), "--as-of", "2026-06-01T00:00:00Z"]) == 0
+    assert main(["hold", "release", "1", "--reason", "settled"]) == 0
+    assert main(["run", "--rules", str(rules), "--as-of", "2026-06-02T00:00:00Z"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--public-key", str(keys[1])]) == 0
+    assert ids(sqlite_db) == {3}
+    with owner.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM purge_certificates")).scalar() == 2

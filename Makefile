@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench validate plan demo-clean clean
+.PHONY: install demo test bench validate plan demo-clean clean env
 
 install: $(BIN)/.installed
 
@@ -30,6 +30,13 @@ bench: install
 
 validate: install
 	$(BIN)/retention validate retention_rules
+
+## Secrets for docker-compose.yml, random, into .env (gitignored; never overwritten).
+env: .env
+
+.env:
+	@umask 077 && $(PYTHON) -c 'import base64, secrets; hexes = ["AIRFLOW_DB_PASSWORD", "AUDIT_SUPERUSER_PASSWORD", "AUDIT_OWNER_PASSWORD", "AUDIT_APP_PASSWORD", "DEMO_PG_SUPERUSER_PASSWORD", "DEMO_PG_PURGER_PASSWORD", "DEMO_MARIADB_ROOT_PASSWORD", "DEMO_MARIADB_PURGER_PASSWORD", "REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_API_SECRET_KEY", "AIRFLOW_JWT_SECRET", "RETENTION_HASH_KEY"]; lines = [f"{name}={secrets.token_hex(24)}" for name in hexes]; lines.append("AIRFLOW_FERNET_KEY=" + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()); open(".env", "x").write("# made by make env: secrets for docker-compose.yml; keep out of git\n" + "\n".join(lines) + "\n")'
+	@echo "wrote .env (mode 0600); docker compose reads it from this directory"
 
 demo-clean:
 	rm -rf .demo

@@ -245,6 +245,10 @@ def _create_schema(engine: Engine) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
         metadata.create_all(conn, checkfirst=True)
         _add_missing_columns(conn)
+        if dialect == "postgresql" and _pg_triggers_in_place(conn):
+            # Redefining them needs the table owner; a runtime role that may only append
+            # certificates (docker-compose.yml's retention_app) finds them already there.
+            return
         statements = {
             "postgresql": _PG_APPEND_ONLY,
             "mysql": _MYSQL_APPEND_ONLY,
@@ -252,6 +256,23 @@ def _create_schema(engine: Engine) -> None:
         }.get(dialect, [])
         for statement in statements:
             conn.execute(text(statement))
+
+
+_PG_TRIGGERS = {("purge_certificates", "purge_certificates_no_change"),
+                ("purge_certificates", "purge_certificates_no_truncate"),
+                ("legal_hold_events", "legal_hold_events_no_change"),
+                ("legal_holds", "legal_holds_no_delete")}
+
+
+def _pg_triggers_in_place(conn) -> bool:
+    """Every append-only trigger exists, fires ALWAYS and calls the refusing function."""
+    rows = conn.execute(text(
+        "SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_proc p ON p.oid = t.tgfoid "
+        "WHERE c.relnamespace = current_schema()::regnamespace AND t.tgenabled = 'A' "
+        "AND p.proname = 'purge_certificates_append_only'"
+    ))
+    return _PG_TRIGGERS <= {(r[0], r[1]) for r in rows}
 
 
 def _add_missing_columns(conn) -> None:

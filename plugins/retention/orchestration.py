@@ -1,7 +1,8 @@
 """Airflow DAGs built from the rule files: the only module of the engine that imports Airflow.
 
 One DAG per rule, ``retention__<category>``: ``plan`` (open the run, fix ``as_of``,
-count) → ``purge`` (mapped, one task per target) → ``certify`` (always runs; fails the
+count) → ``purge`` (mapped, one task per target; one mapped task per connection, each in
+that connection's pool ``retention__<conn_id>``) → ``certify`` (always runs; fails the
 DAG run unless every target completed). Parsing reads only the YAML: connections,
 keys and databases are touched by tasks, never at parse time.
 
@@ -26,6 +27,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from retention.connections import ConnectionSpec
 from retention.errors import ConfigError, RuleProblem
+from retention.pools import pool_name
 from retention.rules import RuleFile, salvage_fields, scan_rules
 
 if TYPE_CHECKING:
@@ -179,7 +181,17 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
                 )
             return {"seq": certificate.seq, "status": certificate.status, "entry_hash": certificate.entry_hash}
 
-        purge.expand(target=plan()) >> certify()
+        # A mapped task has one pool, and the pool is per connection: one mapped purge
+        # task per connection the targets use, built at parse time from the rule
+        # ("purge" when there is one, "purge__<conn_id>" when there are several).
+        by_connection: dict[str, list[str]] = {}
+        for target in rule.targets:
+            by_connection.setdefault(target.connection, []).append(target.name)
+        planned, certified = plan(), certify()
+        for conn_id, names in by_connection.items():
+            task_id = "purge" if len(by_connection) == 1 else f"purge__{conn_id}"
+            purges = purge.override(task_id=task_id, pool=pool_name(conn_id)).expand(target=names)
+            planned >> purges >> certified
     return dag
 
 

@@ -13,11 +13,12 @@ import logging
 
 import pytest
 
-from conftest import write_rule
 from retention.cli import main
 from retention.errors import RuleError
 from retention.rules import MAX_RULE_FILE_BYTES, load_rule_file, load_rules, scan_rules
 from retention.yamlsource import MAX_DEPTH
+
+from conftest import write_rule
 
 GOOD = """\
 category: {category}

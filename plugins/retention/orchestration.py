@@ -136,7 +136,7 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
             report_invalid_rules(Path(path).parent)
             with _runner() as runner:
                 rule_file = _reload(path, category)
-                as_of = context["logical_date"] or context["dag_run"].run_after
+                as_of = context.get("logical_date") or context["dag_run"].run_after
                 approval = (context["params"] or {}).get("approve_over_limit")
                 run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval)
                 from retention.render import count

@@ -21,7 +21,6 @@ from retention.journal import utc_iso
 from retention.rules import RuleFile
 from retention.targets import RunContext, Targets
 
-
 _READ_ERRORS = (DBAPIError, ClientError, BotoCoreError)
 """What a database or bucket raises when reading it fails (a rule mismatch is a TargetError)."""
 

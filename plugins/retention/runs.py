@@ -113,7 +113,8 @@ class Runner:
             raise
         except ConfigError as exc:  # a connection or key the plan needed is missing
             for target in rule_file.rule.targets:
-                self.journal.update_target(run, target.name, state="failed", error=f"plan failed: {describe_error(exc)}"[:500])
+                self.journal.update_target(run, target.name, state="failed",
+                                           error=f"plan failed: {describe_error(exc)}"[:500])
             raise
         records = {t.target: t for t in self.journal.targets(run)}
         for target_plan in plan.targets:

@@ -12,6 +12,7 @@ from retention.errors import RuleError
 from retention.failpoints import InjectedFault
 from retention.journal import RunJournal
 from retention.rules import load_rule_file
+from retention.runs import RunAlreadyCertified
 
 from conftest import connect, write_rule
 from sqlpurge import NAIVE_TIMESTAMP, ids, insert_customers, make_customers, runner
@@ -149,7 +150,9 @@ def test_rerun_is_idempotent(crm, tmp_path):
 
     first = r.run(rule_file, run_id="r1", as_of=AS_OF)
     second = r.run(rule_file, run_id="r2", as_of=AS_OF)
-    again = r.run(rule_file, run_id="r1", as_of=AS_OF)  # the same run id: its certificate, unchanged
+    with pytest.raises(RunAlreadyCertified, match="run id r1 was certified as seq 1"):
+        r.run(rule_file, run_id="r1", as_of=AS_OF)  # a certified run is never started again (issue #9 item 10)
+    again = r.certify(r.journal.get_run("customer_accounts", "r1"))  # a retried certify: its certificate, unchanged
 
     assert ids(crm) == {99}
     assert first.data["totals"]["deleted"] == 50

@@ -59,6 +59,7 @@ purge_runs = Table(
     Column("state", String(20), nullable=False, comment="running | certified"),
     Column("certificate_seq", BigInteger, nullable=True),
     Column("approval", Text, nullable=True, comment="why a run over its blast-radius limit was allowed"),
+    Column("scrubbed_at", String(40), nullable=True, comment="when its batch bounds (record keys) were forgotten"),
     PrimaryKeyConstraint("category", "run_id"),
 )
 

@@ -145,8 +145,17 @@ def build_payload(
             entry["tables"] = dict(sorted(record.tables.items()))
         if record.holds:
             entry["holds"] = list(record.holds)
+        if record.matched is None:
+            # The plan never counted this target: "matched": 0 stays a number for older readers,
+            # and this says it is not a count (nothing is known to have been due, or not).
+            entry["counted"] = False
         entries.append(entry)
     finished = [r.finished_at for r in targets if r.finished_at is not None]
+    status = run_status(targets)
+    if status == "complete" and (extra or {}).get("archive_error"):
+        # Everything was purged, but the evidence of what was archived could not be written.
+        status = "partial" if any(r.deleted for r in targets) else "failed"
+    uncounted = sum(1 for e in entries if e.get("counted") is False)
     return (extra or {}) | {
         "type": PAYLOAD_TYPE,
         "version": PAYLOAD_VERSION,
@@ -164,7 +173,7 @@ def build_payload(
         "cutoff": utc_iso(run.cutoff),
         "started_at": utc_iso(run.started_at),
         "finished_at": utc_iso(max(finished)) if finished else utc_iso(issued_at),
-        "status": run_status(targets),
+        "status": status,
         "holds": sorted({h for r in targets for h in r.holds}),
         **({"approval": run.approval} if run.approval else {}),
         "targets": entries,
@@ -175,6 +184,7 @@ def build_payload(
             "failed": sum(e["failed"] for e in entries),
             **({"anonymized": sum(e["anonymized"] for e in entries)} if run.action == "anonymize" else {}),
             **({"archived": sum(e["archived"] for e in entries)} if run.action == "archive" else {}),
+            **({"uncounted": uncounted} if uncounted else {}),
         },
     }
 
@@ -233,6 +243,7 @@ def _append(journal: RunJournal, run: RunRecord, signer: Signer, extra: dict[str
         }
         conn.execute(insert(purge_certificates).values(**row))
         journal.mark_certified(conn, run, seq)
+        journal.scrub(conn, run)  # the manifest was written from the bounds; now they only identify people
     return Certificate(**row, data=payload)
 
 

@@ -18,7 +18,7 @@ import uuid
 from datetime import date, datetime, timezone
 
 from retention import __version__
-from retention.errors import ConfigError, InvalidAsOf, RetentionError, RuleError, TerminalError
+from retention.errors import ConfigError, InvalidAsOf, RetentionError, RuleError, TerminalError, TransientError
 from retention.render import count, describe_certificate, moment, rate, size, table
 
 DEFAULT_RULES_DIR = "retention_rules"
@@ -274,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from retention.journal import RunJournal
     from retention.plan import build_plan
     from retention.rules import load_rules
-    from retention.runs import Runner, check_as_of
+    from retention.runs import RunAlreadyCertified, Runner, check_as_of
     from retention.signing import Signer
     from retention.targets import Targets
 
@@ -295,6 +295,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     journal = RunJournal(open_audit(from_environment, args.audit))
     with Targets(from_environment) as targets:
         runner = Runner(journal, targets, signer, checkpoints=configured_store(targets.s3_client))
+        try:
+            for rule_file in rules:  # every category's run id, before any of them starts
+                runner.refuse_certified(rule_file.rule.category,
+                                        base_id if len(rules) == 1 else f"{base_id}__{rule_file.rule.category}")
+        except RunAlreadyCertified as exc:
+            _err(f"error: {exc}")
+            return EXIT_INVALID
         for rule_file in rules:
             run_id = base_id if len(rules) == 1 else f"{base_id}__{rule_file.rule.category}"
             print(f"{rule_file.rule.category}: as of {moment(as_of)}, retain {rule_file.rule.retain_for} "
@@ -304,7 +311,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                          approval=args.approve_over_limit, wait=args.wait)
             except (RuleError, InvalidAsOf):
                 raise
-            except TerminalError as exc:
+            except RunAlreadyCertified as exc:  # certified since the check above
+                _err(f"error: {exc}")
+                return EXIT_INVALID
+            except (TerminalError, TransientError) as exc:
                 _err(f"{rule_file.rule.category}: {exc}")
                 from retention.certificates import find_certificate
 
@@ -528,9 +538,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in report], indent=2))
     else:
         rows = [[r.category, r.target, r.last_status or "never run", moment(r.last_certified) if r.last_certified else "",
-                 f"{r.expired:,}", f"{r.held:,}", r.lag_text, "ok" if r.healthy else "BEHIND"] for r in report]
-        print(table(["CATEGORY", "TARGET", "LAST RESULT", "CERTIFIED", "OVERDUE", "HELD", "OLDEST OVERDUE BY", "STATE"],
-                    rows, right=(4, 5, 6)))
+                 "?" if r.expired is None else f"{r.expired:,}", "?" if r.held is None else f"{r.held:,}",
+                 "?" if r.error else r.lag_text, "UNKNOWN" if r.error else "ok" if r.healthy else "BEHIND",
+                 r.error or ""] for r in report]
+        print(table(["CATEGORY", "TARGET", "LAST RESULT", "CERTIFIED", "OVERDUE", "HELD", "OLDEST OVERDUE BY", "STATE",
+                     "ERROR"], rows, right=(4, 5, 6)))
     return EXIT_OK if all(r.healthy for r in report) else EXIT_FAILED
 
 
@@ -587,9 +599,11 @@ def _listed(c) -> list | None:
         return None
     try:
         totals = c.data.get("totals", {})
+        uncounted = totals.get("uncounted")  # the plan failed: matched and failed are not counts
         return [
-            c.seq, moment(c.issued_at), c.category, c.status, f"{c.deleted:,}",
-            f"{totals.get('held', 0):,}", f"{totals.get('failed', 0):,}", c.data.get("as_of", "")[:19] + "Z",
+            c.seq, moment(c.issued_at), c.category, f"{c.status} (plan)" if uncounted else c.status, f"{c.deleted:,}",
+            f"{totals.get('held', 0):,}", "?" if uncounted else f"{totals.get('failed', 0):,}",
+            c.data.get("as_of", "")[:19] + "Z",
             c.run_id, c.entry_hash[:12],
         ]
     except (AttributeError, KeyError, TypeError, ValueError):
@@ -860,9 +874,11 @@ def _print_run_summary(certificates) -> None:
     rows = []
     for c in certificates:
         for t in c.data.get("targets", []):
-            rows.append([c.category, t["name"], t["status"], f"{t['matched']:,}",
+            counted = t.get("counted", True)  # False: the plan never counted it, so 0 is not a count
+            rows.append([c.category, t["name"], t["status"], f"{t['matched']:,}" if counted else "?",
                          f"{t['deleted'] + t.get('anonymized', 0):,}",
-                         f"{t.get('held', 0):,}", f"{t['failed']:,}", size(t.get("bytes")), t["error"] or ""])
+                         f"{t.get('held', 0):,}", f"{t['failed']:,}" if counted else "?", size(t.get("bytes")),
+                         t["error"] or ""])
     print(table(["CATEGORY", "TARGET", "STATUS", "MATCHED", "PURGED", "HELD", "FAILED", "BYTES", "ERROR"], rows,
                 right=(3, 4, 5, 6, 7)))
     for c in certificates:

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from retention.rules import RuleFile
 
 
+SCRUBBED_BOUNDS = '{"scrubbed": true}'
+"""What a certified run's batches keep of their bounds: nothing that names a record."""
+
+
 def utc_iso(moment: datetime) -> str:
     """``2026-11-30T14:24:30.356191Z``: the one timestamp format of journal and certificates."""
     if moment.tzinfo is None:
@@ -161,6 +165,35 @@ class RunJournal:
             .where(purge_runs.c.category == run.category, purge_runs.c.run_id == run.run_id)
             .values(state="certified", certificate_seq=seq)
         )
+
+    def scrub(self, conn: Connection, run: RunRecord) -> None:
+        """Forget what identifies the purged records: every batch's bounds (age and key values of
+        rows, S3 keys of objects), inside the transaction that certifies the run.
+
+        Only crash settlement and the archive manifest read bounds, both before the run is
+        certified; the certificate and the manifest keep the counts and the archive's objects.
+        """
+        conn.execute(
+            update(purge_batches)
+            .where(purge_batches.c.category == run.category, purge_batches.c.run_id == run.run_id)
+            .values(bounds=SCRUBBED_BOUNDS)
+        )
+        conn.execute(
+            update(purge_runs)
+            .where(purge_runs.c.category == run.category, purge_runs.c.run_id == run.run_id)
+            .values(scrubbed_at=utc_iso(self.now()))
+        )
+
+    def scrub_certified(self) -> int:
+        """Scrub runs certified by versions that kept their bounds; how many were scrubbed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(purge_runs).where(purge_runs.c.state == "certified", purge_runs.c.scrubbed_at.is_(None))
+            ).mappings().all()
+        for row in rows:
+            with self.engine.begin() as conn:
+                self.scrub(conn, _run(row))
+        return len(rows)
 
     # -- targets -------------------------------------------------------------------
 

@@ -11,11 +11,37 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from retention.errors import RuleError, TargetError
+from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy.exc import DBAPIError
+
+from retention.connections import s3_error_code
+from retention.errors import RetentionError, RuleError, RuleProblem, TargetError, TerminalError, TransientError
 from retention.holds import HoldRegistry, HoldView
 from retention.journal import utc_iso
 from retention.rules import RuleFile
 from retention.targets import RunContext, Targets
+
+_READ_ERRORS = (DBAPIError, ClientError, BotoCoreError)
+"""What a database or bucket raises when reading it fails (a rule mismatch is a TargetError)."""
+
+
+class PlanFailed(RetentionError):
+    """A target, or the archive, could not be read while planning: its database or bucket
+    failed, which says nothing about what is due. ``target`` is None for the archive;
+    ``cause`` is the error's class and code (SQLSTATE, S3 code), never its data."""
+
+    def __init__(self, message: str, *, target: str | None, cause: str):
+        super().__init__(message)
+        self.target = target
+        self.cause = cause
+
+
+class TransientPlanFailure(PlanFailed, TransientError):
+    """A plan read another attempt may get through: a refused or dropped connection, a throttled bucket."""
+
+
+class TerminalPlanFailure(PlanFailed, TerminalError):
+    """A plan read that fails again until a person changes something (access, a database name)."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +116,21 @@ def build_plan(
         except TargetError as exc:
             problems.append(rule_file.problem(target_field(index, exc.field), str(exc)))
             continue
+        except _READ_ERRORS as exc:
+            raise plan_failure(rule.category, target.name, exc) from exc
         opened.append((target, handle))
+    if rule.archive is not None:
+        # A destination the run will write is checked like a source: before anything is touched.
+        archive_problem = _check_archive(rule_file, targets)
+        if archive_problem is not None:
+            problems.append(archive_problem)
     if problems:
         raise RuleError(problems)
     for target, handle in opened:
-        survey = handle.survey(cutoff)
+        try:
+            survey = handle.survey(cutoff)
+        except _READ_ERRORS as exc:
+            raise plan_failure(rule.category, target.name, exc) from exc
         plans.append(
             TargetPlan(
                 name=target.name,
@@ -125,3 +161,40 @@ def target_field(index: int, field: str | None) -> tuple[str | int, ...]:
     if field:
         path += tuple(field.split("."))
     return path
+
+
+def plan_failure(category: str, target: str | None, exc: BaseException) -> PlanFailed:
+    """``exc`` (raised reading a target, or the archive when ``target`` is None) as a plan
+    failure that says whether another attempt can help, as a purge's errors do."""
+    from retention.runs import describe_error, is_retryable  # runs imports this module
+
+    cause = describe_error(exc)
+    kind = TransientPlanFailure if is_retryable(exc) else TerminalPlanFailure
+    where = f"{category}.{target}" if target else f"{category} archive"
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    advice = ("another attempt may get through" if kind is TransientPlanFailure
+              else "fix the connection, the database or the access, then run again")
+    return kind(f"{where}: plan failed: {cause}{': ' + detail[0][:200] if detail else ''}; nothing was touched; "
+                f"{advice}", target=target, cause=cause)
+
+
+def _check_archive(rule_file: RuleFile, targets: Targets) -> RuleProblem | None:
+    """A problem at ``archive.bucket`` unless the archive bucket exists and lets the run in."""
+    spec = rule_file.rule.archive
+    assert spec is not None
+    try:
+        targets.archive_store(spec).client.head_bucket(Bucket=spec.bucket)
+    except ClientError as exc:
+        code = s3_error_code(exc)
+        if code in ("404", "NoSuchBucket"):
+            return rule_file.problem(("archive", "bucket"), (
+                f"archive bucket {spec.bucket!r} does not exist (404 NoSuchBucket, connection {spec.connection}); "
+                "create it, or name the bucket archives go to"))
+        if code in ("403", "AccessDenied"):
+            return rule_file.problem(("archive", "bucket"), (
+                f"archive bucket {spec.bucket!r} refuses connection {spec.connection} (403 AccessDenied); "
+                "grant it s3:ListBucket, s3:GetObject and s3:PutObject on the bucket"))
+        raise plan_failure(rule_file.rule.category, None, exc) from exc
+    except BotoCoreError as exc:
+        raise plan_failure(rule_file.rule.category, None, exc) from exc
+    return None

@@ -82,6 +82,8 @@ def describe_certificate(certificate) -> str:
         archive = data["archive"]
         line("archive", f"{archive['manifest']} ({count(archive.get('objects'), 'object')}, "
                         f"sha256 {archive['sha256'][:16]}…)")
+    if data.get("archive_error"):
+        line("archive", f"manifest not written: {data['archive_error']}")
     line("signed", f"key {certificate.key_id[:16]}…; entry {certificate.entry_hash[:16]}…, "
                    f"after {certificate.prev_hash[:16]}…")
     out.append("")
@@ -89,8 +91,10 @@ def describe_certificate(certificate) -> str:
     rows, tables = [], []
     for t in data.get("targets", []):
         done = t.get("anonymized", t["deleted"])
-        rows.append([t["name"], t["location"], t["status"], f"{t['matched']:,}", f"{done:,}", f"{t.get('held', 0):,}",
-                     f"{t['failed']:,}", size(t.get("bytes")), t.get("error") or ""])
+        counted = t.get("counted", True)  # False: the plan failed before counting; 0 is not a count
+        rows.append([t["name"], t["location"], t["status"], f"{t['matched']:,}" if counted else "?", f"{done:,}",
+                     f"{t.get('held', 0):,}", f"{t['failed']:,}" if counted else "?", size(t.get("bytes")),
+                     t.get("error") or ""])
         if len(t.get("tables") or {}) > 1:
             tables.append(f"  {t['name']}: " + ", ".join(f"{name} {n:,}" for name, n in t["tables"].items()))
     out.append(table(["TARGET", "LOCATION", "STATUS", "MATCHED", purged, "HELD", "FAILED", "BYTES", "ERROR"], rows,

@@ -27,6 +27,7 @@ from retention.errors import (
     InvalidAsOf,
     OverLimit,
     PurgeFailed,
+    RetentionError,
     RuleError,
     TargetError,
     TerminalError,
@@ -35,7 +36,7 @@ from retention.errors import (
 from retention.holds import HoldRegistry, HoldView, who
 from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
 from retention.locks import DEFAULT_TTL, CategoryBusy, RunLock
-from retention.plan import PurgePlan, build_plan
+from retention.plan import PlanFailed, PurgePlan, build_plan
 from retention.rules import TARGET_ADAPTER, RuleFile, Target
 from retention.targets import RunContext, Targets
 from retention.targets.sql import is_transient
@@ -72,6 +73,10 @@ def check_as_of(as_of: datetime, now: datetime) -> None:
                           "check the year. Nothing was touched")
 
 
+class RunAlreadyCertified(TerminalError):
+    """A run id that already has a certificate was started again; nothing was touched."""
+
+
 @dataclass
 class Runner:
     """Carries out runs against one audit journal, with one set of target connections."""
@@ -101,8 +106,12 @@ class Runner:
         """
         check_as_of(as_of, (self.clock or self.journal.now)())  # before anything is touched, even the lease
         category = rule_file.rule.category
+        self.refuse_certified(category, run_id)
         self._check_audit_apart(rule_file)
+        if self.checkpoints is not None:
+            self.checkpoints.check_writable()  # a run that could not leave its checkpoint must not start
         self._lock(category, run_id).acquire(wait=wait)
+        self.journal.scrub_certified()  # runs certified by versions that kept record keys
         for stale in self.journal.uncertified_runs(category):
             if stale.run_id != run_id:
                 self.settle_interrupted(stale)
@@ -122,10 +131,24 @@ class Runner:
             for target in rule_file.rule.targets:
                 self.journal.update_target(run, target.name, state="failed", error="rule does not match the database")
             raise exc
+        except PlanFailed as exc:
+            # Recorded by class and code: the certificate must say the plan failed, not that nothing was due.
+            for target in rule_file.rule.targets:
+                error = (f"plan failed: {exc.cause}" if exc.target in (None, target.name)
+                         else f"plan failed: not counted ({exc.target} could not be read)")
+                self.journal.update_target(run, target.name, state="failed", error=error[:500])
+            raise
+        except ConfigError as exc:  # a connection or key the plan needed is missing
+            for target in rule_file.rule.targets:
+                self.journal.update_target(run, target.name, state="failed",
+                                           error=f"plan failed: {describe_error(exc)}"[:500])
+            raise
         records = {t.target: t for t in self.journal.targets(run)}
         for target_plan in plan.targets:
             if records[target_plan.name].matched is None:
-                self.journal.update_target(run, target_plan.name, matched=target_plan.matched)
+                # A retried plan that now gets through clears what the failed attempt recorded.
+                reset = {"state": "planned", "error": None} if records[target_plan.name].state == "failed" else {}
+                self.journal.update_target(run, target_plan.name, matched=target_plan.matched, **reset)
         run = self._check_limits(rule_file, run, plan, approval)
         failpoints.hit("run.planned")
         return run, plan
@@ -207,7 +230,7 @@ class Runner:
             )
             if isinstance(exc, DBAPIError):
                 # Tell Airflow (and people) whether another attempt can help.
-                kind = TransientError if is_transient(exc) else TerminalError
+                kind = TransientError if is_retryable(exc) else TerminalError
                 raise kind(f"{run.category}.{target_name}: {describe_error(exc)}: {exc.orig}") from exc
             raise
         failpoints.hit("purge.finished")
@@ -257,9 +280,23 @@ class Runner:
     def _lock(self, category: str, run_id: str) -> RunLock:
         return RunLock(self.journal.engine, category, run_id, ttl=self.lease_ttl)
 
-    def _manifest(self, run: RunRecord) -> dict[str, Any] | None:
+    def refuse_certified(self, category: str, run_id: str) -> None:
+        """RunAlreadyCertified if ``run_id`` of ``category`` has a certificate (checked before anything)."""
+        existing = self.journal.get_run(category, run_id)
+        if existing is not None and existing.state == "certified":
+            raise RunAlreadyCertified(
+                f"run id {run_id} was certified as seq {existing.certificate_seq} ({category}); nothing was "
+                "touched. A certified run is never started again: give a new --run-id, or none to get a fresh one"
+            )
+
+    def _manifest(self, run: RunRecord, *, settling: bool = False) -> dict[str, Any] | None:
         """For an archive run: write the manifest of every verified object; its location and
-        SHA-256 go into the certificate."""
+        SHA-256 go into the certificate.
+
+        A manifest that cannot be written is recorded as such (``archive_error``, and the run
+        is never complete), so an unreachable bucket cannot keep a run from its certificate:
+        at once when settling an earlier run, and for this run's certify when retrying cannot help.
+        """
         records = self.journal.targets(run)
         contexts = [_definition(r.definition)[1] for r in records]
         context = next((c for c in contexts if c is not None and c.archive is not None), None)
@@ -274,7 +311,6 @@ class Runner:
                     s3_objects.append({"target": record.target, **obj})
                 for obj in data.get("objects", []) if record.kind == "sql" else []:
                     sql_objects.append({"target": record.target, **obj})
-        store = self.targets.archive_store(context.archive)
         body = build_manifest(
             {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
              "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": context.archive.connection,
@@ -282,8 +318,19 @@ class Runner:
              **({"sse": context.archive.sse_manifest} if context.archive.sse else {})},
             sql_objects, s3_objects,
         )
-        key = store.manifest_key(run.category, run.run_id)
-        stored = store.put_verified(key, body, table="manifest", rows=0, content_type="application/json")
+        where = f"s3://{context.archive.bucket}/"
+        try:
+            store = self.targets.archive_store(context.archive)
+            key = store.manifest_key(run.category, run.run_id)
+            where += key
+            stored = store.put_verified(key, body, table="manifest", rows=0, content_type="application/json")
+        except Exception as exc:
+            if not settling and is_retryable(exc):
+                raise TransientError(f"{run.category}: the archive manifest {where} could not be written "
+                                     f"({describe_error(exc)}); certify again") from exc
+            log.error("%s: run %s: the archive manifest %s could not be written (%s); certifying without it",
+                      run.category, run.run_id, where, describe_error(exc))
+            return {"archive_error": f"{where} could not be written: {describe_error(exc)}"[:500]}
         return {"archive": {"manifest": f"s3://{context.archive.bucket}/{key}", "sha256": stored.sha256,
                             "objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key"))}}
 
@@ -297,7 +344,7 @@ class Runner:
                     run, record.target, state="failed",
                     error="interrupted" if record.state == "running" else "not run",
                 )
-        certificate = certify(self.journal, run, self.signer, extra=self._manifest(run))
+        certificate = certify(self.journal, run, self.signer, extra=self._manifest(run, settling=True))
         self._publish_checkpoint(certificate)
         return certificate
 
@@ -347,8 +394,8 @@ class Runner:
         """Start, purge every target (one failing does not stop the others), certify."""
         try:
             run, _plan = self.start(rule_file, run_id=run_id, as_of=as_of, approval=approval, wait=wait)
-        except CategoryBusy:
-            raise  # another run owns the category: this one never started
+        except (CategoryBusy, RunAlreadyCertified):
+            raise  # another run owns the category, or this one was certified: nothing to certify now
         except Exception:
             # Nothing was purged, but the night's run still gets its (failed) certificate.
             run = self.journal.get_run(rule_file.rule.category, run_id)
@@ -367,14 +414,58 @@ class Runner:
 
 def describe_error(exc: BaseException) -> str:
     """An error as the certificate may show it: class and SQLSTATE, never row data."""
-    if isinstance(exc, (PurgeFailed, TargetError)):
+    if isinstance(exc, (PurgeFailed, TargetError, ConfigError)):
         return f"{type(exc).__name__}: {exc}"[:500]
     code = getattr(getattr(exc, "orig", None), "pgcode", None)
     if code is None:
         args = getattr(getattr(exc, "orig", None), "args", ())
         code = args[0] if args and isinstance(args[0], int) else None
+    if code is None and could_not_connect(exc):
+        code = "08001"  # libpq gives no SQLSTATE for a connection never made; this is the one for it
     name = type(getattr(exc, "orig", None) or exc).__name__
+    response = getattr(exc, "response", None)
+    if code is None and isinstance(response, dict) and response.get("Error", {}).get("Code"):
+        name, code = "ClientError", response["Error"]["Code"]  # S3's own error code
     return f"{name} (code {code})" if code is not None else name
+
+
+_MYSQL_CANNOT_CONNECT = {2002, 2003, 2013}  # no socket, no TCP connection, lost during the handshake
+
+
+def could_not_connect(exc: BaseException) -> bool:
+    """True for a database connection that was never made: refused, timed out, server gone.
+
+    A server that answered and refused (a wrong password, no such database) or a host
+    name that does not resolve is not this: a person has to fix those.
+    """
+    if not isinstance(exc, DBAPIError) or exc.statement is not None:
+        return False  # a statement ran, so a connection was made
+    orig = exc.orig
+    if getattr(orig, "pgcode", None):
+        return False
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _MYSQL_CANNOT_CONNECT
+    message = str(orig)
+    return (type(orig).__name__ == "OperationalError" and "FATAL:" not in message
+            and "could not translate host name" not in message)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt can help, for plan, purge and certify alike: lock and statement
+    timeouts, deadlocks, lost or refused connections, throttled or unreachable S3."""
+    if isinstance(exc, RetentionError):
+        return isinstance(exc, TransientError)
+    if isinstance(exc, DBAPIError):
+        return is_transient(exc) or could_not_connect(exc)
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    from retention.connections import s3_error_code
+    from retention.targets.s3 import TRANSIENT_CODES
+
+    if isinstance(exc, ClientError):
+        return s3_error_code(exc) in TRANSIENT_CODES
+    return isinstance(exc, (ConnectionError, HTTPClientError))
 
 
 def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:

@@ -8,6 +8,7 @@ and that lag is within two schedule intervals.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from retention.rules import RetentionRule, RuleFile
     from retention.targets import Targets
 
+log = logging.getLogger(__name__)
+
 _PRESETS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0",
             "@monthly": "0 0 1 * *", "@quarterly": "0 0 1 */3 *", "@yearly": "0 0 1 1 *"}
 
@@ -39,11 +42,14 @@ class TargetStatus:
     last_run: str | None
     last_status: str | None
     last_certified: str | None
-    expired: int
-    held: int
+    expired: int | None
+    """None when the target could not be read (see ``error``)."""
+    held: int | None
     oldest_expired: str | None
     lag_seconds: float | None
     healthy: bool
+    error: str | None = None
+    """Why the target could not be read now (class and code), or None."""
 
     @property
     def lag_text(self) -> str:
@@ -75,12 +81,25 @@ def retention_status(rule_files: list[RuleFile], audit: Engine, targets: Targets
         entries = _entries(certificate) or {} if certificate else {}
         tolerance = 2 * _interval(rule)
         for target in rule.targets:
-            context = RunContext(rule.action, rule.category, "status", now, rule.archive)
-            handle = targets.open(target, context, holds=HoldView(registry, rule.category, target.name, now))
-            expired, held, oldest = handle.oldest_expired(cutoff)
-            lag = (cutoff - oldest).total_seconds() if oldest is not None else None
             entry = entries.get(target.name)
             status = entry["status"] if entry else None
+            context = RunContext(rule.action, rule.category, "status", now, rule.archive)
+            try:
+                handle = targets.open(target, context, holds=HoldView(registry, rule.category, target.name, now))
+                expired, held, oldest = handle.oldest_expired(cutoff)
+            except Exception as exc:  # one broken target must not hide the others
+                from retention.runs import describe_error
+
+                log.debug("status of %s.%s", rule.category, target.name, exc_info=True)
+                report.append(TargetStatus(
+                    category=rule.category, target=target.name, location=target.location,
+                    last_run=certificate.run_id if certificate else None, last_status=status,
+                    last_certified=utc_iso(_aware(certificate.issued_at)) if certificate else None,
+                    expired=None, held=None, oldest_expired=None, lag_seconds=None, healthy=False,
+                    error=f"cannot read {target.location}: {describe_error(exc)}",
+                ))
+                continue
+            lag = (cutoff - oldest).total_seconds() if oldest is not None else None
             report.append(TargetStatus(
                 category=rule.category, target=target.name, location=target.location,
                 last_run=certificate.run_id if certificate else None, last_status=status,

@@ -36,6 +36,7 @@ NOT_FOR_AIRFLOW = {
     "RETENTION_FAILPOINTS": "crash-test hooks; must never be set in a deployment",
     "RETENTION_DEMO_DIR": "only `make demo` reads it",
     "USER": "who places a legal hold: the operator running `retention hold add`",
+    "RETENTION_KEYRING": "the verifier's keyring: read by `retention verify`, kept by whoever checks the chain",
 }
 
 

@@ -211,6 +211,10 @@ def test_item05_each_parallel_batch_journals_the_holds_it_was_judged_by(server, 
 LOCKED = (17, 93, 151)
 
 
+def near(locked) -> set[int]:
+    return {n + d for n in locked for d in (-1, 0, 1)}
+
+
 def hold_locks(db, until: threading.Event, seconds: float, seen: dict) -> threading.Thread:
     """Another transaction locks scattered expired rows for ``seconds`` (or until ``until``);
     just before it ends, ``seen['left']`` gets the ids still in the table."""
@@ -241,7 +245,9 @@ def test_item07_a_30s_lock_on_scattered_rows_does_not_end_the_run(server, tmp_pa
 
     assert certificate.status == "complete" and certificate.data["totals"]["deleted"] == 200
     assert ids(server) == set()
-    assert seen["left"] == set(LOCKED)  # everything not locked went while the lock was held
+    # Everything not locked went while the lock was held. InnoDB also makes a delete wait
+    # on the row just past its range, so there a locked row's neighbours in walk order wait too.
+    assert set(LOCKED) <= seen["left"] <= (set(LOCKED) if server.backend == "postgresql" else near(LOCKED))
 
 
 def test_item07_locks_beyond_the_budget_end_the_run_partial_with_the_count_left(server, tmp_path):
@@ -258,9 +264,11 @@ def test_item07_locks_beyond_the_budget_end_the_run_partial_with_the_count_left(
 
     assert certificate.status != "complete"
     target = certificate.data["targets"][0]
-    assert target["status"] == "failed" and target["deleted"] == 197 and target["failed"] == 3
+    left = ids(server)
+    assert set(LOCKED) <= left  # how much went around them within 5 s depends on the server
+    assert target["status"] == "failed" and target["failed"] == len(left) and target["deleted"] == 200 - len(left)
+    assert f"{len(left)} records could not be purged" in target["error"]
     assert "lock-wait budget of 5s" in target["error"]
-    assert ids(server) == set(LOCKED)
     with open_audit(from_environment).connect() as conn:
         states = set(conn.execute(sa.select(purge_batches.c.state)).scalars())
     assert "pending" not in states  # every batch that hit a lock was settled

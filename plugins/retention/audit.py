@@ -75,6 +75,7 @@ purge_targets = Table(
     Column("definition", Text, nullable=False, comment="the target's rule, as JSON, for recovery"),
     Column("state", String(20), nullable=False, comment="planned | running | complete | failed"),
     Column("matched", BigInteger, nullable=True),
+    Column("total", BigInteger, nullable=True, comment="records the target held at plan (max_fraction is of these)"),
     Column("remaining", BigInteger, nullable=True),
     Column("held", BigInteger, nullable=True, comment="records skipped because something protects them"),
     Column("holds", Text, nullable=True, comment="ids of the legal holds honoured, JSON"),

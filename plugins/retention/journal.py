@@ -81,6 +81,8 @@ class TargetRecord:
     bytes: int | None = None
     tables: dict[str, int] | None = None
     holds: tuple[int, ...] = ()
+    total: int | None = None
+    """Records the target held when the run was planned (None: journaled before this was kept)."""
 
 
 class RunJournal:
@@ -271,6 +273,7 @@ class RunJournal:
                 bytes=_bytes(r["kind"], totals.get((r["target"], "done"), (0, None))[1]),
                 tables=per_table.get(r["target"]),
                 holds=tuple(json.loads(r["holds"])) if r["holds"] else (),
+                total=r["total"],
             )
             for r in rows
         ]

@@ -254,6 +254,9 @@ class SqlTarget(_StrictModel):
     workers: Annotated[int, Field(ge=1, le=8)] = 1
     """Batches walked in parallel, each over its own share of the expired rows (more of
     the database's cores for large purges; each worker holds one connection)."""
+    lock_wait_budget: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    """Seconds a purge keeps coming back to rows other transactions hold locked (no
+    batch waits more than 2 s on a lock) before it ends partial, leaving them."""
     children: list[ChildTable] = Field(default_factory=list)
     """Tables referencing this one, archived and deleted with it in the same batch."""
     anonymize: AnonymizeSpec | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -39,6 +40,7 @@ from retention.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.plan import PlanFailed, PurgePlan, build_plan
 from retention.rules import TARGET_ADAPTER, RuleFile, Target
 from retention.targets import RunContext, Targets
+from retention.targets.base import RecordLimit
 from retention.targets.sql import is_transient
 
 if TYPE_CHECKING:
@@ -148,7 +150,8 @@ class Runner:
             if records[target_plan.name].matched is None:
                 # A retried plan that now gets through clears what the failed attempt recorded.
                 reset = {"state": "planned", "error": None} if records[target_plan.name].state == "failed" else {}
-                self.journal.update_target(run, target_plan.name, matched=target_plan.matched, **reset)
+                self.journal.update_target(run, target_plan.name, matched=target_plan.matched, total=target_plan.total,
+                                           **reset)
         run = self._check_limits(rule_file, run, plan, approval)
         failpoints.hit("run.planned")
         return run, plan
@@ -186,6 +189,33 @@ class Runner:
             "--approve-over-limit 'REASON' (or the DAG param approve_over_limit); the reason goes into the certificate"
         )
 
+    @staticmethod
+    def _record_limit(target: Target, record: TargetRecord | None, run: RunRecord) -> RecordLimit | None:
+        """The most records a purge of ``target`` may take in this run, checked at every batch:
+        its max_records and max_fraction of the size counted at plan, or, when a person
+        approved more, exactly the number approved."""
+        limits = []
+        if target.max_records:
+            limits.append((target.max_records, f"max_records {target.max_records:,}"))
+        total = record.total if record is not None else None
+        if total is not None and target.max_fraction < 1:  # 1: any share of the table may go
+            # The same test as the plan's (matched / total > max_fraction), without float dust.
+            allowed = math.floor(total * target.max_fraction + 1e-9)
+            limits.append((allowed, f"max_fraction {target.max_fraction:.0%} of the {total:,} records "
+                                    f"counted at plan: {allowed:,}"))
+        elif target.max_fraction < 1:
+            log.warning("%s.%s: the table size at plan was not journaled; only max_records is enforced",
+                        run.category, target.name)
+        if not limits:
+            return None
+        records, describe = min(limits)
+        approved = ((run.approval or {}).get("targets") or {}).get(target.name)
+        if approved and int(approved.get("matched") or 0) > records:
+            # An approval covers the numbers it approved, not whatever turns up later.
+            matched = int(approved["matched"])
+            return RecordLimit(matched, f"{describe}, approved up to {matched:,}")
+        return RecordLimit(records, describe)
+
     # -- purge -----------------------------------------------------------------------
 
     def purge(
@@ -220,10 +250,11 @@ class Runner:
             if progress is not None:
                 progress(target_name, deleted, matched, rows, seconds)
 
+        limit = self._record_limit(target, records.get(target_name), run)
         failpoints.hit("purge.started")
         try:
             with lock.heartbeat():
-                outcome = table.purge(run.cutoff, ledger, progress=report)
+                outcome = table.purge(run.cutoff, ledger, progress=report, limit=limit)
         except BaseException as exc:
             self.journal.update_target(
                 run, target_name, state="failed", error=describe_error(exc), finished_at=self.journal.now()
@@ -235,7 +266,9 @@ class Runner:
             raise
         failpoints.hit("purge.finished")
         if outcome.remaining:
-            if outcome.failures:
+            if outcome.stopped:
+                message = outcome.stopped
+            elif outcome.failures:
                 message = f"{outcome.remaining} records could not be purged ({', '.join(outcome.failures)})"
             else:
                 message = f"{outcome.remaining} expired records remain after the purge"

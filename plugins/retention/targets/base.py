@@ -7,6 +7,7 @@ journal stores descriptors as opaque text; only the target kind that wrote one r
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +38,70 @@ class PurgeOutcome:
     failures: tuple[str, ...] = ()
     holds: tuple[int, ...] = ()
     """Ids of the legal holds honoured."""
+    stopped: str | None = None
+    """Why the purge stopped with expired records left (a limit reached), if it did."""
+
+
+@dataclass(frozen=True)
+class RecordLimit:
+    """The most records one target may purge in a run, across its attempts and walkers."""
+
+    records: int
+    describe: str
+    """The limit as a person reads it, e.g. ``max_records 80`` or ``max_fraction 50% of 1,000 records``."""
+
+
+class RecordBudget:
+    """What is left of a :class:`RecordLimit`, reserved batch by batch.
+
+    A batch reserves the records it may purge before it starts and settles what it
+    really purged after, so parallel batches together never pass the limit.
+    """
+
+    def __init__(self, limit: RecordLimit | None, used: int):
+        self.limit = limit
+        self.used = used
+        self._reserved = 0
+        self._cond = threading.Condition()
+
+    def reserve(self, wanted: int) -> int:
+        """Up to ``wanted`` records this batch may purge; 0 once the limit is reached.
+
+        While other batches hold reservations that may come back, waits for them.
+        """
+        if self.limit is None:
+            return wanted
+        with self._cond:
+            while True:
+                free = self.limit.records - self.used - self._reserved
+                if free > 0:
+                    granted = min(wanted, free)
+                    self._reserved += granted
+                    return granted
+                if self._reserved == 0:
+                    return 0
+                self._cond.wait()
+
+    def settle(self, granted: int, purged: int) -> None:
+        """A batch that reserved ``granted`` records purged ``purged`` of them."""
+        if self.limit is None:
+            return
+        with self._cond:
+            self._reserved -= granted
+            self.used += purged
+            self._cond.notify_all()
+
+    @property
+    def reached(self) -> bool:
+        """Whether nothing more may be purged."""
+        return self.limit is not None and self.used >= self.limit.records
+
+    def stopped(self, remaining: int) -> str:
+        """Why a purge stopped with ``remaining`` expired records left."""
+        assert self.limit is not None
+        return (f"stopped at its blast-radius limit ({self.limit.describe}) after {self.used:,} records; "
+                f"{remaining:,} expired records left untouched. If this many is intended, approve it "
+                "with --approve-over-limit on a new run")
 
 
 @dataclass(frozen=True)
@@ -75,3 +140,6 @@ class BatchLedger(Protocol):
 
     def unresolved(self) -> list[PendingBatch]:
         """Batches recorded pending and never settled."""
+
+    def deleted(self) -> int:
+        """Records purged by this target's done batches, across every attempt of the run."""

@@ -33,7 +33,7 @@ from retention.archive import ArchiveExists, ArchiveFailed
 from retention.connections import s3_error_code
 from retention.errors import TargetError
 from retention.render import count
-from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
+from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
 
 if TYPE_CHECKING:
     from retention.archive import ArchiveStore
@@ -283,9 +283,13 @@ class S3Objects:
 
     # -- purge ---------------------------------------------------------------------
 
-    def purge(self, cutoff: datetime, ledger: BatchLedger, *, progress: Progress | None = None) -> PurgeOutcome:
-        """Delete every expired object; count held (locked) and failed ones."""
+    def purge(self, cutoff: datetime, ledger: BatchLedger, *, progress: Progress | None = None,
+              limit: RecordLimit | None = None) -> PurgeOutcome:
+        """Delete every expired object; count held (locked) and failed ones. No batch takes
+        the run's total (earlier attempts included) past ``limit``."""
         self.reconcile(cutoff, ledger)
+        budget = RecordBudget(limit, ledger.deleted() if limit is not None else 0)
+        left = 0  # expired objects not touched because the limit was reached
         total = _BatchResult()
         workers = self.target.concurrency
         _ = self.locked, self.versioned  # look these up once, before the threads do
@@ -305,7 +309,16 @@ class S3Objects:
 
             try:
                 for batch in _batches(self.iter_expired(cutoff, inspect_pool), self.target.max_batch_keys):
-                    in_flight.append(delete_pool.submit(self._purge_batch, batch, ledger))
+                    while batch and not left:
+                        # Reserved before the batch goes: in-flight batches together never
+                        # pass the limit (a reservation waits for theirs to settle).
+                        granted = budget.reserve(len(batch))
+                        if granted == 0:
+                            break
+                        in_flight.append(delete_pool.submit(self._budgeted_batch, batch[:granted], ledger,
+                                                            budget, granted))
+                        batch = batch[granted:]
+                    left += len(batch)
                     # Report what has finished as soon as it has; block only when the
                     # listing runs too far ahead of the deletes (bounded memory).
                     while in_flight and (in_flight[0].done() or len(in_flight) >= 2 * workers):
@@ -318,7 +331,23 @@ class S3Objects:
                 raise
         failures = tuple(f"{code} x{n}" for code, n in total.errors.most_common())
         honoured = tuple(sorted(self.holds.honoured)) if self.holds else ()
-        return PurgeOutcome(total.deleted, total.failed, total.held, total.bytes, failures, honoured)
+        stopped = None
+        if left:
+            log.warning("%s: blast-radius limit reached (%s); %d expired objects left", self.target.name,
+                        budget.limit.describe, left)
+            stopped = budget.stopped(left + total.failed)
+        return PurgeOutcome(total.deleted, total.failed + left, total.held, total.bytes, failures, honoured,
+                            stopped=stopped)
+
+    def _budgeted_batch(self, batch: list[S3Object], ledger: BatchLedger, budget: RecordBudget,
+                        granted: int) -> _BatchResult:
+        purged = 0
+        try:
+            result = self._purge_batch(batch, ledger)
+            purged = result.deleted
+            return result
+        finally:
+            budget.settle(granted, purged)
 
     def _held_by(self, holds: list[Hold], key: str) -> bool:
         for hold in holds:

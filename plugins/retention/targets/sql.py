@@ -52,7 +52,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from retention.errors import TargetError, TerminalError
-from retention.targets.base import BatchLedger, Progress, PurgeOutcome, Survey
+from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -75,6 +75,72 @@ class BatchRange:
 
     lower: Bound | None
     upper: Bound | None
+
+
+@dataclass
+class Batch:
+    """One batch as an action receives it: where it starts and may end, the rows it aims
+    at and may never exceed, the holds it is judged by, and where it is journaled.
+
+    Every field is fixed when the walker makes the batch, except ``span``: the range
+    the action cuts, kept so the walker knows what a batch that failed covered.
+    """
+
+    number: int
+    window: ColumnElement[bool]
+    """Unheld expired rows after ``lower`` up to ``ceiling``: where the batch's end is found."""
+    expired: ColumnElement[bool]
+    """Unheld expired rows (the batch's range is added to it)."""
+    lower: Bound | None
+    ceiling: Bound | None
+    size: int
+    cap: int | None
+    """The most rows the batch may take (what is left of the blast-radius limit); None: no cap."""
+    holds: tuple[int, ...]
+    """Ids of the holds in force when the batch was made; journaled with it."""
+    ledger: BatchLedger
+    span: BatchRange | None = None
+
+    def cut(self, table: SqlTable, conn: Connection) -> BatchRange:
+        """Find the batch's range (in the action's transaction) and remember it."""
+        # The age-only bound of PostgreSQL may take up to twice ``size`` rows, and may
+        # reach past a ceiling that names a key: exact bounds where that would matter.
+        exact = (self.cap is not None and self.cap < 2 * self.size - 1) or (
+            self.ceiling is not None and len(self.ceiling) > 1)
+        self.span = BatchRange(self.lower, table._upper_bound(conn, self.window, self.size, self.ceiling,
+                                                              exact=exact))
+        return self.span
+
+    def check_cap(self, rows: int) -> None:
+        """Raise BatchOverCap (rolling the batch back) when it took more rows than it may."""
+        if self.cap is not None and rows > self.cap:
+            raise BatchOverCap(f"batch {self.number} took {rows} rows, more than the {self.cap} left of the limit")
+
+
+class BatchOverCap(Exception):
+    """A batch took more rows than its cap (rows arrived in its range); it is rolled back and cut smaller."""
+
+
+class _LockWait:
+    """How long the walkers of one purge have been coming back to rows other transactions lock."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.gave_up = False
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    def hit(self) -> None:
+        """A batch found its rows locked (the budget runs from the first time)."""
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+
+    def left(self) -> float:
+        """Seconds of the budget left."""
+        if self._since is None:
+            return self.budget
+        return max(0.0, self.budget - (time.monotonic() - self._since))
 
 
 @dataclass(frozen=True)
@@ -186,7 +252,6 @@ class SqlTable:
         self.lock_timeout = lock_timeout
         self.statement_timeout = statement_timeout
         self.retry_delays = tuple(retry_delays)
-        self.batch_holds: list[int] = []  # ids of the holds the current batch is judged by
         self._table: Table | None = None
         self._family: Member | None = None
 
@@ -479,29 +544,33 @@ class SqlTable:
     # -- writes --------------------------------------------------------------------
 
     def purge(
-        self, cutoff: datetime, ledger: BatchLedger, *, progress: Progress | None = None
+        self, cutoff: datetime, ledger: BatchLedger, *, progress: Progress | None = None,
+        limit: RecordLimit | None = None,
     ) -> PurgeOutcome:
         """Delete every expired row in committed batches, resuming whatever a crash left.
 
         Returns the rows deleted by this call (batches of earlier attempts are already
-        in the ledger) and the expired rows still present when it stopped.
+        in the ledger) and the expired rows still present when it stopped. No batch takes
+        the run's total (earlier attempts included) past ``limit``.
         """
         self.reconcile(cutoff, ledger)
+        budget = RecordBudget(limit, ledger.deleted() if limit is not None else 0)
+        locks = _LockWait(self.target.lock_wait_budget)
         expired = self.expired(cutoff)
         done = _Tally(progress)
         for _ in range(self.passes):
             shares = self._shares(expired) if self.target.workers > 1 else [BatchRange(None, None)]
             if len(shares) == 1:
-                self._walk(expired, ledger, self._sizer(), done, shares[0])
+                self._walk(expired, ledger, self._sizer(), done, shares[0], budget, locks)
             else:
                 with ThreadPoolExecutor(len(shares), thread_name_prefix=f"walk-{self.target.name}") as pool:
-                    walks = [pool.submit(self._walk, expired, ledger, self._sizer(), done, share)
+                    walks = [pool.submit(self._walk, expired, ledger, self._sizer(), done, share, budget, locks)
                              for share in shares]
                     for walk in walks:
                         walk.result()
             unheld = self._unheld(expired, self._current_holds())
             remaining = self._with_retries(lambda conn, unheld=unheld: self._count(conn, unheld))
-            if remaining == 0:
+            if remaining == 0 or budget.reached or locks.gave_up:
                 break
             # Rows that became expired behind the walk (inserted with an old age while
             # it ran): walk again rather than leave them.
@@ -510,7 +579,14 @@ class SqlTable:
         held = 0 if held_condition is None else self._with_retries(
             lambda conn: self._count(conn, and_(expired, held_condition)))
         honoured = tuple(sorted(self.holds.honoured)) if self.holds else ()
-        return PurgeOutcome(done.rows, remaining, held=held, holds=honoured)
+        failures: tuple[str, ...] = ()
+        stopped = None
+        if remaining and locks.gave_up:
+            failures = (f"locked by other transactions beyond the lock-wait budget of {locks.budget:g}s; "
+                        "the next run takes them",)
+        elif remaining and budget.reached:
+            stopped = budget.stopped(remaining)
+        return PurgeOutcome(done.rows, remaining, held=held, holds=honoured, failures=failures, stopped=stopped)
 
     def _sizer(self) -> BatchSizer:
         return BatchSizer(self.target.max_batch_rows, target_seconds=self.action.batch_seconds)
@@ -565,6 +641,10 @@ class SqlTable:
             conn.execute(text(f"SET statement_timeout = '{int(self.statement_timeout * 1000)}ms'"))
         elif dialect == "mysql":
             conn.execute(text(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(self.lock_timeout))}"))
+            # Repeatable read locks the gaps and the next row past a range: a batch next to
+            # rows another transaction locks would wait on them too. Read committed locks
+            # only the rows a batch deletes (ranges are fixed by the walk, not by snapshots).
+            conn.execute(text("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"))
             if getattr(self.engine.dialect, "is_mariadb", False):
                 conn.execute(text(f"SET SESSION max_statement_time = {self.statement_timeout}"))
         conn.commit()
@@ -576,55 +656,160 @@ class SqlTable:
         sizer: BatchSizer,
         done: _Tally,
         share: BatchRange,
+        budget: RecordBudget,
+        locks: _LockWait,
     ) -> int:
-        """Purge the expired rows of one share, batch after batch; return how many went."""
-        lower: Bound | None = share.lower
-        ceiling = share.upper
+        """Purge the expired rows of one share, batch after batch; return how many went.
+
+        A batch whose rows another transaction locks waits at most the lock timeout,
+        rolls back and is passed over; the walk goes on, then comes back to what it
+        passed over in smaller batches until that is purged or the lock-wait budget is
+        spent.
+        """
+        work = [(share, sizer)]
+        deleted = 0
+        wait = 0.5
+        while True:
+            locked: list[tuple[BatchRange, int]] = []
+            before = deleted
+            for span, span_sizer in work:
+                rows, stop = self._walk_range(expired, ledger, span_sizer, done, span, budget, locks, locked)
+                deleted += rows
+                if stop:
+                    return deleted
+            if not locked:
+                return deleted
+            if locks.left() <= 0:
+                locks.gave_up = True
+                log.warning("%s: %d ranges still locked by other transactions after the lock-wait budget of "
+                            "%gs; leaving them", self.target.name, len(locked), locks.budget)
+                return deleted
+            if deleted == before:  # nothing came free this round: give the other transactions time
+                time.sleep(min(wait, locks.left()))
+                wait = min(wait * 2, 15.0)
+            log.info("%s: coming back to %d locked ranges", self.target.name, len(locked))
+            # Much smaller batches: the rows around the locked ones go, and a range soon
+            # holds only what is locked (each further try at it costs one lock timeout).
+            work = [(span, BatchSizer(max(1, size // 64), start=max(1, size // 64),
+                                      target_seconds=sizer.target_seconds)) for span, size in locked]
+
+    def _walk_range(
+        self,
+        expired: ColumnElement[bool],
+        ledger: BatchLedger,
+        sizer: BatchSizer,
+        done: _Tally,
+        span: BatchRange,
+        budget: RecordBudget,
+        locks: _LockWait,
+        locked: list[tuple[BatchRange, int]],
+    ) -> tuple[int, bool]:
+        """Purge one range batch after batch; ranges found locked are added to ``locked``.
+
+        Returns the rows purged and whether the walk must stop (paused by a hold, or at
+        the blast-radius limit).
+        """
+        lower: Bound | None = span.lower
+        ceiling = span.upper
         deleted = 0
         while True:
             started = time.perf_counter()
-            result = None
-            for attempt, delay in enumerate((*self.retry_delays, None), 1):
-                # Holds are read for every batch (and every retry): one placed after the
-                # plan still protects its rows.
-                holds = self._current_holds()
-                held = self.held(holds)
-                if held is not None and held.compare(true()):
-                    log.warning("%s: paused by %s", self.target.name, "; ".join(h.describe() for h in holds if h.whole))
-                    return deleted
-                self.batch_holds = [h.id for h in holds]
-                batch_expired = self._unheld(expired, holds)
-                window = and_(batch_expired, self._in_range(BatchRange(lower, ceiling)))
-                batch_no = ledger.next_batch_no()
-                try:
-                    with self.engine.connect() as conn:
-                        self._session_timeouts(conn)
-                        result = self.action.apply(
-                            self, conn, window, lower, sizer.size, batch_expired, ledger, batch_no, ceiling)
-                    break
-                except DBAPIError as exc:
-                    self._settle_after_error(expired, ledger)
-                    if delay is None or not is_transient(exc):
-                        raise
-                    log.warning("%s: batch %d: %s (transient); retrying in %.1fs (attempt %d)",
-                                self.target.name, batch_no, _short(exc), delay, attempt + 1)
-                    time.sleep(delay)
-                except BaseException:
-                    self._settle_after_error(expired, ledger)
+            outcome = self._batch(expired, ledger, sizer, lower, ceiling, budget, locks)
+            if outcome is None:
+                return deleted, True
+            batch, result = outcome
+            if result is None:  # locked: passed over, to come back to
+                assert batch.span is not None
+                locked.append((batch.span, batch.size))
+                upper = batch.span.upper
+            else:
+                deleted += result.rows
+                if result.rows:
+                    log.debug("%s: batch %d: %d rows in %.3fs", self.target.name, batch.number, result.rows,
+                              time.perf_counter() - started)
+                    done.add(result.rows, result.seconds)
+                sizer.observe(result.rows, result.seconds)
+                upper = result.batch.upper
+            if upper is None or upper == ceiling:
+                return deleted, False
+            lower = upper
+
+    def _batch(
+        self,
+        expired: ColumnElement[bool],
+        ledger: BatchLedger,
+        sizer: BatchSizer,
+        lower: Bound | None,
+        ceiling: Bound | None,
+        budget: RecordBudget,
+        locks: _LockWait,
+    ) -> tuple[Batch, BatchResult | None] | None:
+        """Run the next batch after ``lower``, retrying what retrying can help.
+
+        Returns the batch and its result, the batch and None when its rows were locked
+        (it rolled back and is settled), or None when the walk must stop.
+        """
+        delays = list(self.retry_delays)
+        attempt = 1
+        while True:
+            # Holds are read for every batch (and every retry): one placed after the
+            # plan still protects its rows.
+            holds = self._current_holds()
+            held = self.held(holds)
+            if held is not None and held.compare(true()):
+                log.warning("%s: paused by %s", self.target.name, "; ".join(h.describe() for h in holds if h.whole))
+                return None
+            granted = budget.reserve(2 * sizer.size - 1)
+            if granted == 0:
+                log.warning("%s: blast-radius limit reached (%s); stopping", self.target.name, budget.limit.describe)
+                return None
+            batch_expired = self._unheld(expired, holds)
+            batch = Batch(
+                number=ledger.next_batch_no(),
+                window=and_(batch_expired, self._in_range(BatchRange(lower, ceiling))),
+                expired=batch_expired, lower=lower, ceiling=ceiling,
+                size=min(sizer.size, granted), cap=granted if budget.limit is not None else None,
+                holds=tuple(h.id for h in holds), ledger=ledger,
+            )
+            try:
+                with self.engine.connect() as conn:
+                    self._session_timeouts(conn)
+                    result = self.action.apply(self, conn, batch)
+            except BatchOverCap as exc:
+                # Rows arrived in the range after it was cut: smaller, and exact, next time.
+                budget.settle(granted, 0)
+                self._settle_after_error(expired, ledger)
+                log.info("%s: %s; cutting it smaller", self.target.name, exc)
+                sizer.size = max(1, batch.size // 2)
+                continue
+            except DBAPIError as exc:
+                budget.settle(granted, 0)
+                if is_lock_timeout(exc) and batch.span is not None:
+                    # The batch rolled back; settle it (never move on with a batch pending).
+                    self._reconcile(expired, ledger)
+                    locks.hit()
+                    log.info("%s: batch %d: rows locked by another transaction (%s); passing over them for now",
+                             self.target.name, batch.number, _short(exc))
+                    return batch, None
+                self._settle_after_error(expired, ledger)
+                if not delays or not is_transient(exc):
                     raise
-            assert result is not None
-            deleted += result.rows
-            if result.rows:
-                log.debug("%s: batch %d: %d rows in %.3fs", self.target.name, batch_no, result.rows,
-                          time.perf_counter() - started)
-                done.add(result.rows, result.seconds)
-            sizer.observe(result.rows, result.seconds)
-            if result.batch.upper is None or result.batch.upper == ceiling:
-                return deleted
-            lower = result.batch.upper
+                delay = delays.pop(0)
+                attempt += 1
+                log.warning("%s: batch %d: %s (transient); retrying in %.1fs (attempt %d)",
+                            self.target.name, batch.number, _short(exc), delay, attempt)
+                time.sleep(delay)
+                continue
+            except BaseException:
+                budget.settle(granted, 0)
+                self._settle_after_error(expired, ledger)
+                raise
+            budget.settle(granted, result.rows)
+            return batch, result
 
     def _upper_bound(
-        self, conn: Connection, window: ColumnElement[bool], size: int, ceiling: Bound | None = None
+        self, conn: Connection, window: ColumnElement[bool], size: int, ceiling: Bound | None = None,
+        *, exact: bool = False,
     ) -> Bound | None:
         """The last row of the next batch of ``size`` rows in walk order; ``ceiling`` (None:
         no end) if fewer remain.
@@ -632,10 +817,11 @@ class SqlTable:
         On PostgreSQL the age index does not hold the key, so ordering by (age, key)
         reads every row of the batch from the heap and sorts it; the age alone is found
         by the index, and when few rows share it the batch simply takes them all. The
-        bound is then ``(age,)``: every row up to and including that age.
+        bound is then ``(age,)``: every row up to and including that age. ``exact``: never
+        more than ``size`` rows.
         """
         columns = self._walk_columns()
-        if self._postgres:
+        if self._postgres and not exact:
             row = conn.execute(
                 select(columns[0]).where(window).order_by(columns[0]).offset(size - 1).limit(1)
             ).first()
@@ -737,6 +923,20 @@ def is_transient(exc: DBAPIError) -> bool:
         return args[0] in _TRANSIENT_MYSQL
     message = str(orig).lower()
     return "database is locked" in message or "server closed the connection" in message
+
+
+_LOCK_TIMEOUT_PG = {"55P03"}
+_LOCK_TIMEOUT_MYSQL = {1205}
+
+
+def is_lock_timeout(exc: DBAPIError) -> bool:
+    """Whether a statement gave up waiting for a row lock another transaction holds."""
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None)
+    if code is not None:
+        return code in _LOCK_TIMEOUT_PG
+    args = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in _LOCK_TIMEOUT_MYSQL
 
 
 def _short(exc: DBAPIError) -> str:

@@ -40,7 +40,7 @@ from retention.archive import (
     encode_rows,
 )
 from retention.errors import TargetError, TransientError
-from retention.targets.sql import BatchRange, BatchResult, _members, encode_range
+from retention.targets.sql import BatchResult, _members, encode_range
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from retention.anonymize import Anonymizer
     from retention.archive import ArchiveStore
     from retention.targets.base import BatchLedger, PendingBatch
-    from retention.targets.sql import Bound, SqlTable
+    from retention.targets.sql import Batch, SqlTable
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,9 @@ class SqlAction:
         """What a plan reviewer should know about this action on this table."""
         return []
 
-    def apply(self, table: SqlTable, conn: Connection, window: ColumnElement[bool], lower: Bound | None,
-              size: int, expired: ColumnElement[bool], ledger: BatchLedger, batch_no: int,
-              ceiling: Bound | None = None) -> BatchResult:
-        """Process the next batch of about ``size`` rows after ``lower`` (never past ``ceiling``)."""
+    def apply(self, table: SqlTable, conn: Connection, batch: Batch) -> BatchResult:
+        """Process the next batch: about ``batch.size`` rows after ``batch.lower``, never past
+        ``batch.ceiling`` nor more than ``batch.cap``, journaled with ``batch.holds``."""
         raise NotImplementedError
 
     def settle(self, table: SqlTable, pending: PendingBatch, descriptor: dict[str, Any], gone: int,
@@ -99,23 +98,25 @@ def _postgres_bitmap(table: SqlTable, conn: Connection) -> None:
 class DeleteRows(SqlAction):
     """Delete the batch's rows, children first, in one transaction."""
 
-    def apply(self, table, conn, window, lower, size, expired, ledger, batch_no, ceiling=None):
+    def apply(self, table, conn, batch):
+        ledger, batch_no = batch.ledger, batch.number
         started = time.perf_counter()
         with conn.begin():
-            batch = BatchRange(lower, table._upper_bound(conn, window, size, ceiling))
+            span = batch.cut(table, conn)
             _postgres_bitmap(table, conn)
-            selection = and_(expired, table._in_range(batch))
+            selection = and_(batch.expired, table._in_range(span))
             counts = {member.name: conn.execute(delete(member.table).where(condition)).rowcount
                       for member, condition in table.family_conditions(selection)}
             rows = counts[table.family.name]
+            batch.check_cap(rows)
             if rows:
-                ledger.pending(batch_no, encode_range(batch, tables=counts, holds=table.batch_holds), rows)
+                ledger.pending(batch_no, encode_range(span, tables=counts, holds=list(batch.holds)), rows)
                 failpoints.hit("sql.before_commit")
         seconds = time.perf_counter() - started
         if rows:
             failpoints.hit("sql.after_commit")
             ledger.done(batch_no, tables=counts)
-        return BatchResult(batch, rows, counts, seconds)
+        return BatchResult(span, rows, counts, seconds)
 
 
 class ArchiveRows(SqlAction):
@@ -141,34 +142,34 @@ class ArchiveRows(SqlAction):
         return [f"archived to {self.store.spec.location} as {self.store.spec.format} "
                 f"({self.store.spec.storage_class}) before deletion"]
 
-    def apply(self, table, conn, window, lower, size, expired, ledger, batch_no, ceiling=None):
+    def apply(self, table, conn, batch):
         if table.engine.dialect.name == "postgresql" and self.store.spec.format == "jsonl.gz":
-            return self._archive_in_one_pass(table, conn, window, lower, size, expired, ledger, batch_no, ceiling)
+            return self._archive_in_one_pass(table, conn, batch)
         for attempt in range(1, ARCHIVE_ATTEMPTS + 1):
             try:
-                return self._archive_batch(table, conn, window, lower, size, expired, ledger, batch_no, ceiling)
+                return self._archive_batch(table, conn, batch)
             except _RowsChanged as changed:
                 log.info("%s: %s; archiving the batch again (attempt %d)", table.target.name, changed, attempt + 1)
-                batch_no = ledger.next_batch_no()
+                batch = dataclasses.replace(batch, number=batch.ledger.next_batch_no(), span=None)
         raise TransientError(f"{table.target.name}: rows kept changing while being archived; try again later")
 
-    def _archive_in_one_pass(self, table, conn, window, lower, size, expired, ledger, batch_no,
-                             ceiling) -> BatchResult:
+    def _archive_in_one_pass(self, table, conn, batch: Batch) -> BatchResult:
         """PostgreSQL: DELETE ... RETURNING streams (COPY) into the archive objects; the
         transaction commits only after every object verified. The archive is exactly what
         was deleted, with no second read and no comparison."""
+        ledger, batch_no, holds = batch.ledger, batch.number, list(batch.holds)
         started = time.perf_counter()
         depths = _depths(table.family)
         with conn.begin():
-            batch = BatchRange(lower, table._upper_bound(conn, window, size, ceiling))
-            selection = and_(expired, table._in_range(batch))
+            span = batch.cut(table, conn)
+            selection = and_(batch.expired, table._in_range(span))
             members = table.family_conditions(selection)  # children first
             keys = {member.name: self.store.key_for(self.category, self.run_id, table.target.name, batch_no,
                                                      member.name) for member, _ in members}
             planned = sorted([key, name] for name, key in keys.items())
             # Journaled before anything happens: a crash from here on leaves a batch that is
             # settled by counting its range (and its objects removed if it did not commit).
-            ledger.pending(batch_no, encode_range(batch, planned=planned, holds=table.batch_holds), 0)
+            ledger.pending(batch_no, encode_range(span, planned=planned, holds=holds), 0)
             _postgres_bitmap(table, conn)
             conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '120s'"))
             bodies, counts = {}, {}
@@ -185,20 +186,21 @@ class ArchiveRows(SqlAction):
             rows = counts[table.family.name]
             if rows == 0:
                 ledger.resolve(batch_no, 0)
-                return BatchResult(batch, 0, {}, time.perf_counter() - started)
-            ledger.update_pending(batch_no, rows, encode_range(batch, tables=counts, planned=planned,
-                                                                holds=table.batch_holds))
+                return BatchResult(span, 0, {}, time.perf_counter() - started)
+            batch.check_cap(rows)  # rolls back; the walker settles the pending batch
+            ledger.update_pending(batch_no, rows, encode_range(span, tables=counts, planned=planned,
+                                                                holds=holds))
             written: list[str] = []
             try:
                 archived = self._upload(members, bodies, counts, keys, depths, written)
             except Exception:
                 # The transaction rolls back: nothing of the batch is deleted.
                 self._discard(ledger, batch_no, rows, written,
-                              encode_range(batch, tables=counts, planned=_only(planned, written),
-                                           holds=table.batch_holds))
+                              encode_range(span, tables=counts, planned=_only(planned, written),
+                                           holds=holds))
                 raise
             failpoints.hit("archive.before_commit")
-        return self._committed(table, ledger, batch_no, batch, counts, archived, time.perf_counter() - started)
+        return self._committed(table, batch, span, counts, archived, time.perf_counter() - started)
 
     def _upload(self, members, bodies: dict[str, bytes], counts: dict[str, int], keys: dict[str, str],
                 depths: dict[str, int], written: list[str]) -> list[ArchivedObject]:
@@ -227,18 +229,19 @@ class ArchiveRows(SqlAction):
         self.store.remove(written)
         ledger.resolve(batch_no, 0)
 
-    def _committed(self, table, ledger, batch_no, batch, counts, archived, seconds) -> BatchResult:
+    def _committed(self, table, batch: Batch, span, counts, archived, seconds) -> BatchResult:
         """The batch committed: journal it done, with its verified objects."""
         failpoints.hit("archive.after_commit")
-        ledger.done(batch_no, tables=counts,
-                    descriptor=encode_range(batch, tables=counts, objects=[o.to_dict() for o in archived],
-                                            holds=table.batch_holds))
-        return BatchResult(batch, counts[table.family.name], counts, seconds)
+        batch.ledger.done(batch.number, tables=counts,
+                          descriptor=encode_range(span, tables=counts, objects=[o.to_dict() for o in archived],
+                                                  holds=list(batch.holds)))
+        return BatchResult(span, counts[table.family.name], counts, seconds)
 
-    def _archive_batch(self, table, conn, window, lower, size, expired, ledger, batch_no, ceiling) -> BatchResult:
+    def _archive_batch(self, table, conn, batch: Batch) -> BatchResult:
+        ledger, batch_no, holds = batch.ledger, batch.number, list(batch.holds)
         with conn.begin():
-            batch = BatchRange(lower, table._upper_bound(conn, window, size, ceiling))
-        selection = and_(expired, table._in_range(batch))
+            span = batch.cut(table, conn)
+        selection = and_(batch.expired, table._in_range(span))
         members = table.family_conditions(selection)
         shapes = {member.name: TableShape.of(member.table) for member, _ in members}
         depths = _depths(table.family)
@@ -268,16 +271,17 @@ class ArchiveRows(SqlAction):
                 digests[member.name] = counter
         rows = counts[table.family.name]
         if rows == 0:
-            return BatchResult(batch, 0, {}, 0.0)
+            return BatchResult(span, 0, {}, 0.0)
+        batch.check_cap(rows)  # nothing journaled or uploaded yet
         planned = sorted([key, name] for name, key in keys.items())
-        ledger.pending(batch_no, encode_range(batch, tables=counts, planned=planned, holds=table.batch_holds), rows)
+        ledger.pending(batch_no, encode_range(span, tables=counts, planned=planned, holds=holds), rows)
         # 2. Upload and verify; on any failure remove what was uploaded and delete nothing.
         written: list[str] = []
         try:
             archived = self._upload(members, bodies, counts, keys, depths, written)
         except Exception:
             self._discard(ledger, batch_no, rows, written,
-                          encode_range(batch, tables=counts, planned=_only(planned, written), holds=table.batch_holds))
+                          encode_range(span, tables=counts, planned=_only(planned, written), holds=holds))
             raise
         # 3. One short transaction: delete children first, then the target's rows, and
         #    check that exactly the archived rows went.
@@ -295,7 +299,7 @@ class ArchiveRows(SqlAction):
             self.store.remove(keys.values())
             ledger.resolve(batch_no, 0)
             raise
-        return self._committed(table, ledger, batch_no, batch, counts, archived, time.perf_counter() - started)
+        return self._committed(table, batch, span, counts, archived, time.perf_counter() - started)
 
     def settle(self, table, pending, descriptor, gone, ledger):
         planned = descriptor.get("planned", [])
@@ -433,18 +437,20 @@ class AnonymizeRows(SqlAction):
         described = ", ".join(f"{c} → {s.describe()}" for c, s in spec.columns.items())
         return [f"anonymized in place ({described}); {spec.marker} marks rows done"]
 
-    def apply(self, table, conn, window, lower, size, expired, ledger, batch_no, ceiling=None):
+    def apply(self, table, conn, batch):
+        ledger, batch_no = batch.ledger, batch.number
         spec = self._spec(table)
         t = table.table
         key = [t.c[k] for k in table.target.key]
         columns = list(spec.columns)
         started = time.perf_counter()
         with conn.begin():
-            batch = BatchRange(lower, table._upper_bound(conn, window, size, ceiling))
-            query = select(*key, *[t.c[c] for c in columns]).where(expired, table._in_range(batch))
+            span = batch.cut(table, conn)
+            query = select(*key, *[t.c[c] for c in columns]).where(batch.expired, table._in_range(span))
             if table.engine.dialect.name != "sqlite":
                 query = query.with_for_update()
             rows = conn.execute(query).all()
+            batch.check_cap(len(rows))
             if rows:
                 marker = _as_column_value(t.c[spec.marker], self.as_of)
                 params = []
@@ -461,14 +467,14 @@ class AnonymizeRows(SqlAction):
                              spec.marker: bindparam("v_marker")})
                 )
                 conn.execute(statement, params)
-                ledger.pending(batch_no, encode_range(batch, tables={table.family.name: len(rows)},
-                                                      holds=table.batch_holds), len(rows))
+                ledger.pending(batch_no, encode_range(span, tables={table.family.name: len(rows)},
+                                                      holds=list(batch.holds)), len(rows))
                 failpoints.hit("sql.before_commit")
         seconds = time.perf_counter() - started
         if rows:
             failpoints.hit("sql.after_commit")
             ledger.done(batch_no, tables={table.family.name: len(rows)})
-        return BatchResult(batch, len(rows), {table.family.name: len(rows)}, seconds)
+        return BatchResult(span, len(rows), {table.family.name: len(rows)}, seconds)
 
 
 def _as_column_value(column, moment: datetime) -> Any:

@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 
 ## A nightly purge of a seeded retail estate through Airflow, then its certificates.
 demo: install
-	$(BIN)/python -m retention.demo
+	$(BIN)/python -m retention.interfaces.demo
 
 ## The test suite, against this machine's PostgreSQL and MariaDB (and SQLite, moto).
 test: install

@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sqlalchemy as sa  # noqa: E402
 from harness import add_common, admin_url, bench_parser, emit, log, throwaway_database  # noqa: E402
 
-from retention.audit import open_audit  # noqa: E402
 from retention.connections import from_environment  # noqa: E402
-from retention.journal import RunJournal  # noqa: E402
-from retention.rules import load_rule_file  # noqa: E402
-from retention.runs import Runner  # noqa: E402
-from retention.signing import Signer, generate_keypair  # noqa: E402
+from retention.evidence.audit import open_audit  # noqa: E402
+from retention.evidence.signing import Signer, generate_keypair  # noqa: E402
+from retention.rules.models import load_rule_file  # noqa: E402
+from retention.run.journal import RunJournal  # noqa: E402
+from retention.run.runner import Runner  # noqa: E402
 from retention.targets import Targets  # noqa: E402
 
 AS_OF = datetime(2026, 6, 1, tzinfo=timezone.utc)

@@ -44,8 +44,8 @@ def measure_onepass(bench_url: URL, cutoff: datetime, batch_rows: int, expired_i
 
     ``fmt="csv"``: the body is COPY's own CSV of the sorted columns instead (a different
     archive format, which restore would have to learn), to show what JSON costs."""
-    from retention.archive import ArchiveStore
-    from retention.rules import ArchiveSpec
+    from retention.archive.store import ArchiveStore
+    from retention.rules.models import ArchiveSpec
 
     run_id = f"onepass-{uuid.uuid4().hex[:8]}"
     category = "bench_customers"
@@ -142,8 +142,8 @@ def profile_pieces(bench_url: URL, cutoff: datetime, rows: int) -> dict:
     """Time each step of an archive batch separately on the first ``rows`` expired rows."""
     from collections import Counter
 
-    from retention.archive import ArchiveStore, TableShape, canonical_line, encode_rows
-    from retention.rules import ArchiveSpec
+    from retention.archive.store import ArchiveStore, TableShape, canonical_line, encode_rows
+    from retention.rules.models import ArchiveSpec
 
     engine = retention_engine(bench_url)
     table = sa.Table("customers", sa.MetaData(), autoload_with=engine)
@@ -213,7 +213,7 @@ def profile_pieces(bench_url: URL, cutoff: datetime, rows: int) -> dict:
     try:
         import orjson
 
-        from retention.archive import encode_value
+        from retention.archive.store import encode_value
 
         # TableShape keeps SQLAlchemy's quoted_name (a str subclass); orjson wants plain str keys.
         columns = [(str(name), codec) for name, codec in shape.columns]

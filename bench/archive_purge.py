@@ -150,7 +150,7 @@ from moto_process import REGION, cpu_seconds, plain_client  # noqa: E402
 from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 
-from retention.rules import load_rule_file  # noqa: E402
+from retention.rules.models import load_rule_file  # noqa: E402
 
 BUCKET = "retention-archive-bench"
 RULE_YAML = """\
@@ -265,7 +265,7 @@ def measure_raw(bench_url: URL, cutoff: datetime, scratch: Path) -> dict:
 
 def engine_child(params: dict) -> dict:
     """Child process: one engine purge, instrumented; its figures as a dict."""
-    from retention.journal import JournalLedger
+    from retention.run.journal import JournalLedger
     from retention.targets import RunContext, Targets, sql_actions
 
     bench_url, audit_url = make_url(params["bench_url"]), make_url(params["audit_url"])

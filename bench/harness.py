@@ -209,7 +209,7 @@ def scalar(engine: Engine, statement: str, **params):
 
 def rule_cutoff(rule_yaml: str, as_of: datetime) -> datetime:
     """The cutoff a bench rule gives at ``as_of`` (loading it validates the rule text too)."""
-    from retention.rules import load_rule_file
+    from retention.rules.models import load_rule_file
 
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "rule.yaml"
@@ -221,8 +221,8 @@ def open_journal_run(audit_engine: Engine, rule_file, target, as_of: datetime):
     """A :class:`RunJournal` with one run open and its target planned, as a run's start leaves it.
 
     Returns ``(journal, run)``; the ledger is the caller's (some benches time it)."""
-    from retention.audit import ensure_schema
-    from retention.journal import RunJournal
+    from retention.evidence.audit import ensure_schema
+    from retention.run.journal import RunJournal
 
     ensure_schema(audit_engine)
     journal = RunJournal(audit_engine)

@@ -4,6 +4,6 @@ Kept thin on purpose: everything lives in the ``retention`` package, and buildin
 DAGs reads only the YAML files.
 """
 
-from retention.orchestration import build_dags, default_rules_dir
+from retention.interfaces.airflow import build_dags, default_rules_dir
 
 globals().update(build_dags(default_rules_dir(__file__)))

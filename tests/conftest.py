@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from retention import failpoints
-from retention.signing import SIGNING_KEY_ENV, generate_keypair
+from retention.evidence.signing import SIGNING_KEY_ENV, generate_keypair
 
 PG_ADMIN = os.environ.get("RETENTION_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 MYSQL_ADMIN = os.environ.get("RETENTION_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")

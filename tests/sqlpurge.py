@@ -6,11 +6,11 @@ from datetime import date, datetime, timezone
 
 import sqlalchemy as sa
 
-from retention.audit import open_audit
 from retention.connections import from_environment
-from retention.journal import RunJournal
-from retention.runs import Runner
-from retention.signing import Signer
+from retention.evidence.audit import open_audit
+from retention.evidence.signing import Signer
+from retention.run.journal import RunJournal
+from retention.run.runner import Runner
 from retention.targets import Targets
 
 TIMESTAMP = {"postgresql": "TIMESTAMPTZ", "mariadb": "DATETIME(6)", "sqlite": "TIMESTAMP"}

@@ -34,7 +34,7 @@ def rule_dag(rules: Path, dag_id: str, monkeypatch):
     dag.test() re-parses the DAGs folder to serialize the DAG it runs, so the rules
     directory is set the way a deployment sets it, not just passed to build_dags.
     """
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     monkeypatch.setenv("RETENTION_RULES_DIR", str(rules))
     return build_dags(rules)[dag_id]
@@ -61,7 +61,7 @@ def test_the_dags_folder_imports_without_errors():
 
 
 def test_each_dag_takes_its_rules_schedule(tmp_path, monkeypatch):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     write_rule(tmp_path, "nightly", text=_rule("nightly", 'schedule: "15 2 * * *"'))
     write_rule(tmp_path, "manual", text=_rule("manual", "schedule: null"))
@@ -77,7 +77,7 @@ def test_parsing_reads_only_yaml(tmp_path):
     script = (
         "import runpy, sys, json\n"
         f"runpy.run_path({str(ROOT / 'dags' / 'retention_dags.py')!r})\n"
-        "mods = ['retention.targets.sql', 'retention.runs', 'boto3', 'psycopg2', 'pymysql', 'retention.signing']\n"
+        "mods = ['retention.targets.sql.table', 'retention.run.runner', 'boto3', 'psycopg2', 'pymysql', 'retention.evidence.signing']\n"
         "print(json.dumps([m for m in mods if m in sys.modules]))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "RETENTION_"))}
@@ -87,7 +87,7 @@ def test_parsing_reads_only_yaml(tmp_path):
 
 
 def test_an_invalid_rule_file_fails_loudly_without_hiding_the_others(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     write_rule(tmp_path, "good", text=_rule("good"))
     write_rule(tmp_path, "broken", text=_rule("broken", "retain_for: two years"))
@@ -103,7 +103,7 @@ def test_an_invalid_rule_file_fails_loudly_without_hiding_the_others(tmp_path):
 
 def test_a_missing_rules_directory_is_an_import_error(tmp_path):
     from retention.errors import ConfigError
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     with pytest.raises(ConfigError, match="does not exist"):
         build_dags(tmp_path / "nowhere")
@@ -135,7 +135,7 @@ def test_dag_test_purges_postgresql_and_appends_a_certificate(
     assert payload["status"] == "complete"
     assert payload["targets"][0]["deleted"] == 250
     assert payload["rule"]["sha256"] == hashlib.sha256(rule_path.read_bytes()).hexdigest()  # this rule, not the repo's
-    from retention.cli import main
+    from retention.interfaces.cli.commands import main
 
     assert main(["verify", "--public-key", str(keys[1])]) == 0
 
@@ -206,7 +206,7 @@ def test_dag_test_purges_a_bucket_on_a_moto_server(airflow_db, aws_server, audit
     assert (target["deleted"], target["bytes"], target["location"]) == (1, 8, f"s3://{bucket}/exports/")
     checkpoints = aws_server.list_objects_v2(Bucket=f"{bucket}-audit")["Contents"]
     assert [c["Key"] for c in checkpoints] == ["checkpoints/000000000001.checkpoint"]
-    from retention.cli import main
+    from retention.interfaces.cli.commands import main
 
     assert main(["verify", "--public-key", str(keys[1]), "--checkpoint", f"s3://{bucket}-audit/checkpoints"]) == 0
 

@@ -9,9 +9,10 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from retention.anonymize import Anonymizer, Strategy
 from retention.errors import ConfigError, RuleError
-from retention.rules import load_rule_file
+from retention.rules.models import load_rule_file
+from retention.rules.strategies import Strategy
+from retention.targets.sql.anonymize import Anonymizer
 
 from conftest import connect, write_rule
 from sqlpurge import runner

@@ -17,17 +17,17 @@ import sqlalchemy as sa
 from moto import mock_aws
 
 from retention import failpoints
-from retention.archive import ArchiveStore
-from retention.audit import open_audit
-from retention.certificates import find_certificate
-from retention.cli import main
+from retention.archive.store import ArchiveStore
 from retention.connections import from_environment
 from retention.errors import RuleError
+from retention.evidence.audit import open_audit
+from retention.evidence.chain import find_certificate
+from retention.evidence.signing import Signer
 from retention.failpoints import InjectedFault
-from retention.journal import RunJournal
-from retention.rules import load_rule_file
-from retention.runs import Runner
-from retention.signing import Signer
+from retention.interfaces.cli.commands import main
+from retention.rules.models import load_rule_file
+from retention.run.journal import RunJournal
+from retention.run.runner import Runner
 from retention.targets import Targets
 
 from conftest import connect, write_rule
@@ -444,7 +444,7 @@ def test_sigkill_after_upload_before_delete_leaves_no_debris_and_archives_once(
     expired = fill_shop(pg_db, orders=30)
     rule_path = archive_rule(tmp_path, max_batch_rows=3).path
     rule_path.write_text(rule_path.read_text().replace(ARCHIVE, bucket))
-    command = [sys.executable, "-m", "retention.cli", "run", "--rules", str(rule_path.parent), "--as-of",
+    command = [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(rule_path.parent), "--as-of",
                AS_OF.isoformat()]
 
     killed = subprocess.run(command + ["--run-id", "killed"], capture_output=True, text=True,

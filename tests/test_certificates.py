@@ -13,9 +13,10 @@ import rfc8785
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
-from retention.audit import ensure_schema, metadata, open_audit
-from retention.certificates import entry_hash, read_certificates, verify_chain
-from retention.checkpoints import (
+from retention.connections import from_environment
+from retention.evidence.audit import ensure_schema, metadata, open_audit
+from retention.evidence.chain import entry_hash, read_certificates, verify_chain
+from retention.evidence.checkpoints import (
     CHECKPOINTS_ENV,
     Checkpoint,
     CheckpointError,
@@ -24,13 +25,12 @@ from retention.checkpoints import (
     sign,
     sign_note,
 )
-from retention.cli import main
-from retention.connections import from_environment
-from retention.holds import who
-from retention.journal import RunJournal
-from retention.rules import load_rule_file
-from retention.runs import Runner
-from retention.signing import PublicKeys, Signer, generate_keypair
+from retention.evidence.signing import PublicKeys, Signer, generate_keypair
+from retention.identity import who
+from retention.interfaces.cli.commands import main
+from retention.rules.models import load_rule_file
+from retention.run.journal import RunJournal
+from retention.run.runner import Runner
 from retention.targets import Targets
 
 from conftest import connect, write_rule
@@ -435,7 +435,7 @@ def test_the_note_format_is_the_c2sp_signed_note_of_the_go_reference():
     """golang.org/x/mod/sumdb/note's documented example, byte for byte (Ed25519 is deterministic)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from retention.checkpoints import note_key_hash, open_note
+    from retention.evidence.checkpoints import note_key_hash, open_note
 
     seed = base64.b64decode("AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz")[1:]  # PRIVATE+KEY+PeterNeumann+c74f20a3+…
     key = Ed25519PrivateKey.from_private_bytes(seed)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from retention.cli import main
-from retention.signing import SIGNING_KEY_ENV
+from retention.evidence.signing import SIGNING_KEY_ENV
+from retention.interfaces.cli.commands import main
 
 from conftest import Database, connect, write_rule
 

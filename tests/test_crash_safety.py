@@ -19,11 +19,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from retention.audit import open_audit
-from retention.certificates import read_certificates, verify_chain
-from retention.checkpoints import CHECKPOINTS_ENV, DirectoryStore, read_all
 from retention.connections import from_environment
-from retention.signing import PublicKeys
+from retention.evidence.audit import open_audit
+from retention.evidence.chain import read_certificates, verify_chain
+from retention.evidence.checkpoints import CHECKPOINTS_ENV, DirectoryStore, read_all
+from retention.evidence.signing import PublicKeys
 
 from conftest import connect, write_rule
 from test_archive import create_shop, fill_shop, snapshot
@@ -55,7 +55,7 @@ def _run(rules_dir, run_id: str, point: str | None = None) -> subprocess.Complet
     if point:
         env["RETENTION_FAILPOINTS"] = f"{point}:kill"
     return subprocess.run(
-        [sys.executable, "-m", "retention.cli", "run", "--rules", str(rules_dir), "--as-of", AS_OF,
+        [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(rules_dir), "--as-of", AS_OF,
          "--run-id", run_id],
         capture_output=True, text=True, env=env,
     )

@@ -190,7 +190,7 @@ def _env_vars_the_package_reads() -> set[str]:
 
 
 def test_item01_airflow_services_get_every_env_var_the_package_reads(compose):
-    from retention.rules import scan_rules
+    from retention.rules.models import scan_rules
 
     wanted = _env_vars_the_package_reads()
     assert {"RETENTION_SIGNING_KEY", "RETENTION_HASH_KEY", "RETENTION_CHECKPOINTS"} <= wanted  # the grep works
@@ -212,7 +212,7 @@ def test_item01_airflow_services_get_every_env_var_the_package_reads(compose):
 
 
 def test_item01_init_steps_migrate_create_pools_keys_schema_and_buckets(compose):
-    from retention.rules import scan_rules
+    from retention.rules.models import scan_rules
 
     init = compose["services"]["airflow-init"]
     script = "\n".join(init["command"])
@@ -236,7 +236,7 @@ def test_item01_init_steps_migrate_create_pools_keys_schema_and_buckets(compose)
 
 
 def test_item01_demo_seed_creates_every_table_a_rule_names_where_its_connection_points(compose):
-    from retention.rules import scan_rules
+    from retention.rules.models import scan_rules
 
     env = _env(compose["services"]["airflow-worker"])
     seeds = {"demo-postgres": compose["configs"]["demo-postgres-seed"]["content"],
@@ -319,7 +319,7 @@ def audit_roles(pg_db):
 def test_item01_audit_runtime_role_may_only_append_and_read_certificates(compose, audit_roles):
     from sqlalchemy.exc import DBAPIError
 
-    from retention.audit import ensure_schema
+    from retention.evidence.audit import ensure_schema
 
     owner, app, app_role = audit_roles
     grants = compose["configs"]["audit-grants"]["content"]
@@ -386,7 +386,7 @@ def _rules_dir(tmp_path: Path, pools: str | None = None) -> Path:
 
 
 def test_item03_pool_config_gives_slots_per_connection_and_a_default(tmp_path):
-    from retention.pools import DEFAULT_SLOTS, load_pool_config, load_pool_rules, pool_name, required_pools
+    from retention.interfaces.pools import DEFAULT_SLOTS, load_pool_config, load_pool_rules, pool_name, required_pools
 
     rules_dir = _rules_dir(tmp_path, "default_slots: 2\nconnections:\n  shop_db: 3\n")
     config = load_pool_config(rules_dir, known=["shop_db", "marketing_db", "crm_db"])
@@ -411,7 +411,7 @@ def test_item03_pool_config_gives_slots_per_connection_and_a_default(tmp_path):
 ])
 def test_item03_a_wrong_pools_file_is_refused_with_file_line_and_field(tmp_path, text, line, expected):
     from retention.errors import RuleError
-    from retention.pools import load_pool_config
+    from retention.interfaces.pools import load_pool_config
 
     rules_dir = _rules_dir(tmp_path, text)
     with pytest.raises(RuleError) as refused:
@@ -423,7 +423,7 @@ def test_item03_a_wrong_pools_file_is_refused_with_file_line_and_field(tmp_path,
 
 
 def test_item03_purge_tasks_carry_the_pool_of_their_targets_connection(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     dags = build_dags(_rules_dir(tmp_path))
 
@@ -442,7 +442,7 @@ def test_item03_purge_tasks_carry_the_pool_of_their_targets_connection(tmp_path)
 
 
 def test_item03_the_repositorys_pools_file_fits_the_repositorys_rules():
-    from retention.pools import load_pool_config, load_pool_rules, required_pools, rule_connections
+    from retention.interfaces.pools import load_pool_config, load_pool_rules, required_pools, rule_connections
 
     rules = load_pool_rules(ROOT / "retention_rules")
     used = sorted({c for r in rules for c in rule_connections(r.rule)})
@@ -453,7 +453,7 @@ def test_item03_the_repositorys_pools_file_fits_the_repositorys_rules():
 
 
 def test_item03_sync_pools_dry_run_prints_the_pools_and_changes_nothing(tmp_path, capsys):
-    from retention.cli import main
+    from retention.interfaces.cli.commands import main
 
     rules_dir = _rules_dir(tmp_path, "connections:\n  shop_db: 2\n")
     assert main(["airflow", "sync-pools", "--rules", str(rules_dir), "--dry-run", "--json"]) == 0
@@ -471,7 +471,7 @@ def test_item03_sync_pools_dry_run_prints_the_pools_and_changes_nothing(tmp_path
 
 
 def test_item03_sync_pools_refuses_a_bad_pools_file_in_one_line_and_exit_2(tmp_path, capsys):
-    from retention.cli import main
+    from retention.interfaces.cli.commands import main
 
     rules_dir = _rules_dir(tmp_path, "connections:\n  crm: 2\n")
     assert main(["airflow", "sync-pools", "--rules", str(rules_dir)]) == 2
@@ -484,7 +484,7 @@ def test_item03_sync_pools_refuses_a_bad_pools_file_in_one_line_and_exit_2(tmp_p
 def test_item03_sync_pools_without_airflow_says_where_to_run_it(tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    from retention.cli import main
+    from retention.interfaces.cli.commands import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "airflow" else real(name, *a))
@@ -500,7 +500,7 @@ def test_item03_sync_pools_writes_the_pools_into_airflow_and_resizes_them(tmp_pa
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=env)
     rules_dir = _rules_dir(tmp_path, "connections:\n  shop_db: 2\n")
-    cli = [sys.executable, "-m", "retention.cli", "airflow", "sync-pools", "--rules", str(rules_dir)]
+    cli = [sys.executable, "-m", "retention.interfaces.cli", "airflow", "sync-pools", "--rules", str(rules_dir)]
 
     def pools() -> dict[str, int]:
         listed = subprocess.run([sys.executable, "-m", "airflow", "pools", "list", "-o", "json"], check=True,
@@ -543,8 +543,8 @@ def test_item01_a_whole_run_works_with_the_audit_runtime_role(compose, audit_rol
     """Journal, lock, hold and certificate: everything a run writes fits the grants, nothing more is needed."""
     from datetime import datetime, timezone
 
-    from retention.audit import ensure_schema
-    from retention.cli import main
+    from retention.evidence.audit import ensure_schema
+    from retention.interfaces.cli.commands import main
 
     from conftest import connect
     from sqlpurge import ids, insert_customers, make_customers

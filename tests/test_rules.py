@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from retention.errors import RuleError, RuleProblem, TerminalError
-from retention.rules import IsoDuration, RetentionRule, load_rule_file, load_rules
+from retention.rules.models import IsoDuration, RetentionRule, load_rule_file, load_rules
 
 from conftest import write_rule
 

@@ -11,15 +11,15 @@ import pytest
 from moto import mock_aws
 
 from retention import failpoints
-from retention.audit import open_audit
-from retention.cli import main
 from retention.connections import from_environment
 from retention.errors import RuleError
+from retention.evidence.audit import open_audit
+from retention.evidence.signing import Signer
 from retention.failpoints import InjectedFault
-from retention.journal import RunJournal
-from retention.rules import load_rule_file
-from retention.runs import Runner
-from retention.signing import Signer
+from retention.interfaces.cli.commands import main
+from retention.rules.models import load_rule_file
+from retention.run.journal import RunJournal
+from retention.run.runner import Runner
 from retention.targets import Targets
 
 from conftest import write_rule
@@ -110,7 +110,7 @@ def test_age_by_key_date_and_prefix(s3, tmp_path):
     as_of = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
 
     with Targets(from_environment) as targets:
-        from retention.plan import build_plan
+        from retention.plan.builder import build_plan
 
         plan = build_plan(rule_file, as_of, targets)
     certificate = make_runner().run(rule_file, run_id="r1", as_of=as_of)
@@ -175,7 +175,7 @@ def test_object_lock_holds_are_counted_not_failed(s3, tmp_path):
     rule_file, as_of = s3_rule(tmp_path), datetime.now(UTC) + timedelta(days=60)
 
     with Targets(from_environment) as targets:
-        from retention.plan import build_plan
+        from retention.plan.builder import build_plan
 
         plan = build_plan(rule_file, as_of, targets).targets[0]
     certificate = make_runner().run(rule_file, run_id="r1", as_of=as_of)
@@ -302,7 +302,7 @@ def test_sigkill_mid_delete_is_settled_by_the_next_run(aws_server, audit_db, key
         "     max_fraction: 1.0}\n"
     )).parent
     as_of = (datetime.now(UTC) + timedelta(minutes=4)).isoformat()  # the CLI refuses more than 5 min ahead
-    command = [sys.executable, "-m", "retention.cli", "run", "--rules", str(rules), "--as-of", as_of]
+    command = [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(rules), "--as-of", as_of]
 
     killed = subprocess.run(command + ["--run-id", "killed"], capture_output=True, text=True,
                             env={**os.environ, "RETENTION_FAILPOINTS": "s3.after_delete=1:kill"})
@@ -314,7 +314,7 @@ def test_sigkill_mid_delete_is_settled_by_the_next_run(aws_server, audit_db, key
     assert finished.returncode == 0, finished.stderr
 
     engine = open_audit(from_environment)
-    from retention.certificates import find_certificate
+    from retention.evidence.chain import find_certificate
 
     killed_target = find_certificate(engine, "receipts", "killed").data["targets"][0]
     next_target = find_certificate(engine, "receipts", "next").data["targets"][0]

@@ -16,14 +16,14 @@ import pytest
 import sqlalchemy as sa
 from moto import mock_aws
 
-from retention.audit import open_audit
-from retention.certificates import find_certificate
-from retention.cli import main
 from retention.connections import from_environment
 from retention.errors import ConfigError, OverLimit, TerminalError, TransientError
+from retention.evidence.audit import open_audit
+from retention.evidence.chain import find_certificate
 from retention.holds import HoldRegistry
-from retention.locks import CategoryBusy
-from retention.rules import load_rule_file
+from retention.interfaces.cli.commands import main
+from retention.rules.models import load_rule_file
+from retention.run.locks import CategoryBusy
 
 from conftest import connect, write_rule
 from sqlpurge import ids, insert_customers, make_customers, runner
@@ -214,7 +214,7 @@ def test_an_approved_run_over_its_limit_proceeds_and_the_certificate_says_why(cr
 
 def test_two_concurrent_runs_purge_each_record_once(crm, tmp_path):
     path = rule(tmp_path, max_batch_rows=3).path
-    command = [sys.executable, "-m", "retention.cli", "run", "--rules", str(path.parent), "--as-of",
+    command = [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(path.parent), "--as-of",
                AS_OF.isoformat()]
     runs = [subprocess.Popen(command + ["--run-id", f"run-{n}", "--json"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for n in range(2)]
@@ -297,7 +297,7 @@ def test_a_batch_blocked_by_a_lock_times_out_is_retried_and_finishes_after_relea
 def test_terminal_and_transient_errors_map_to_airflow_retries():
     from airflow.sdk.definitions.retry_policy import RetryAction
 
-    from retention.orchestration import RETRY_POLICY
+    from retention.interfaces.airflow import RETRY_POLICY
 
     assert RETRY_POLICY.evaluate(OverLimit("x"), 1, 3).action == RetryAction.FAIL
     assert RETRY_POLICY.evaluate(ConfigError("x"), 1, 3).action == RetryAction.FAIL

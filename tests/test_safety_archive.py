@@ -14,14 +14,14 @@ import sqlalchemy as sa
 from botocore.exceptions import ClientError
 
 from retention import failpoints
-from retention.archive import ArchiveExists, ArchiveFailed, ArchiveStore
-from retention.audit import open_audit
-from retention.certificates import find_certificate
-from retention.cli import main
+from retention.archive.store import ArchiveExists, ArchiveFailed, ArchiveStore
 from retention.connections import from_environment
 from retention.errors import RuleError, TerminalError
+from retention.evidence.audit import open_audit
+from retention.evidence.chain import find_certificate
 from retention.failpoints import InjectedFault
-from retention.rules import ArchiveSpec, load_rule_file
+from retention.interfaces.cli.commands import main
+from retention.rules.models import ArchiveSpec, load_rule_file
 
 from conftest import connect, write_rule
 from test_archive import (  # noqa: F401  (aws is a fixture)
@@ -126,7 +126,7 @@ def test_item01_an_existing_archive_object_is_an_error_never_replaced(pg_shop, a
 
 
 def test_item01_a_multipart_upload_never_replaces_an_object(aws, monkeypatch):
-    monkeypatch.setattr("retention.archive.PART_SIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr("retention.archive.store.PART_SIZE", 5 * 1024 * 1024)
     store = ArchiveStore(ArchiveSpec(connection="aws_default", bucket=ARCHIVE), aws)
     body = os.urandom(6 * 1024 * 1024)
     stored = store.put_verified("a/multi", body, table="t", rows=1)
@@ -183,8 +183,8 @@ def test_item01_archive_copies_of_s3_objects_never_replace_an_object(aws, audit_
 def test_item01_large_copies_are_create_only_too(aws, monkeypatch):
     """Objects over CopyObject's limit are copied in parts; the completing request is
     conditional, so even a key taken after the check is not overwritten."""
-    monkeypatch.setattr("retention.archive.COPY_LIMIT", 1024)
-    monkeypatch.setattr("retention.archive.COPY_PART_SIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr("retention.archive.store.COPY_LIMIT", 1024)
+    monkeypatch.setattr("retention.archive.store.COPY_PART_SIZE", 5 * 1024 * 1024)
     aws.create_bucket(Bucket="big-source")
     body = os.urandom(6 * 1024 * 1024)
     aws.put_object(Bucket="big-source", Key="big", Body=body)
@@ -197,7 +197,7 @@ def test_item01_large_copies_are_create_only_too(aws, monkeypatch):
     with pytest.raises(ArchiveExists):  # caught by the check before copying
         store.copy_in(aws, {"Bucket": "big-source", "Key": "big"}, "copies/big", size=len(body))
     aws.put_object(Bucket=ARCHIVE, Key="copies/taken", Body=b"theirs")
-    monkeypatch.setattr("retention.archive._head_or_none", lambda *args: None)  # taken after the check
+    monkeypatch.setattr("retention.archive.store._head_or_none", lambda *args: None)  # taken after the check
     with pytest.raises(ArchiveExists):
         store.copy_in(aws, {"Bucket": "big-source", "Key": "big"}, "copies/taken", size=len(body))
     assert aws.get_object(Bucket=ARCHIVE, Key="copies/taken")["Body"].read() == b"theirs"
@@ -302,7 +302,7 @@ def test_item17_a_batch_whose_children_fail_restores_none_of_its_parents(pg_shop
 
 
 def test_item17_restore_writes_only_tables_the_certificate_names(pg_shop, aws, tmp_path, fresh):
-    from retention.restore import restore
+    from retention.archive.restore import restore
 
     certificate, _ = _archived_run(pg_shop, tmp_path)
     _key, manifest = _manifest_of(aws, certificate)

@@ -8,16 +8,16 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from retention.audit import open_audit, purge_runs
-from retention.cli import main
 from retention.connections import from_environment
 from retention.errors import InvalidAsOf, TerminalError
+from retention.evidence.audit import open_audit, purge_runs
+from retention.evidence.signing import Signer
 from retention.holds import HoldRegistry
-from retention.journal import RunJournal
-from retention.plan import build_plan
-from retention.rules import load_rule_file
-from retention.runs import Runner
-from retention.signing import Signer
+from retention.interfaces.cli.commands import main
+from retention.plan.builder import build_plan
+from retention.rules.models import load_rule_file
+from retention.run.journal import RunJournal
+from retention.run.runner import Runner
 from retention.targets import Targets
 
 from conftest import connect, write_rule
@@ -245,7 +245,7 @@ def test_item03_the_dag_plan_task_refuses_a_future_logical_date(sqlite_db, monke
 
     from airflow.utils.state import DagRunState, TaskInstanceState
 
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
                    env=os.environ.copy())

@@ -13,10 +13,10 @@ import logging
 
 import pytest
 
-from retention.cli import main
 from retention.errors import RuleError
-from retention.rules import MAX_RULE_FILE_BYTES, load_rule_file, load_rules, scan_rules
-from retention.yamlsource import MAX_DEPTH
+from retention.interfaces.cli.commands import main
+from retention.rules.models import MAX_RULE_FILE_BYTES, load_rule_file, load_rules, scan_rules
+from retention.rules.yamlsource import MAX_DEPTH
 
 from conftest import write_rule
 
@@ -172,7 +172,7 @@ def test_item11_validate_exits_2_naming_file_and_line(tmp_path, capsys, case):
 
 
 def test_item11_build_dags_survives_every_kind_of_broken_file(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     write_rule(tmp_path, "customer_accounts", text=_good("customer_accounts"))
     for index, case in enumerate(sorted(BROKEN_TEXTS)):
@@ -217,7 +217,7 @@ def test_item08_a_file_must_be_named_after_its_category(tmp_path):
 
 
 def test_item08_a_broken_rule_keeps_its_dag_id_schedule_and_owner(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     write_rule(tmp_path, "support_tickets", text=_good().replace("P3Y", "3 years"))
 
@@ -237,7 +237,7 @@ def test_item08_a_broken_rule_keeps_its_dag_id_schedule_and_owner(tmp_path):
 def test_item08_the_invalid_dag_fails_with_the_located_problems(tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     path = write_rule(tmp_path, "support_tickets", text=_good().replace("P3Y", "3 years"))
     task = build_dags(tmp_path)["retention__support_tickets"].get_task("rule_is_invalid")
@@ -250,7 +250,7 @@ def test_item08_the_invalid_dag_fails_with_the_located_problems(tmp_path):
 
 
 def test_item08_an_unreadable_category_falls_back_to_the_file_name(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     (tmp_path / "support_tickets.yaml").write_text("category: [support\nschedule: '@weekly'\n")
 
@@ -262,7 +262,7 @@ def test_item08_an_unreadable_category_falls_back_to_the_file_name(tmp_path):
 
 
 def test_item08_a_broken_schedule_falls_back_to_daily_and_null_stays_manual(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     write_rule(tmp_path, "support_tickets", text=_good(schedule="61 * * * *").replace("P3Y", "3y"))
     write_rule(tmp_path, "web_sessions",
@@ -275,7 +275,7 @@ def test_item08_a_broken_schedule_falls_back_to_daily_and_null_stays_manual(tmp_
 
 
 def test_item08_a_broken_copy_never_takes_the_id_of_a_valid_rule(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     write_rule(tmp_path, "support_tickets", text=_good())
     # A copy left beside the original: same category, wrong file name, and broken.
@@ -288,7 +288,7 @@ def test_item08_a_broken_copy_never_takes_the_id_of_a_valid_rule(tmp_path):
 
 
 def test_item08_a_renamed_broken_file_keeps_the_dag_id_of_its_category(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     # Renamed without changing the category: the mismatch is the problem, and the DAG
     # that turns red is the one that was running for that category.
@@ -301,12 +301,12 @@ def test_item08_a_renamed_broken_file_keeps_the_dag_id_of_its_category(tmp_path)
 
 
 def test_item08_every_plan_task_reports_the_broken_rules(tmp_path, caplog):
-    from retention.orchestration import report_invalid_rules
+    from retention.interfaces.airflow import report_invalid_rules
 
     write_rule(tmp_path, "customer_accounts", text=_good("customer_accounts"))
     broken = write_rule(tmp_path, "support_tickets", text=_good().replace("P3Y", "3 years"))
 
-    with caplog.at_level(logging.ERROR, logger="retention.orchestration"):
+    with caplog.at_level(logging.ERROR, logger="retention.interfaces.airflow"):
         problems = report_invalid_rules(tmp_path)
 
     assert [(p.path, p.line, p.field) for p in problems] == [(str(broken), 5, "retain_for")]
@@ -316,7 +316,7 @@ def test_item08_every_plan_task_reports_the_broken_rules(tmp_path, caplog):
 
 
 def test_item08_the_file_named_after_a_category_keeps_its_id_over_a_broken_copy(tmp_path):
-    from retention.orchestration import build_dags
+    from retention.interfaces.airflow import build_dags
 
     # Both broken; the copy sorts first but must not take the id of the rule that ran.
     write_rule(tmp_path, "x", filename="a_copy.yaml", text=_good().replace("P3Y", "3 years"))

@@ -10,16 +10,16 @@ import pytest
 import sqlalchemy as sa
 from moto import mock_aws
 
-from retention.audit import open_audit
-from retention.certificates import count_certificates, find_certificate, read_certificates
-from retention.cli import main
 from retention.connections import from_environment
 from retention.errors import RuleError, TerminalError, TransientError
-from retention.journal import RunJournal
-from retention.render import describe_certificate
-from retention.rules import load_rule_file
-from retention.runs import Runner
-from retention.signing import Signer
+from retention.evidence.audit import open_audit
+from retention.evidence.chain import count_certificates, find_certificate, read_certificates
+from retention.evidence.signing import Signer
+from retention.interfaces.cli.commands import main
+from retention.interfaces.render import describe_certificate
+from retention.rules.models import load_rule_file
+from retention.run.journal import RunJournal
+from retention.run.runner import Runner
 from retention.targets import Targets
 
 from conftest import connect, write_rule
@@ -90,7 +90,7 @@ def test_item06_a_missing_archive_bucket_stops_the_plan_naming_file_line_and_buc
     assert f"{rule_file.path}:9: archive.bucket:" in line and "does not exist" in line and "NoSuchBucket" in line
     assert len(ids(crm)) == 20  # nothing touched
     with pytest.raises(RuleError, match="no-such-archive"):  # `retention plan` says the same
-        from retention.plan import build_plan
+        from retention.plan.builder import build_plan
 
         build_plan(rule_file, AS_OF, Targets(from_environment))
     # The night's run is still certified (failed), and its missing manifest is recorded as such.
@@ -153,7 +153,7 @@ def test_item09_an_unreachable_database_is_a_transient_plan_failure_and_the_cert
 ):
     from airflow.sdk.definitions.retry_policy import RetryAction
 
-    from retention.orchestration import RETRY_POLICY
+    from retention.interfaces.airflow import RETRY_POLICY
 
     unreachable(monkeypatch)
     rule_file = load_rule_file(write_rule(tmp_path / "rules"))
@@ -182,7 +182,7 @@ def test_item09_a_database_that_refuses_the_connection_is_a_terminal_plan_failur
 ):
     from airflow.sdk.definitions.retry_policy import RetryAction
 
-    from retention.orchestration import RETRY_POLICY
+    from retention.interfaces.airflow import RETRY_POLICY
 
     url = pg_db.url
     monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"postgres://postgres@{url.host}:{url.port}/no_such_database")

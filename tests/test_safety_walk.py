@@ -13,12 +13,12 @@ import pytest
 import sqlalchemy as sa
 from moto import mock_aws
 
-from retention.audit import open_audit, purge_batches
-from retention.certificates import find_certificate
 from retention.connections import from_environment
 from retention.errors import PurgeFailed
+from retention.evidence.audit import open_audit, purge_batches
+from retention.evidence.chain import find_certificate
 from retention.holds import HoldRegistry, HoldView
-from retention.rules import load_rule_file
+from retention.rules.models import load_rule_file
 
 from conftest import connect, write_rule
 from sqlpurge import ids, insert_customers, make_customers, runner

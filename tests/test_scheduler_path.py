@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from airflow_stack import AirflowStack
-from retention.signing import SIGNING_KEY_ENV, generate_keypair
+from retention.evidence.signing import SIGNING_KEY_ENV, generate_keypair
 
 pytestmark = pytest.mark.airflow
 

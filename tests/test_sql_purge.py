@@ -10,9 +10,9 @@ import pytest
 from retention import failpoints
 from retention.errors import RuleError
 from retention.failpoints import InjectedFault
-from retention.journal import RunJournal
-from retention.rules import load_rule_file
-from retention.runs import RunAlreadyCertified
+from retention.rules.models import load_rule_file
+from retention.run.journal import RunJournal
+from retention.run.runner import RunAlreadyCertified
 
 from conftest import connect, write_rule
 from sqlpurge import NAIVE_TIMESTAMP, ids, insert_customers, make_customers, runner
@@ -209,8 +209,8 @@ def test_crash_then_a_new_run_certifies_the_interrupted_one_exactly(crm, tmp_pat
     journal: RunJournal = runner().journal
     first = journal.get_run("customer_accounts", "night-1")
     assert first.state == "certified"
-    from retention.certificates import find_certificate, verify_chain
-    from retention.signing import PublicKeys
+    from retention.evidence.chain import find_certificate, verify_chain
+    from retention.evidence.signing import PublicKeys
 
     first_cert = find_certificate(journal.engine, "customer_accounts", "night-1")
     assert first_cert.status == "partial"
@@ -252,7 +252,7 @@ def test_a_rule_that_does_not_match_the_table_touches_nothing(crm, tmp_path):
     assert problem.line == 14
     assert "closed_on" in problem.message
     assert ids(crm) == {1}
-    from retention.certificates import find_certificate
+    from retention.evidence.chain import find_certificate
 
     certificate = find_certificate(runner().journal.engine, "customer_accounts", "r1")
     assert certificate.status == "failed"
@@ -307,7 +307,7 @@ def test_sigkill_mid_batch_is_settled_by_the_next_run(pg_db, monkeypatch, audit_
     make_customers(pg_db)
     insert_customers(pg_db, [(i, "closed", datetime(2020, 1, 1, tzinfo=UTC) + timedelta(hours=i)) for i in range(1, 101)])
     rule_file = the_rule(tmp_path, max_batch_rows=10)
-    command = [sys.executable, "-m", "retention.cli", "run", "--rules", str(rule_file.path.parent),
+    command = [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(rule_file.path.parent),
                "--as-of", "2026-06-15T12:00:00Z"]
 
     killed = subprocess.run(command + ["--run-id", "killed"], env={**os.environ, "RETENTION_FAILPOINTS": f"{point}=3:kill"},
@@ -321,7 +321,7 @@ def test_sigkill_mid_batch_is_settled_by_the_next_run(pg_db, monkeypatch, audit_
     finished = subprocess.run(command + ["--run-id", "next", "--json"], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
 
-    from retention.certificates import find_certificate
+    from retention.evidence.chain import find_certificate
 
     killed_cert = find_certificate(journal.engine, "customer_accounts", "killed")
     next_cert = find_certificate(journal.engine, "customer_accounts", "next")

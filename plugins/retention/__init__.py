@@ -1,7 +1,7 @@
 """retention: declarative retention rules, executed in batches, proven by signed certificates.
 
 The engine (rules → plan → execute → certificate) imports without Airflow; only
-:mod:`retention.orchestration` does.
+:mod:`retention.interfaces.airflow` does.
 """
 
 from __future__ import annotations

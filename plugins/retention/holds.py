@@ -19,19 +19,17 @@ row and shows the near matches.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import socket
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, or_, select, update
 
-from retention.audit import legal_hold_events, legal_holds, purge_certificates, purge_runs
+from retention.clock import utc_iso
 from retention.errors import ConfigError
-from retention.journal import utc_iso
+from retention.evidence.audit import legal_hold_events, legal_holds, purge_certificates, purge_runs
+from retention.identity import who
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -101,13 +99,6 @@ def check_match(match: Any) -> None:
                               f"not {json.dumps(value)} (a hold compares values exactly)")
 
 
-def who() -> str:
-    """Who is acting: the OS user and host (Airflow workers act as their service user)."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        user = os.environ.get("USER", "unknown")
-    return f"{user}@{socket.gethostname()}"
 
 
 class HoldRegistry:

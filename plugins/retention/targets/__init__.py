@@ -10,15 +10,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from retention.connections import ConnectionResolver, create_s3_client, create_sql_engine
-from retention.rules import ArchiveSpec
+from retention.aws import create_s3_client
+from retention.connections import ConnectionResolver, create_sql_engine
+from retention.rules.models import ArchiveSpec
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from retention.rules import Target
-    from retention.targets.s3 import S3Objects
-    from retention.targets.sql import SqlTable
+    from retention.rules.models import Target
+    from retention.targets.s3.objects import S3Objects
+    from retention.targets.sql.table import SqlTable
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Targets:
 
     def archive_store(self, spec: ArchiveSpec):
         """An ArchiveStore on the archive's connection."""
-        from retention.archive import ArchiveStore
+        from retention.archive.store import ArchiveStore
 
         return ArchiveStore(spec, self.s3_client(spec.connection))
 
@@ -76,21 +77,21 @@ class Targets:
         and skipping what ``holds`` (a :class:`retention.holds.HoldView`) protects."""
         action = context.action if context else "delete"
         if target.kind == "s3":
-            from retention.targets.s3 import S3Objects
+            from retention.targets.s3.objects import S3Objects
 
             client = self.s3_client(target.connection, concurrency=target.concurrency)
             if action == "archive":
                 return S3Objects(target, client, archive=self.archive_store(context.archive),
                                  category=context.category, run_id=context.run_id, holds=holds)
             return S3Objects(target, client, holds=holds)
-        from retention.targets.sql import SqlTable
-        from retention.targets.sql_actions import AnonymizeRows, ArchiveRows, DeleteRows
+        from retention.targets.sql.actions import AnonymizeRows, ArchiveRows, DeleteRows
+        from retention.targets.sql.table import SqlTable
 
         if action == "archive":
             sql_action = ArchiveRows(self.archive_store(context.archive), category=context.category,
                                      run_id=context.run_id)
         elif action == "anonymize":
-            from retention.anonymize import Anonymizer
+            from retention.targets.sql.anonymize import Anonymizer
 
             needs_key = any(s.kind == "hash" for s in target.anonymize.columns.values())
             sql_action = AnonymizeRows(Anonymizer.from_environment(required=needs_key), as_of=context.as_of)

@@ -114,7 +114,7 @@ class PendingBatch:
 
 
 class BatchLedger(Protocol):
-    """Where one target's batches are journaled (see :mod:`retention.journal`)."""
+    """Where one target's batches are journaled (see :mod:`retention.run.journal`)."""
 
     def next_batch_no(self) -> int:
         """A batch number not used before by this target in this run."""

@@ -9,7 +9,7 @@ audit journal; after it commits, as *done*. A crash in between leaves a pending 
 whose range tells, by counting what is still there, whether the delete committed. So a
 rerun neither loses nor double-counts a batch, whatever moment the crash hit.
 
-What a batch does to its rows is an action (:mod:`retention.targets.sql_actions`); this
+What a batch does to its rows is an action (:mod:`retention.targets.sql.actions`); this
 module owns the table's shape, the predicates, the walk and crash settlement.
 
 Time is an input: the cutoff is computed once per run and passed in.
@@ -52,6 +52,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from retention.errors import TargetError, TerminalError
+from retention.retry import is_transient
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
 
 if TYPE_CHECKING:
@@ -61,8 +62,8 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
     from retention.holds import Hold, HoldView
-    from retention.rules import SqlTarget
-    from retention.targets.sql_actions import SqlAction
+    from retention.rules.models import SqlTarget
+    from retention.targets.sql.actions import SqlAction
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class SqlTable:
         passes: int = 3, lock_timeout: float = 2.0, statement_timeout: float = 120.0,
         retry_delays: Sequence[float] = (0.5, 1, 2, 4, 8, 15),
     ):
-        from retention.targets.sql_actions import DeleteRows
+        from retention.targets.sql.actions import DeleteRows
 
         self.target = target
         self.engine = engine
@@ -906,23 +907,8 @@ def _as_utc(value: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-_TRANSIENT_PG = {"40001", "40P01", "55P03", "57014", "57P01", "08000", "08003", "08006", "08001", "08004"}
-_TRANSIENT_MYSQL = {1205, 1213, 2006, 2013, 3024, 1969, 1927, 1053}
 
 
-def is_transient(exc: DBAPIError) -> bool:
-    """Whether retrying can help: lock and statement timeouts, deadlocks, lost connections."""
-    if exc.connection_invalidated:
-        return True
-    orig = exc.orig
-    code = getattr(orig, "pgcode", None)
-    if code is not None:
-        return code in _TRANSIENT_PG or code.startswith("08")
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0] in _TRANSIENT_MYSQL
-    message = str(orig).lower()
-    return "database is locked" in message or "server closed the connection" in message
 
 
 _LOCK_TIMEOUT_PG = {"55P03"}

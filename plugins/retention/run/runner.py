@@ -20,31 +20,31 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import DBAPIError
 
 from retention import __version__, failpoints
-from retention.archive import build_manifest
-from retention.certificates import Certificate, certify
-from retention.checkpoints import CheckpointStore, publish
+from retention.archive.store import build_manifest
+from retention.clock import utc_iso
 from retention.errors import (
     ConfigError,
     InvalidAsOf,
     OverLimit,
     PurgeFailed,
-    RetentionError,
     RuleError,
-    TargetError,
     TerminalError,
     TransientError,
 )
-from retention.holds import HoldRegistry, HoldView, who
-from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
-from retention.locks import DEFAULT_TTL, CategoryBusy, RunLock
-from retention.plan import PlanFailed, PurgePlan, build_plan
-from retention.rules import TARGET_ADAPTER, RuleFile, Target
+from retention.evidence.chain import Certificate, certify
+from retention.evidence.checkpoints import CheckpointStore, publish
+from retention.holds import HoldRegistry, HoldView
+from retention.identity import who
+from retention.plan.builder import PlanFailed, PurgePlan, build_plan
+from retention.retry import describe_error, is_retryable
+from retention.rules.models import TARGET_ADAPTER, RuleFile, Target
+from retention.run.journal import RunJournal, RunRecord, TargetRecord
+from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.targets import RunContext, Targets
 from retention.targets.base import RecordLimit
-from retention.targets.sql import is_transient
 
 if TYPE_CHECKING:
-    from retention.signing import Signer
+    from retention.evidence.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -445,60 +445,12 @@ class Runner:
         return self.certify(run)
 
 
-def describe_error(exc: BaseException) -> str:
-    """An error as the certificate may show it: class and SQLSTATE, never row data."""
-    if isinstance(exc, (PurgeFailed, TargetError, ConfigError)):
-        return f"{type(exc).__name__}: {exc}"[:500]
-    code = getattr(getattr(exc, "orig", None), "pgcode", None)
-    if code is None:
-        args = getattr(getattr(exc, "orig", None), "args", ())
-        code = args[0] if args and isinstance(args[0], int) else None
-    if code is None and could_not_connect(exc):
-        code = "08001"  # libpq gives no SQLSTATE for a connection never made; this is the one for it
-    name = type(getattr(exc, "orig", None) or exc).__name__
-    response = getattr(exc, "response", None)
-    if code is None and isinstance(response, dict) and response.get("Error", {}).get("Code"):
-        name, code = "ClientError", response["Error"]["Code"]  # S3's own error code
-    return f"{name} (code {code})" if code is not None else name
 
 
-_MYSQL_CANNOT_CONNECT = {2002, 2003, 2013}  # no socket, no TCP connection, lost during the handshake
 
 
-def could_not_connect(exc: BaseException) -> bool:
-    """True for a database connection that was never made: refused, timed out, server gone.
-
-    A server that answered and refused (a wrong password, no such database) or a host
-    name that does not resolve is not this: a person has to fix those.
-    """
-    if not isinstance(exc, DBAPIError) or exc.statement is not None:
-        return False  # a statement ran, so a connection was made
-    orig = exc.orig
-    if getattr(orig, "pgcode", None):
-        return False
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0] in _MYSQL_CANNOT_CONNECT
-    message = str(orig)
-    return (type(orig).__name__ == "OperationalError" and "FATAL:" not in message
-            and "could not translate host name" not in message)
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Whether another attempt can help, for plan, purge and certify alike: lock and statement
-    timeouts, deadlocks, lost or refused connections, throttled or unreachable S3."""
-    if isinstance(exc, RetentionError):
-        return isinstance(exc, TransientError)
-    if isinstance(exc, DBAPIError):
-        return is_transient(exc) or could_not_connect(exc)
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
-    from retention.connections import s3_error_code
-    from retention.targets.s3 import TRANSIENT_CODES
-
-    if isinstance(exc, ClientError):
-        return s3_error_code(exc) in TRANSIENT_CODES
-    return isinstance(exc, (ConnectionError, HTTPClientError))
 
 
 def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:

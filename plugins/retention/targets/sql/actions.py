@@ -31,7 +31,7 @@ from sqlalchemy import Date, DateTime, String, and_, bindparam, delete, select, 
 from sqlalchemy import types as sqltypes
 
 from retention import failpoints
-from retention.archive import (
+from retention.archive.store import (
     ArchivedObject,
     ArchiveExists,
     ArchiveFailed,
@@ -40,16 +40,16 @@ from retention.archive import (
     encode_rows,
 )
 from retention.errors import TargetError, TransientError
-from retention.targets.sql import BatchResult, _members, encode_range
+from retention.targets.sql.table import BatchResult, _members, encode_range
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.sql.elements import ColumnElement
 
-    from retention.anonymize import Anonymizer
-    from retention.archive import ArchiveStore
+    from retention.archive.store import ArchiveStore
     from retention.targets.base import BatchLedger, PendingBatch
-    from retention.targets.sql import Batch, SqlTable
+    from retention.targets.sql.anonymize import Anonymizer
+    from retention.targets.sql.table import Batch, SqlTable
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def _fingerprint(row) -> Any:
 
 def _copy_deleted_as_json(conn, member, condition) -> str:
     """``COPY (DELETE ... RETURNING) TO STDOUT`` as JSON Lines, each value encoded the way
-    :mod:`retention.archive` encodes it (so restore reads both paths alike).
+    :mod:`retention.archive.store` encodes it (so restore reads both paths alike).
 
     COPY takes no parameters, so psycopg2 itself renders them into the statement.
     """

@@ -17,29 +17,22 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from retention.audit import purge_batches, purge_runs, purge_targets
+from retention.clock import parse_utc, utc_iso
+from retention.evidence.audit import purge_batches, purge_runs, purge_targets
 from retention.targets.base import PendingBatch
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-    from retention.rules import RuleFile
+    from retention.rules.models import RuleFile
 
 
 SCRUBBED_BOUNDS = '{"scrubbed": true}'
 """What a certified run's batches keep of their bounds: nothing that names a record."""
 
 
-def utc_iso(moment: datetime) -> str:
-    """``2026-11-30T14:24:30.356191Z``: the one timestamp format of journal and certificates."""
-    if moment.tzinfo is None:
-        raise ValueError("timestamps must carry a time zone")
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_utc(text: str) -> datetime:
-    """Inverse of :func:`utc_iso`."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -284,7 +277,7 @@ class RunJournal:
 
 
 class JournalLedger:
-    """:class:`retention.targets.sql.BatchLedger` kept in the audit database."""
+    """:class:`retention.targets.sql.table.BatchLedger` kept in the audit database."""
 
     def __init__(self, journal: RunJournal, run: RunRecord, target: str):
         self.journal = journal

@@ -14,11 +14,11 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.exc import DBAPIError
 
-from retention.connections import s3_error_code
+from retention.aws import s3_error_code
+from retention.clock import utc_iso
 from retention.errors import RetentionError, RuleError, RuleProblem, TargetError, TerminalError, TransientError
 from retention.holds import HoldRegistry, HoldView
-from retention.journal import utc_iso
-from retention.rules import RuleFile
+from retention.rules.models import RuleFile
 from retention.targets import RunContext, Targets
 
 _READ_ERRORS = (DBAPIError, ClientError, BotoCoreError)
@@ -166,7 +166,8 @@ def target_field(index: int, field: str | None) -> tuple[str | int, ...]:
 def plan_failure(category: str, target: str | None, exc: BaseException) -> PlanFailed:
     """``exc`` (raised reading a target, or the archive when ``target`` is None) as a plan
     failure that says whether another attempt can help, as a purge's errors do."""
-    from retention.runs import describe_error, is_retryable  # runs imports this module
+    from retention.retry import describe_error
+    from retention.run.runner import is_retryable  # runs imports this module
 
     cause = describe_error(exc)
     kind = TransientPlanFailure if is_retryable(exc) else TerminalPlanFailure

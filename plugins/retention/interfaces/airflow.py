@@ -27,11 +27,11 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from retention.connections import ConnectionSpec
 from retention.errors import ConfigError, RuleProblem
-from retention.pools import pool_name
-from retention.rules import RuleFile, salvage_fields, scan_rules
+from retention.interfaces.pools import pool_name
+from retention.rules.models import RuleFile, salvage_fields, scan_rules
 
 if TYPE_CHECKING:
-    from retention.runs import Runner
+    from retention.run.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
                 as_of = context.get("logical_date") or context["dag_run"].run_after
                 approval = (context["params"] or {}).get("approve_over_limit")
                 run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval)
-                from retention.render import count
+                from retention.interfaces.render import count
 
                 log.info("run %s: as of %s, cutoff %s", run.run_id, run.as_of, run.cutoff)
                 for target in purge_plan.targets:
@@ -237,11 +237,11 @@ class _RunnerScope:
     """Builds a Runner on Airflow connections and closes its engines afterwards."""
 
     def __enter__(self) -> Runner:
-        from retention.audit import open_audit
-        from retention.checkpoints import configured_store
-        from retention.journal import RunJournal
-        from retention.runs import Runner
-        from retention.signing import Signer
+        from retention.evidence.audit import open_audit
+        from retention.evidence.checkpoints import configured_store
+        from retention.evidence.signing import Signer
+        from retention.run.journal import RunJournal
+        from retention.run.runner import Runner
         from retention.targets import Targets
 
         signer = Signer.from_environment()
@@ -278,7 +278,7 @@ def airflow_connection(conn_id: str) -> ConnectionSpec:
 def _reload(path: str, category: str) -> RuleFile:
     # Tasks run from the rule file as it is now; the runner refuses it if it changed
     # since the run was opened.
-    from retention.rules import load_rule_file
+    from retention.rules.models import load_rule_file
 
     rule_file = load_rule_file(path)
     if rule_file.rule.category != category:

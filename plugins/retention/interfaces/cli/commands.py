@@ -19,7 +19,7 @@ from datetime import date, datetime, timezone
 
 from retention import __version__
 from retention.errors import ConfigError, InvalidAsOf, RetentionError, RuleError, TerminalError, TransientError
-from retention.render import count, describe_certificate, moment, rate, size, table
+from retention.interfaces.render import count, describe_certificate, moment, rate, size, table
 
 DEFAULT_RULES_DIR = "retention_rules"
 
@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from retention.rules import load_rules
+    from retention.rules.models import load_rules
 
     rules = load_rules(args.rules)
     print(f"✓ {count(len(rules), 'rule file')} valid in {args.rules}: "
@@ -236,8 +236,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
-    from retention.plan import build_plan
-    from retention.rules import load_rules
+    from retention.plan.builder import build_plan
+    from retention.rules.models import load_rules
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
@@ -257,8 +257,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _hold_registry_if_any(audit: str):
     """The legal holds, when an audit database is configured; a plan can be made without one."""
-    from retention.audit import open_audit
     from retention.connections import env_var_name, from_environment
+    from retention.evidence.audit import open_audit
     from retention.holds import HoldRegistry
 
     if not os.environ.get(env_var_name(audit)):
@@ -268,14 +268,14 @@ def _hold_registry_if_any(audit: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from retention.audit import open_audit
-    from retention.checkpoints import configured_store
     from retention.connections import from_environment
-    from retention.journal import RunJournal
-    from retention.plan import build_plan
-    from retention.rules import load_rules
-    from retention.runs import RunAlreadyCertified, Runner, check_as_of
-    from retention.signing import Signer
+    from retention.evidence.audit import open_audit
+    from retention.evidence.checkpoints import configured_store
+    from retention.evidence.signing import Signer
+    from retention.plan.builder import build_plan
+    from retention.rules.models import load_rules
+    from retention.run.journal import RunJournal
+    from retention.run.runner import RunAlreadyCertified, Runner, check_as_of
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
@@ -316,7 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return EXIT_INVALID
             except (TerminalError, TransientError) as exc:
                 _err(f"{rule_file.rule.category}: {exc}")
-                from retention.certificates import find_certificate
+                from retention.evidence.chain import find_certificate
 
                 errors += 1
                 certificate = find_certificate(journal.engine, rule_file.rule.category, run_id)
@@ -332,8 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _holds(args: argparse.Namespace):
-    from retention.audit import open_audit
     from retention.connections import from_environment
+    from retention.evidence.audit import open_audit
     from retention.holds import HoldRegistry
 
     return HoldRegistry(open_audit(from_environment, args.audit))
@@ -366,7 +366,7 @@ def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
     among those the audit database has run), its target, its columns (in the live table, else
     in the rule) and its S3 prefix. ``--force`` places it anyway. Returns warnings to print
     after placing it (a hold that matches no row now, and its near matches)."""
-    from retention.rules import load_rules
+    from retention.rules.models import load_rules
 
     unreadable = ""
     try:
@@ -417,7 +417,7 @@ def _check_hold_columns(target, match: dict, unknown, notes: list[str], *, targe
 
     from retention.connections import from_environment
     from retention.targets import Targets
-    from retention.targets.sql import hold_match
+    from retention.targets.sql.table import hold_match
 
     schema, _, name = target.table.rpartition(".")
     with Targets(from_environment) as targets:
@@ -520,10 +520,10 @@ def cmd_hold_release(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from retention.audit import open_audit
     from retention.connections import from_environment
-    from retention.rules import load_rules
-    from retention.status import retention_status
+    from retention.evidence.audit import open_audit
+    from retention.rules.models import load_rules
+    from retention.run.status import retention_status
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
@@ -547,9 +547,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_certificates(args: argparse.Namespace) -> int:
-    from retention.audit import open_audit
-    from retention.certificates import read_certificates
     from retention.connections import from_environment
+    from retention.evidence.audit import open_audit
+    from retention.evidence.chain import read_certificates
 
     engine = open_audit(from_environment, args.audit)
     if args.seq is not None:
@@ -625,9 +625,11 @@ def _unreadable(certificate) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from retention.audit import open_audit
-    from retention.certificates import Verification, count_certificates, verify_chain
-    from retention.checkpoints import (
+    from retention.aws import s3_client_from_environment
+    from retention.connections import from_environment
+    from retention.evidence.audit import open_audit
+    from retention.evidence.chain import Verification, count_certificates, verify_chain
+    from retention.evidence.checkpoints import (
         CHECKPOINTS_ENV,
         CheckpointError,
         NoCheckpoints,
@@ -635,7 +637,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         open_store,
         read_all,
     )
-    from retention.connections import from_environment, s3_client_from_environment
 
     keys = _trusted_keys(args)
     origin = log_identity(args.log_id)
@@ -702,7 +703,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _trusted_keys(args: argparse.Namespace):
     """The keyring (each key for its seq range), or PEM public keys (any key for any seq)."""
-    from retention.signing import PublicKeys
+    from retention.evidence.signing import PublicKeys
 
     if args.public_key and args.keyring:
         raise ConfigError("give --keyring (or $RETENTION_KEYRING) or --public-key, not both: the keyring's "
@@ -719,9 +720,9 @@ def _check_archives(engine, client) -> dict:
     """Each archive run's manifest against its certificate, and its objects against the manifest."""
     from botocore.exceptions import ClientError
 
-    from retention.certificates import read_certificates
-    from retention.connections import s3_error_code
-    from retention.restore import check_archive, read_manifest
+    from retention.archive.restore import check_archive, read_manifest
+    from retention.aws import s3_error_code
+    from retention.evidence.chain import read_certificates
 
     figures = {"runs": 0, "objects": 0, "bytes": 0, "problem": None, "bad_seq": None}
     for certificate in read_certificates(engine):
@@ -751,11 +752,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     The chain is verified first, with the signing key's own public key: a checkpoint must
     never vouch for a chain that does not verify.
     """
-    from retention.audit import open_audit
-    from retention.certificates import verify_chain
-    from retention.checkpoints import CHECKPOINTS_ENV, log_identity, open_store, publish
-    from retention.connections import from_environment, s3_client_from_environment
-    from retention.signing import PublicKeys, Signer
+    from retention.aws import s3_client_from_environment
+    from retention.connections import from_environment
+    from retention.evidence.audit import open_audit
+    from retention.evidence.chain import verify_chain
+    from retention.evidence.checkpoints import CHECKPOINTS_ENV, log_identity, open_store, publish
+    from retention.evidence.signing import PublicKeys, Signer
 
     location = args.to or os.environ.get(CHECKPOINTS_ENV)
     if not location:
@@ -785,11 +787,11 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from retention.audit import open_audit
+    from retention.archive.restore import certified_manifest, restore
     from retention.connections import from_environment
-    from retention.restore import certified_manifest, restore
-    from retention.rules import _table_name
-    from retention.signing import PublicKeys
+    from retention.evidence.audit import open_audit
+    from retention.evidence.signing import PublicKeys
+    from retention.rules.models import _table_name
     from retention.targets import Targets
 
     keys = PublicKeys.from_pem_files(args.public_key) if args.public_key else None
@@ -812,7 +814,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _restore_objects(manifest: dict, client, into: str) -> int:
-    from retention.restore import THAW_DAYS, restore_objects
+    from retention.archive.restore import THAW_DAYS, restore_objects
 
     result = restore_objects(manifest, client, into)
     print(table(["OBJECTS", "COUNT"], [["restored now", f"{len(result.restored):,}"],
@@ -835,7 +837,7 @@ def table_rows(tables: dict[str, int], conn_id: str) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from retention.signing import SIGNING_KEY_ENV, Signer, generate_keypair, keyring_line
+    from retention.evidence.signing import SIGNING_KEY_ENV, Signer, generate_keypair, keyring_line
 
     private_path, public_path = generate_keypair(args.out)
     print(f"private key: {private_path} (keep secret; set {SIGNING_KEY_ENV}={private_path})")
@@ -912,7 +914,13 @@ def cmd_airflow_sync_pools(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
-    from retention.pools import import_document, load_pool_config, load_pool_rules, required_pools, rule_connections
+    from retention.interfaces.pools import (
+        import_document,
+        load_pool_config,
+        load_pool_rules,
+        required_pools,
+        rule_connections,
+    )
 
     rules = load_pool_rules(args.rules)
     used = sorted({c for r in rules for c in rule_connections(r.rule)})
@@ -956,7 +964,7 @@ def _as_of(text: str) -> datetime:
 
 def _what_if(as_of: datetime) -> None:
     """A plan may look ahead (it touches nothing) but not before 1970; say a future one is a what-if."""
-    from retention.runs import check_as_of
+    from retention.run.runner import check_as_of
 
     now = _now()
     try:

@@ -29,21 +29,19 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from retention import failpoints
-from retention.archive import ArchiveExists, ArchiveFailed
-from retention.connections import s3_error_code
+from retention.archive.store import ArchiveExists, ArchiveFailed
+from retention.aws import TRANSIENT_CODES, s3_error_code
 from retention.errors import TargetError
-from retention.render import count
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
 
 if TYPE_CHECKING:
-    from retention.archive import ArchiveStore
+    from retention.archive.store import ArchiveStore
     from retention.holds import Hold, HoldView
-    from retention.rules import S3Target
+    from retention.rules.models import S3Target
 
 log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_REQUEST = 1000  # DeleteObjects' limit
-TRANSIENT_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "503", "500"})
 KEY_ATTEMPTS = 5
 
 @dataclass(frozen=True)
@@ -231,7 +229,8 @@ class S3Objects:
         survey.total = seen[0]
         if self.undated:
             survey.notes.append(
-                f"{count(self.undated, 'object')} without a date matching {self.target.key_date_format} "
+                f"{self.undated:,} object{'' if self.undated == 1 else 's'} without a date matching "
+                f"{self.target.key_date_format} "
                 "in the key: kept"
             )
         if self.versioned:

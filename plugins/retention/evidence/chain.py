@@ -24,15 +24,16 @@ from sqlalchemy import LargeBinary, cast, func, insert, select, text, type_coerc
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import NullType
 
-from retention.audit import CHAIN_LOCK_KEY, purge_certificates
-from retention.holds import who
-from retention.journal import RunJournal, RunRecord, TargetRecord, utc_iso
+from retention.clock import utc_iso
+from retention.evidence.audit import CHAIN_LOCK_KEY, purge_certificates
+from retention.identity import who
+from retention.run.journal import RunJournal, RunRecord, TargetRecord
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from retention.checkpoints import Checkpoint
-    from retention.signing import PublicKeys, Signer
+    from retention.evidence.checkpoints import Checkpoint
+    from retention.evidence.signing import PublicKeys, Signer
 
 log = logging.getLogger(__name__)
 

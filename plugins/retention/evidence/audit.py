@@ -4,7 +4,7 @@ Tables live in the database of connection ``retention_audit`` (or the one config
 ``purge_certificates`` refuses UPDATE, DELETE and TRUNCATE through triggers that fire
 even under ``session_replication_role = replica`` (PostgreSQL ``ENABLE ALWAYS``). That
 stops accidents and casual edits; a superuser can still drop a trigger, which is why
-trust rests on signatures and the hash chain (:mod:`retention.certificates`), not on
+trust rests on signatures and the hash chain (:mod:`retention.evidence.chain`), not on
 the database.
 """
 

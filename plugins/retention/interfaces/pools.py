@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retention.errors import RuleError, RuleProblem
-from retention.yamlsource import YamlProblem, load_located
+from retention.rules.yamlsource import YamlProblem, load_located
 
 if TYPE_CHECKING:
-    from retention.rules import RetentionRule, RuleFile
+    from retention.rules.models import RetentionRule, RuleFile
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def load_pool_rules(rules_dir: str | Path) -> list[RuleFile]:
     The pools file is not a rule: its own problems are reported by :func:`load_pool_config`,
     whether or not the rule scanner already skips ``_``-files.
     """
-    from retention.rules import scan_rules
+    from retention.rules.models import scan_rules
 
     rules, problems = scan_rules(rules_dir)
     pools_file = Path(rules_dir) / POOLS_FILE

@@ -24,13 +24,13 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from retention.connections import s3_error_code
+from retention.aws import s3_error_code
 from retention.errors import TransientError
 
 if TYPE_CHECKING:
     from sqlalchemy import Table
 
-    from retention.rules import ArchiveSpec
+    from retention.rules.models import ArchiveSpec
 
 log = logging.getLogger(__name__)
 

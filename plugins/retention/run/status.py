@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from croniter import croniter
 
-from retention.certificates import read_certificates
+from retention.clock import utc_iso
+from retention.evidence.chain import read_certificates
 from retention.holds import HoldRegistry, HoldView
-from retention.journal import utc_iso
 from retention.targets import RunContext
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from retention.rules import RetentionRule, RuleFile
+    from retention.rules.models import RetentionRule, RuleFile
     from retention.targets import Targets
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def retention_status(rule_files: list[RuleFile], audit: Engine, targets: Targets
                 handle = targets.open(target, context, holds=HoldView(registry, rule.category, target.name, now))
                 expired, held, oldest = handle.oldest_expired(cutoff)
             except Exception as exc:  # one broken target must not hide the others
-                from retention.runs import describe_error
+                from retention.retry import describe_error
 
                 log.debug("status of %s.%s", rule.category, target.name, exc_info=True)
                 report.append(TargetStatus(

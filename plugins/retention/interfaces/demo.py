@@ -23,10 +23,10 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from retention.anonymize import HASH_KEY_ENV
-from retention.checkpoints import CHECKPOINTS_ENV
-from retention.rules import load_rules
-from retention.signing import SIGNING_KEY_ENV, generate_keypair
+from retention.evidence.checkpoints import CHECKPOINTS_ENV
+from retention.evidence.signing import SIGNING_KEY_ENV, generate_keypair
+from retention.rules.models import load_rules
+from retention.targets.sql.anonymize import HASH_KEY_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -239,7 +239,7 @@ def environment(demo: Path, databases: dict[str, Path], s3_endpoint: str) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     """Seed, plan, run every DAG, list and verify certificates."""
-    parser = argparse.ArgumentParser(prog="python -m retention.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m retention.interfaces.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("RETENTION_DEMO_DIR", ROOT / ".demo")))
     parser.add_argument("--scale", type=int, default=1, help="multiply the seeded rows")
     args = parser.parse_args(argv)

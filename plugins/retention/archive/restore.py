@@ -29,8 +29,8 @@ from typing import Any
 from sqlalchemy import MetaData, Table, insert
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
-from retention.archive import MANIFEST_TYPE, TableShape, decode_rows
-from retention.connections import s3_error_code
+from retention.archive.store import MANIFEST_TYPE, TableShape, decode_rows
+from retention.aws import s3_error_code
 from retention.errors import ConfigError, TerminalError
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,11 @@ def certified_manifest(engine, location: str | None, s3_client_for: Callable[[],
     A manifest is only as good as the certificate that records its SHA-256: without one
     (a hand-written manifest, or one rewritten after a tampered object), or with one whose
     hash differs, TerminalError, before anything is read from the archive or written.
-    With ``keys`` (:class:`retention.signing.PublicKeys`) the certificate's signature must hold too.
+    With ``keys`` (:class:`retention.evidence.signing.PublicKeys`) the certificate's signature must hold too.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from retention.certificates import read_certificates
+    from retention.evidence.chain import read_certificates
 
     certificate = None
     if seq is not None:

@@ -21,9 +21,9 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from retention.audit import run_locks
+from retention.clock import parse_utc, utc_iso
 from retention.errors import TransientError
-from retention.journal import parse_utc, utc_iso
+from retention.evidence.audit import run_locks
 
 log = logging.getLogger(__name__)
 

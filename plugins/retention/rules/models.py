@@ -32,9 +32,9 @@ from pydantic import (
     field_validator,
 )
 
-from retention.anonymize import Strategy
 from retention.errors import InvalidAsOf, RuleError, RuleProblem
-from retention.yamlsource import LocatedDocument, YamlProblem, load_located
+from retention.rules.strategies import Strategy
+from retention.rules.yamlsource import LocatedDocument, YamlProblem, load_located
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _CATEGORY = re.compile(r"[a-z][a-z0-9_]{0,62}")

@@ -46,10 +46,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from retention import failpoints
-from retention.connections import s3_error_code
+from retention.aws import TRANSIENT_CODES, s3_error_code
 from retention.errors import ConfigError, TerminalError, TransientError
-from retention.signing import PublicKeys, Signer
-from retention.targets.s3 import TRANSIENT_CODES
+from retention.evidence.signing import PublicKeys, Signer
 
 CHECKPOINTS_ENV = "RETENTION_CHECKPOINTS"
 CHECKPOINTS_CONN_ENV = "RETENTION_CHECKPOINTS_CONN"

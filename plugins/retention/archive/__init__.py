@@ -1,0 +1,1 @@
+"""Archives: value codecs, the archive store, manifests, restore and checks in place."""

@@ -1,0 +1,1 @@
+"""Evidence: the audit schema, signing, certificate payloads, the chain, verification, checkpoints."""

@@ -1,0 +1,1 @@
+"""Interfaces: the CLI, the Airflow DAGs, the demo. Only interfaces/airflow.py imports Airflow."""

@@ -1,0 +1,5 @@
+"""The ``retention`` command."""
+
+from retention.interfaces.cli.commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Rules: YAML rule files, validated into typed models (fields, models, loader, problems)."""

@@ -1,0 +1,1 @@
+"""Runs: start, purge, certify; the journal, the lease, settlement, status."""

@@ -127,6 +127,14 @@ class AirflowStack:
                                  capture_output=True, text=True, timeout=timeout)
         if migrate.returncode != 0:
             raise StackError(f"airflow db migrate failed:\n{migrate.stdout[-3000:]}\n{migrate.stderr[-3000:]}")
+        # As a deployment's init step does: purge tasks run in their connection's pool, and a
+        # pool that does not exist is never scheduled.
+        rules = self.env.get("RETENTION_RULES_DIR")
+        if rules:
+            pools = subprocess.run([sys.executable, "-m", "retention.interfaces.cli", "airflow", "sync-pools",
+                                    "--rules", rules], env=self.env, capture_output=True, text=True, timeout=timeout)
+            if pools.returncode != 0:
+                raise StackError(f"retention airflow sync-pools failed:\n{pools.stdout[-3000:]}\n{pools.stderr[-3000:]}")
         for name in ("api-server", "scheduler", "dag-processor"):
             self._spawn(name)
         self.wait_until(lambda: self._healthy(), timeout, "the API server to answer /api/v2/monitor/health")

@@ -91,8 +91,8 @@ def diff_rules(base: str, rules_dir: str | Path) -> RulesDiff:
             loaded, problems = scan_rules(tmp)
         else:
             loaded, problems = [], []
-        problems = [RuleProblem(f"{base}:{Path(p.file).name}", p.line, p.field, p.message)
-                    for p in problems if Path(p.file) != Path(tmp)]
+        problems = [RuleProblem(f"{base}:{Path(p.path).name}", p.line, p.field, p.message)
+                    for p in problems if Path(p.path) != Path(tmp)]
     before = {r.rule.category: r.rule for r in loaded}
     changes = []
     for category in sorted(set(before) | set(head)):
@@ -251,8 +251,8 @@ def _value(value: Any) -> str:
 
 def _text(value: str) -> str:
     """Free text from a rule file, unable to open Markdown or HTML constructs in the comment."""
-    out = " ".join(value.split())
-    for char in "\\`*_[]<>|#!~":
+    out = " ".join(value.split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char in "\\`*_[]|#!~":
         out = out.replace(char, "\\" + char)
     return out
 

@@ -23,7 +23,7 @@ DEFAULT_SCHEMA_PATH = Path("docs") / "rule.schema.json"
 
 # Written forms of the parsed values, matching rules.models' parsers closely enough for
 # an editor (the loader's own messages remain authoritative).
-_DURATION_PATTERN = r"^[Pp](\d+[Yy])?(\d+[Mm])?(\d+[Ww])?(\d+[Dd])?([Tt](?=\d)(\d+[Hh])?(\d+[Mm])?(\d+[Ss])?)?$"
+_DURATION_PATTERN = r"^(?=[Pp].*\d)[Pp](\d+[Yy])?(\d+[Mm])?(\d+[Ww])?(\d+[Dd])?([Tt](?=\d)(\d+[Hh])?(\d+[Mm])?(\d+[Ss])?)?$"
 _WRITTEN_FORMS: dict[str, dict[str, Any]] = {
     "IsoDuration": {
         "type": "string",

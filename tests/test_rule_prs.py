@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -216,3 +217,29 @@ def test_item04_ci_recipe_runs_validate_diff_and_plan():
     for command in ("retention validate", "retention diff --base", "retention plan --json"):
         assert command in steps, command
     assert any(s.get("with", {}).get("fetch-depth") == 0 for s in workflow["jobs"]["retention-rules"]["steps"])
+
+
+# -- item 5: the demo leaves something to explore -----------------------------------------
+
+
+def test_item05_demo_env_file_sourced_reaches_the_demo_data(tmp_path):
+    from retention.interfaces import demo as demo_module
+
+    demo = tmp_path / "a demo's dir"
+    (demo / "keys").mkdir(parents=True)
+    (demo / "keys" / "hash.key").write_text("00ff" * 16 + "\n")
+    databases = {"shop_db": demo / "data" / "shop.db", "crm_db": demo / "data" / "crm.db"}
+    env = demo_module.environment(demo, databases, "http://127.0.0.1:1")
+    path = demo_module.write_env_file(demo, env)
+    assert path == demo / "env" and (path.stat().st_mode & 0o077) == 0
+    text = path.read_text()
+    assert "00ff" * 16 not in text, "the HMAC key is read from its file, not copied"
+    assert "AWS_DEFAULT" not in text, "the demo's S3 is gone; no connection to a dead port"
+    names = ["AIRFLOW_CONN_SHOP_DB", "AIRFLOW_CONN_CRM_DB", "AIRFLOW_CONN_RETENTION_AUDIT",
+             "RETENTION_RULES_DIR", "AIRFLOW_HOME", demo_module.SIGNING_KEY_ENV, demo_module.CHECKPOINTS_ENV]
+    script = f"source {shlex.quote(str(path))} && " + " && ".join(f'printf "%s\\0" "${n}"' for n in names + [demo_module.HASH_KEY_ENV])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    values = out.split("\0")[:-1]
+    assert values == [env[n] for n in names] + ["00ff" * 16]
+    message = demo_module.explore_text(demo, path)
+    assert f"source {path}" in message and "retention certificates" in message and "retention verify" in message

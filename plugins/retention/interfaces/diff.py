@@ -269,6 +269,11 @@ def _resolve(base: str, rules_dir: Path) -> str:
     if not base or base.startswith("-") or any(c.isspace() or ord(c) < 32 for c in base):
         raise ConfigError(f"--base {base!r} is not a git ref: give a branch, tag or commit (e.g. origin/main)")
     try:
+        _git(rules_dir, "rev-parse", "--git-dir")
+    except ConfigError:
+        raise ConfigError(f"rules directory {rules_dir} is not inside a git repository; diff compares "
+                          "with a commit of the repository the rules live in") from None
+    try:
         out = _git(rules_dir, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{base}^{{commit}}")
     except ConfigError:
         raise ConfigError(f"--base {base!r} is not a commit in the repository of {rules_dir}: "
@@ -278,8 +283,10 @@ def _resolve(base: str, rules_dir: Path) -> str:
 
 def _base_files(commit: str, rules_dir: Path) -> list[str]:
     """Rule-directory entries at ``commit``: *.yaml files (an empty list if the directory did not exist)."""
-    out = _git(rules_dir, "ls-tree", "-z", "--name-only", commit, "--", ".")
-    names = [Path(n).name for n in out.decode("utf-8", "replace").split("\0") if n]
+    out = _git(rules_dir, "ls-tree", "-z", commit, "--", ".")
+    # "<mode> <type> <sha>\t<path>": only files (a directory or submodule named x.yaml is not a rule).
+    entries = [e.split("\t", 1) for e in out.decode("utf-8", "replace").split("\0") if "\t" in e]
+    names = [Path(path).name for meta, path in entries if meta.split(" ")[1] == "blob"]
     return sorted(n for n in names if n.endswith((".yaml", ".yml")) and "/" not in n and not n.startswith("."))
 
 

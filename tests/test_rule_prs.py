@@ -243,3 +243,14 @@ def test_item05_demo_env_file_sourced_reaches_the_demo_data(tmp_path):
     assert values == [env[n] for n in names] + ["00ff" * 16]
     message = demo_module.explore_text(demo, path)
     assert f"source {path}" in message and "retention certificates" in message and "retention verify" in message
+
+
+def test_item04_diff_base_directory_named_like_a_rule_is_not_read(rules_repo, capsys):
+    rules = rules_repo / "retention_rules"
+    (rules / "trap.yaml").mkdir()
+    (rules / "trap.yaml" / "x.txt").write_text("not a rule")
+    _git(rules_repo, "add", "-A")
+    _git(rules_repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "dir")
+    shutil.rmtree(rules / "trap.yaml")
+    code, out = _diff(rules_repo, capsys)
+    assert code == 0 and "No change to the retention schedule." in out, out

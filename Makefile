@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench validate plan demo-clean clean env
+.PHONY: install demo test bench validate plan demo-clean clean env schema
 
 install: $(BIN)/.installed
 
@@ -30,6 +30,10 @@ bench: install
 
 validate: install
 	$(BIN)/retention validate retention_rules
+
+## The JSON Schema editors check rule files against (tests fail when it is stale).
+schema: install
+	$(BIN)/retention schema --out docs/rule.schema.json
 
 ## Secrets for docker-compose.yml, random, into .env (gitignored; never overwritten).
 env: .env

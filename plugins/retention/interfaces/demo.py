@@ -313,6 +313,7 @@ def _run_demo(demo: Path, env: dict[str, str], bin_dir: Path) -> int:
         print(f"\nDemo finished with failures: {', '.join(failed) or 'verification'}", file=sys.stderr)
         return 1
     print("\nDone. Run it again: new data is seeded, and the certificate chain grows and still verifies.")
+    print(explore_text(demo, write_env_file(demo, env)))
     return 0
 
 
@@ -330,6 +331,48 @@ def _run(command: list, env: dict[str, str], *, quiet: bool = False, log: Path |
     else:
         result = subprocess.run(command, env=env, check=False)
     return result.returncode == 0
+
+
+ENV_FILE_NAMES = ("AIRFLOW_HOME", "RETENTION_RULES_DIR", SIGNING_KEY_ENV, CHECKPOINTS_ENV,
+                  "AIRFLOW_CONN_RETENTION_AUDIT")
+"""What ``.demo/env`` exports besides the demo's database connections (no secret values)."""
+
+
+def write_env_file(demo: Path, env: dict[str, str]) -> Path:
+    """Write ``demo/env``: ``source`` it and the CLI reaches the demo's databases, keys and audit log.
+
+    Paths and JSON are shell-quoted. The HMAC key is read from its file when sourced, not
+    copied into this one. The demo's S3 (moto, in memory) ended with the demo, so
+    ``aws_default`` is left out: commands that need S3 say the connection is missing
+    rather than hang on a dead port.
+    """
+    import shlex
+
+    names = [*ENV_FILE_NAMES, *sorted(n for n in env if n.startswith("AIRFLOW_CONN_")
+                                       and n not in ENV_FILE_NAMES and n != "AIRFLOW_CONN_AWS_DEFAULT")]
+    lines = ["# made by make demo: `source .demo/env` points the retention CLI at the demo's data.",
+             "# The demo's S3 (an in-memory moto server) ended with it: no aws_default here."]
+    lines += [f"export {name}={shlex.quote(env[name])}" for name in names if name in env]
+    lines.append(f"export {HASH_KEY_ENV}=\"$(cat {shlex.quote(str(demo / 'keys' / 'hash.key'))})\"")
+    path = demo / "env"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def explore_text(demo: Path, env_file: Path) -> str:
+    """How to look at what the demo made (printed at its end)."""
+    public_key = demo / "keys" / "retention-signing.pub.pem"
+    return (
+        "\nExplore what it made:\n"
+        f"  source {env_file}\n"
+        "  retention certificates                   # the signed purge certificates\n"
+        f"  retention verify --public-key {public_key} --checkpoint {demo / 'checkpoints'}\n"
+        "  retention status                         # per target: last run and how far behind\n"
+        "  retention hold list --all                # legal holds\n"
+        f"  sqlite3 {demo / 'audit.db'}              # the audit database itself\n"
+        f"  logs of each DAG run: {demo / 'logs'}/"
+    )
 
 
 if __name__ == "__main__":

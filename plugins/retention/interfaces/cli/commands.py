@@ -216,6 +216,10 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--json", action="store_true", help="print the pools as `airflow pools import` JSON")
     sync.set_defaults(handler=cmd_airflow_sync_pools)
 
+    from retention.interfaces import diff, ruleschema  # rule-PR commands (issue #11 item 4)
+    for module in (ruleschema, diff):
+        module.register(commands)
+
     cmd = commands.add_parser("keygen", help="create an Ed25519 signing key pair")
     cmd.add_argument("--out", required=True, metavar="DIR")
     cmd.set_defaults(handler=cmd_keygen)

@@ -223,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("keygen", help="create an Ed25519 signing key pair")
     cmd.add_argument("--out", required=True, metavar="DIR")
     cmd.set_defaults(handler=cmd_keygen)
+    from retention.interfaces import report, schedule; schedule.register(commands); report.register(commands)  # noqa: E702
     return parser
 
 

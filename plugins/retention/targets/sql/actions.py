@@ -40,7 +40,9 @@ from retention.archive.store import (
     encode_rows,
 )
 from retention.errors import TargetError, TransientError
-from retention.targets.sql.table import BatchResult, _members, encode_range
+from retention.targets.base import BatchResult
+from retention.targets.sql.descriptors import encode_range
+from retention.targets.sql.table import _members
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -49,7 +51,8 @@ if TYPE_CHECKING:
     from retention.archive.store import ArchiveStore
     from retention.targets.base import BatchLedger, PendingBatch
     from retention.targets.sql.anonymize import Anonymizer
-    from retention.targets.sql.table import Batch, SqlTable
+    from retention.targets.sql.table import SqlTable
+    from retention.targets.sql.walk import Batch
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class DeleteRows(SqlAction):
         with conn.begin():
             span = batch.cut(table, conn)
             _postgres_bitmap(table, conn)
-            selection = and_(batch.expired, table._in_range(span))
+            selection = and_(batch.expired, table.in_range(span))
             counts = {member.name: conn.execute(delete(member.table).where(condition)).rowcount
                       for member, condition in table.family_conditions(selection)}
             rows = counts[table.family.name]
@@ -162,7 +165,7 @@ class ArchiveRows(SqlAction):
         depths = _depths(table.family)
         with conn.begin():
             span = batch.cut(table, conn)
-            selection = and_(batch.expired, table._in_range(span))
+            selection = and_(batch.expired, table.in_range(span))
             members = table.family_conditions(selection)  # children first
             keys = {member.name: self.store.key_for(self.category, self.run_id, table.target.name, batch_no,
                                                      member.name) for member, _ in members}
@@ -241,7 +244,7 @@ class ArchiveRows(SqlAction):
         ledger, batch_no, holds = batch.ledger, batch.number, list(batch.holds)
         with conn.begin():
             span = batch.cut(table, conn)
-        selection = and_(batch.expired, table._in_range(span))
+        selection = and_(batch.expired, table.in_range(span))
         members = table.family_conditions(selection)
         shapes = {member.name: TableShape.of(member.table) for member, _ in members}
         depths = _depths(table.family)
@@ -256,7 +259,7 @@ class ArchiveRows(SqlAction):
             for member, condition in members:
                 query = select(member.table).where(condition)
                 if member is table.family:
-                    query = query.order_by(*table._walk_columns())
+                    query = query.order_by(*table.walk_columns())
                 # Per statement: Connection.execution_options would stream every later statement too.
                 result = conn.execute(query.execution_options(stream_results=True, yield_per=5000))
                 shape = shapes[member.name]
@@ -446,7 +449,7 @@ class AnonymizeRows(SqlAction):
         started = time.perf_counter()
         with conn.begin():
             span = batch.cut(table, conn)
-            query = select(*key, *[t.c[c] for c in columns]).where(batch.expired, table._in_range(span))
+            query = select(*key, *[t.c[c] for c in columns]).where(batch.expired, table.in_range(span))
             if table.engine.dialect.name != "sqlite":
                 query = query.with_for_update()
             rows = conn.execute(query).all()

@@ -84,7 +84,9 @@ class Targets:
                 return S3Objects(target, client, archive=self.archive_store(context.archive),
                                  category=context.category, run_id=context.run_id, holds=holds)
             return S3Objects(target, client, holds=holds)
-        from retention.targets.sql.actions import AnonymizeRows, ArchiveRows, DeleteRows
+        from retention.targets.sql.anonymize import AnonymizeRows
+        from retention.targets.sql.archive import ArchiveRows
+        from retention.targets.sql.delete import DeleteRows
         from retention.targets.sql.table import SqlTable
 
         if action == "archive":

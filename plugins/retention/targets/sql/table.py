@@ -102,7 +102,7 @@ class SqlTable:
         passes: int = 3, lock_timeout: float = 2.0, statement_timeout: float = 120.0,
         retry_delays: Sequence[float] = (0.5, 1, 2, 4, 8, 15),
     ):
-        from retention.targets.sql.actions import DeleteRows
+        from retention.targets.sql.delete import DeleteRows
 
         self.target = target
         self.engine = engine
@@ -223,7 +223,7 @@ class SqlTable:
         """Every foreign key into a purged table must be declared as a child, or a batch
         would fail on it half-way (or cascade past the archive)."""
         insp = inspect(self.engine)
-        members = list(_members(family))
+        members = list(family_members(family))
         declared = {(m.table.schema, m.table.name): m for m in members}
         references = insp.get_multi_foreign_keys(schema=family.table.schema)
         for (schema, name), keys in references.items():
@@ -252,7 +252,7 @@ class SqlTable:
                 "add one before purging a large table"
             )
         insp = inspect(self.engine)
-        for member in list(_members(self.family))[1:]:
+        for member in list(family_members(self.family))[1:]:
             leading = [i["column_names"][: len(member.link)] for i in insp.get_indexes(member.table.name, member.table.schema)]
             leading += [[c.name for c in member.table.primary_key.columns][: len(member.link)]]
             if list(member.link) not in leading:
@@ -775,10 +775,11 @@ def _as_utc(value: Any) -> datetime | None:
 
 
 
-def _members(member: Member) -> Iterator[Member]:
+def family_members(member: Member) -> Iterator[Member]:
+    """``member`` and every table under it, parents before children."""
     yield member
     for child in member.children:
-        yield from _members(child)
+        yield from family_members(child)
 
 
 def _qualified(table: Table) -> str:

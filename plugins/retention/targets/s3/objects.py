@@ -30,7 +30,7 @@ from botocore.exceptions import ClientError
 
 from retention import failpoints
 from retention.archive.store import ArchiveExists, ArchiveFailed
-from retention.aws import TRANSIENT_CODES, s3_error_code
+from retention.aws import NO_BUCKET_CODES, NO_LOCK_CONFIG_CODES, NOT_FOUND_CODES, TRANSIENT_CODES, s3_error_code
 from retention.errors import TargetError
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
 
@@ -110,7 +110,7 @@ class S3Objects:
             self.client.head_bucket(Bucket=self.target.bucket)
         except ClientError as exc:
             code = s3_error_code(exc)
-            if code in ("404", "NoSuchBucket"):
+            if code in NO_BUCKET_CODES:
                 raise TargetError(f"bucket {self.target.bucket!r} does not exist", "bucket") from None
             if code in ("403", "AccessDenied"):
                 raise TargetError(
@@ -135,7 +135,7 @@ class S3Objects:
                 config = self.client.get_object_lock_configuration(Bucket=self.target.bucket)
                 self._locked = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
             except ClientError as exc:
-                if s3_error_code(exc) not in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration", "404"):
+                if s3_error_code(exc) not in NO_LOCK_CONFIG_CODES:
                     raise
                 self._locked = False
         return self._locked
@@ -510,7 +510,7 @@ class S3Objects:
             try:
                 head = self.client.head_object(**kwargs)
             except ClientError as exc:
-                if s3_error_code(exc) in ("404", "NoSuchKey", "NoSuchVersion"):
+                if s3_error_code(exc) in NOT_FOUND_CODES:
                     continue
                 raise
             if head.get("ObjectLockLegalHoldStatus") == "ON":
@@ -589,7 +589,7 @@ class S3Objects:
             self.client.head_object(**kwargs)
         except ClientError as exc:
             code = s3_error_code(exc)
-            if code in ("404", "NoSuchKey", "NoSuchVersion"):
+            if code in NOT_FOUND_CODES:
                 return False
             if code in ("405", "MethodNotAllowed"):
                 return True  # a delete marker that still exists

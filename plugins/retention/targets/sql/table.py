@@ -46,7 +46,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from retention.errors import TargetError, TerminalError
-from retention.retry import is_transient
+from retention.retry import attempts, is_transient
 from retention.targets.base import BatchLedger, BatchResult, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
 from retention.targets.sql.descriptors import BatchRange, Bound, decode_range, encode_range
 from retention.targets.sql.predicates import _lexicographic, hold_match
@@ -482,17 +482,12 @@ class SqlTable:
 
     def _with_retries(self, work):
         """Run ``work(conn)`` on a fresh connection, retrying transient database errors."""
-        for attempt, delay in enumerate((*self.retry_delays, None), 1):
-            try:
-                with self.engine.connect() as conn:
-                    self._session_timeouts(conn)
-                    return work(conn)
-            except DBAPIError as exc:
-                if delay is None or not is_transient(exc):
-                    raise
-                log.warning("%s: %s (transient); retrying in %.1fs (attempt %d)", self.target.name,
-                            _short(exc), delay, attempt + 1)
-                time.sleep(delay)
+        # The one retry policy, with this table's delays; only transient database errors retry.
+        for attempt in attempts(lambda exc: isinstance(exc, DBAPIError) and is_transient(exc),
+                                delays=self.retry_delays, what=self.target.name):
+            with attempt, self.engine.connect() as conn:
+                self._session_timeouts(conn)
+                return work(conn)
         raise AssertionError("unreachable")
 
     def _session_timeouts(self, conn: Connection) -> None:

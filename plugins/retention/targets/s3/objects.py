@@ -225,7 +225,7 @@ class S3Objects:
                     survey.held += 1
                     continue
                 survey.matched += 1
-                survey.bytes += obj.size
+                survey.bytes = (survey.bytes or 0) + obj.size  # started at 0 above
         survey.total = seen[0]
         if self.undated:
             survey.notes.append(
@@ -333,7 +333,7 @@ class S3Objects:
         stopped = None
         if left:
             log.warning("%s: blast-radius limit reached (%s); %d expired objects left", self.target.name,
-                        budget.limit.describe, left)
+                        budget.limit.describe if budget.limit is not None else "no limit", left)
             stopped = budget.stopped(left + total.failed)
         return PurgeOutcome(total.deleted, total.failed + left, total.held, total.bytes, failures, honoured,
                             stopped=stopped)
@@ -443,6 +443,7 @@ class S3Objects:
         return archived, failures
 
     def _copy_verified(self, key: str, version: Version) -> dict[str, Any]:
+        assert self.archive is not None  # only archiving purges copy
         spec = self.archive.spec
         dest = self.archive.key_for_object(self.category, self.run_id, self.target.name, self.target.bucket, key)
         source = {"Bucket": self.target.bucket, "Key": key}
@@ -552,6 +553,7 @@ class S3Objects:
     def _settle_archive(self, objects: list, present: list[bool]) -> str:
         """After a crash: copies of objects still in place are debris (removed); copies of
         objects that went are looked up for the manifest."""
+        assert self.archive is not None  # only archiving batches journal objects to settle
         spec = self.archive.spec
         archived, debris = [], []
         for (key, versions), still_there in zip(objects, present):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -64,11 +65,12 @@ def _decode_value(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     ((tag, text),) = value.items()
-    return {
+    decoders: dict[str, Callable[[str], Any]] = {
         "datetime": datetime.fromisoformat,
         "date": date.fromisoformat,
         "decimal": Decimal,
         "uuid": uuid.UUID,
         "bytes": base64.b64decode,
         "str": str,
-    }[tag](text)
+    }
+    return decoders[tag](text)

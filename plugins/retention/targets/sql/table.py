@@ -253,8 +253,9 @@ class SqlTable:
             )
         insp = inspect(self.engine)
         for member in list(family_members(self.family))[1:]:
-            leading = [i["column_names"][: len(member.link)] for i in insp.get_indexes(member.table.name, member.table.schema)]
-            leading += [[c.name for c in member.table.primary_key.columns][: len(member.link)]]
+            leading: list[list[str | None]] = [i["column_names"][: len(member.link)] for i in insp.get_indexes(member.table.name, member.table.schema)]
+            primary: list[str | None] = [c.name for c in member.table.primary_key.columns]
+            leading.append(primary[: len(member.link)])
             if list(member.link) not in leading:
                 notes.append(f"no index on {member.name}({', '.join(member.link)}): every batch scans {member.name}")
         notes += self.action.notes(self)
@@ -348,7 +349,7 @@ class SqlTable:
 
     def walk_columns(self) -> list[ColumnElement[Any]]:
         """The columns batches walk in order: the age, then the key."""
-        age = self.table.c[self.target.age_column]
+        age: ColumnElement[Any] = self.table.c[self.target.age_column]
         if self.engine.dialect.name == "sqlite":
             # Walk the stored text itself, so bounds round-trip byte for byte.
             age = type_coerce(age, String)
@@ -466,7 +467,7 @@ class SqlTable:
             total = self._count(conn, expired)
             if total < workers * 10_000:  # not worth the threads
                 return []
-            found = []
+            found: list[Any] = []
             for i in range(1, workers):
                 row = conn.execute(select(age).where(expired).order_by(age).offset(total * i // workers).limit(1)).first()
                 if row is not None and (not found or row[0] > found[-1]):
@@ -618,7 +619,8 @@ class SqlTable:
                 return None
             granted = budget.reserve(2 * sizer.size - 1)
             if granted == 0:
-                log.warning("%s: blast-radius limit reached (%s); stopping", self.target.name, budget.limit.describe)
+                log.warning("%s: blast-radius limit reached (%s); stopping", self.target.name,
+                            budget.limit.describe if budget.limit is not None else "no limit")
                 return None
             batch_expired = self._unheld(expired, holds)
             batch = Batch(

@@ -136,7 +136,7 @@ def is_lock_timeout(exc: DBAPIError) -> bool:
     code = getattr(orig, "pgcode", None)
     if code is not None:
         return code in _LOCK_TIMEOUT_PG
-    args = getattr(orig, "args", ())
+    args = tuple(getattr(orig, "args", ()))
     return bool(args) and isinstance(args[0], int) and args[0] in _LOCK_TIMEOUT_MYSQL
 
 

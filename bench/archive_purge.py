@@ -266,7 +266,8 @@ def measure_raw(bench_url: URL, cutoff: datetime, scratch: Path) -> dict:
 def engine_child(params: dict) -> dict:
     """Child process: one engine purge, instrumented; its figures as a dict."""
     from retention.run.journal import JournalLedger
-    from retention.targets import RunContext, Targets, sql_actions
+    from retention.targets import RunContext, Targets
+    from retention.targets.sql import archive as sql_actions
 
     bench_url, audit_url = make_url(params["bench_url"]), make_url(params["audit_url"])
     rule_file = load_rule_file(Path(params["rule_path"]))

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from retention.rules.models import Target
     from retention.targets.s3.objects import S3Objects
+    from retention.targets.sql.actions import SqlAction
     from retention.targets.sql.table import SqlTable
 
 
@@ -52,7 +53,7 @@ class Targets:
     def __init__(self, connections: ConnectionResolver):
         self.connections = connections
         self._engines: dict[str, Engine] = {}
-        self._s3: dict[str, object] = {}
+        self._s3: dict[str, Any] = {}  # boto3 clients (botocore types them at run time only)
 
     def sql_engine(self, conn_id: str) -> Engine:
         """The (cached) engine of a SQL connection id."""
@@ -81,18 +82,24 @@ class Targets:
 
             client = self.s3_client(target.connection, concurrency=target.concurrency)
             if action == "archive":
+                assert context is not None and context.archive is not None  # "archive" comes only from a context with one
                 return S3Objects(target, client, archive=self.archive_store(context.archive),
                                  category=context.category, run_id=context.run_id, holds=holds)
             return S3Objects(target, client, holds=holds)
-        from retention.targets.sql.actions import AnonymizeRows, ArchiveRows, DeleteRows
+        from retention.targets.sql.anonymize import AnonymizeRows
+        from retention.targets.sql.archive import ArchiveRows
+        from retention.targets.sql.delete import DeleteRows
         from retention.targets.sql.table import SqlTable
 
+        sql_action: SqlAction
         if action == "archive":
+            assert context is not None and context.archive is not None  # "archive" comes only from a context with one
             sql_action = ArchiveRows(self.archive_store(context.archive), category=context.category,
                                      run_id=context.run_id)
         elif action == "anonymize":
             from retention.targets.sql.anonymize import Anonymizer
 
+            assert context is not None and target.anonymize is not None  # checked when the rule was loaded
             needs_key = any(s.kind == "hash" for s in target.anonymize.columns.values())
             sql_action = AnonymizeRows(Anonymizer.from_environment(required=needs_key), as_of=context.as_of)
         else:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from retention.targets.sql.descriptors import BatchRange
 
 Progress = Callable[[int, int, float], None]
 """Called after each batch with (records purged so far by this call, batch records, batch seconds)."""
@@ -143,3 +146,14 @@ class BatchLedger(Protocol):
 
     def deleted(self) -> int:
         """Records purged by this target's done batches, across every attempt of the run."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one batch did: its range, the target's rows, rows per table, and how long it
+    held a write transaction open (what batch sizing aims at)."""
+
+    batch: BatchRange
+    rows: int
+    tables: dict[str, int]
+    seconds: float

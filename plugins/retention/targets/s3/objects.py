@@ -30,7 +30,7 @@ from botocore.exceptions import ClientError
 
 from retention import failpoints
 from retention.archive.store import ArchiveExists, ArchiveFailed
-from retention.aws import TRANSIENT_CODES, s3_error_code
+from retention.aws import NO_BUCKET_CODES, NO_LOCK_CONFIG_CODES, NOT_FOUND_CODES, TRANSIENT_CODES, s3_error_code
 from retention.errors import TargetError
 from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
 
@@ -110,7 +110,7 @@ class S3Objects:
             self.client.head_bucket(Bucket=self.target.bucket)
         except ClientError as exc:
             code = s3_error_code(exc)
-            if code in ("404", "NoSuchBucket"):
+            if code in NO_BUCKET_CODES:
                 raise TargetError(f"bucket {self.target.bucket!r} does not exist", "bucket") from None
             if code in ("403", "AccessDenied"):
                 raise TargetError(
@@ -135,7 +135,7 @@ class S3Objects:
                 config = self.client.get_object_lock_configuration(Bucket=self.target.bucket)
                 self._locked = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
             except ClientError as exc:
-                if s3_error_code(exc) not in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration", "404"):
+                if s3_error_code(exc) not in NO_LOCK_CONFIG_CODES:
                     raise
                 self._locked = False
         return self._locked
@@ -225,7 +225,7 @@ class S3Objects:
                     survey.held += 1
                     continue
                 survey.matched += 1
-                survey.bytes += obj.size
+                survey.bytes = (survey.bytes or 0) + obj.size  # started at 0 above
         survey.total = seen[0]
         if self.undated:
             survey.notes.append(
@@ -333,7 +333,7 @@ class S3Objects:
         stopped = None
         if left:
             log.warning("%s: blast-radius limit reached (%s); %d expired objects left", self.target.name,
-                        budget.limit.describe, left)
+                        budget.limit.describe if budget.limit is not None else "no limit", left)
             stopped = budget.stopped(left + total.failed)
         return PurgeOutcome(total.deleted, total.failed + left, total.held, total.bytes, failures, honoured,
                             stopped=stopped)
@@ -443,6 +443,7 @@ class S3Objects:
         return archived, failures
 
     def _copy_verified(self, key: str, version: Version) -> dict[str, Any]:
+        assert self.archive is not None  # only archiving purges copy
         spec = self.archive.spec
         dest = self.archive.key_for_object(self.category, self.run_id, self.target.name, self.target.bucket, key)
         source = {"Bucket": self.target.bucket, "Key": key}
@@ -510,7 +511,7 @@ class S3Objects:
             try:
                 head = self.client.head_object(**kwargs)
             except ClientError as exc:
-                if s3_error_code(exc) in ("404", "NoSuchKey", "NoSuchVersion"):
+                if s3_error_code(exc) in NOT_FOUND_CODES:
                     continue
                 raise
             if head.get("ObjectLockLegalHoldStatus") == "ON":
@@ -552,6 +553,7 @@ class S3Objects:
     def _settle_archive(self, objects: list, present: list[bool]) -> str:
         """After a crash: copies of objects still in place are debris (removed); copies of
         objects that went are looked up for the manifest."""
+        assert self.archive is not None  # only archiving batches journal objects to settle
         spec = self.archive.spec
         archived, debris = [], []
         for (key, versions), still_there in zip(objects, present):
@@ -589,7 +591,7 @@ class S3Objects:
             self.client.head_object(**kwargs)
         except ClientError as exc:
             code = s3_error_code(exc)
-            if code in ("404", "NoSuchKey", "NoSuchVersion"):
+            if code in NOT_FOUND_CODES:
                 return False
             if code in ("405", "MethodNotAllowed"):
                 return True  # a delete marker that still exists

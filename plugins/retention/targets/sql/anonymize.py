@@ -1,4 +1,4 @@
-"""Anonymization strategies: what replaces a personal value when a row is kept.
+"""The anonymize action (:class:`AnonymizeRows`) and its strategies: what replaces a personal value when a row is kept.
 
 ``hash`` is an HMAC-SHA256 under a secret key (``RETENTION_HASH_KEY``): the same input
 gives the same output everywhere the key is used, so joins on a hashed column still
@@ -12,13 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import time
 from collections.abc import Mapping
-from datetime import date, datetime
-from typing import Any
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING, Any
 
-from retention.errors import ConfigError
+from sqlalchemy import Date, DateTime, String, bindparam, select, update
+from sqlalchemy import types as sqltypes
+
+from retention import failpoints
+from retention.errors import ConfigError, TargetError
 from retention.rules.strategies import Strategy
+from retention.targets.base import BatchResult
+from retention.targets.sql.actions import SqlAction
+from retention.targets.sql.descriptors import encode_range
+
+if TYPE_CHECKING:
+    from retention.targets.sql.table import SqlTable
+
+log = logging.getLogger(__name__)
 
 HASH_KEY_ENV = "RETENTION_HASH_KEY"
 MIN_HASH_KEY_BYTES = 16
@@ -78,3 +92,104 @@ class Anonymizer:
         if isinstance(value, str):  # SQLite keeps dates as text: YYYY-MM-DD…
             return value[:4] + "-01-01" if strategy.unit == "year" else value[:7] + "-01"
         raise ValueError(f"cannot generalize a {type(value).__name__} to a {strategy.unit}")
+
+
+class AnonymizeRows(SqlAction):
+    """Rewrite the rule's columns in place and set the marker; the row stays."""
+
+    removes_rows = False
+
+    def __init__(self, anonymizer: Anonymizer, *, as_of: datetime):
+        self.anonymizer = anonymizer
+        self.as_of = as_of
+
+    @staticmethod
+    def _spec(table: SqlTable):
+        return table.target.anonymize
+
+    def condition(self, table):
+        return table.table.c[self._spec(table).marker].is_(None)
+
+    def check(self, table):
+        spec = self._spec(table)
+        columns = table.table.c
+        sqlite = table.engine.dialect.name == "sqlite"
+        marker = columns.get(spec.marker)
+        if marker is None:
+            raise TargetError(f"marker column {spec.marker!r} does not exist in {table.target.location}",
+                              "anonymize.marker")
+        if not marker.nullable or not (isinstance(marker.type, (DateTime, Date)) or sqlite):
+            raise TargetError(f"marker column {spec.marker!r} must be a nullable date or timestamp",
+                              "anonymize.marker")
+        for name, strategy in spec.columns.items():
+            field = f"anonymize.columns.{name}"
+            column = columns.get(name)
+            if column is None:
+                raise TargetError(f"column {name!r} does not exist in {table.target.location}", field)
+            if name in table.target.key:
+                raise TargetError(f"{name!r} is part of the key; anonymize other columns", field)
+            if strategy.kind == "null" and not column.nullable:
+                raise TargetError(f"column {name!r} is NOT NULL and cannot be set to null", field)
+            if strategy.needs_text:
+                if not isinstance(column.type, String):
+                    raise TargetError(f"{strategy.describe()} writes text, but {name!r} is {column.type}", field)
+                length = column.type.length
+                if strategy.kind == "hash" and length is not None and length < 64:
+                    raise TargetError(f"hash writes 64 hex characters, but {name!r} holds {length}", field)
+            if strategy.needs_date and not (isinstance(column.type, (DateTime, Date)) or sqlite):
+                raise TargetError(f"{strategy.describe()} needs a date or timestamp, but {name!r} is {column.type}",
+                                  field)
+
+    def notes(self, table):
+        spec = self._spec(table)
+        described = ", ".join(f"{c} → {s.describe()}" for c, s in spec.columns.items())
+        return [f"anonymized in place ({described}); {spec.marker} marks rows done"]
+
+    def apply(self, table, conn, batch):
+        ledger, batch_no = batch.ledger, batch.number
+        spec = self._spec(table)
+        t = table.table
+        key = [t.c[k] for k in table.target.key]
+        columns = list(spec.columns)
+        started = time.perf_counter()
+        with conn.begin():
+            span = batch.cut(table, conn)
+            query = select(*key, *[t.c[c] for c in columns]).where(batch.expired, table.in_range(span))
+            if table.engine.dialect.name != "sqlite":
+                query = query.with_for_update()
+            rows = conn.execute(query).all()
+            batch.check_cap(len(rows))
+            if rows:
+                marker = _as_column_value(t.c[spec.marker], self.as_of)
+                params = []
+                for row in rows:
+                    values = {f"k_{i}": row[i] for i in range(len(key))}
+                    for j, name in enumerate(columns):
+                        values[f"v_{name}"] = self.anonymizer.apply(spec.columns[name], row[len(key) + j])
+                    values["v_marker"] = marker
+                    params.append(values)
+                statement = (
+                    update(t)
+                    .where(*[col == bindparam(f"k_{i}") for i, col in enumerate(key)])
+                    .values({**{name: bindparam(f"v_{name}") for name in columns},
+                             spec.marker: bindparam("v_marker")})
+                )
+                conn.execute(statement, params)
+                ledger.pending(batch_no, encode_range(span, tables={table.family.name: len(rows)},
+                                                      holds=list(batch.holds)), len(rows))
+                failpoints.hit("sql.before_commit")
+        seconds = time.perf_counter() - started
+        if rows:
+            failpoints.hit("sql.after_commit")
+            ledger.done(batch_no, tables={table.family.name: len(rows)})
+        return BatchResult(span, len(rows), {table.family.name: len(rows)}, seconds)
+
+
+def _as_column_value(column, moment: datetime) -> Any:
+    """``moment`` as the column stores it: a date, or a timestamp with or without zone."""
+    moment = moment.astimezone(timezone.utc)
+    if isinstance(column.type, sqltypes.Date) and not isinstance(column.type, sqltypes.DateTime):
+        return moment.date()
+    if getattr(column.type, "timezone", False):
+        return moment
+    return moment.replace(tzinfo=None)

@@ -17,17 +17,13 @@ Time is an input: the cutoff is computed once per run and passed in.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import threading
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
-from decimal import Decimal
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -36,10 +32,8 @@ from sqlalchemy import (
     String,
     Table,
     and_,
-    cast,
     func,
     inspect,
-    literal,
     not_,
     or_,
     select,
@@ -52,8 +46,19 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from retention.errors import TargetError, TerminalError
-from retention.retry import is_transient
-from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
+from retention.retry import attempts, is_transient
+from retention.targets.base import BatchLedger, BatchResult, Progress, PurgeOutcome, RecordBudget, RecordLimit, Survey
+from retention.targets.sql.descriptors import BatchRange, Bound, decode_range, encode_range
+from retention.targets.sql.predicates import _lexicographic, hold_match
+from retention.targets.sql.walk import (
+    Batch,
+    BatchOverCap,
+    BatchSizer,
+    _LockWait,
+    _short,
+    _Tally,
+    is_lock_timeout,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -67,81 +72,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Bound = tuple[Any, ...]
 
-
-@dataclass(frozen=True)
-class BatchRange:
-    """Rows after ``lower`` (exclusive) up to ``upper`` (inclusive) in walk order; None is open."""
-
-    lower: Bound | None
-    upper: Bound | None
-
-
-@dataclass
-class Batch:
-    """One batch as an action receives it: where it starts and may end, the rows it aims
-    at and may never exceed, the holds it is judged by, and where it is journaled.
-
-    Every field is fixed when the walker makes the batch, except ``span``: the range
-    the action cuts, kept so the walker knows what a batch that failed covered.
-    """
-
-    number: int
-    window: ColumnElement[bool]
-    """Unheld expired rows after ``lower`` up to ``ceiling``: where the batch's end is found."""
-    expired: ColumnElement[bool]
-    """Unheld expired rows (the batch's range is added to it)."""
-    lower: Bound | None
-    ceiling: Bound | None
-    size: int
-    cap: int | None
-    """The most rows the batch may take (what is left of the blast-radius limit); None: no cap."""
-    holds: tuple[int, ...]
-    """Ids of the holds in force when the batch was made; journaled with it."""
-    ledger: BatchLedger
-    span: BatchRange | None = None
-
-    def cut(self, table: SqlTable, conn: Connection) -> BatchRange:
-        """Find the batch's range (in the action's transaction) and remember it."""
-        # The age-only bound of PostgreSQL may take up to twice ``size`` rows, and may
-        # reach past a ceiling that names a key: exact bounds where that would matter.
-        exact = (self.cap is not None and self.cap < 2 * self.size - 1) or (
-            self.ceiling is not None and len(self.ceiling) > 1)
-        self.span = BatchRange(self.lower, table._upper_bound(conn, self.window, self.size, self.ceiling,
-                                                              exact=exact))
-        return self.span
-
-    def check_cap(self, rows: int) -> None:
-        """Raise BatchOverCap (rolling the batch back) when it took more rows than it may."""
-        if self.cap is not None and rows > self.cap:
-            raise BatchOverCap(f"batch {self.number} took {rows} rows, more than the {self.cap} left of the limit")
-
-
-class BatchOverCap(Exception):
-    """A batch took more rows than its cap (rows arrived in its range); it is rolled back and cut smaller."""
-
-
-class _LockWait:
-    """How long the walkers of one purge have been coming back to rows other transactions lock."""
-
-    def __init__(self, budget: float):
-        self.budget = budget
-        self.gave_up = False
-        self._since: float | None = None
-        self._lock = threading.Lock()
-
-    def hit(self) -> None:
-        """A batch found its rows locked (the budget runs from the first time)."""
-        with self._lock:
-            if self._since is None:
-                self._since = time.monotonic()
-
-    def left(self) -> float:
-        """Seconds of the budget left."""
-        if self._since is None:
-            return self.budget
-        return max(0.0, self.budget - (time.monotonic() - self._since))
+__all__ = ["Batch", "BatchOverCap", "BatchRange", "BatchResult", "BatchSizer", "Bound", "Member", "SqlTable",
+           "decode_range", "encode_range", "hold_match", "is_lock_timeout"]
 
 
 @dataclass(frozen=True)
@@ -159,80 +92,6 @@ class Member:
     children: tuple[Member, ...] = ()
 
 
-@dataclass(frozen=True)
-class BatchResult:
-    """What one batch did: its range, the target's rows, rows per table, and how long it
-    held a write transaction open (what batch sizing aims at)."""
-
-    batch: BatchRange
-    rows: int
-    tables: dict[str, int]
-    seconds: float
-
-
-class _Tally:
-    """Rows purged so far by every walker of a purge, reported as each batch lands."""
-
-    def __init__(self, progress: Progress | None):
-        self.rows = 0
-        self._progress = progress
-        self._lock = threading.Lock()
-
-    def add(self, rows: int, seconds: float) -> None:
-        with self._lock:
-            self.rows += rows
-            if self._progress is not None:
-                self._progress(self.rows, rows, seconds)
-
-
-class BatchSizer:
-    """Adapts rows per batch so each transaction takes about ``target_seconds``.
-
-    Starts small and scales by the measured rate, at most 4x up or 2x down per batch,
-    never beyond ``maximum`` rows.
-    """
-
-    def __init__(self, maximum: int, *, start: int = 1000, target_seconds: float = 0.2):
-        self.maximum = maximum
-        self.size = min(start, maximum)
-        self.target_seconds = target_seconds
-
-    def observe(self, rows: int, seconds: float) -> None:
-        """Record that a batch of ``rows`` took ``seconds``; pick the next size."""
-        if rows < self.size:  # the last, short batch says nothing about the rate
-            return
-        if seconds <= 0:
-            wanted = self.size * 4
-        else:
-            wanted = int(rows * self.target_seconds / seconds)
-        wanted = max(self.size // 2, min(wanted, self.size * 4))
-        self.size = max(1, min(wanted, self.maximum))
-
-
-def hold_match(table: Table, match: dict[str, Any], dialect: str) -> ColumnElement[bool]:
-    """Rows whose columns equal ``match``'s values exactly: case- and space-sensitive, on every backend.
-
-    A hold must protect the same rows wherever its table lives. MariaDB and MySQL compare
-    strings by collation (usually case-insensitive, trailing spaces ignored), so they
-    compare bytes here; SQLite compares with BINARY even where a column says NOCASE.
-    PostgreSQL's deterministic collations already compare exactly.
-    """
-    conditions = []
-    for name, value in match.items():
-        column = table.c[name]
-        if value is not None and isinstance(column.type, sqltypes.String):
-            if dialect == "mysql":
-                from sqlalchemy.dialects.mysql import BINARY, CHAR
-
-                # In the connection's charset (utf8mb4) first: a latin1 'José' has other bytes.
-                as_utf8 = cast(column, CHAR(charset="utf8mb4"))
-                conditions.append(cast(as_utf8, BINARY()).is_not_distinct_from(cast(literal(value), BINARY())))
-                continue
-            if dialect == "sqlite":
-                conditions.append(column.collate("BINARY").is_not_distinct_from(value))
-                continue
-        conditions.append(column.is_not_distinct_from(value))
-    return and_(*conditions)
 
 
 class SqlTable:
@@ -243,7 +102,7 @@ class SqlTable:
         passes: int = 3, lock_timeout: float = 2.0, statement_timeout: float = 120.0,
         retry_delays: Sequence[float] = (0.5, 1, 2, 4, 8, 15),
     ):
-        from retention.targets.sql.actions import DeleteRows
+        from retention.targets.sql.delete import DeleteRows
 
         self.target = target
         self.engine = engine
@@ -364,7 +223,7 @@ class SqlTable:
         """Every foreign key into a purged table must be declared as a child, or a batch
         would fail on it half-way (or cascade past the archive)."""
         insp = inspect(self.engine)
-        members = list(_members(family))
+        members = list(family_members(family))
         declared = {(m.table.schema, m.table.name): m for m in members}
         references = insp.get_multi_foreign_keys(schema=family.table.schema)
         for (schema, name), keys in references.items():
@@ -393,9 +252,10 @@ class SqlTable:
                 "add one before purging a large table"
             )
         insp = inspect(self.engine)
-        for member in list(_members(self.family))[1:]:
-            leading = [i["column_names"][: len(member.link)] for i in insp.get_indexes(member.table.name, member.table.schema)]
-            leading += [[c.name for c in member.table.primary_key.columns][: len(member.link)]]
+        for member in list(family_members(self.family))[1:]:
+            leading: list[list[str | None]] = [i["column_names"][: len(member.link)] for i in insp.get_indexes(member.table.name, member.table.schema)]
+            primary: list[str | None] = [c.name for c in member.table.primary_key.columns]
+            leading.append(primary[: len(member.link)])
             if list(member.link) not in leading:
                 notes.append(f"no index on {member.name}({', '.join(member.link)}): every batch scans {member.name}")
         notes += self.action.notes(self)
@@ -487,15 +347,17 @@ class SqlTable:
             return column < cutoff
         return column < cutoff.replace(tzinfo=None)  # naive columns hold UTC (documented)
 
-    def _walk_columns(self) -> list[ColumnElement[Any]]:
-        age = self.table.c[self.target.age_column]
+    def walk_columns(self) -> list[ColumnElement[Any]]:
+        """The columns batches walk in order: the age, then the key."""
+        age: ColumnElement[Any] = self.table.c[self.target.age_column]
         if self.engine.dialect.name == "sqlite":
             # Walk the stored text itself, so bounds round-trip byte for byte.
             age = type_coerce(age, String)
         return [age] + [self.table.c[k] for k in self.target.key]
 
-    def _in_range(self, batch: BatchRange) -> ColumnElement[bool]:
-        columns = self._walk_columns()
+    def in_range(self, batch: BatchRange) -> ColumnElement[bool]:
+        """Rows inside ``batch``'s walk range."""
+        columns = self.walk_columns()
         parts = []
         if batch.lower is not None:
             parts.append(_lexicographic(columns, batch.lower, ">"))
@@ -538,7 +400,7 @@ class SqlTable:
         key = [self.table.c[k] for k in self.target.key]
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(*key).where(self.expired(cutoff)).order_by(*self._walk_columns())
+                select(*key).where(self.expired(cutoff)).order_by(*self.walk_columns())
             )
             return [tuple(r) for r in rows]
 
@@ -599,13 +461,13 @@ class SqlTable:
         row belongs to exactly one; a worker's batches never cross its share's end.
         """
         workers = self.target.workers
-        age = self._walk_columns()[0]
+        age = self.walk_columns()[0]
 
         def bounds(conn):
             total = self._count(conn, expired)
             if total < workers * 10_000:  # not worth the threads
                 return []
-            found = []
+            found: list[Any] = []
             for i in range(1, workers):
                 row = conn.execute(select(age).where(expired).order_by(age).offset(total * i // workers).limit(1)).first()
                 if row is not None and (not found or row[0] > found[-1]):
@@ -621,17 +483,12 @@ class SqlTable:
 
     def _with_retries(self, work):
         """Run ``work(conn)`` on a fresh connection, retrying transient database errors."""
-        for attempt, delay in enumerate((*self.retry_delays, None), 1):
-            try:
-                with self.engine.connect() as conn:
-                    self._session_timeouts(conn)
-                    return work(conn)
-            except DBAPIError as exc:
-                if delay is None or not is_transient(exc):
-                    raise
-                log.warning("%s: %s (transient); retrying in %.1fs (attempt %d)", self.target.name,
-                            _short(exc), delay, attempt + 1)
-                time.sleep(delay)
+        # The one retry policy, with this table's delays; only transient database errors retry.
+        for attempt in attempts(lambda exc: isinstance(exc, DBAPIError) and is_transient(exc),
+                                delays=self.retry_delays, what=self.target.name):
+            with attempt, self.engine.connect() as conn:
+                self._session_timeouts(conn)
+                return work(conn)
         raise AssertionError("unreachable")
 
     def _session_timeouts(self, conn: Connection) -> None:
@@ -762,12 +619,13 @@ class SqlTable:
                 return None
             granted = budget.reserve(2 * sizer.size - 1)
             if granted == 0:
-                log.warning("%s: blast-radius limit reached (%s); stopping", self.target.name, budget.limit.describe)
+                log.warning("%s: blast-radius limit reached (%s); stopping", self.target.name,
+                            budget.limit.describe if budget.limit is not None else "no limit")
                 return None
             batch_expired = self._unheld(expired, holds)
             batch = Batch(
                 number=ledger.next_batch_no(),
-                window=and_(batch_expired, self._in_range(BatchRange(lower, ceiling))),
+                window=and_(batch_expired, self.in_range(BatchRange(lower, ceiling))),
                 expired=batch_expired, lower=lower, ceiling=ceiling,
                 size=min(sizer.size, granted), cap=granted if budget.limit is not None else None,
                 holds=tuple(h.id for h in holds), ledger=ledger,
@@ -808,7 +666,7 @@ class SqlTable:
             budget.settle(granted, result.rows)
             return batch, result
 
-    def _upper_bound(
+    def upper_bound(
         self, conn: Connection, window: ColumnElement[bool], size: int, ceiling: Bound | None = None,
         *, exact: bool = False,
     ) -> Bound | None:
@@ -821,7 +679,7 @@ class SqlTable:
         bound is then ``(age,)``: every row up to and including that age. ``exact``: never
         more than ``size`` rows.
         """
-        columns = self._walk_columns()
+        columns = self.walk_columns()
         if self._postgres and not exact:
             row = conn.execute(
                 select(columns[0]).where(window).order_by(columns[0]).offset(size - 1).limit(1)
@@ -839,6 +697,8 @@ class SqlTable:
             select(*columns).where(window).order_by(*columns).offset(size - 1).limit(1)
         ).first()
         return tuple(row) if row is not None else ceiling
+
+    _upper_bound = upper_bound  # the old name, which bench/archive_purge.py times
 
     @property
     def _postgres(self) -> bool:
@@ -874,7 +734,7 @@ class SqlTable:
                 holds = self.holds.by_ids(descriptor.get("holds", [])) if self.holds else []
                 present = conn.execute(
                     select(func.count()).select_from(self.table).where(
-                        self._unheld(expired, holds), self._in_range(decode_range(batch.descriptor))
+                        self._unheld(expired, holds), self.in_range(decode_range(batch.descriptor))
                     )
                 ).scalar_one()
                 conn.rollback()
@@ -911,100 +771,13 @@ def _as_utc(value: Any) -> datetime | None:
 
 
 
-_LOCK_TIMEOUT_PG = {"55P03"}
-_LOCK_TIMEOUT_MYSQL = {1205}
 
-
-def is_lock_timeout(exc: DBAPIError) -> bool:
-    """Whether a statement gave up waiting for a row lock another transaction holds."""
-    orig = exc.orig
-    code = getattr(orig, "pgcode", None)
-    if code is not None:
-        return code in _LOCK_TIMEOUT_PG
-    args = getattr(orig, "args", ())
-    return bool(args) and isinstance(args[0], int) and args[0] in _LOCK_TIMEOUT_MYSQL
-
-
-def _short(exc: DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0][:200]
-
-
-def _members(member: Member) -> Iterator[Member]:
+def family_members(member: Member) -> Iterator[Member]:
+    """``member`` and every table under it, parents before children."""
     yield member
     for child in member.children:
-        yield from _members(child)
+        yield from family_members(child)
 
 
 def _qualified(table: Table) -> str:
     return f"{table.schema}.{table.name}" if table.schema else table.name
-
-
-def _lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str) -> ColumnElement[bool]:
-    """``(c0, c1, ...) op (v0, v1, ...)`` spelled so that every engine uses the index on c0.
-
-    Row-value comparison is not optimised alike by PostgreSQL, MariaDB and SQLite, so it
-    is expanded: ``c0 > v0 OR (c0 = v0 AND (c1 > v1 OR ...))``, plus a plain range on c0.
-    """
-    assert op in (">", "<=")
-    columns = list(columns[: len(values)])  # a bound may name only the leading columns
-    strict = (lambda c, v: c > v) if op == ">" else (lambda c, v: c < v)
-    last = (lambda c, v: c > v) if op == ">" else (lambda c, v: c <= v)
-    expression = last(columns[-1], values[-1])
-    for column, value in zip(reversed(columns[:-1]), reversed(values[:-1])):
-        expression = or_(strict(column, value), and_(column == value, expression))
-    leading = columns[0] >= values[0] if op == ">" else columns[0] <= values[0]
-    return and_(leading, expression)
-
-
-# -- batch descriptors -------------------------------------------------------------------
-# A batch is journaled as its walk range. Bounds hold key and age values of whatever type
-# the table has; JSON alone would lose datetimes, decimals and UUIDs, so each value is tagged.
-
-
-def encode_range(batch: BatchRange, **extra: Any) -> str:
-    """JSON for a batch range (typed values), with whatever else the action records."""
-    return json.dumps({"lower": _encode(batch.lower), "upper": _encode(batch.upper), **extra}, sort_keys=True)
-
-
-def decode_range(text: str) -> BatchRange:
-    """Inverse of :func:`encode_range`."""
-    data = json.loads(text)
-    return BatchRange(_decode(data["lower"]), _decode(data["upper"]))
-
-
-def _encode(bound: Bound | None) -> list[Any] | None:
-    return None if bound is None else [_encode_value(v) for v in bound]
-
-
-def _encode_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return {"datetime": value.isoformat()}
-    if isinstance(value, date):
-        return {"date": value.isoformat()}
-    if isinstance(value, Decimal):
-        return {"decimal": str(value)}
-    if isinstance(value, uuid.UUID):
-        return {"uuid": str(value)}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"bytes": base64.b64encode(bytes(value)).decode()}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return {"str": str(value)}
-
-
-def _decode(bound: list[Any] | None) -> Bound | None:
-    return None if bound is None else tuple(_decode_value(v) for v in bound)
-
-
-def _decode_value(value: Any) -> Any:
-    if not isinstance(value, dict):
-        return value
-    ((tag, text),) = value.items()
-    return {
-        "datetime": datetime.fromisoformat,
-        "date": date.fromisoformat,
-        "decimal": Decimal,
-        "uuid": uuid.UUID,
-        "bytes": base64.b64decode,
-        "str": str,
-    }[tag](text)

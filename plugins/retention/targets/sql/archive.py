@@ -1,0 +1,315 @@
+"""The archive action: never lets a row go before its archive object is written and
+  verified. On PostgreSQL the batch's ``DELETE ... RETURNING`` *is* the archive: its
+  output streams through ``COPY`` into gzip JSON Lines, the objects are uploaded and
+  verified, and only then does the transaction commit (any failure rolls it back). On
+  other databases rows are read and archived first, then deleted with ``RETURNING *``
+  in one short transaction that checks exactly the archived rows went (else it rolls
+  back and tries again). Either way, if an upload or its check fails, nothing of the
+  batch is deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, delete, select, text
+
+from retention import failpoints
+from retention.archive.store import (
+    ArchivedObject,
+    ArchiveExists,
+    ArchiveFailed,
+    TableShape,
+    column_codec,
+    encode_rows,
+)
+from retention.errors import TargetError, TransientError
+from retention.targets.base import BatchResult
+from retention.targets.sql.actions import SqlAction, postgres_bitmap
+from retention.targets.sql.descriptors import encode_range
+from retention.targets.sql.table import family_members
+
+if TYPE_CHECKING:
+
+    from retention.archive.store import ArchiveStore
+    from retention.targets.sql.table import SqlTable
+    from retention.targets.sql.walk import Batch
+
+log = logging.getLogger(__name__)
+
+
+ARCHIVE_ATTEMPTS = 3
+
+
+class ArchiveRows(SqlAction):
+    """Write the batch's rows to verified archive objects, then delete exactly those rows."""
+
+    def __init__(self, store: ArchiveStore, *, category: str, run_id: str):
+        self.store = store
+        self.category = category
+        self.run_id = run_id
+        # A one-pass batch holds its transaction through the upload: a little longer
+        # batches pay for their fixed costs (bound query, request, journal) fewer times.
+        self.batch_seconds = 0.25
+
+    def check(self, table):
+        if not table.engine.dialect.delete_returning:
+            raise TargetError(
+                f"{table.engine.dialect.name} {table.engine.dialect.server_version_info} cannot DELETE ... "
+                "RETURNING, which archive needs to prove the deleted rows are the archived ones",
+                "kind",
+            )
+
+    def notes(self, table):
+        return [f"archived to {self.store.spec.location} as {self.store.spec.format} "
+                f"({self.store.spec.storage_class}) before deletion"]
+
+    def apply(self, table, conn, batch):
+        if table.engine.dialect.name == "postgresql" and self.store.spec.format == "jsonl.gz":
+            return self._archive_in_one_pass(table, conn, batch)
+        for attempt in range(1, ARCHIVE_ATTEMPTS + 1):
+            try:
+                return self._archive_batch(table, conn, batch)
+            except _RowsChanged as changed:
+                log.info("%s: %s; archiving the batch again (attempt %d)", table.target.name, changed, attempt + 1)
+                batch = dataclasses.replace(batch, number=batch.ledger.next_batch_no(), span=None)
+        raise TransientError(f"{table.target.name}: rows kept changing while being archived; try again later")
+
+    def _archive_in_one_pass(self, table, conn, batch: Batch) -> BatchResult:
+        """PostgreSQL: DELETE ... RETURNING streams (COPY) into the archive objects; the
+        transaction commits only after every object verified. The archive is exactly what
+        was deleted, with no second read and no comparison."""
+        ledger, batch_no, holds = batch.ledger, batch.number, list(batch.holds)
+        started = time.perf_counter()
+        depths = _depths(table.family)
+        with conn.begin():
+            span = batch.cut(table, conn)
+            selection = and_(batch.expired, table.in_range(span))
+            members = table.family_conditions(selection)  # children first
+            keys = {member.name: self.store.key_for(self.category, self.run_id, table.target.name, batch_no,
+                                                     member.name) for member, _ in members}
+            planned = sorted([key, name] for name, key in keys.items())
+            # Journaled before anything happens: a crash from here on leaves a batch that is
+            # settled by counting its range (and its objects removed if it did not commit).
+            ledger.pending(batch_no, encode_range(span, planned=planned, holds=holds), 0)
+            postgres_bitmap(table, conn)
+            conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '120s'"))
+            bodies, counts = {}, {}
+            cursor = conn.connection.dbapi_connection.cursor()
+            try:
+                for member, condition in members:
+                    buffer = io.BytesIO()
+                    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as compressed, \
+                            io.BufferedWriter(compressed, buffer_size=1 << 20) as stream:  # compress in 1 MiB chunks
+                        cursor.copy_expert(_copy_deleted_as_json(conn, member, condition), stream)
+                    bodies[member.name], counts[member.name] = buffer.getvalue(), cursor.rowcount
+            finally:
+                cursor.close()
+            rows = counts[table.family.name]
+            if rows == 0:
+                ledger.resolve(batch_no, 0)
+                return BatchResult(span, 0, {}, time.perf_counter() - started)
+            batch.check_cap(rows)  # rolls back; the walker settles the pending batch
+            ledger.update_pending(batch_no, rows, encode_range(span, tables=counts, planned=planned,
+                                                                holds=holds))
+            written: list[str] = []
+            try:
+                archived = self._upload(members, bodies, counts, keys, depths, written)
+            except Exception:
+                # The transaction rolls back: nothing of the batch is deleted.
+                self._discard(ledger, batch_no, rows, written,
+                              encode_range(span, tables=counts, planned=_only(planned, written),
+                                           holds=holds))
+                raise
+            failpoints.hit("archive.before_commit")
+        return self._committed(table, batch, span, counts, archived, time.perf_counter() - started)
+
+    def _upload(self, members, bodies: dict[str, bytes], counts: dict[str, int], keys: dict[str, str],
+                depths: dict[str, int], written: list[str]) -> list[ArchivedObject]:
+        """Upload and verify one object per table that has rows in the batch; ``written``
+        collects the keys this attempt may have written (a taken key is never among them)."""
+        archived = []
+        failpoints.hit("archive.before_upload")
+        for member, _ in members:
+            if counts[member.name]:
+                written.append(keys[member.name])
+                try:
+                    stored = self.store.put_verified(keys[member.name], bodies[member.name], table=member.name,
+                                                     rows=counts[member.name],
+                                                     columns=TableShape.of(member.table).columns)
+                except ArchiveExists:
+                    written.pop()  # someone else's object: never removed, never replaced
+                    raise
+                archived.append(dataclasses.replace(stored, depth=depths[member.name]))
+                failpoints.hit("archive.after_object")
+        return archived
+
+    def _discard(self, ledger, batch_no: int, rows: int, written: list[str], descriptor: str) -> None:
+        """A batch that will not commit: journal only the keys this attempt wrote (so a
+        settlement never removes an object that was there before), remove them, resolve it."""
+        ledger.update_pending(batch_no, rows, descriptor)
+        self.store.remove(written)
+        ledger.resolve(batch_no, 0)
+
+    def _committed(self, table, batch: Batch, span, counts, archived, seconds) -> BatchResult:
+        """The batch committed: journal it done, with its verified objects."""
+        failpoints.hit("archive.after_commit")
+        batch.ledger.done(batch.number, tables=counts,
+                          descriptor=encode_range(span, tables=counts, objects=[o.to_dict() for o in archived],
+                                                  holds=list(batch.holds)))
+        return BatchResult(span, counts[table.family.name], counts, seconds)
+
+    def _archive_batch(self, table, conn, batch: Batch) -> BatchResult:
+        ledger, batch_no, holds = batch.ledger, batch.number, list(batch.holds)
+        with conn.begin():
+            span = batch.cut(table, conn)
+        selection = and_(batch.expired, table.in_range(span))
+        members = table.family_conditions(selection)
+        shapes = {member.name: TableShape.of(member.table) for member, _ in members}
+        depths = _depths(table.family)
+        keys = {member.name: self.store.key_for(self.category, self.run_id, table.target.name, batch_no,
+                                                 member.name) for member, _ in members}
+        # 1. Stream every table's rows from a server-side cursor into its compressed archive
+        #    body, keeping only a 16-byte digest per row to compare with what the delete returns.
+        bodies: dict[str, bytes] = {}
+        counts: dict[str, int] = {}
+        digests: dict[str, Counter[Any]] = {}
+        with conn.begin():
+            for member, condition in members:
+                query = select(member.table).where(condition)
+                if member is table.family:
+                    query = query.order_by(*table.walk_columns())
+                # Per statement: Connection.execution_options would stream every later statement too.
+                result = conn.execute(query.execution_options(stream_results=True, yield_per=5000))
+                shape = shapes[member.name]
+                counter: Counter[Any] = Counter()
+
+                def rows_counted(rows=result, counter=counter):
+                    for row in rows:
+                        counter[_fingerprint(row)] += 1
+                        yield row
+
+                bodies[member.name], counts[member.name] = encode_rows(shape, rows_counted(), self.store.spec.format)
+                digests[member.name] = counter
+        rows = counts[table.family.name]
+        if rows == 0:
+            return BatchResult(span, 0, {}, 0.0)
+        batch.check_cap(rows)  # nothing journaled or uploaded yet
+        planned = sorted([key, name] for name, key in keys.items())
+        ledger.pending(batch_no, encode_range(span, tables=counts, planned=planned, holds=holds), rows)
+        # 2. Upload and verify; on any failure remove what was uploaded and delete nothing.
+        written: list[str] = []
+        try:
+            archived = self._upload(members, bodies, counts, keys, depths, written)
+        except Exception:
+            self._discard(ledger, batch_no, rows, written,
+                          encode_range(span, tables=counts, planned=_only(planned, written), holds=holds))
+            raise
+        # 3. One short transaction: delete children first, then the target's rows, and
+        #    check that exactly the archived rows went.
+        started = time.perf_counter()
+        try:
+            with conn.begin():
+                postgres_bitmap(table, conn)
+                for member, condition in members:
+                    returned = conn.execute(delete(member.table).where(condition).returning(*member.table.c))
+                    went = Counter(_fingerprint(row) for row in returned)
+                    if went != digests[member.name]:
+                        raise _RowsChanged(f"{member.name} changed between archive and delete")
+                failpoints.hit("archive.before_commit")
+        except _RowsChanged:
+            self.store.remove(keys.values())
+            ledger.resolve(batch_no, 0)
+            raise
+        return self._committed(table, batch, span, counts, archived, time.perf_counter() - started)
+
+    def settle(self, table, pending, descriptor, gone, ledger):
+        planned = descriptor.get("planned", [])
+        if gone == 0:
+            # The delete never committed: any object uploaded for the batch is debris.
+            self.store.remove(key for key, _name in planned)
+            ledger.resolve(pending.batch_no, 0)
+            return
+        objects = []
+        for key, name in planned:
+            if not descriptor["tables"].get(name):
+                continue  # a table with no rows in this batch got no object
+            found = self.store.describe(key, table=name, rows=descriptor["tables"][name],
+                                        columns=TableShape.of(_member(table, name).table).columns)
+            if found is None:
+                raise ArchiveFailed(f"rows of batch {pending.batch_no} are gone but archive object {key} is not there")
+            objects.append(dataclasses.replace(found, depth=_depths(table.family)[name]).to_dict())
+        tables = descriptor.get("tables")
+        ledger.resolve(pending.batch_no, gone, tables=tables,
+                       descriptor=json.dumps({**descriptor, "objects": objects}, sort_keys=True))
+
+
+def _depths(member, depth: int = 0) -> dict[str, int]:
+    found = {member.name: depth}
+    for child in member.children:
+        found |= _depths(child, depth + 1)
+    return found
+
+
+def _only(planned: list[list[str]], written: list[str]) -> list[list[str]]:
+    return [entry for entry in planned if entry[0] in written]
+
+
+def _member(table: SqlTable, name: str):
+    return next(member for member in family_members(table.family) if member.name == name)
+
+
+class _RowsChanged(Exception):
+    """Rows of a batch changed between being archived and being deleted."""
+
+
+def _fingerprint(row) -> Any:
+    """A row's values, comparable between what was archived and what the delete returned."""
+    values = tuple(row)
+    try:
+        hash(values)
+        return values
+    except TypeError:  # JSON columns hold dicts and lists
+        return repr(values)
+
+
+def _copy_deleted_as_json(conn, member, condition) -> str:
+    """``COPY (DELETE ... RETURNING) TO STDOUT`` as JSON Lines, each value encoded the way
+    :mod:`retention.archive.store` encodes it (so restore reads both paths alike).
+
+    COPY takes no parameters, so psycopg2 itself renders them into the statement.
+    """
+    statement = delete(member.table).where(condition).returning(*member.table.c)
+    compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        deleting = cursor.mogrify(compiled.string, compiled.params).decode()
+    finally:
+        cursor.close()
+    preparer = conn.dialect.identifier_preparer
+    pairs = []
+    for column in member.table.columns:
+        name = preparer.quote(column.name)
+        value = f"d.{name}"
+        codec = column_codec(column)
+        if codec == "decimal":
+            value = f"{value}::text"
+        elif codec == "bytes":
+            value = f"translate(encode({value}, 'base64'), E'\\n', '')"
+        elif codec == "interval":
+            value = f"extract(epoch from {value})"
+        pairs.append((name, column.name, value))
+    if all(value == f"d.{name}" for name, _, value in pairs):  # nothing to convert: the compact, quick way
+        select_json = "SELECT row_to_json(d)::text FROM d"
+    else:
+        columns = ", ".join(f"{value} AS {name}" for name, _, value in pairs)
+        select_json = f"SELECT row_to_json(x)::text FROM (SELECT {columns} FROM d) x"
+    return (f"COPY (WITH d AS ({deleting}) {select_json}) "
+            "TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')")

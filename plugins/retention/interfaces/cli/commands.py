@@ -216,14 +216,14 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--json", action="store_true", help="print the pools as `airflow pools import` JSON")
     sync.set_defaults(handler=cmd_airflow_sync_pools)
 
-    from retention.interfaces import diff, ruleschema  # rule-PR commands (issue #11 item 4)
-    for module in (ruleschema, diff):
-        module.register(commands)
-
     cmd = commands.add_parser("keygen", help="create an Ed25519 signing key pair")
     cmd.add_argument("--out", required=True, metavar="DIR")
     cmd.set_defaults(handler=cmd_keygen)
-    from retention.interfaces import report, schedule; schedule.register(commands); report.register(commands)  # noqa: E702
+    # Commands that live in modules of their own register their subcommands here.
+    from retention.interfaces import diff, report, ruleschema, schedule
+
+    for module in (schedule, report, ruleschema, diff):
+        module.register(commands)
     return parser
 
 

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench validate plan demo-clean clean env schema
+.PHONY: install demo test typecheck bench validate plan demo-clean clean env schema
 
 install: $(BIN)/.installed
 
@@ -17,9 +17,14 @@ $(BIN)/.installed: pyproject.toml
 demo: install
 	$(BIN)/python -m retention.interfaces.demo
 
-## The test suite, against this machine's PostgreSQL and MariaDB (and SQLite, moto).
+## Lint, then the test suite against this machine's PostgreSQL and MariaDB (and SQLite, moto).
 test: install
+	$(BIN)/ruff check plugins tests bench dags
 	$(BIN)/pytest
+
+## Static types of the engine (not yet clean: issue #10 goes on; joins `test` once it is).
+typecheck: install
+	$(BIN)/mypy
 
 ## Speed and memory figures (not part of the tests; about ten minutes).
 bench: install

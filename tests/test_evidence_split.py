@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from retention.evidence.payload import CertificatePayload, RunFacts, TargetOutcome, canonical, entry_hash
-from retention.evidence.signing import PublicKeys, Signer, key_id
+from retention.evidence.signing import PublicKeys, SignatureRejected, Signer, key_id
 
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_certificates.json").read_text())
 
@@ -82,3 +82,14 @@ def test_item1_pinned_certificates_verify_and_link():
         data = json.loads(body)
         assert canonical(data) == body and data["prev_hash"] == prev == pinned["prev_hash"]
         prev = entry_hash(body)
+
+
+def test_item2_public_keys_verify_raises_a_typed_error_naming_why():
+    pinned = PINNED["cases"]["delete_partial"]
+    private = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    keys = PublicKeys({PINNED["key_id"]: private.public_key()})
+    assert keys.verify(PINNED["key_id"], pinned["signature"], pinned["payload"].encode()) is None
+    with pytest.raises(SignatureRejected, match="does not match the payload"):
+        keys.verify(PINNED["key_id"], pinned["signature"], pinned["payload"].encode() + b" ")
+    with pytest.raises(SignatureRejected, match="not one of the trusted"):
+        keys.verify("ff" * 32, pinned["signature"], pinned["payload"].encode())

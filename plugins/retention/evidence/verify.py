@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from retention.clock import utc_iso
 from retention.evidence.chain import Certificate, read_certificates
 from retention.evidence.payload import GENESIS_HASH, canonical, entry_hash
+from retention.evidence.signing import SignatureRejected
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -89,9 +90,10 @@ def _check(cert: Certificate, expected_seq: int, prev_hash: str, keys: PublicKey
             return f"certificate {missing} is missing: the chain jumps from {expected_seq - 1} to {cert.seq}"
         return f"seq {cert.seq} appears out of order (expected {expected_seq})"
     body = cert.payload.encode("utf-8")
-    problem = keys.verify(cert.key_id, cert.signature, body, seq=cert.seq)
-    if problem:
-        return problem
+    try:
+        keys.verify(cert.key_id, cert.signature, body, seq=cert.seq)
+    except SignatureRejected as problem:
+        return str(problem)
     data = cert.data
     if not data:
         return "payload is not JSON"

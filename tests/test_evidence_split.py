@@ -93,3 +93,26 @@ def test_item2_public_keys_verify_raises_a_typed_error_naming_why():
         keys.verify(PINNED["key_id"], pinned["signature"], pinned["payload"].encode() + b" ")
     with pytest.raises(SignatureRejected, match="not one of the trusted"):
         keys.verify("ff" * 32, pinned["signature"], pinned["payload"].encode())
+
+
+def test_item6_ensure_schema_looks_again_through_the_retry_policy_when_another_worker_raced(monkeypatch):
+    from sqlalchemy.exc import DBAPIError
+
+    from retention.evidence import audit
+
+    calls = []
+
+    def create(engine):
+        calls.append(engine)
+        if len(calls) == 1:
+            raise DBAPIError("CREATE TABLE", {}, Exception("table purge_runs already exists"))
+
+    monkeypatch.setattr(audit, "_create_schema", create)
+    monkeypatch.setattr(audit.retry.time, "sleep", lambda seconds: None)
+    audit.ensure_schema("engine")
+    assert calls == ["engine", "engine"]
+    calls.clear()
+    monkeypatch.setattr(audit, "_create_schema", lambda engine: (_ for _ in ()).throw(
+        DBAPIError("CREATE TABLE", {}, Exception("permission denied"))))
+    with pytest.raises(DBAPIError):  # not a race: raised at once, as before
+        audit.ensure_schema("engine")

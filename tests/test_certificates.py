@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from retention.connections import from_environment
 from retention.evidence.audit import ensure_schema, metadata, open_audit
-from retention.evidence.chain import entry_hash, read_certificates, verify_chain
+from retention.evidence.chain import entry_hash, read_certificates
 from retention.evidence.checkpoints import (
     CHECKPOINTS_ENV,
     Checkpoint,
@@ -26,6 +26,7 @@ from retention.evidence.checkpoints import (
     sign_note,
 )
 from retention.evidence.signing import PublicKeys, Signer, generate_keypair
+from retention.evidence.verify import verify_chain
 from retention.identity import who
 from retention.interfaces.cli.commands import main
 from retention.rules.models import load_rule_file

@@ -209,8 +209,9 @@ def test_crash_then_a_new_run_certifies_the_interrupted_one_exactly(crm, tmp_pat
     journal: RunJournal = runner().journal
     first = journal.get_run("customer_accounts", "night-1")
     assert first.state == "certified"
-    from retention.evidence.chain import find_certificate, verify_chain
+    from retention.evidence.chain import find_certificate
     from retention.evidence.signing import PublicKeys
+    from retention.evidence.verify import verify_chain
 
     first_cert = find_certificate(journal.engine, "customer_accounts", "night-1")
     assert first_cert.status == "partial"

@@ -100,9 +100,12 @@ def certified_manifest(engine, location: str | None, s3_client_for: Callable[[],
                                 f"{digest[:16]}…); only a manifest a certificate records is restored: "
                                 "give the run's own manifest, or --seq N")
     if keys is not None:
-        problem = keys.verify(certificate.key_id, certificate.signature, certificate.payload.encode("utf-8"))
-        if problem:
-            raise TerminalError(f"certificate seq {certificate.seq}: {problem}; nothing was restored")
+        from retention.evidence.signing import SignatureRejected
+
+        try:
+            keys.verify(certificate.key_id, certificate.signature, certificate.payload.encode("utf-8"))
+        except SignatureRejected as problem:
+            raise TerminalError(f"certificate seq {certificate.seq}: {problem}; nothing was restored") from None
     manifest = _parse_manifest(body, location)
     for field_name in ("category", "run_id"):
         if manifest.get(field_name) != certificate.data.get(field_name):

@@ -11,7 +11,6 @@ the database.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from sqlalchemy import (
@@ -30,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import DBAPIError
 
+from retention import retry
 from retention.connections import ConnectionResolver, create_sql_engine
 
 if TYPE_CHECKING:
@@ -228,16 +228,14 @@ def ensure_schema(engine: Engine, *, attempts: int = 5) -> None:
     PostgreSQL serializes them with a lock; elsewhere the loser's CREATE fails with
     "already exists" and it looks again (what is there is then skipped).
     """
-    for attempt in range(1, attempts + 1):
-        try:
-            _create_schema(engine)
-            return
-        except DBAPIError as exc:
-            if attempt == attempts or "already exists" not in str(exc.orig).lower():
-                raise
-            log.info("audit schema was being created by another worker (%s); looking again", exc.orig)
-            time.sleep(0.05 * 2**attempt)
+    def raced(exc: BaseException) -> bool:
+        return isinstance(exc, DBAPIError) and "already exists" in str(exc.orig).lower()
 
+    # The same backoff as before (0.1s, 0.2s, ...), through the one retry policy.
+    delays = tuple(0.05 * 2**attempt for attempt in range(1, attempts))
+    for attempt in retry.attempts(raced, delays=delays, what="audit schema was being created by another worker"):
+        with attempt:
+            _create_schema(engine)
 
 def _create_schema(engine: Engine) -> None:
     dialect = engine.dialect.name

@@ -89,6 +89,10 @@ def _read_private(path: Path) -> bytes:
         return handle.read()
 
 
+class SignatureRejected(Exception):
+    """A signature that does not hold, or a key the keyring does not let sign that seq; the message says which."""
+
+
 @dataclass(frozen=True)
 class PublicKeys:
     """The public keys a verifier accepts, by key id; from a keyring, each for its seq range only."""
@@ -163,25 +167,25 @@ class PublicKeys:
             keys[key_id(key)] = key
         return cls(keys)
 
-    def verify(self, key_id_: str, signature_b64: str, data: bytes, *, seq: int | None = None) -> str | None:
-        """None when the signature holds (and the keyring lets its key sign ``seq``); otherwise why not."""
+    def verify(self, key_id_: str, signature_b64: str, data: bytes, *, seq: int | None = None) -> None:
+        """Return when the signature holds (and the keyring lets its key sign ``seq``); otherwise raise
+        :class:`SignatureRejected`, whose message says why not."""
         key = self.by_id.get(key_id_)
         if key is None:
-            return f"signed by key {key_id_[:16]}…, which is not one of the trusted public keys"
+            raise SignatureRejected(f"signed by key {key_id_[:16]}…, which is not one of the trusted public keys")
         if seq is not None and key_id_ in self.ranges:
             first, last = self.ranges[key_id_]
             if seq < first:
-                return (f"signed by key {key_id_[:16]}…, which the keyring lets sign only from seq {first} on: "
+                raise SignatureRejected(f"signed by key {key_id_[:16]}…, which the keyring lets sign only from seq {first} on: "
                         "a row appended with a key before it was due")
             if last is not None and seq > last:
-                return (f"signed by key {key_id_[:16]}…, which the keyring retired after seq {last}: "
+                raise SignatureRejected(f"signed by key {key_id_[:16]}…, which the keyring retired after seq {last}: "
                         "a row appended with a retired key")
         try:
             signature = base64.b64decode(signature_b64, validate=True)
             key.verify(signature, data)
         except (InvalidSignature, ValueError):
-            return "signature does not match the payload (payload edited or signature forged)"
-        return None
+            raise SignatureRejected("signature does not match the payload (payload edited or signature forged)") from None
 
 
 def keyring_line(public_key: Ed25519PublicKey, first: str = "FIRST_SEQ") -> str:

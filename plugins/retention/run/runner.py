@@ -31,13 +31,14 @@ from retention.errors import (
     TerminalError,
     TransientError,
 )
-from retention.evidence.chain import Certificate, certify
+from retention.evidence.chain import Certificate
 from retention.evidence.checkpoints import CheckpointStore, publish
 from retention.holds import HoldRegistry, HoldView
 from retention.identity import who
 from retention.plan.builder import PlanFailed, PurgePlan, build_plan
 from retention.retry import describe_error, is_retryable
 from retention.rules.models import TARGET_ADAPTER, RuleFile, Target
+from retention.run.certify import certify
 from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.targets import RunContext, Targets

@@ -633,7 +633,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from retention.aws import s3_client_from_environment
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
-    from retention.evidence.chain import Verification, count_certificates, verify_chain
+    from retention.evidence.chain import count_certificates
     from retention.evidence.checkpoints import (
         CHECKPOINTS_ENV,
         CheckpointError,
@@ -642,6 +642,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         open_store,
         read_all,
     )
+    from retention.evidence.verify import Verification, verify_chain
 
     keys = _trusted_keys(args)
     origin = log_identity(args.log_id)
@@ -760,9 +761,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from retention.aws import s3_client_from_environment
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
-    from retention.evidence.chain import verify_chain
     from retention.evidence.checkpoints import CHECKPOINTS_ENV, log_identity, open_store, publish
     from retention.evidence.signing import PublicKeys, Signer
+    from retention.evidence.verify import verify_chain
 
     location = args.to or os.environ.get(CHECKPOINTS_ENV)
     if not location:

@@ -1,0 +1,61 @@
+"""Certifying a run: the journal's records become the evidence layer's plain payload values,
+appended to the chain together with the journal's "certified" mark."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from retention.evidence.chain import Certificate, append_certificate
+from retention.evidence.payload import CertificatePayload, RunFacts, TargetOutcome
+from retention.identity import who
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from retention.evidence.signing import Signer
+    from retention.run.journal import RunJournal, RunRecord, TargetRecord
+
+
+def run_facts(run: RunRecord) -> RunFacts:
+    """What the certificate says the run was asked to do."""
+    return RunFacts(
+        category=run.category, run_id=run.run_id, rule_path=run.rule_path, rule_sha256=run.rule_sha256,
+        code_version=run.code_version, action=run.action, as_of=run.as_of, cutoff=run.cutoff,
+        started_at=run.started_at, approval=run.approval,
+    )
+
+
+def target_outcome(record: TargetRecord) -> TargetOutcome:
+    """What the certificate says one target did."""
+    return TargetOutcome(
+        name=record.target, kind=record.kind, location=record.location, state=record.state,
+        matched=record.matched, remaining=record.remaining, error=record.error, deleted=record.deleted,
+        unconfirmed=record.unconfirmed, finished_at=record.finished_at, held=record.held, bytes=record.bytes,
+        tables=record.tables, holds=tuple(record.holds),
+    )
+
+
+def certify(
+    journal: RunJournal, run: RunRecord, signer: Signer, *, attempts: int = 5, extra: dict[str, Any] | None = None
+) -> Certificate:
+    """Append the run's certificate to the chain, once; return it.
+
+    Idempotent: a run that already has a certificate gets that one back. The append and
+    the journal's "certified" mark commit together.
+    """
+    facts = run_facts(run)
+    outcomes = tuple(target_outcome(r) for r in journal.targets(run))
+    issued_by = who()
+
+    def build(seq: int, prev_hash: str) -> CertificatePayload:
+        return CertificatePayload(
+            run=facts, targets=outcomes, seq=seq, prev_hash=prev_hash, issued_at=journal.now(),
+            key_id=signer.key_id, issued_by=issued_by, extra=extra or {},
+        )
+
+    def on_append(conn: Connection, seq: int) -> None:
+        journal.mark_certified(conn, run, seq)
+        journal.scrub(conn, run)  # the manifest was written from the bounds; now they only identify people
+
+    return append_certificate(journal.engine, signer, category=run.category, run_id=run.run_id,
+                              build=build, on_append=on_append, attempts=attempts)

@@ -135,7 +135,7 @@ def test_dag_test_purges_postgresql_and_appends_a_certificate(
     assert payload["status"] == "complete"
     assert payload["targets"][0]["deleted"] == 250
     assert payload["rule"]["sha256"] == hashlib.sha256(rule_path.read_bytes()).hexdigest()  # this rule, not the repo's
-    from retention.interfaces.cli.commands import main
+    from retention.interfaces.cli import main
 
     assert main(["verify", "--public-key", str(keys[1])]) == 0
 
@@ -206,7 +206,7 @@ def test_dag_test_purges_a_bucket_on_a_moto_server(airflow_db, aws_server, audit
     assert (target["deleted"], target["bytes"], target["location"]) == (1, 8, f"s3://{bucket}/exports/")
     checkpoints = aws_server.list_objects_v2(Bucket=f"{bucket}-audit")["Contents"]
     assert [c["Key"] for c in checkpoints] == ["checkpoints/000000000001.checkpoint"]
-    from retention.interfaces.cli.commands import main
+    from retention.interfaces.cli import main
 
     assert main(["verify", "--public-key", str(keys[1]), "--checkpoint", f"s3://{bucket}-audit/checkpoints"]) == 0
 

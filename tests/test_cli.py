@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from retention.evidence.signing import SIGNING_KEY_ENV
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 
 from conftest import Database, connect, write_rule
 

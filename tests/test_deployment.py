@@ -453,7 +453,7 @@ def test_item03_the_repositorys_pools_file_fits_the_repositorys_rules():
 
 
 def test_item03_sync_pools_dry_run_prints_the_pools_and_changes_nothing(tmp_path, capsys):
-    from retention.interfaces.cli.commands import main
+    from retention.interfaces.cli import main
 
     rules_dir = _rules_dir(tmp_path, "connections:\n  shop_db: 2\n")
     assert main(["airflow", "sync-pools", "--rules", str(rules_dir), "--dry-run", "--json"]) == 0
@@ -471,7 +471,7 @@ def test_item03_sync_pools_dry_run_prints_the_pools_and_changes_nothing(tmp_path
 
 
 def test_item03_sync_pools_refuses_a_bad_pools_file_in_one_line_and_exit_2(tmp_path, capsys):
-    from retention.interfaces.cli.commands import main
+    from retention.interfaces.cli import main
 
     rules_dir = _rules_dir(tmp_path, "connections:\n  crm: 2\n")
     assert main(["airflow", "sync-pools", "--rules", str(rules_dir)]) == 2
@@ -484,7 +484,7 @@ def test_item03_sync_pools_refuses_a_bad_pools_file_in_one_line_and_exit_2(tmp_p
 def test_item03_sync_pools_without_airflow_says_where_to_run_it(tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    from retention.interfaces.cli.commands import main
+    from retention.interfaces.cli import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "airflow" else real(name, *a))
@@ -544,7 +544,7 @@ def test_item01_a_whole_run_works_with_the_audit_runtime_role(compose, audit_rol
     from datetime import datetime, timezone
 
     from retention.evidence.audit import ensure_schema
-    from retention.interfaces.cli.commands import main
+    from retention.interfaces.cli import main
 
     from conftest import connect
     from sqlpurge import ids, insert_customers, make_customers

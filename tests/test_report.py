@@ -15,7 +15,7 @@ from retention.connections import from_environment
 from retention.evidence.audit import open_audit
 from retention.evidence.signing import Signer
 from retention.holds import HoldRegistry
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 from retention.rules.models import load_rule_file
 from retention.run.journal import RunJournal
 from retention.run.runner import Runner

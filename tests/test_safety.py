@@ -21,7 +21,7 @@ from retention.errors import ConfigError, OverLimit, TerminalError, TransientErr
 from retention.evidence.audit import open_audit
 from retention.evidence.chain import find_certificate
 from retention.holds import HoldRegistry
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 from retention.rules.models import load_rule_file
 from retention.run.locks import CategoryBusy
 

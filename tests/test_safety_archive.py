@@ -20,7 +20,7 @@ from retention.errors import RuleError, TerminalError
 from retention.evidence.audit import open_audit
 from retention.evidence.chain import find_certificate
 from retention.failpoints import InjectedFault
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 from retention.rules.models import ArchiveSpec, load_rule_file
 
 from conftest import connect, write_rule

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from retention.evidence.checkpoints import CHECKPOINTS_ENV
 from retention.evidence.signing import SIGNING_KEY_ENV, generate_keypair
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 
 from conftest import connect, write_rule
 from sqlpurge import ids, insert_customers, make_customers

@@ -13,7 +13,7 @@ from retention.errors import InvalidAsOf, TerminalError
 from retention.evidence.audit import open_audit, purge_runs
 from retention.evidence.signing import Signer
 from retention.holds import HoldRegistry
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 from retention.plan.builder import build_plan
 from retention.rules.models import load_rule_file
 from retention.run.journal import RunJournal

@@ -14,7 +14,7 @@ import logging
 import pytest
 
 from retention.errors import RuleError
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 from retention.rules.models import MAX_RULE_FILE_BYTES, load_rule_file, load_rules, scan_rules
 from retention.rules.yamlsource import MAX_DEPTH
 

@@ -15,7 +15,7 @@ from retention.errors import RuleError, TerminalError, TransientError
 from retention.evidence.audit import open_audit
 from retention.evidence.chain import count_certificates, find_certificate, read_certificates
 from retention.evidence.signing import Signer
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 from retention.interfaces.render import describe_certificate
 from retention.rules.models import load_rule_file
 from retention.run.journal import RunJournal

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from retention.interfaces.cli.commands import main
+from retention.interfaces.cli import main
 from retention.interfaces.schedule import schedule_entries
 from retention.rules.models import load_rules
 

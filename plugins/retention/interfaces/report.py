@@ -34,7 +34,8 @@ _CSV_FIELDS = ("seq", "issued_at", "category", "run_id", "run_status", "action",
 def build_report(engine, *, since: datetime, until: datetime, now: datetime, rules: Sequence | None = None,
                  keys=None, checkpoints: dict | None = None, holds=None) -> dict[str, Any]:
     """The report of certificates issued in ``[since, until)`` as a JSON-ready mapping."""
-    from retention.evidence.chain import read_certificates, verify_chain
+    from retention.evidence.chain import read_certificates
+    from retention.evidence.verify import verify_chain
 
     if until <= since:
         raise ConfigError(f"--until {until.isoformat()} is not after --since {since.isoformat()}: "

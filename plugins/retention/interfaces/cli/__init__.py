@@ -1,5 +1,72 @@
-"""The ``retention`` command."""
+"""``retention``: validate rules, plan and run purges, list and verify certificates.
 
-from retention.interfaces.cli.commands import main
+Exit status: 0 success; 1 a run that did not purge everything, a chain that does not
+verify, or an operational error; 2 invalid rules or usage. Tables go to stdout,
+progress and errors to stderr; ``--json`` prints what a machine should read.
 
-__all__ = ["main"]
+Each command group lives in its own module and registers its subcommands through
+``register(commands)``; ``COMMAND_GROUPS`` lists them, one line each.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from retention.errors import ConfigError, RetentionError, RuleError
+from retention.interfaces import diff, report, ruleschema, schedule
+from retention.interfaces.cli import airflow, archive, evidence, holds, keys, rules
+from retention.interfaces.cli.options import EXIT_FAILED, EXIT_INVALID, _err
+from retention.interfaces.cli.parser import build_parser
+
+# The order is the order of `retention --help`.
+COMMAND_GROUPS = [rules, holds, evidence, archive, airflow, keys, schedule, report, ruleschema, diff]
+
+log = logging.getLogger("retention")
+
+__all__ = ["COMMAND_GROUPS", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``retention`` console script."""
+    parser = build_parser(COMMAND_GROUPS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for handler in logging.getLogger().handlers:  # -v logs driver messages too: no password in them
+        handler.addFilter(_redacted)
+    try:
+        return args.handler(args)
+    except RuleError as exc:
+        _err(f"invalid rules ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):")
+        for problem in exc.problems:
+            _err(f"  {problem}")
+        _err("nothing was touched.")
+        return EXIT_INVALID
+    except ConfigError as exc:
+        _err(f"configuration: {exc}")
+        return EXIT_INVALID
+    except RetentionError as exc:
+        _err(f"error: {exc}")
+        return EXIT_FAILED
+    except Exception as exc:  # an operational failure: database down, network, …
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, SQLAlchemyError):
+            _err(f"database error: {getattr(exc, 'orig', exc)}")
+            return EXIT_FAILED
+        raise
+
+
+def _redacted(record: logging.LogRecord) -> bool:
+    """A logging filter: the record's message with every known secret scrubbed."""
+    from retention.connections import redact
+
+    message = record.getMessage()
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    return True

@@ -1,0 +1,61 @@
+"""What every command group shares: exit codes, common options, argument types, error output."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import date, datetime, timezone
+
+DEFAULT_RULES_DIR = "retention_rules"
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def rules_options(cmd: argparse.ArgumentParser) -> None:
+    """--rules, --category and --as-of, as every rules command takes them."""
+    cmd.add_argument(
+        "--rules", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), metavar="DIR",
+        help="rules directory (default: $RETENTION_RULES_DIR or ./retention_rules)",
+    )
+    cmd.add_argument("--category", help="only this category (all rules must still be valid)")
+    cmd.add_argument("--as-of", type=_as_of, metavar="T",
+                     help="the instant retention is measured from (ISO 8601; default: now)")
+
+
+def audit_option(cmd: argparse.ArgumentParser) -> None:
+    """--audit, the audit database's connection id."""
+    cmd.add_argument(
+        "--audit", default=os.environ.get("RETENTION_AUDIT_CONN", "retention_audit"), metavar="CONN_ID",
+        help="connection id of the audit database (default: $RETENTION_AUDIT_CONN or retention_audit)",
+    )
+
+
+def _as_of(text: str) -> datetime:
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or timestamp") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset such as +02:00")
+    return value.astimezone(timezone.utc)
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; write YYYY-MM-DD, e.g. 2027-01-31") from None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _err(message: str) -> None:
+    from retention.connections import redact
+
+    print(redact(message), file=sys.stderr)

@@ -15,13 +15,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.exc import DBAPIError
 
 from retention import __version__, failpoints
 from retention.archive.store import build_manifest
 from retention.clock import utc_iso
+from retention.connections import ConnectionResolver
+from retention.connections import from_environment as environment_connection
 from retention.errors import (
     ConfigError,
     InvalidAsOf,
@@ -91,6 +93,55 @@ class Runner:
     checkpoints: CheckpointStore | None = None
     clock: Callable[[], datetime] | None = None
     """What time it is (default: the journal's clock); a run's as_of may not be after it."""
+    owned: tuple[Any, ...] = field(default=(), repr=False)
+    """What :meth:`from_environment` opened for this runner, closed by :meth:`close`."""
+
+    @classmethod
+    def from_environment(
+        cls,
+        *,
+        audit: str | None = None,
+        connections: ConnectionResolver | None = None,
+        s3_client: Callable[[str], Any] | None = None,
+        signer: Signer | None = None,
+        checkpoints: CheckpointStore | None | Literal["configured"] = "configured",
+        clock: Callable[[], datetime] | None = None,
+    ) -> Runner:
+        """The one way a Runner is built (CLI, Airflow, tests): the audit journal on connection
+        ``audit`` (default ``retention_audit``), targets on ``connections`` (default: the
+        environment's ``RETENTION_CONN_*``), S3 clients from ``s3_client(conn_id)`` when given
+        (Airflow: the Amazon provider's hook), the signer from ``RETENTION_SIGNING_KEY`` and the
+        checkpoint store ``RETENTION_CHECKPOINTS`` names unless given.
+
+        The signer is loaded first: a run that could not be certified must not touch anything.
+        Use it as a context manager (or call :meth:`close`) to release its engines.
+        """
+        from retention.evidence.audit import DEFAULT_AUDIT_CONNECTION, open_audit
+        from retention.evidence.checkpoints import configured_store
+        from retention.evidence.signing import Signer
+
+        resolve = connections if connections is not None else environment_connection
+        signer = signer if signer is not None else Signer.from_environment()
+        engine = open_audit(resolve, audit or DEFAULT_AUDIT_CONNECTION)
+        targets = Targets(resolve) if s3_client is None else _ClientTargets(resolve, s3_client)
+        if checkpoints == "configured":
+            checkpoints = configured_store(targets.s3_client)
+        return cls(RunJournal(engine, clock=clock), targets, signer,
+                   checkpoints=checkpoints, clock=clock, owned=(targets, engine))
+
+    def close(self) -> None:
+        """Close the target connections and the audit engine :meth:`from_environment` opened."""
+        targets, engine = self.owned or (None, None)
+        if targets is not None:
+            targets.close()
+        if engine is not None:
+            engine.dispose()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- start -----------------------------------------------------------------------
 
@@ -445,12 +496,18 @@ class Runner:
         return self.certify(run)
 
 
+class _ClientTargets(Targets):
+    """Targets whose S3 clients come from a factory (Airflow's Amazon provider hook)."""
 
+    def __init__(self, connections: ConnectionResolver, s3_client: Callable[[str], Any]):
+        super().__init__(connections)
+        self._factory = s3_client
 
-
-
-
-
+    def s3_client(self, conn_id: str, *, concurrency: int = 8) -> Any:
+        """The (cached) S3 client the factory gives for ``conn_id``."""
+        if conn_id not in self._s3:
+            self._s3[conn_id] = self._factory(conn_id)
+        return self._s3[conn_id]
 
 
 def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:

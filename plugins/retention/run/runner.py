@@ -383,8 +383,8 @@ class Runner:
         """
         records = self.journal.targets(run)
         contexts = [_definition(r.definition)[1] for r in records]
-        context = next((c for c in contexts if c is not None and c.archive is not None), None)
-        if context is None:
+        archive = next((c.archive for c in contexts if c is not None and c.archive is not None), None)
+        if archive is None:
             return None
         sql_objects: list[dict[str, Any]] = []
         s3_objects: list[dict[str, Any]] = []
@@ -397,14 +397,14 @@ class Runner:
                     sql_objects.append({"target": record.target, **obj})
         body = build_manifest(
             {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
-             "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": context.archive.connection,
-             "bucket": context.archive.bucket, "format": context.archive.format,
-             **({"sse": context.archive.sse_manifest} if context.archive.sse else {})},
+             "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": archive.connection,
+             "bucket": archive.bucket, "format": archive.format,
+             **({"sse": archive.sse_manifest} if archive.sse else {})},
             sql_objects, s3_objects,
         )
-        where = f"s3://{context.archive.bucket}/"
+        where = f"s3://{archive.bucket}/"
         try:
-            store = self.targets.archive_store(context.archive)
+            store = self.targets.archive_store(archive)
             key = store.manifest_key(run.category, run.run_id)
             where += key
             stored = store.put_verified(key, body, table="manifest", rows=0, content_type="application/json")
@@ -415,7 +415,7 @@ class Runner:
             log.error("%s: run %s: the archive manifest %s could not be written (%s); certifying without it",
                       run.category, run.run_id, where, describe_error(exc))
             return {"archive_error": f"{where} could not be written: {describe_error(exc)}"[:500]}
-        return {"archive": {"manifest": f"s3://{context.archive.bucket}/{key}", "sha256": stored.sha256,
+        return {"archive": {"manifest": f"s3://{archive.bucket}/{key}", "sha256": stored.sha256,
                             "objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key"))}}
 
     def settle_interrupted(self, run: RunRecord) -> Certificate:
@@ -482,9 +482,9 @@ class Runner:
             raise  # another run owns the category, or this one was certified: nothing to certify now
         except Exception:
             # Nothing was purged, but the night's run still gets its (failed) certificate.
-            run = self.journal.get_run(rule_file.rule.category, run_id)
-            if run is not None:
-                self.certify(run)
+            opened = self.journal.get_run(rule_file.rule.category, run_id)
+            if opened is not None:
+                self.certify(opened)
             raise
         for target in rule_file.rule.targets:
             try:

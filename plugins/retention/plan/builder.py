@@ -166,8 +166,7 @@ def target_field(index: int, field: str | None) -> tuple[str | int, ...]:
 def plan_failure(category: str, target: str | None, exc: BaseException) -> PlanFailed:
     """``exc`` (raised reading a target, or the archive when ``target`` is None) as a plan
     failure that says whether another attempt can help, as a purge's errors do."""
-    from retention.retry import describe_error
-    from retention.run.runner import is_retryable  # runs imports this module
+    from retention.retry import describe_error, is_retryable
 
     cause = describe_error(exc)
     kind = TransientPlanFailure if is_retryable(exc) else TerminalPlanFailure

@@ -6,12 +6,7 @@ from datetime import date, datetime, timezone
 
 import sqlalchemy as sa
 
-from retention.connections import from_environment
-from retention.evidence.audit import open_audit
-from retention.evidence.signing import Signer
-from retention.run.journal import RunJournal
 from retention.run.runner import Runner
-from retention.targets import Targets
 
 TIMESTAMP = {"postgresql": "TIMESTAMPTZ", "mariadb": "DATETIME(6)", "sqlite": "TIMESTAMP"}
 NAIVE_TIMESTAMP = {"postgresql": "TIMESTAMP", "mariadb": "DATETIME(6)", "sqlite": "TIMESTAMP"}
@@ -59,5 +54,4 @@ def ids(db, table: str = "customers") -> set[int]:
 
 def runner() -> Runner:
     """A Runner on the connections and key the environment defines (as the CLI builds it)."""
-    journal = RunJournal(open_audit(from_environment))
-    return Runner(journal, Targets(from_environment), Signer.from_environment())
+    return Runner.from_environment(checkpoints=None)

@@ -15,13 +15,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.exc import DBAPIError
 
 from retention import __version__, failpoints
 from retention.archive.store import build_manifest
 from retention.clock import utc_iso
+from retention.connections import ConnectionResolver
+from retention.connections import from_environment as environment_connection
 from retention.errors import (
     ConfigError,
     InvalidAsOf,
@@ -92,6 +94,55 @@ class Runner:
     checkpoints: CheckpointStore | None = None
     clock: Callable[[], datetime] | None = None
     """What time it is (default: the journal's clock); a run's as_of may not be after it."""
+    owned: tuple[Any, ...] = field(default=(), repr=False)
+    """What :meth:`from_environment` opened for this runner, closed by :meth:`close`."""
+
+    @classmethod
+    def from_environment(
+        cls,
+        *,
+        audit: str | None = None,
+        connections: ConnectionResolver | None = None,
+        s3_client: Callable[[str], Any] | None = None,
+        signer: Signer | None = None,
+        checkpoints: CheckpointStore | None | Literal["configured"] = "configured",
+        clock: Callable[[], datetime] | None = None,
+    ) -> Runner:
+        """The one way a Runner is built (CLI, Airflow, tests): the audit journal on connection
+        ``audit`` (default ``retention_audit``), targets on ``connections`` (default: the
+        environment's ``RETENTION_CONN_*``), S3 clients from ``s3_client(conn_id)`` when given
+        (Airflow: the Amazon provider's hook), the signer from ``RETENTION_SIGNING_KEY`` and the
+        checkpoint store ``RETENTION_CHECKPOINTS`` names unless given.
+
+        The signer is loaded first: a run that could not be certified must not touch anything.
+        Use it as a context manager (or call :meth:`close`) to release its engines.
+        """
+        from retention.evidence.audit import DEFAULT_AUDIT_CONNECTION, open_audit
+        from retention.evidence.checkpoints import configured_store
+        from retention.evidence.signing import Signer
+
+        resolve = connections if connections is not None else environment_connection
+        signer = signer if signer is not None else Signer.from_environment()
+        engine = open_audit(resolve, audit or DEFAULT_AUDIT_CONNECTION)
+        targets = Targets(resolve) if s3_client is None else _ClientTargets(resolve, s3_client)
+        if checkpoints == "configured":
+            checkpoints = configured_store(targets.s3_client)
+        return cls(RunJournal(engine, clock=clock), targets, signer,
+                   checkpoints=checkpoints, clock=clock, owned=(targets, engine))
+
+    def close(self) -> None:
+        """Close the target connections and the audit engine :meth:`from_environment` opened."""
+        targets, engine = self.owned or (None, None)
+        if targets is not None:
+            targets.close()
+        if engine is not None:
+            engine.dispose()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- start -----------------------------------------------------------------------
 
@@ -333,8 +384,8 @@ class Runner:
         """
         records = self.journal.targets(run)
         contexts = [_definition(r.definition)[1] for r in records]
-        context = next((c for c in contexts if c is not None and c.archive is not None), None)
-        if context is None:
+        archive = next((c.archive for c in contexts if c is not None and c.archive is not None), None)
+        if archive is None:
             return None
         sql_objects: list[dict[str, Any]] = []
         s3_objects: list[dict[str, Any]] = []
@@ -347,14 +398,14 @@ class Runner:
                     sql_objects.append({"target": record.target, **obj})
         body = build_manifest(
             {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
-             "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": context.archive.connection,
-             "bucket": context.archive.bucket, "format": context.archive.format,
-             **({"sse": context.archive.sse_manifest} if context.archive.sse else {})},
+             "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": archive.connection,
+             "bucket": archive.bucket, "format": archive.format,
+             **({"sse": archive.sse_manifest} if archive.sse else {})},
             sql_objects, s3_objects,
         )
-        where = f"s3://{context.archive.bucket}/"
+        where = f"s3://{archive.bucket}/"
         try:
-            store = self.targets.archive_store(context.archive)
+            store = self.targets.archive_store(archive)
             key = store.manifest_key(run.category, run.run_id)
             where += key
             stored = store.put_verified(key, body, table="manifest", rows=0, content_type="application/json")
@@ -365,7 +416,7 @@ class Runner:
             log.error("%s: run %s: the archive manifest %s could not be written (%s); certifying without it",
                       run.category, run.run_id, where, describe_error(exc))
             return {"archive_error": f"{where} could not be written: {describe_error(exc)}"[:500]}
-        return {"archive": {"manifest": f"s3://{context.archive.bucket}/{key}", "sha256": stored.sha256,
+        return {"archive": {"manifest": f"s3://{archive.bucket}/{key}", "sha256": stored.sha256,
                             "objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key"))}}
 
     def settle_interrupted(self, run: RunRecord) -> Certificate:
@@ -432,9 +483,9 @@ class Runner:
             raise  # another run owns the category, or this one was certified: nothing to certify now
         except Exception:
             # Nothing was purged, but the night's run still gets its (failed) certificate.
-            run = self.journal.get_run(rule_file.rule.category, run_id)
-            if run is not None:
-                self.certify(run)
+            opened = self.journal.get_run(rule_file.rule.category, run_id)
+            if opened is not None:
+                self.certify(opened)
             raise
         for target in rule_file.rule.targets:
             try:
@@ -446,12 +497,18 @@ class Runner:
         return self.certify(run)
 
 
+class _ClientTargets(Targets):
+    """Targets whose S3 clients come from a factory (Airflow's Amazon provider hook)."""
 
+    def __init__(self, connections: ConnectionResolver, s3_client: Callable[[str], Any]):
+        super().__init__(connections)
+        self._factory = s3_client
 
-
-
-
-
+    def s3_client(self, conn_id: str, *, concurrency: int = 8) -> Any:
+        """The (cached) S3 client the factory gives for ``conn_id``."""
+        if conn_id not in self._s3:
+            self._s3[conn_id] = self._factory(conn_id)
+        return self._s3[conn_id]
 
 
 def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:

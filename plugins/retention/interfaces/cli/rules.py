@@ -100,12 +100,9 @@ def _hold_registry_if_any(audit: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
-    from retention.evidence.audit import open_audit
-    from retention.evidence.checkpoints import configured_store
     from retention.evidence.signing import Signer
     from retention.plan.builder import build_plan
     from retention.rules.models import load_rules
-    from retention.run.journal import RunJournal
     from retention.run.runner import RunAlreadyCertified, Runner, check_as_of
     from retention.targets import Targets
 
@@ -123,9 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signer = Signer.from_environment()  # before anything is touched: an uncertifiable run must not start
     base_id = args.run_id or f"cli__{as_of.strftime('%Y%m%dT%H%M%SZ')}__{uuid.uuid4().hex[:8]}"
     certificates, errors = [], 0
-    journal = RunJournal(open_audit(from_environment, args.audit))
-    with Targets(from_environment) as targets:
-        runner = Runner(journal, targets, signer, checkpoints=configured_store(targets.s3_client))
+    with Runner.from_environment(audit=args.audit, signer=signer) as runner:
+        journal = runner.journal
         try:
             for rule_file in rules:  # every category's run id, before any of them starts
                 runner.refuse_certified(rule_file.rule.category,

@@ -28,7 +28,7 @@ from retention.evidence.signing import SIGNING_KEY_ENV, generate_keypair
 from retention.rules.models import load_rules
 from retention.targets.sql.anonymize import HASH_KEY_ENV
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 # table DDL and a row factory per demo connection; ages span four years back from now.
 SCHEMAS = {

@@ -233,31 +233,29 @@ def _invalid_rule_dag(path: Path, problems: list[RuleProblem], *, taken: dict[st
     return dag
 
 
-class _RunnerScope:
-    """Builds a Runner on Airflow connections and closes its engines afterwards."""
+def _runner() -> Runner:
+    """The Runner of a task: Airflow's connections, and S3 clients from the Amazon provider's
+    hook when it is installed (assume-role, web identity and the rest of its credential chain)."""
+    from retention.run.runner import Runner
 
-    def __enter__(self) -> Runner:
-        from retention.evidence.audit import open_audit
-        from retention.evidence.checkpoints import configured_store
-        from retention.evidence.signing import Signer
-        from retention.run.journal import RunJournal
-        from retention.run.runner import Runner
-        from retention.targets import Targets
-
-        signer = Signer.from_environment()
-        audit = os.environ.get("RETENTION_AUDIT_CONN", "retention_audit")
-        self.audit = open_audit(airflow_connection, audit)
-        self.targets = Targets(airflow_connection)
-        return Runner(RunJournal(self.audit), self.targets, signer,
-                      checkpoints=configured_store(self.targets.s3_client))
-
-    def __exit__(self, *exc) -> None:
-        self.targets.close()
-        self.audit.dispose()
+    return Runner.from_environment(audit=os.environ.get("RETENTION_AUDIT_CONN"), connections=airflow_connection,
+                                   s3_client=_s3_hook_client if _has_amazon_provider() else None)
 
 
-def _runner() -> _RunnerScope:
-    return _RunnerScope()
+def _has_amazon_provider() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("airflow.providers.amazon") is not None
+
+
+def _s3_hook_client(conn_id: str) -> Any:
+    """``S3Hook(aws_conn_id).get_conn()``, with the pool and retries the engine's own client has."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from botocore.config import Config
+
+    config = Config(max_pool_connections=66, retries={"mode": "standard", "max_attempts": 5},
+                    connect_timeout=10, read_timeout=60)
+    return S3Hook(aws_conn_id=conn_id, config=config).get_conn()
 
 
 def airflow_connection(conn_id: str) -> ConnectionSpec:

@@ -16,10 +16,11 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from retention.errors import ConfigError
+from retention.interfaces.cli.options import instant_argument
 from retention.interfaces.schedule import csv_safe, period_in_words, write_output
 
 log = logging.getLogger(__name__)
@@ -141,25 +142,11 @@ def render(report: dict[str, Any], fmt: str) -> str:
 # -- the command ----------------------------------------------------------------------
 
 
-def _instant(text: str) -> datetime:
-    """A date (midnight UTC) or a timestamp with a zone."""
-    try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or timestamp, e.g. 2026-11-01") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset such as +02:00")
-    return value.astimezone(timezone.utc)
-
-
 def register(commands) -> None:
     """Add ``retention report`` to the CLI's subparsers."""
     cmd = commands.add_parser("report", help="the period's purge report for an auditor (HTML, CSV or JSON)")
-    cmd.add_argument("--since", type=_instant, required=True, metavar="T", help="first instant (a date is 00:00Z)")
-    cmd.add_argument("--until", type=_instant, required=True, metavar="T", help="end of the period, excluded")
+    cmd.add_argument("--since", type=instant_argument, required=True, metavar="T", help="first instant (a date is 00:00Z)")
+    cmd.add_argument("--until", type=instant_argument, required=True, metavar="T", help="end of the period, excluded")
     cmd.add_argument("--format", choices=FORMATS, default="html", help="output format (default html)")
     cmd.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     cmd.add_argument("--audit", default=os.environ.get("RETENTION_AUDIT_CONN", "retention_audit"), metavar="CONN_ID",

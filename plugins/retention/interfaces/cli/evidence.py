@@ -8,7 +8,7 @@ import json
 import os
 
 from retention.errors import ConfigError, TerminalError
-from retention.interfaces.cli.options import EXIT_FAILED, EXIT_OK, _as_of, _err, audit_option
+from retention.interfaces.cli.options import EXIT_FAILED, EXIT_OK, _err, audit_option, instant_argument
 from retention.interfaces.render import count, describe_certificate, moment, size, table
 
 
@@ -18,8 +18,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     audit_option(cmd)
     cmd.add_argument("--category")
     cmd.add_argument("--limit", type=int, help="newest N (default 50, or all with --since/--until; 0 for all)")
-    cmd.add_argument("--since", type=_as_of, metavar="T", help="issued at or after T (a date, or a timestamp with zone)")
-    cmd.add_argument("--until", type=_as_of, metavar="T", help="issued before T")
+    cmd.add_argument("--since", type=instant_argument, metavar="T", help="issued at or after T (a date, or a timestamp with zone)")
+    cmd.add_argument("--until", type=instant_argument, metavar="T", help="issued before T")
     cmd.add_argument("--seq", type=int, metavar="N", help="show certificate N in full: its targets, tables, "
                                                         "holds, approval and archive manifest")
     cmd.add_argument("--json", action="store_true", help="print the payloads as JSON lines")

@@ -19,7 +19,7 @@ def rules_options(cmd: argparse.ArgumentParser) -> None:
         help="rules directory (default: $RETENTION_RULES_DIR or ./retention_rules)",
     )
     cmd.add_argument("--category", help="only this category (all rules must still be valid)")
-    cmd.add_argument("--as-of", type=_as_of, metavar="T",
+    cmd.add_argument("--as-of", type=instant_argument, metavar="T",
                      help="the instant retention is measured from (ISO 8601; default: now)")
 
 
@@ -31,7 +31,8 @@ def audit_option(cmd: argparse.ArgumentParser) -> None:
     )
 
 
-def _as_of(text: str) -> datetime:
+def instant_argument(text: str) -> datetime:
+    """A date (midnight UTC) or a timestamp with a zone, as a command-line argument."""
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)

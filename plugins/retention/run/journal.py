@@ -314,14 +314,7 @@ class JournalLedger:
     def update_pending(self, batch_no: int, rows: int, descriptor: str | None = None) -> None:
         """Correct a pending batch once its row count is known (still before it commits)."""
         values: dict[str, Any] = {"rows_planned": rows, "recorded_at": utc_iso(self.journal.now())}
-        if descriptor is not None:
-            values["bounds"] = descriptor
-        with self.journal.engine.begin() as conn:
-            conn.execute(
-                update(purge_batches)
-                .where(*self._key(), purge_batches.c.batch_no == batch_no, purge_batches.c.state == "pending")
-                .values(**values)
-            )
+        self._update_pending(batch_no, values, descriptor)
 
     def done(
         self, batch_no: int, *, rows: int | None = None, bytes_: int | None = None,
@@ -339,13 +332,17 @@ class JournalLedger:
 
     def _settle(self, batch_no: int, state: str, rows: int | None, bytes_: int | None,
                 tables: dict[str, int] | None, descriptor: str | None) -> None:
-        values = {
+        values: dict[str, Any] = {
             "state": state,
             "rows_done": purge_batches.c.rows_planned if rows is None else rows,
             "bytes_done": bytes_,
             "tables_done": json.dumps(tables, sort_keys=True) if tables is not None else None,
             "recorded_at": utc_iso(self.journal.now()),
         }
+        self._update_pending(batch_no, values, descriptor)
+
+    def _update_pending(self, batch_no: int, values: dict[str, Any], descriptor: str | None) -> None:
+        """Write ``values`` (and the descriptor, when given) into the batch while it is still pending."""
         if descriptor is not None:
             values["bounds"] = descriptor
         with self.journal.engine.begin() as conn:

@@ -220,7 +220,7 @@ def test_item12_unknown_category_target_or_column_is_refused_with_did_you_mean(c
     assert "checked against the rule only" in err and "did you mean 'status'?" in err
     assert main(add + ["--category", "customer_accounts", "--match", '{"status": "closed"}']) == 0
     assert "checked against the rule only" in capsys.readouterr().err
-    listed = HoldRegistry(open_audit(from_environment)).list()
+    listed = HoldRegistry(open_audit(from_environment)).find()
     assert [h.category for h in listed] == ["customer_accounts", "customer_acounts", "customer_accounts"]
 
 

@@ -134,7 +134,9 @@ class HoldRegistry:
             "placed_at": now, "placed_by": by,
         }
         with self.engine.begin() as conn:
-            hold_id = conn.execute(insert(legal_holds).values(**values)).inserted_primary_key[0]
+            inserted = conn.execute(insert(legal_holds).values(**values)).inserted_primary_key
+            assert inserted is not None  # an INSERT always reports its key
+            hold_id = inserted[0]
             conn.execute(insert(legal_hold_events).values(
                 hold_id=hold_id, event="placed", at=now, by=by, detail=json.dumps(values, sort_keys=True)))
         return self.get(hold_id)
@@ -170,7 +172,7 @@ class HoldRegistry:
             rows = conn.execute(select(legal_holds).where(legal_holds.c.id.in_(ids)).order_by(legal_holds.c.id))
             return [_hold(r) for r in rows.mappings()]
 
-    def list(self, *, category: str | None = None, include_released: bool = False) -> list[Hold]:
+    def find(self, *, category: str | None = None, include_released: bool = False) -> list[Hold]:
         """Holds, oldest first."""
         query = select(legal_holds).order_by(legal_holds.c.id)
         if category:

@@ -22,11 +22,15 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from retention.evidence.checkpoints import CHECKPOINTS_ENV
 from retention.evidence.signing import SIGNING_KEY_ENV, generate_keypair
 from retention.rules.models import load_rules
 from retention.targets.sql.anonymize import HASH_KEY_ENV
+
+if TYPE_CHECKING:
+    from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -108,6 +112,7 @@ def _ago(rng: random.Random, now: datetime, max_days: float) -> str:
 
 
 def _fill(db: sqlite3.Connection, conn_id: str, rng: random.Random, now: datetime, scale: int) -> None:
+    rows: list[tuple[Any, ...]]
     if conn_id == "crm_db":
         rows = []
         for i in range(1, 20_000 * scale + 1):
@@ -165,13 +170,14 @@ RECEIPTS_BUCKET = "retail-receipts"
 ARCHIVE_BUCKET = "retention-archive"
 
 
-def start_s3() -> tuple[object, str]:
+def start_s3() -> tuple[ThreadedMotoServer, str]:
     """An embedded S3 (moto) on a free local port; returns the server and its URL."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    assert server._server is not None  # start() made it
     return server, f"http://127.0.0.1:{server._server.server_port}"
 
 

@@ -81,12 +81,14 @@ def build_report(engine, *, since: datetime, until: datetime, now: datetime, rul
             entry["incidents"].append(incident)
     for category, rule in by_rule.items():  # a category that did not run in the period is news too
         categories.setdefault(category, _category_entry(category, rule))
-    in_force = [] if holds is None else [_hold(h) for h in holds.list()]
+    in_force = [] if holds is None else [_hold(h) for h in holds.find()]
+    verification: dict[str, Any]
     if keys is None:
         verification = {"checked": False, "ok": None,
                         "reason": "not verified: no --keyring or --public-key given"}
     else:
-        result = verify_chain(engine, keys, checkpoints or {})
+        checkpoints = checkpoints or {}
+        result = verify_chain(engine, keys, checkpoints)
         newest = max(checkpoints) if checkpoints else None
         verification = {"checked": True, "ok": result.ok, "certificates": result.checked,
                         "head_seq": result.head_seq, "head_hash": result.head_hash,
@@ -189,7 +191,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rules = []
     engine = open_audit(from_environment, args.audit)
     checkpoints = {}
-    if args.checkpoint:
+    if args.checkpoint and keys is not None:  # without keys it was refused above
         stores = [open_store(w, s3_client_from_environment, args.checkpoint_connection) for w in args.checkpoint]
         checkpoints = read_all(stores, keys, log_identity(args.log_id))
     report = build_report(engine, since=args.since, until=args.until, now=datetime.now(timezone.utc), rules=rules,

@@ -192,7 +192,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   f"({len(result.key_ids)} key{'s' if len(result.key_ids) != 1 else ''}), "
                   f"seq 1–{result.head_seq} without gaps, hash chain intact")
             print(f"  head: seq {result.head_seq} {result.head_hash}")
-            if checkpoints:
+            if checkpoints and newest is not None:
                 print(f"  {count(len(checkpoints), 'signed checkpoint')} agree with the chain; the newest, "
                       f"seq {newest}, shows no certificate up to it was removed")
                 print(f"  ({checkpoints[newest].source})")
@@ -295,6 +295,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     if not result.checked:
         print("no certificates yet: nothing to checkpoint")
         return EXIT_OK
+    assert result.head_seq is not None and result.head_hash is not None  # a verified chain of one or more has a head
     store = open_store(location, s3_client_from_environment, args.checkpoint_connection)
     name = publish(store, signer, result.head_seq, result.head_hash, origin)
     print(f"signed checkpoint of seq {result.head_seq} ({result.head_hash[:12]}) written to {store.location}/{name}")

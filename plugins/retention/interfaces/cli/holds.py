@@ -113,7 +113,7 @@ def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
     if args.prefix is not None and any(t.kind != "s3" for t in targets):
         raise ConfigError("--prefix protects S3 keys; for table rows use --match")
     for target in targets:
-        if args.prefix is not None and not (args.prefix.startswith(target.prefix)
+        if args.prefix is not None and target.kind == "s3" and not (args.prefix.startswith(target.prefix)
                                             or target.prefix.startswith(args.prefix)):
             unknown(f"--prefix {args.prefix!r} is outside target {target.name}'s prefix {target.prefix!r} "
                     f"(did you mean {target.prefix + args.prefix.lstrip('/')!r}?)")
@@ -205,7 +205,7 @@ def _did_you_mean(word: str, choices) -> str:
 def cmd_hold_list(args: argparse.Namespace) -> int:
     registry = _holds(args)
     now = registry.now()  # a dated hold lapses by the clock, so "in force" is judged by it too
-    holds = registry.list(category=args.category, include_released=args.all)
+    holds = registry.find(category=args.category, include_released=args.all)
     if not args.all:
         holds = [h for h in holds if h.in_force(now)]
     if args.json:

@@ -146,9 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 from retention.evidence.chain import find_certificate
 
                 errors += 1
-                certificate = find_certificate(journal.engine, rule_file.rule.category, run_id)
-                if certificate is None:
+                found = find_certificate(journal.engine, rule_file.rule.category, run_id)
+                if found is None:
                     return EXIT_FAILED
+                certificate = found
             certificates.append(certificate)
     if args.json:
         for certificate in certificates:

@@ -13,7 +13,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pendulum
 from croniter import croniter
@@ -100,9 +100,9 @@ class IsoDuration:
     @classmethod
     def parse(cls, value: Any) -> IsoDuration:
         """Parse ``value``; raise ValueError with advice when it is not a positive duration."""
-        text = value.strip().upper() if isinstance(value, str) else None
+        text = value.strip().upper() if isinstance(value, str) else ""
         match = _DURATION.fullmatch(text) if text else None
-        if not match or text in ("P", "PT"):
+        if match is None or text in ("P", "PT"):
             raise ValueError(
                 f"{value!r} is not an ISO 8601 duration; write e.g. P90D, P18M, P2Y or PT36H"
             )
@@ -308,8 +308,8 @@ KeyDateFormat = Annotated[
 """A key-date pattern as the rule spells it (None: the objects' age is not in their keys)."""
 
 
-STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER", "GLACIER_IR",
-                   "DEEP_ARCHIVE")
+StorageClass = Literal["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER", "GLACIER_IR",
+                       "DEEP_ARCHIVE"]
 
 
 SSE_ALGORITHMS = ("AES256", "aws:kms")

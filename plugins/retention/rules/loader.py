@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ MAX_RULE_FILE_BYTES = 256 * 1024
 """A rule file is read by reviewers line by line; anything larger is a mistake (or an attack)."""
 
 
-def load_rule_file(path: str | Path) -> RuleFile:
+def load_rule_file(path: str | os.PathLike[str]) -> RuleFile:
     """Load and validate one rule file; raise :class:`RuleError` naming file:line:field."""
     path = Path(path)
     try:
@@ -110,7 +111,7 @@ def _action_problems(rule_file: RuleFile) -> list[RuleProblem]:
     return problems
 
 
-def scan_rules(directory: str | Path) -> tuple[list[RuleFile], list[RuleProblem]]:
+def scan_rules(directory: str | os.PathLike[str]) -> tuple[list[RuleFile], list[RuleProblem]]:
     """Every rule in ``directory`` that is valid, and the problems of the rest.
 
     Used where one bad file must not stop the others (building DAGs). A file is named
@@ -171,7 +172,7 @@ class SalvagedFields:
     action: str | None = None
 
 
-def salvage_fields(path: str | Path) -> SalvagedFields:
+def salvage_fields(path: str | os.PathLike[str]) -> SalvagedFields:
     """The category, schedule, owner and action of a broken rule file, where each still validates.
 
     The invalid-rule DAG keeps the DAG id, schedule and owner of the rule it replaces, so
@@ -195,18 +196,18 @@ def salvage_fields(path: str | Path) -> SalvagedFields:
             return None
 
     owner = data.get("owner")
-    owner_ok = isinstance(owner, str) and re.fullmatch(r"[A-Za-z0-9_.@-]{1,100}", owner.strip())
+    owner_text = owner.strip() if isinstance(owner, str) else ""
     action = data.get("action")
     return SalvagedFields(
         category=valid("category", parse_category),
         schedule=valid("schedule", parse_schedule),
         schedule_is_manual="schedule" in data and data["schedule"] is None,
-        owner=owner.strip() if owner_ok else None,
+        owner=owner_text if re.fullmatch(r"[A-Za-z0-9_.@-]{1,100}", owner_text) else None,
         action=action if action in ("delete", "archive", "anonymize") else None,
     )
 
 
-def load_rules(directory: str | Path, *, category: str | None = None) -> list[RuleFile]:
+def load_rules(directory: str | os.PathLike[str], *, category: str | None = None) -> list[RuleFile]:
     """All rules in ``directory``, or raise :class:`RuleError` if any file is invalid.
 
     With ``category``, only that rule is returned, but every file must still be valid:

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 
 from retention.errors import RuleProblem
 from retention.rules.fields import (
-    STORAGE_CLASSES,
     Bucket,
     Category,
     ColumnStrategy,
@@ -34,6 +33,7 @@ from retention.rules.fields import (
     RowFilter,
     Schedule,
     ServerSideEncryption,
+    StorageClass,
     TableName,
     Tags,
     Text,
@@ -163,7 +163,7 @@ class ArchiveSpec(_StrictModel):
     prefix: KeyPrefix = ""
     format: Literal["jsonl.gz", "parquet"] = "jsonl.gz"
     """Rows from tables: gzip JSON Lines, or Parquet (needs pyarrow)."""
-    storage_class: Literal[STORAGE_CLASSES] = "STANDARD"  # type: ignore[valid-type]
+    storage_class: StorageClass = "STANDARD"
     """The storage class copies of archived S3 objects land in (rows and manifests stay
     STANDARD, so a restore can read them without a thaw)."""
     sse: ServerSideEncryption = None
@@ -200,6 +200,8 @@ class ArchiveSpec(_StrictModel):
         if self.sse is None:
             return {}
         if self.sse == "aws:kms":
+            if self.kms_key_id is None:  # validation pairs them; never let the bucket pick the key
+                raise ValueError("sse: aws:kms needs kms_key_id")
             return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
         return {"ServerSideEncryption": self.sse}
 

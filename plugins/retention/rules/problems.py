@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from pydantic import ValidationError
+    from pydantic_core import ErrorDetails
 
     from retention.rules.yamlsource import LocatedDocument
 
@@ -46,7 +47,7 @@ def dotted_path(path: tuple[str | int, ...]) -> str:
     return out
 
 
-def _data_path(data: Any, loc: tuple, model: type[BaseModel]) -> tuple[str | int, ...]:
+def _data_path(data: Any, loc: tuple[str | int, ...], model: type[BaseModel]) -> tuple[str | int, ...]:
     """Map a pydantic error location onto the document, dropping union tags."""
     path: list[str | int] = []
     node = data
@@ -65,7 +66,7 @@ def _data_path(data: Any, loc: tuple, model: type[BaseModel]) -> tuple[str | int
     return tuple(path)
 
 
-def _message(error: dict, data_path: tuple[str | int, ...], data: Any, model: type[BaseModel]) -> str:
+def _message(error: ErrorDetails, data_path: tuple[str | int, ...], data: Any, model: type[BaseModel]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "is required"
@@ -96,7 +97,12 @@ def _allowed_keys(parent: tuple[str | int, ...], data: Any, model: type[BaseMode
     models: list[type[BaseModel]] = [model]
     node = data
     for part in parent:
-        node = node[part] if isinstance(node, (dict, list)) else None
+        if isinstance(node, dict):
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part]
+        else:
+            node = None
         if isinstance(part, int):
             continue
         nested: list[type[BaseModel]] = []

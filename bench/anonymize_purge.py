@@ -37,7 +37,7 @@ from harness import add_common, admin_url, bench_parser, emit, log, throwaway_da
 from retention.connections import from_environment  # noqa: E402
 from retention.evidence.audit import open_audit  # noqa: E402
 from retention.evidence.signing import Signer, generate_keypair  # noqa: E402
-from retention.rules.models import load_rule_file  # noqa: E402
+from retention.rules.loader import load_rule_file  # noqa: E402
 from retention.run.journal import RunJournal  # noqa: E402
 from retention.run.runner import Runner  # noqa: E402
 from retention.targets import Targets  # noqa: E402

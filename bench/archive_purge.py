@@ -150,7 +150,7 @@ from moto_process import REGION, cpu_seconds, plain_client  # noqa: E402
 from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 
-from retention.rules.models import load_rule_file  # noqa: E402
+from retention.rules.loader import load_rule_file  # noqa: E402
 
 BUCKET = "retention-archive-bench"
 RULE_YAML = """\

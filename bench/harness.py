@@ -209,7 +209,7 @@ def scalar(engine: Engine, statement: str, **params):
 
 def rule_cutoff(rule_yaml: str, as_of: datetime) -> datetime:
     """The cutoff a bench rule gives at ``as_of`` (loading it validates the rule text too)."""
-    from retention.rules.models import load_rule_file
+    from retention.rules.loader import load_rule_file
 
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "rule.yaml"

@@ -257,7 +257,7 @@ def measure_raw(endpoint: str, meter: Meter, _args: argparse.Namespace, _scratch
 def measure_engine(endpoint: str, meter: Meter, args: argparse.Namespace, scratch: Path) -> dict:
     """S3Objects.purge with a RunJournal ledger in a throwaway SQLite audit database."""
     from retention.connections import ConnectionSpec, create_sql_engine
-    from retention.rules.models import load_rule_file
+    from retention.rules.loader import load_rule_file
     from retention.run.journal import JournalLedger
     from retention.targets import Targets
     from retention.targets.s3.objects import S3Objects

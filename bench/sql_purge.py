@@ -89,7 +89,7 @@ from harness import (  # noqa: E402
 )
 from sqlalchemy.engine import URL, Engine  # noqa: E402
 
-from retention.rules.models import load_rule_file  # noqa: E402
+from retention.rules.loader import load_rule_file  # noqa: E402
 from retention.targets.sql.table import SqlTable  # noqa: E402
 
 AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from retention.errors import ConfigError, RuleError
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.rules.strategies import Strategy
 from retention.targets.sql.anonymize import Anonymizer
 

@@ -25,7 +25,7 @@ from retention.evidence.chain import find_certificate
 from retention.evidence.signing import Signer
 from retention.failpoints import InjectedFault
 from retention.interfaces.cli import main
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.run.journal import RunJournal
 from retention.run.runner import Runner
 from retention.targets import Targets

@@ -29,7 +29,7 @@ from retention.evidence.signing import PublicKeys, Signer, generate_keypair
 from retention.evidence.verify import verify_chain
 from retention.identity import who
 from retention.interfaces.cli import main
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.run.journal import RunJournal
 from retention.run.runner import Runner
 from retention.targets import Targets

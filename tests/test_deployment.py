@@ -190,7 +190,7 @@ def _env_vars_the_package_reads() -> set[str]:
 
 
 def test_item01_airflow_services_get_every_env_var_the_package_reads(compose):
-    from retention.rules.models import scan_rules
+    from retention.rules.loader import scan_rules
 
     wanted = _env_vars_the_package_reads()
     assert {"RETENTION_SIGNING_KEY", "RETENTION_HASH_KEY", "RETENTION_CHECKPOINTS"} <= wanted  # the grep works
@@ -212,7 +212,7 @@ def test_item01_airflow_services_get_every_env_var_the_package_reads(compose):
 
 
 def test_item01_init_steps_migrate_create_pools_keys_schema_and_buckets(compose):
-    from retention.rules.models import scan_rules
+    from retention.rules.loader import scan_rules
 
     init = compose["services"]["airflow-init"]
     script = "\n".join(init["command"])
@@ -236,7 +236,7 @@ def test_item01_init_steps_migrate_create_pools_keys_schema_and_buckets(compose)
 
 
 def test_item01_demo_seed_creates_every_table_a_rule_names_where_its_connection_points(compose):
-    from retention.rules.models import scan_rules
+    from retention.rules.loader import scan_rules
 
     env = _env(compose["services"]["airflow-worker"])
     seeds = {"demo-postgres": compose["configs"]["demo-postgres-seed"]["content"],

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from retention.errors import RuleError, RuleProblem, TerminalError
-from retention.rules.models import IsoDuration, RetentionRule, load_rule_file, load_rules
+from retention.rules.fields import IsoDuration
+from retention.rules.loader import load_rule_file, load_rules
+from retention.rules.models import RetentionRule
 
 from conftest import write_rule
 

@@ -22,7 +22,7 @@ from retention.evidence.audit import open_audit
 from retention.evidence.chain import find_certificate
 from retention.holds import HoldRegistry
 from retention.interfaces.cli import main
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.run.locks import CategoryBusy
 
 from conftest import connect, write_rule

@@ -21,7 +21,8 @@ from retention.evidence.audit import open_audit
 from retention.evidence.chain import find_certificate
 from retention.failpoints import InjectedFault
 from retention.interfaces.cli import main
-from retention.rules.models import ArchiveSpec, load_rule_file
+from retention.rules.loader import load_rule_file
+from retention.rules.models import ArchiveSpec
 
 from conftest import connect, write_rule
 from test_archive import (  # noqa: F401  (aws is a fixture)

@@ -15,7 +15,7 @@ from retention.evidence.signing import Signer
 from retention.holds import HoldRegistry
 from retention.interfaces.cli import main
 from retention.plan.builder import build_plan
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.run.journal import RunJournal
 from retention.run.runner import Runner
 from retention.targets import Targets

@@ -15,7 +15,7 @@ import pytest
 
 from retention.errors import RuleError
 from retention.interfaces.cli import main
-from retention.rules.models import MAX_RULE_FILE_BYTES, load_rule_file, load_rules, scan_rules
+from retention.rules.loader import MAX_RULE_FILE_BYTES, load_rule_file, load_rules, scan_rules
 from retention.rules.yamlsource import MAX_DEPTH
 
 from conftest import write_rule

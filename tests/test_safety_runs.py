@@ -17,7 +17,7 @@ from retention.evidence.chain import count_certificates, find_certificate, read_
 from retention.evidence.signing import Signer
 from retention.interfaces.cli import main
 from retention.interfaces.render import describe_certificate
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.run.journal import RunJournal
 from retention.run.runner import Runner
 from retention.targets import Targets

@@ -18,7 +18,7 @@ from retention.errors import PurgeFailed
 from retention.evidence.audit import open_audit, purge_batches
 from retention.evidence.chain import find_certificate
 from retention.holds import HoldRegistry, HoldView
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 
 from conftest import connect, write_rule
 from sqlpurge import ids, insert_customers, make_customers, runner

@@ -10,7 +10,7 @@ import pytest
 
 from retention.interfaces.cli import main
 from retention.interfaces.schedule import schedule_entries
-from retention.rules.models import load_rules
+from retention.rules.loader import load_rules
 
 from conftest import write_rule
 

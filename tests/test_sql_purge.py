@@ -10,7 +10,7 @@ import pytest
 from retention import failpoints
 from retention.errors import RuleError
 from retention.failpoints import InjectedFault
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.run.journal import RunJournal
 from retention.run.runner import RunAlreadyCertified
 

@@ -28,7 +28,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from retention.connections import ConnectionSpec
 from retention.errors import ConfigError, RuleProblem
 from retention.interfaces.pools import pool_name
-from retention.rules.models import RuleFile, salvage_fields, scan_rules
+from retention.rules.loader import salvage_fields, scan_rules
+from retention.rules.models import RuleFile
 
 if TYPE_CHECKING:
     from retention.run.runner import Runner
@@ -276,7 +277,7 @@ def airflow_connection(conn_id: str) -> ConnectionSpec:
 def _reload(path: str, category: str) -> RuleFile:
     # Tasks run from the rule file as it is now; the runner refuses it if it changed
     # since the run was opened.
-    from retention.rules.models import load_rule_file
+    from retention.rules.loader import load_rule_file
 
     rule_file = load_rule_file(path)
     if rule_file.rule.category != category:

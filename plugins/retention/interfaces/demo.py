@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from retention.evidence.checkpoints import CHECKPOINTS_ENV
 from retention.evidence.signing import SIGNING_KEY_ENV, generate_keypair
-from retention.rules.models import load_rules
+from retention.rules.loader import load_rules
 from retention.targets.sql.anonymize import HASH_KEY_ENV
 
 if TYPE_CHECKING:

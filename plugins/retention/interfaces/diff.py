@@ -76,7 +76,7 @@ def diff_rules(base: str, rules_dir: str | Path) -> RulesDiff:
     The rules on disk must be valid (a RuleError otherwise, as ``validate``); base files
     that do not load are listed, not fatal: the change may be the fix.
     """
-    from retention.rules.models import load_rules, scan_rules
+    from retention.rules.loader import load_rules, scan_rules
 
     rules_dir = Path(rules_dir)
     if not rules_dir.is_dir():

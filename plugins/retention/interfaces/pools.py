@@ -135,7 +135,7 @@ def load_pool_rules(rules_dir: str | Path) -> list[RuleFile]:
     The pools file is not a rule: its own problems are reported by :func:`load_pool_config`,
     whether or not the rule scanner already skips ``_``-files.
     """
-    from retention.rules.models import scan_rules
+    from retention.rules.loader import scan_rules
 
     rules, problems = scan_rules(rules_dir)
     pools_file = Path(rules_dir) / POOLS_FILE

@@ -174,7 +174,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from retention.evidence.checkpoints import log_identity, open_store, read_all
     from retention.evidence.signing import PublicKeys
     from retention.holds import HoldRegistry
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
 
     if args.until <= args.since:
         raise ConfigError(f"--until {args.until.date()} is not after --since {args.since.date()}")

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from retention.rules.models import IsoDuration, RuleFile
+from retention.rules.fields import IsoDuration
+from retention.rules.models import RuleFile
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def register(commands) -> None:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Print (or write) the schedule; invalid rules raise RuleError, which the CLI reports."""
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
 
     text = render(schedule_entries(load_rules(args.rules)), args.format)
     write_output(text, args.out)

@@ -33,14 +33,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
     from retention.evidence.signing import PublicKeys
-    from retention.rules.models import _table_name
+    from retention.rules.fields import parse_table_name
     from retention.targets import Targets
 
     keys = PublicKeys.from_pem_files(args.public_key) if args.public_key else None
     conn_id, _, table = args.into.partition(".")
     if table and not args.into.startswith("s3://"):
         try:
-            _table_name(table)
+            parse_table_name(table)
         except ValueError as exc:
             raise ConfigError(f"--into {args.into}: {exc}") from None
     engine = open_audit(from_environment, args.audit)

@@ -79,7 +79,7 @@ def _check_hold_scope(args: argparse.Namespace, match, registry) -> list[str]:
     among those the audit database has run), its target, its columns (in the live table, else
     in the rule) and its S3 prefix. ``--force`` places it anyway. Returns warnings to print
     after placing it (a hold that matches no row now, and its near matches)."""
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
 
     unreadable = ""
     try:

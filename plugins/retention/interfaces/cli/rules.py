@@ -57,7 +57,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
 
     rules = load_rules(args.rules)
     print(f"✓ {count(len(rules), 'rule file')} valid in {args.rules}: "
@@ -68,7 +68,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.plan.builder import build_plan
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
@@ -102,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.evidence.signing import Signer
     from retention.plan.builder import build_plan
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
     from retention.run.runner import RunAlreadyCertified, Runner, check_as_of
     from retention.targets import Targets
 
@@ -162,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
     from retention.run.status import retention_status
     from retention.targets import Targets
 

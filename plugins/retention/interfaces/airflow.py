@@ -59,7 +59,7 @@ def default_rules_dir(dags_file: str | os.PathLike[str]) -> Path:
 
 def build_dags(rules_dir: str | os.PathLike[str]) -> dict[str, DAG]:
     """A DAG per rule file in ``rules_dir``, keyed by dag_id."""
-    rules, problems = scan_rules(rules_dir)
+    rules, problems = scan_rules(Path(rules_dir))
     dags = {}
     for rule_file in rules:
         try:
@@ -92,7 +92,7 @@ def report_invalid_rules(rules_dir: str | os.PathLike[str]) -> list[RuleProblem]
     not only in the DAG that fails for it. Never raises: reporting must not stop a purge.
     """
     try:
-        _rules, problems = scan_rules(rules_dir)
+        _rules, problems = scan_rules(Path(rules_dir))
     except Exception as exc:
         log.error("could not check the other rule files in %s: %s", rules_dir, type(exc).__name__)
         return []

@@ -16,16 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from retention.connections import from_environment
 from retention.evidence.audit import ensure_schema, metadata, open_audit
 from retention.evidence.chain import entry_hash, read_certificates
-from retention.evidence.checkpoints import (
-    CHECKPOINTS_ENV,
-    Checkpoint,
-    CheckpointError,
-    DirectoryStore,
-    S3Store,
-    sign,
-    sign_note,
-)
+from retention.evidence.checkpoints import CHECKPOINTS_ENV, Checkpoint, CheckpointError, sign
+from retention.evidence.notes import sign_note
 from retention.evidence.signing import PublicKeys, Signer, generate_keypair
+from retention.evidence.stores import DirectoryStore, S3Store
 from retention.evidence.verify import verify_chain
 from retention.identity import who
 from retention.interfaces.cli import main
@@ -436,7 +430,7 @@ def test_the_note_format_is_the_c2sp_signed_note_of_the_go_reference():
     """golang.org/x/mod/sumdb/note's documented example, byte for byte (Ed25519 is deterministic)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from retention.evidence.checkpoints import note_key_hash, open_note
+    from retention.evidence.notes import note_key_hash, open_note
 
     seed = base64.b64decode("AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz")[1:]  # PRIVATE+KEY+PeterNeumann+c74f20a3+…
     key = Ed25519PrivateKey.from_private_bytes(seed)

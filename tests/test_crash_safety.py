@@ -22,8 +22,9 @@ import pytest
 from retention.connections import from_environment
 from retention.evidence.audit import open_audit
 from retention.evidence.chain import read_certificates
-from retention.evidence.checkpoints import CHECKPOINTS_ENV, DirectoryStore, read_all
+from retention.evidence.checkpoints import CHECKPOINTS_ENV, read_all
 from retention.evidence.signing import PublicKeys
+from retention.evidence.stores import DirectoryStore
 from retention.evidence.verify import verify_chain
 
 from conftest import connect, write_rule

@@ -4,11 +4,11 @@ The hash chain shows a certificate that was edited, forged, reordered or removed
 middle, but not a removed tail: delete the newest rows and what is left is a valid,
 shorter chain. So after every certificate, the run also writes a checkpoint saying "the
 chain held N certificates and the N-th hashed to H", signed with the certificate key, to
-a store the audit database's owners do not control (a bucket with Object Lock, another
-team's share). ``retention verify --checkpoint`` then catches a chain that is shorter
-than a checkpoint says, or that was rewritten before it.
+a store the audit database's owners do not control (:mod:`retention.evidence.stores`).
+``retention verify --checkpoint`` then catches a chain that is shorter than a checkpoint
+says, or that was rewritten before it.
 
-The text is a C2SP signed note (https://c2sp.org/signed-note), the envelope Certificate
+The text is a C2SP signed note (:mod:`retention.evidence.notes`), the envelope Certificate
 Transparency logs and Sigstore publish their checkpoints in::
 
     retention/purge-certificates
@@ -19,46 +19,30 @@ Transparency logs and Sigstore publish their checkpoints in::
 
 Its third line is the chain head, not a Merkle root: verification recomputes the whole
 chain anyway, so a Merkle tree's short proofs would buy nothing here.
-
-Where checkpoints go is ``RETENTION_CHECKPOINTS``: a directory, or ``s3://bucket/prefix``
-read and written through the AWS connection ``RETENTION_CHECKPOINTS_CONN`` (default
-``aws_default``). One file per certificate, ``<seq>.checkpoint``, never overwritten: a
-second, different checkpoint for the same seq means the chain was rewritten, and the
-write fails saying so.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import os
 import re
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from retention.errors import ConfigError, TerminalError
+from retention.evidence.notes import open_note, sign_note
 
-from retention import failpoints
-from retention.aws import TRANSIENT_CODES, s3_error_code
-from retention.errors import ConfigError, TerminalError, TransientError
-from retention.evidence.signing import PublicKeys, Signer
+if TYPE_CHECKING:
+    from retention.evidence.signing import PublicKeys, Signer
+    from retention.evidence.stores import CheckpointStore
 
-CHECKPOINTS_ENV = "RETENTION_CHECKPOINTS"
-CHECKPOINTS_CONN_ENV = "RETENTION_CHECKPOINTS_CONN"
+CHECKPOINTS_ENV = "RETENTION_CHECKPOINTS"  # where checkpoints go; read by stores.configured_store
 ORIGIN = "retention/purge-certificates"
 LOG_ID_ENV = "RETENTION_LOG_ID"
 _LOG_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,255}")
 SUFFIX = ".checkpoint"
-STALE_TEMP_S = 600  # a checkpoint's temporary file older than this was left by a killed writer
-READERS = 8  # parallel GETs when reading checkpoints from S3 (boto3's default pool holds 10)
-ED25519_ALGORITHM = b"\x01"  # the signed-note signature type of Ed25519
 
 
 class CheckpointError(TerminalError):
@@ -100,47 +84,6 @@ def log_identity(value: str | None = None, environ: Mapping[str, str] | None = N
     return value
 
 
-def note_key_hash(name: str, public_key: Ed25519PublicKey) -> bytes:
-    """The 4-byte key hash of a signed note: SHA-256(name, newline, type, key)[:4]."""
-    return hashlib.sha256(name.encode() + b"\n" + ED25519_ALGORITHM + public_key.public_bytes_raw()).digest()[:4]
-
-
-def sign_note(text: str, name: str, private_key: Ed25519PrivateKey) -> bytes:
-    """A C2SP signed note: ``text`` (newline-terminated), a blank line, one signature line."""
-    signature = note_key_hash(name, private_key.public_key()) + private_key.sign(text.encode())
-    return f"{text}\n— {name} {base64.b64encode(signature).decode('ascii')}\n".encode()
-
-
-def open_note(note: bytes, name: str, public_keys: Iterable[Ed25519PublicKey]) -> str | None:
-    """The text of ``note`` if one of ``public_keys`` signed it as ``name``; else None."""
-    try:
-        decoded = note.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    body, separator, signatures = decoded.rpartition("\n\n")
-    if not separator:
-        return None
-    text = body + "\n"
-    public_keys = list(public_keys)  # tried again for every signature line
-    for line in signatures.splitlines():
-        signer, _, blob = line.removeprefix("— ").rpartition(" ")
-        if not line.startswith("— ") or signer != name:
-            continue
-        try:
-            raw = base64.b64decode(blob, validate=True)
-        except binascii.Error:
-            continue
-        for public_key in public_keys:
-            if raw[:4] != note_key_hash(name, public_key):
-                continue
-            try:
-                public_key.verify(raw[4:], text.encode())
-            except InvalidSignature:
-                continue
-            return text
-    return None
-
-
 def sign(checkpoint: Checkpoint, signer: Signer) -> bytes:
     """The checkpoint as a note signed by ``signer`` under its origin (the log identity)."""
     return sign_note(checkpoint.body(), checkpoint.origin, signer.private_key)
@@ -168,170 +111,6 @@ def parse(note: bytes, keys: PublicKeys, source: str, origin: str = ORIGIN) -> C
     if size < 1 or len(head) != 32:
         raise CheckpointError(f"checkpoint {source}: signed, but its size or head hash is malformed")
     return Checkpoint(size, head.hex(), source, origin)
-
-
-# -- stores -----------------------------------------------------------------------------
-
-
-class CheckpointStore(Protocol):
-    """Where checkpoints are kept: written once per seq, read all together."""
-
-    location: str
-
-    def put(self, name: str, note: bytes) -> None:
-        """Create ``name``; if it exists with the same bytes, nothing; if different, CheckpointError."""
-
-    def notes(self) -> Iterator[tuple[str, bytes]]:
-        """Every checkpoint note: (where it is, its bytes)."""
-
-    def check_writable(self) -> None:
-        """ConfigError unless checkpoints can be written here (checked before a run purges)."""
-
-
-class DirectoryStore:
-    """Checkpoints as files in a directory (a mounted share, a WORM volume, a git checkout)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.location = str(self.path)
-
-    def put(self, name: str, note: bytes) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._sweep()
-        target = self.path / name
-        # Written whole to a temporary file, then linked into place: link never replaces,
-        # and a crash leaves no half-written checkpoint under the real name.
-        with tempfile.NamedTemporaryFile(dir=self.path, prefix=f".{name}.", delete=False) as handle:
-            handle.write(note)
-            handle.flush()
-            os.fsync(handle.fileno())
-        failpoints.hit("checkpoint.before_link")
-        try:
-            os.chmod(handle.name, 0o644)
-            os.link(handle.name, target)
-        except FileExistsError:
-            _same_or_fail(str(target), target.read_bytes(), note)
-        finally:
-            os.unlink(handle.name)
-
-    def check_writable(self) -> None:
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"checkpoints: cannot create directory {self.path}: {exc.strerror}") from None
-        if not os.access(self.path, os.W_OK | os.X_OK):
-            raise ConfigError(f"checkpoints: directory {self.path} is not writable")
-
-    def _sweep(self) -> None:
-        """Remove temporary files a killed writer left (a live one's exists for milliseconds)."""
-        for stale in self.path.glob(f".*{SUFFIX}.*"):
-            try:
-                if time.time() - stale.stat().st_mtime > STALE_TEMP_S:
-                    stale.unlink()
-            except FileNotFoundError:
-                pass
-
-    def notes(self) -> Iterator[tuple[str, bytes]]:
-        if self.path.is_file():
-            yield str(self.path), self.path.read_bytes()
-            return
-        if not self.path.is_dir():
-            raise ConfigError(f"checkpoints: {self.path} is neither a file nor a directory")
-        for path in sorted(self.path.glob(f"*{SUFFIX}")):
-            yield str(path), path.read_bytes()
-
-
-class S3Store:
-    """Checkpoints as objects under an S3 prefix; with Object Lock, nobody can remove them."""
-
-    def __init__(self, url: str, client):
-        bucket, _, prefix = url[len("s3://"):].partition("/")
-        if not bucket:
-            raise ConfigError(f"checkpoints: {url} names no bucket")
-        self.bucket, self.prefix, self.client = bucket, prefix.strip("/"), client
-        self.location = url
-
-    def check_writable(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            code = s3_error_code(exc)
-            raise ConfigError(f"checkpoints: bucket {self.bucket} cannot be used ({code})") from None
-        except BotoCoreError as exc:
-            raise TransientError(f"checkpoints: bucket {self.bucket} cannot be reached: {exc}") from exc
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def put(self, name: str, note: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        key = self._key(name)
-        digest = base64.b64encode(hashlib.sha256(note).digest()).decode()
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=note, IfNoneMatch="*",
-                                   ChecksumSHA256=digest, ContentType="text/plain; charset=utf-8")
-        except ClientError as exc:
-            code = s3_error_code(exc)
-            if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                error = TransientError if code in TRANSIENT_CODES else CheckpointError
-                raise error(f"checkpoint s3://{self.bucket}/{key} could not be written: {exc}") from exc
-            existing = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            _same_or_fail(f"s3://{self.bucket}/{key}", existing, note)
-        except BotoCoreError as exc:
-            raise TransientError(f"checkpoint s3://{self.bucket}/{key} could not be written: {exc}") from exc
-
-    def notes(self) -> Iterator[tuple[str, bytes]]:
-        prefix = f"{self.prefix}/" if self.prefix else ""
-
-        def fetch(key: str) -> tuple[str, bytes]:
-            return f"s3://{self.bucket}/{key}", self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-
-        # A year of nightly runs is thousands of small objects: fetch a page's worth at once.
-        with ThreadPoolExecutor(READERS, thread_name_prefix="checkpoints") as pool:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                keys = [item["Key"] for item in page.get("Contents", []) if item["Key"].endswith(SUFFIX)]
-                yield from pool.map(fetch, keys)
-
-
-def _same_or_fail(where: str, existing: bytes, note: bytes) -> None:
-    # The texts, not the bytes: a retried certify after a key rotation signs the same text anew.
-    if _note_text(existing) != _note_text(note):
-        raise CheckpointError(
-            f"checkpoint {where} already exists and differs from the chain now: the certificate "
-            "chain was rewritten after that checkpoint was signed (or the audit database was "
-            "replaced); run `retention verify --checkpoint` and investigate before certifying more"
-        )
-
-
-def _note_text(note: bytes) -> bytes:
-    text, separator, _signatures = note.rpartition(b"\n\n")
-    return text if separator else note
-
-
-def open_store(location: str, s3_client: Callable[[str], object], conn_id: str = "aws_default") -> CheckpointStore:
-    """A store for ``location`` (a directory or ``s3://bucket/prefix``)."""
-    if location.startswith("s3://"):
-        return S3Store(location, s3_client(conn_id))
-    return DirectoryStore(location)
-
-
-def configured_store(s3_client: Callable[[str], object],
-                     environ: Mapping[str, str] | None = None) -> CheckpointStore | None:
-    """The store ``RETENTION_CHECKPOINTS`` names, checked writable; None when checkpoints are off.
-
-    Checked before anything is purged: a run that could not leave its checkpoint must not start.
-    """
-    environ = os.environ if environ is None else environ
-    location = environ.get(CHECKPOINTS_ENV)
-    if not location:
-        return None
-    log_identity(environ=environ)  # a malformed one must stop the run before it purges
-    store = open_store(location, s3_client, environ.get(CHECKPOINTS_CONN_ENV) or "aws_default")
-    store.check_writable()
-    return store
 
 
 # -- write and read ----------------------------------------------------------------------

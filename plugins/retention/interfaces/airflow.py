@@ -60,7 +60,7 @@ def default_rules_dir(dags_file: str | os.PathLike[str]) -> Path:
 
 def build_dags(rules_dir: str | os.PathLike[str]) -> dict[str, DAG]:
     """A DAG per rule file in ``rules_dir``, keyed by dag_id."""
-    rules, problems = scan_rules(rules_dir)
+    rules, problems = scan_rules(Path(rules_dir))
     dags = {}
     for rule_file in rules:
         try:
@@ -93,7 +93,7 @@ def report_invalid_rules(rules_dir: str | os.PathLike[str]) -> list[RuleProblem]
     not only in the DAG that fails for it. Never raises: reporting must not stop a purge.
     """
     try:
-        _rules, problems = scan_rules(rules_dir)
+        _rules, problems = scan_rules(Path(rules_dir))
     except Exception as exc:
         log.error("could not check the other rule files in %s: %s", rules_dir, type(exc).__name__)
         return []
@@ -129,58 +129,23 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
             ),
         },
     ) as dag:
+        # The task functions stay here and hand their work to the named steps below: their
+        # qualified names are in the serialized DAG, whose hash would change if they moved.
 
         @task(task_id="plan")
         def plan() -> list[str]:
             """Open the run with its as_of, settle earlier uncertified runs, count."""
-            context = get_current_context()
-            report_invalid_rules(Path(path).parent)
-            with _runner() as runner:
-                rule_file = _reload(path, category)
-                as_of = context.get("logical_date") or context["dag_run"].run_after
-                approval = (context["params"] or {}).get("approve_over_limit")
-                run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval)
-                from retention.interfaces.render import count
-
-                log.info("run %s: as of %s, cutoff %s", run.run_id, run.as_of, run.cutoff)
-                for target in purge_plan.targets:
-                    unit = target.unit
-                    log.info("  %s (%s): %s to purge of %s, %s held", target.name, target.location,
-                             count(target.matched, unit), count(target.total, unit), count(target.held, unit))
-                    for note in target.notes:
-                        log.warning("  %s: %s", target.name, note)
-            return [t.name for t in rule_file.rule.targets]
+            return _plan(path, category)
 
         @task(task_id="purge", map_index_template="{{ target_name }}")
         def purge(target: str) -> dict[str, Any]:
             """Purge one target in journaled batches; resume what an earlier try left."""
-            context = get_current_context()
-            context["target_name"] = target  # type: ignore[typeddict-unknown-key]
-            with _runner() as runner:
-                rule_file = _reload(path, category)
-                run = runner.journal.get_run(category, context["run_id"])
-                if run is None:
-                    raise AirflowFailException("the plan task did not open this run")
-                record = runner.purge(rule_file, run, target, progress=_log_progress)
-            return {"target": target, "deleted": record.deleted, "matched": record.matched}
+            return _purge(path, category, target)
 
         @task(task_id="certify", trigger_rule=TriggerRule.ALL_DONE)
         def certify() -> dict[str, Any]:
             """Append the run's certificate; fail the DAG run unless it is complete."""
-            context = get_current_context()
-            with _runner() as runner:
-                run = runner.journal.get_run(category, context["run_id"])
-                if run is None:
-                    raise AirflowFailException("the run was never opened (see the plan task); nothing to certify")
-                certificate = runner.certify(run)
-            log.info("certificate seq %d: %s, %d purged, hash %s", certificate.seq, certificate.status,
-                     certificate.deleted, certificate.entry_hash)
-            if certificate.status != "complete":
-                raise AirflowFailException(
-                    f"run {certificate.status}: certificate seq {certificate.seq} records what did and did "
-                    "not happen; see the purge tasks for the cause"
-                )
-            return {"seq": certificate.seq, "status": certificate.status, "entry_hash": certificate.entry_hash}
+            return _certify(category)
 
         # A mapped task has one pool, and the pool is per connection: one mapped purge
         # task per connection the targets use, built at parse time from the rule
@@ -194,6 +159,61 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
             purges = purge.override(task_id=task_id, pool=pool_name(conn_id)).expand(target=names)
             planned >> purges >> certified
     return dag
+
+
+def _plan(path: str, category: str) -> list[str]:
+    """The plan task: open the run with its as_of, settle earlier uncertified runs, log the counts.
+
+    Returns the names of the targets the purge tasks are mapped over.
+    """
+    context = get_current_context()
+    report_invalid_rules(Path(path).parent)
+    with _runner() as runner:
+        rule_file = _reload(path, category)
+        as_of = context.get("logical_date") or context["dag_run"].run_after
+        approval = (context["params"] or {}).get("approve_over_limit")
+        run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval)
+        from retention.interfaces.render import count
+
+        log.info("run %s: as of %s, cutoff %s", run.run_id, run.as_of, run.cutoff)
+        for target in purge_plan.targets:
+            unit = target.unit
+            log.info("  %s (%s): %s to purge of %s, %s held", target.name, target.location,
+                     count(target.matched, unit), count(target.total, unit), count(target.held, unit))
+            for note in target.notes:
+                log.warning("  %s: %s", target.name, note)
+    return [t.name for t in rule_file.rule.targets]
+
+
+def _purge(path: str, category: str, target: str) -> dict[str, Any]:
+    """A purge task: purge ``target`` in journaled batches, resuming what an earlier try left."""
+    context = get_current_context()
+    context["target_name"] = target  # type: ignore[typeddict-unknown-key]
+    with _runner() as runner:
+        rule_file = _reload(path, category)
+        run = runner.journal.get_run(category, context["run_id"])
+        if run is None:
+            raise AirflowFailException("the plan task did not open this run")
+        record = runner.purge(rule_file, run, target, progress=_log_progress)
+    return {"target": target, "deleted": record.deleted, "matched": record.matched}
+
+
+def _certify(category: str) -> dict[str, Any]:
+    """The certify task: append the run's certificate; AirflowFailException unless it is complete."""
+    context = get_current_context()
+    with _runner() as runner:
+        run = runner.journal.get_run(category, context["run_id"])
+        if run is None:
+            raise AirflowFailException("the run was never opened (see the plan task); nothing to certify")
+        certificate = runner.certify(run)
+    log.info("certificate seq %d: %s, %d purged, hash %s", certificate.seq, certificate.status,
+             certificate.deleted, certificate.entry_hash)
+    if certificate.status != "complete":
+        raise AirflowFailException(
+            f"run {certificate.status}: certificate seq {certificate.seq} records what did and did "
+            "not happen; see the purge tasks for the cause"
+        )
+    return {"seq": certificate.seq, "status": certificate.status, "entry_hash": certificate.entry_hash}
 
 
 def _invalid_rule_dag(path: Path, problems: list[RuleProblem], *, taken: dict[str, DAG]) -> DAG:

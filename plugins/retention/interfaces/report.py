@@ -171,8 +171,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.errors import RuleError
     from retention.evidence.audit import open_audit
-    from retention.evidence.checkpoints import log_identity, open_store, read_all
+    from retention.evidence.checkpoints import log_identity, read_all
     from retention.evidence.signing import PublicKeys
+    from retention.evidence.stores import open_store
     from retention.holds import HoldRegistry
     from retention.rules.loader import load_rules
 

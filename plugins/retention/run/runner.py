@@ -34,7 +34,8 @@ from retention.errors import (
     TransientError,
 )
 from retention.evidence.chain import Certificate
-from retention.evidence.checkpoints import CheckpointStore, publish
+from retention.evidence.checkpoints import publish
+from retention.evidence.stores import CheckpointStore
 from retention.holds import HoldRegistry, HoldView
 from retention.identity import who
 from retention.plan.builder import PlanFailed, PurgePlan, build_plan
@@ -118,8 +119,8 @@ class Runner:
         Use it as a context manager (or call :meth:`close`) to release its engines.
         """
         from retention.evidence.audit import DEFAULT_AUDIT_CONNECTION, open_audit
-        from retention.evidence.checkpoints import configured_store
         from retention.evidence.signing import Signer
+        from retention.evidence.stores import configured_store
 
         resolve = connections if connections is not None else environment_connection
         signer = signer if signer is not None else Signer.from_environment()

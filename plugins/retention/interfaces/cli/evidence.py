@@ -148,9 +148,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         CheckpointError,
         NoCheckpoints,
         log_identity,
-        open_store,
         read_all,
     )
+    from retention.evidence.stores import open_store
     from retention.evidence.verify import Verification, verify_chain
 
     keys = _trusted_keys(args)
@@ -270,8 +270,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from retention.aws import s3_client_from_environment
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
-    from retention.evidence.checkpoints import CHECKPOINTS_ENV, log_identity, open_store, publish
+    from retention.evidence.checkpoints import CHECKPOINTS_ENV, log_identity, publish
     from retention.evidence.signing import PublicKeys, Signer
+    from retention.evidence.stores import open_store
     from retention.evidence.verify import verify_chain
 
     location = args.to or os.environ.get(CHECKPOINTS_ENV)

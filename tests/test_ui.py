@@ -34,7 +34,7 @@ UTC = timezone.utc
 NIGHTS = 3
 
 READS = ["/", "/?category=customer_accounts&status=complete", "/certificates/1", "/certificates/1/payload",
-         "/verify", "/verify?archives=false", "/status", "/holds", "/schedule",
+         "/verify", "/verify?run=true", "/status", "/holds", "/schedule",
          "/report?since=2023-01-01&until=2023-06-01", "/report?since=2023-01-01&until=2023-06-01&format=csv"]
 CHANGES = [("/holds", {"category": "customer_accounts", "case_id": "CASE-9", "reason": "dispute"}),
            ("/holds/1/release", {"reason": "settled"})]
@@ -253,18 +253,19 @@ def test_the_raw_payload_is_the_signed_bytes(client, tokens, keys):
 def test_verify_now_reports_the_chain_and_its_head(client, tokens, keys):
     head = verify_chain(_audit(), PublicKeys.from_pem_files([keys[1]]))
 
-    page = client.get("/verify", headers=bearer(tokens["viewer"])).text
+    page = client.get("/verify?run=true", headers=bearer(tokens["viewer"])).text
 
     assert f"✓ {NIGHTS} certificates verified" in page
     assert f"seq {head.head_seq} <code>{head.head_hash}</code>" in page
     assert f"the newest, seq {NIGHTS}" in page  # the checkpoints runs wrote were checked
+    assert 'id="result"' not in client.get("/verify", headers=bearer(tokens["viewer"])).text  # only on the button
 
 
 def test_verify_now_fails_when_the_checkpoints_are_gone(client, tokens, tmp_path):
     for note in (tmp_path / "checkpoints").iterdir():
         note.unlink()
 
-    page = client.get("/verify", headers=bearer(tokens["viewer"])).text
+    page = client.get("/verify?run=true", headers=bearer(tokens["viewer"])).text
 
     assert "✗" in page and "no checkpoints at" in page
 
@@ -272,7 +273,7 @@ def test_verify_now_fails_when_the_checkpoints_are_gone(client, tokens, tmp_path
 def test_verify_without_trusted_keys_says_how_to_configure_them(client, tokens, monkeypatch):
     monkeypatch.delenv("RETENTION_PUBLIC_KEYS")
 
-    page = client.get("/verify", headers=bearer(tokens["viewer"])).text
+    page = client.get("/verify?run=true", headers=bearer(tokens["viewer"])).text
 
     assert "No trusted public keys are configured" in page and "RETENTION_KEYRING" in page
 

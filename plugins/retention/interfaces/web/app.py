@@ -165,14 +165,15 @@ def _evidence_routes(app: FastAPI, deployment: Deployment, access: Access, pages
             "Content-Disposition": f'inline; filename="certificate-{seq}.json"'})
 
     @app.get("/verify", response_class=HTMLResponse)
-    def verify(request: Request, archives: bool = False, user: Any = signed_in) -> HTMLResponse:
+    def verify(request: Request, run: bool = False, archives: bool = False, user: Any = signed_in) -> HTMLResponse:
         keys = deployment.keys()
         result = None
-        if keys is not None:
+        if keys is not None and run:
             client = (lambda: deployment.s3_client(deployment.archive_connection)) if archives else None
             result = views.verify_now(deployment.audit(), keys, deployment.checkpoints(), deployment.log_id(),
                                       archives=client)
-        return pages.render(request, "verify.html", user=access.name_of(user), result=result, archives=archives)
+        return pages.render(request, "verify.html", user=access.name_of(user), result=result, archives=archives,
+                            configured=keys is not None)
 
     @app.get("/status", response_class=HTMLResponse)
     def status(request: Request, user: Any = signed_in) -> HTMLResponse:

@@ -26,6 +26,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retention.errors import ConfigError, RetentionError, RuleError
+from retention.interfaces.render import moment
 from retention.interfaces.web import views
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class _Pages:
     def __init__(self) -> None:
         self.templates = Environment(loader=PackageLoader("retention.interfaces", "templates/ui"),
                                      autoescape=select_autoescape(default=True, default_for_string=True))
+        self.templates.filters["moment"] = moment
 
     def render(self, request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         """The page ``template`` as an HTML response."""

@@ -24,7 +24,7 @@ UI_URL  := http://127.0.0.1:$(UI_PORT)
 ui: install
 	@test -f .demo/env || { echo "make ui shows what make demo made: run make demo first"; exit 2; }
 	@set -a; . ./.demo/env; set +a; \
-	export PATH="$(CURDIR)/$(BIN):$$PATH" AIRFLOW__CORE__DAGS_FOLDER="$(CURDIR)/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	export PATH="$(abspath $(BIN)):$$PATH" AIRFLOW__CORE__DAGS_FOLDER="$(CURDIR)/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	  AIRFLOW__CORE__AUTH_MANAGER=airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager \
 	  AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin \
 	  AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$$AIRFLOW_HOME/simple_auth_manager_passwords.json" \

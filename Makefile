@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test typecheck bench validate plan demo-clean clean env schema
+.PHONY: install demo test typecheck bench validate plan demo-clean clean env schema ui ui-screenshots
 
 install: $(BIN)/.installed
 
@@ -16,6 +16,37 @@ $(BIN)/.installed: pyproject.toml
 ## A nightly purge of a seeded retail estate through Airflow, then its certificates.
 demo: install
 	$(BIN)/python -m retention.interfaces.demo
+
+## The compliance page on what `make demo` left: api-server, scheduler and dag-processor on the
+## demo's SQLite metadata, the plugin at /retention; prints the URL and login. Ctrl-C stops them.
+UI_PORT ?= 8080
+UI_URL  := http://127.0.0.1:$(UI_PORT)
+ui: install
+	@test -f .demo/env || { echo "make ui shows what make demo made: run make demo first"; exit 2; }
+	@set -a; . ./.demo/env; set +a; \
+	export PATH="$(abspath $(BIN)):$$PATH" AIRFLOW__CORE__DAGS_FOLDER="$(CURDIR)/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	  AIRFLOW__CORE__AUTH_MANAGER=airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager \
+	  AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin \
+	  AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$$AIRFLOW_HOME/simple_auth_manager_passwords.json" \
+	  AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=$(UI_PORT) AIRFLOW__API__BASE_URL=$(UI_URL) \
+	  AIRFLOW__CORE__EXECUTION_API_SERVER_URL=$(UI_URL)/execution/ \
+	  RETENTION_PUBLIC_KEYS="$(CURDIR)/.demo/keys/retention-signing.pub.pem"; \
+	mkdir -p .demo/logs; airflow db migrate > .demo/logs/ui-db-migrate.log 2>&1 || { tail -20 .demo/logs/ui-db-migrate.log; exit 1; }; \
+	pids=""; for name in api-server scheduler dag-processor; do \
+	  airflow $$name > .demo/logs/ui-$$name.log 2>&1 & pids="$$pids $$!"; done; \
+	trap 'kill $$pids 2>/dev/null; wait' EXIT INT TERM; \
+	n=0; until python -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=5)' $(UI_URL)/api/v2/monitor/health 2>/dev/null; do \
+	  n=$$((n + 1)); [ $$n -lt 90 ] || { echo "the api-server did not answer; see .demo/logs/ui-api-server.log"; exit 1; }; sleep 2; done; \
+	password=$$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["admin"])' "$$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"); \
+	echo; echo "  Airflow:        $(UI_URL)/   (nav: Browse > Retention)"; \
+	echo "  Retention page: $(UI_URL)/retention/"; \
+	echo "  Login:          admin / $$password"; \
+	echo "  Logs:           .demo/logs/ui-*.log      Ctrl-C stops all three"; echo; \
+	wait
+
+## Re-take the screenshots docs/ui.md shows, from the browser test.
+ui-screenshots: install
+	RETENTION_UI_SCREENSHOTS=$(CURDIR)/docs $(BIN)/pytest -q tests/test_ui_browser.py
 
 ## Lint, then the test suite against this machine's PostgreSQL and MariaDB (and SQLite, moto).
 test: install

@@ -119,7 +119,7 @@ def test_hold_changes_refuse_an_anonymous_request(client, path, form):
     answer = client.post(path, data=form)
 
     assert answer.status_code == 401
-    assert len(HoldRegistry(_audit()).list()) == 1 and HoldRegistry(_audit()).get(1).released_at is None
+    assert len(HoldRegistry(_audit()).find()) == 1 and HoldRegistry(_audit()).get(1).released_at is None
 
 
 @pytest.mark.parametrize("path", READS)
@@ -144,13 +144,13 @@ def test_a_forged_token_is_refused(client, tokens):
 
 @pytest.mark.parametrize("path, form", CHANGES)
 def test_a_viewer_may_not_change_holds(client, tokens, path, form):
-    before = HoldRegistry(_audit()).list(include_released=True)
+    before = HoldRegistry(_audit()).find(include_released=True)
 
     answer = client.post(path, data=form, headers=bearer(tokens["viewer"]))
 
     assert answer.status_code == 403
     assert "retention__customer_accounts" in answer.text
-    assert HoldRegistry(_audit()).list(include_released=True) == before
+    assert HoldRegistry(_audit()).find(include_released=True) == before
 
 
 def test_an_editor_places_and_releases_a_hold(client, tokens):
@@ -160,7 +160,7 @@ def test_an_editor_places_and_releases_a_hold(client, tokens):
 
     assert placed.status_code == 200 and placed.history[0].status_code == 303
     registry = HoldRegistry(_audit())
-    hold = registry.list()[-1]
+    hold = registry.find()[-1]
     assert (hold.case_id, hold.target, hold.match, hold.placed_by, str(hold.until)) == (
         "CASE-77", "customers", {"email": "person9@example.com"}, "editor", "2099-12-31")
     assert f"Placed hold #{hold.id}" in placed.text
@@ -179,7 +179,7 @@ def test_a_hold_the_cli_would_refuse_is_refused_with_its_reason(client, tokens):
 
     assert answer.status_code == 400
     assert "did you mean &#39;customers&#39;?" in answer.text
-    assert len(HoldRegistry(_audit()).list()) == 1
+    assert len(HoldRegistry(_audit()).find()) == 1
 
 
 def test_a_form_posted_from_another_site_is_refused(client, tokens):

@@ -168,7 +168,7 @@ def status_rows(rule_files: list[RuleFile], engine: Engine, targets: Targets, no
 def hold_rows(registry: HoldRegistry) -> dict[str, Any]:
     """The holds in force, and every hold ever placed (newest first) with its events."""
     now = registry.now()
-    everything = registry.list(include_released=True)
+    everything = registry.find(include_released=True)
     shown = [_hold(h, now, registry.history(h.id)) for h in reversed(everything)]
     return {"in_force": [h for h in shown if h["in_force"]], "history": shown}
 

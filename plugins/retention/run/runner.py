@@ -37,7 +37,8 @@ from retention.evidence.chain import Certificate
 from retention.evidence.checkpoints import CheckpointStore, publish
 from retention.holds import HoldRegistry, HoldView
 from retention.identity import who
-from retention.plan.builder import PlanFailed, PurgePlan, build_plan
+from retention.plan.builder import PlanFailed, build_plan
+from retention.plan.model import PurgePlan
 from retention.retry import describe_error, is_retryable
 from retention.rules.models import TARGET_ADAPTER, RuleFile, Target
 from retention.run.certify import certify

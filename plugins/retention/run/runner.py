@@ -38,9 +38,9 @@ from retention.evidence.checkpoints import CheckpointStore, publish
 from retention.holds import HoldRegistry, HoldView
 from retention.identity import who
 from retention.plan.builder import PlanFailed, build_plan
-from retention.plan.model import PurgePlan
+from retention.plan.model import PlannedTarget, PurgePlan
 from retention.retry import describe_error, is_retryable
-from retention.rules.models import TARGET_ADAPTER, RuleFile, Target
+from retention.rules.models import RuleFile, Target
 from retention.run.certify import certify
 from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
@@ -174,10 +174,7 @@ class Runner:
         _check_same_rule(run, rule_file)
         context = _context(rule_file, run)
         for position, target in enumerate(rule_file.rule.targets):
-            self.journal.plan_target(
-                run, position=position, name=target.name, kind=target.kind, location=target.location,
-                definition={"target": target.model_dump(mode="json"), "context": context.to_dict()},
-            )
+            self.journal.plan_target(run, PlannedTarget(target, context, position))
         failpoints.hit("run.opened")
         try:
             plan = build_plan(rule_file, run.as_of, self.targets, run_id=run.run_id,
@@ -288,22 +285,25 @@ class Runner:
             raise TerminalError(
                 f"run {run.run_id} of {run.category} is already certified; start a new run"
             )
-        _check_same_rule(run, rule_file)
-        target = rule_file.rule.target(target_name)
+        _check_same_rule(run, rule_file)  # a run executes one version of its rule, the one it planned
         records = {t.target: t for t in self.journal.targets(run)}
-        matched = records[target_name].matched if target_name in records else None
+        if target_name not in records:
+            raise TerminalError(f"{run.category}.{target_name} is not a target run {run.run_id} planned; "
+                                "nothing was touched. Purge one of its targets, or start a new run")
+        record = records[target_name]
+        planned, matched = record.planned, record.matched
         lock = self._lock(run.category, run.run_id)
         lock.beat()  # still ours? (another run may have taken over a lease thought dead)
         self.journal.update_target(run, target_name, state="running", started_at=self.journal.now(), error=None)
         ledger = self.journal.ledger(run, target_name)
         holds = HoldView(HoldRegistry(self.journal.engine), run.category, target_name, run.as_of)
-        table = self.targets.open(target, _context(rule_file, run), holds=holds)
+        table = self.targets.open(planned.target, planned.context, holds=holds)
 
         def report(deleted: int, rows: int, seconds: float) -> None:
             if progress is not None:
                 progress(target_name, deleted, matched, rows, seconds)
 
-        limit = self._record_limit(target, records.get(target_name), run)
+        limit = self._record_limit(planned.target, record, run)
         failpoints.hit("purge.started")
         try:
             with lock.heartbeat():
@@ -384,7 +384,7 @@ class Runner:
         at once when settling an earlier run, and for this run's certify when retrying cannot help.
         """
         records = self.journal.targets(run)
-        contexts = [_definition(r.definition)[1] for r in records]
+        contexts = [r.planned.context for r in records]
         archive = next((c.archive for c in contexts if c is not None and c.archive is not None), None)
         if archive is None:
             return None
@@ -450,10 +450,9 @@ class Runner:
         for record in self.journal.targets(run):
             if not record.unconfirmed:
                 continue
-            target, context = _definition(record.definition)
             holds = HoldView(HoldRegistry(self.journal.engine), run.category, record.target, run.as_of)
             try:
-                self.targets.open(target, context, holds=holds).reconcile(
+                self.targets.open(record.planned.target, record.planned.context, holds=holds).reconcile(
                     run.cutoff, self.journal.ledger(run, record.target))
             except Exception:
                 # The certificate will show these rows as unconfirmed rather than claim them.
@@ -515,13 +514,6 @@ class _ClientTargets(Targets):
 def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:
     rule = rule_file.rule
     return RunContext(rule.action, rule.category, run.run_id, run.as_of, rule.archive)
-
-
-def _definition(definition: dict) -> tuple[Target, RunContext | None]:
-    """A target (and its run context) as journaled when the run started."""
-    if "target" not in definition:  # journaled before actions existed: a delete
-        return TARGET_ADAPTER.validate_python(definition), None
-    return TARGET_ADAPTER.validate_python(definition["target"]), RunContext.from_dict(definition["context"])
 
 
 def _check_same_rule(run: RunRecord, rule_file: RuleFile) -> None:

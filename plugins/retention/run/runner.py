@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -27,7 +26,6 @@ from retention.connections import from_environment as environment_connection
 from retention.errors import (
     ConfigError,
     InvalidAsOf,
-    OverLimit,
     PurgeFailed,
     RuleError,
     TerminalError,
@@ -36,16 +34,15 @@ from retention.errors import (
 from retention.evidence.chain import Certificate
 from retention.evidence.checkpoints import CheckpointStore, publish
 from retention.holds import HoldRegistry, HoldView
-from retention.identity import who
 from retention.plan.builder import PlanFailed, build_plan
+from retention.plan.limits import approval_record, over_limits, record_limit, refusal
 from retention.plan.model import PlannedTarget, PurgePlan
 from retention.retry import describe_error, is_retryable
-from retention.rules.models import RuleFile, Target
+from retention.rules.models import RuleFile
 from retention.run.certify import certify
 from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.targets import RunContext, Targets
-from retention.targets.base import RecordLimit
 
 if TYPE_CHECKING:
     from retention.evidence.signing import Signer
@@ -208,63 +205,20 @@ class Runner:
 
     def _check_limits(self, rule_file: RuleFile, run: RunRecord, plan: PurgePlan, approval: str | None) -> RunRecord:
         """Stop a run that would purge more than a target's limit, unless a person approved it."""
-        over = {}
-        for index, (target, target_plan) in enumerate(zip(rule_file.rule.targets, plan.targets)):
-            share = target_plan.matched / target_plan.total if target_plan.total else 0.0
-            if share > target.max_fraction or (target.max_records and target_plan.matched > target.max_records):
-                over[target.name] = {"matched": target_plan.matched, "total": target_plan.total,
-                                     "max_fraction": target.max_fraction, "max_records": target.max_records,
-                                     "line": rule_file.document.line_of(("targets", index))}
+        over = over_limits(rule_file, plan)
         if not over:
             return run
         if approval:
             log.warning("%s: over its limit, approved: %s", run.category, approval)
             if run.approval is None:
-                return self.journal.record_approval(run, {"reason": approval, "by": who(), "targets": over})
+                return self.journal.record_approval(run, approval_record(approval, over))
             return run
-        lines = []
-        for name, numbers in over.items():
-            limit = f"max_fraction {numbers['max_fraction']:.0%}"
-            if numbers["max_records"]:
-                limit += f", max_records {numbers['max_records']:,}"
-            share = numbers["matched"] / numbers["total"] if numbers["total"] else 0
-            lines.append(f"{run.category}.{name} would purge {numbers['matched']:,} of {numbers['total']:,} "
-                         f"({share:.1%}), over its limit ({limit}; {rule_file.path}:{numbers['line']})")
+        for name in over:
             self.journal.update_target(run, name, state="failed", error="over its blast-radius limit; not approved")
         for target in rule_file.rule.targets:
             if target.name not in over:
                 self.journal.update_target(run, target.name, state="failed", error="run stopped: another target is over its limit")
-        raise OverLimit(
-            "; ".join(lines) + ". Nothing was touched. If this is intended, run again with "
-            "--approve-over-limit 'REASON' (or the DAG param approve_over_limit); the reason goes into the certificate"
-        )
-
-    @staticmethod
-    def _record_limit(target: Target, record: TargetRecord | None, run: RunRecord) -> RecordLimit | None:
-        """The most records a purge of ``target`` may take in this run, checked at every batch:
-        its max_records and max_fraction of the size counted at plan, or, when a person
-        approved more, exactly the number approved."""
-        limits = []
-        if target.max_records:
-            limits.append((target.max_records, f"max_records {target.max_records:,}"))
-        total = record.total if record is not None else None
-        if total is not None and target.max_fraction < 1:  # 1: any share of the table may go
-            # The same test as the plan's (matched / total > max_fraction), without float dust.
-            allowed = math.floor(total * target.max_fraction + 1e-9)
-            limits.append((allowed, f"max_fraction {target.max_fraction:.0%} of the {total:,} records "
-                                    f"counted at plan: {allowed:,}"))
-        elif target.max_fraction < 1:
-            log.warning("%s.%s: the table size at plan was not journaled; only max_records is enforced",
-                        run.category, target.name)
-        if not limits:
-            return None
-        records, describe = min(limits)
-        approved = ((run.approval or {}).get("targets") or {}).get(target.name)
-        if approved and int(approved.get("matched") or 0) > records:
-            # An approval covers the numbers it approved, not whatever turns up later.
-            matched = int(approved["matched"])
-            return RecordLimit(matched, f"{describe}, approved up to {matched:,}")
-        return RecordLimit(records, describe)
+        raise refusal(run.category, rule_file, over)
 
     # -- purge -----------------------------------------------------------------------
 
@@ -303,7 +257,7 @@ class Runner:
             if progress is not None:
                 progress(target_name, deleted, matched, rows, seconds)
 
-        limit = self._record_limit(planned.target, record, run)
+        limit = record_limit(planned.target, record.total, run.approval, category=run.category)
         failpoints.hit("purge.started")
         try:
             with lock.heartbeat():

@@ -3,8 +3,8 @@ steps as separate tasks; ``retention run`` calls them in one process.
 
 Every step reads and writes the run journal, so a step can be retried or resumed in
 another process: the journal, not memory, says what was done. A run that another run
-finds uncertified (its worker died before certifying) is settled and certified first,
-so every run gets exactly one certificate.
+finds uncertified (its worker died before certifying) is settled and certified first
+(:mod:`retention.run.settle`), so every run gets exactly one certificate.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy.exc import DBAPIError
 
 from retention import __version__, failpoints
-from retention.archive.store import build_manifest
 from retention.clock import utc_iso
 from retention.connections import ConnectionResolver
 from retention.connections import from_environment as environment_connection
@@ -27,6 +26,7 @@ from retention.errors import (
     ConfigError,
     InvalidAsOf,
     PurgeFailed,
+    RetentionError,
     RuleError,
     TerminalError,
     TransientError,
@@ -42,6 +42,7 @@ from retention.rules.models import RuleFile
 from retention.run.certify import certify
 from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
+from retention.run.settle import Settlement
 from retention.targets import RunContext, Targets
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class Runner:
         self.journal.scrub_certified()  # runs certified by versions that kept record keys
         for stale in self.journal.uncertified_runs(category):
             if stale.run_id != run_id:
-                self.settle_interrupted(stale)
+                self._publish_checkpoint(self._settlement.settle_interrupted(stale))
         run = self.journal.open_run(rule_file, run_id=run_id, as_of=as_of, code_version=self.code_version)
         _check_same_rule(run, rule_file)
         context = _context(rule_file, run)
@@ -176,21 +177,8 @@ class Runner:
         try:
             plan = build_plan(rule_file, run.as_of, self.targets, run_id=run.run_id,
                               holds=HoldRegistry(self.journal.engine))
-        except RuleError as exc:
-            for target in rule_file.rule.targets:
-                self.journal.update_target(run, target.name, state="failed", error="rule does not match the database")
-            raise exc
-        except PlanFailed as exc:
-            # Recorded by class and code: the certificate must say the plan failed, not that nothing was due.
-            for target in rule_file.rule.targets:
-                error = (f"plan failed: {exc.cause}" if exc.target in (None, target.name)
-                         else f"plan failed: not counted ({exc.target} could not be read)")
-                self.journal.update_target(run, target.name, state="failed", error=error[:500])
-            raise
-        except ConfigError as exc:  # a connection or key the plan needed is missing
-            for target in rule_file.rule.targets:
-                self.journal.update_target(run, target.name, state="failed",
-                                           error=f"plan failed: {describe_error(exc)}"[:500])
+        except (RuleError, PlanFailed, ConfigError) as exc:
+            self._record_plan_failure(run, rule_file, exc)
             raise
         records = {t.target: t for t in self.journal.targets(run)}
         for target_plan in plan.targets:
@@ -202,6 +190,18 @@ class Runner:
         run = self._check_limits(rule_file, run, plan, approval)
         failpoints.hit("run.planned")
         return run, plan
+
+    def _record_plan_failure(self, run: RunRecord, rule_file: RuleFile, exc: RetentionError) -> None:
+        """Fail every target with why the plan failed: the certificate must say so, not that nothing was due."""
+        for target in rule_file.rule.targets:
+            if isinstance(exc, RuleError):
+                error = "rule does not match the database"
+            elif isinstance(exc, PlanFailed):  # by class and code, never the data
+                error = (f"plan failed: {exc.cause}" if exc.target in (None, target.name)
+                         else f"plan failed: not counted ({exc.target} could not be read)")
+            else:  # a ConfigError: a connection or key the plan needed is missing
+                error = f"plan failed: {describe_error(exc)}"
+            self.journal.update_target(run, target.name, state="failed", error=error[:500])
 
     def _check_limits(self, rule_file: RuleFile, run: RunRecord, plan: PurgePlan, approval: str | None) -> RunRecord:
         """Stop a run that would purge more than a target's limit, unless a person approved it."""
@@ -297,8 +297,9 @@ class Runner:
         run = self._current(run)
         extra = None
         if run.state != "certified":
-            self._settle_pending(run)
-            extra = self._manifest(run)
+            settlement = self._settlement
+            settlement.settle_pending(run)
+            extra = settlement.manifest(run)
         failpoints.hit("certify.before_append")
         certificate = certify(self.journal, run, self.signer, extra=extra)
         failpoints.hit("certify.after_append")
@@ -317,6 +318,10 @@ class Runner:
         name = publish(self.checkpoints, self.signer, certificate.seq, certificate.entry_hash)
         log.info("checkpoint of seq %d written to %s/%s", certificate.seq, self.checkpoints.location, name)
 
+    @property
+    def _settlement(self) -> Settlement:
+        return Settlement(self.journal, self.targets, self.signer)
+
     def _lock(self, category: str, run_id: str) -> RunLock:
         return RunLock(self.journal.engine, category, run_id, ttl=self.lease_ttl)
 
@@ -329,65 +334,6 @@ class Runner:
                 "touched. A certified run is never started again: give a new --run-id, or none to get a fresh one"
             )
 
-    def _manifest(self, run: RunRecord, *, settling: bool = False) -> dict[str, Any] | None:
-        """For an archive run: write the manifest of every verified object; its location and
-        SHA-256 go into the certificate.
-
-        A manifest that cannot be written is recorded as such (``archive_error``, and the run
-        is never complete), so an unreachable bucket cannot keep a run from its certificate:
-        at once when settling an earlier run, and for this run's certify when retrying cannot help.
-        """
-        records = self.journal.targets(run)
-        contexts = [r.planned.context for r in records]
-        archive = next((c.archive for c in contexts if c is not None and c.archive is not None), None)
-        if archive is None:
-            return None
-        sql_objects: list[dict[str, Any]] = []
-        s3_objects: list[dict[str, Any]] = []
-        for record in records:
-            for descriptor in self.journal.ledger(run, record.target).descriptors():
-                data = json.loads(descriptor)
-                for obj in data.get("archived", []):
-                    s3_objects.append({"target": record.target, **obj})
-                for obj in data.get("objects", []) if record.kind == "sql" else []:
-                    sql_objects.append({"target": record.target, **obj})
-        body = build_manifest(
-            {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
-             "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": archive.connection,
-             "bucket": archive.bucket, "format": archive.format,
-             **({"sse": archive.sse_manifest} if archive.sse else {})},
-            sql_objects, s3_objects,
-        )
-        where = f"s3://{archive.bucket}/"
-        try:
-            store = self.targets.archive_store(archive)
-            key = store.manifest_key(run.category, run.run_id)
-            where += key
-            stored = store.put_verified(key, body, table="manifest", rows=0, content_type="application/json")
-        except Exception as exc:
-            if not settling and is_retryable(exc):
-                raise TransientError(f"{run.category}: the archive manifest {where} could not be written "
-                                     f"({describe_error(exc)}); certify again") from exc
-            log.error("%s: run %s: the archive manifest %s could not be written (%s); certifying without it",
-                      run.category, run.run_id, where, describe_error(exc))
-            return {"archive_error": f"{where} could not be written: {describe_error(exc)}"[:500]}
-        return {"archive": {"manifest": f"s3://{archive.bucket}/{key}", "sha256": stored.sha256,
-                            "objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key"))}}
-
-    def settle_interrupted(self, run: RunRecord) -> Certificate:
-        """Certify a run whose worker died: unfinished targets are recorded as failed."""
-        log.warning("run %s of %s was never certified; settling and certifying it now", run.run_id, run.category)
-        self._settle_pending(run)
-        for record in self.journal.targets(run):
-            if record.state in ("planned", "running"):
-                self.journal.update_target(
-                    run, record.target, state="failed",
-                    error="interrupted" if record.state == "running" else "not run",
-                )
-        certificate = certify(self.journal, run, self.signer, extra=self._manifest(run, settling=True))
-        self._publish_checkpoint(certificate)
-        return certificate
-
     def _check_audit_apart(self, rule_file: RuleFile) -> None:
         audit = self.journal.engine.url
         if audit.get_backend_name() != "sqlite":
@@ -399,18 +345,6 @@ class Runner:
                     "SQLite allows one writer and the journal writes while a batch is open: "
                     "keep the audit database in a file of its own"
                 )
-
-    def _settle_pending(self, run: RunRecord) -> None:
-        for record in self.journal.targets(run):
-            if not record.unconfirmed:
-                continue
-            holds = HoldView(HoldRegistry(self.journal.engine), run.category, record.target, run.as_of)
-            try:
-                self.targets.open(record.planned.target, record.planned.context, holds=holds).reconcile(
-                    run.cutoff, self.journal.ledger(run, record.target))
-            except Exception:
-                # The certificate will show these rows as unconfirmed rather than claim them.
-                log.warning("could not settle pending batches of %s.%s", run.category, record.target, exc_info=True)
 
     def _current(self, run: RunRecord) -> RunRecord:
         current = self.journal.get_run(run.category, run.run_id)

@@ -222,15 +222,13 @@ def open_journal_run(audit_engine: Engine, rule_file, target, as_of: datetime):
 
     Returns ``(journal, run)``; the ledger is the caller's (some benches time it)."""
     from retention.evidence.audit import ensure_schema
+    from retention.plan.model import PlannedTarget
     from retention.run.journal import RunJournal
 
     ensure_schema(audit_engine)
     journal = RunJournal(audit_engine)
     run = journal.open_run(rule_file, run_id=f"bench-{uuid.uuid4().hex[:8]}", as_of=as_of, code_version="bench")
-    journal.plan_target(
-        run, position=0, name=target.name, kind=target.kind, location=target.location,
-        definition=target.model_dump(mode="json"),
-    )
+    journal.plan_target(run, PlannedTarget(target, None, position=0))  # no context: a delete
     return journal, run
 
 

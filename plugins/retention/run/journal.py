@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from retention.clock import parse_utc, utc_iso
 from retention.evidence.audit import purge_batches, purge_runs, purge_targets
+from retention.plan.model import PlannedTarget
 from retention.targets.base import PendingBatch
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ class TargetRecord:
     position: int
     kind: str
     location: str
-    definition: dict[str, Any]
+    planned: PlannedTarget
+    """The target as the run planned it (what its purge and its settlement carry out)."""
     state: str
     matched: int | None
     remaining: int | None
@@ -192,14 +194,11 @@ class RunJournal:
 
     # -- targets -------------------------------------------------------------------
 
-    def plan_target(
-        self, run: RunRecord, *, position: int, name: str, kind: str, location: str,
-        definition: dict[str, Any],
-    ) -> None:
-        """Register a target of the run (idempotent)."""
+    def plan_target(self, run: RunRecord, planned: PlannedTarget) -> None:
+        """Register a target of the run as planned (idempotent: the first plan stands)."""
         values = {
-            "category": run.category, "run_id": run.run_id, "target": name, "position": position,
-            "kind": kind, "location": location, "definition": json.dumps(definition, sort_keys=True),
+            "category": run.category, "run_id": run.run_id, "target": planned.name, "position": planned.position,
+            "kind": planned.kind, "location": planned.location, "definition": planned.to_json(),
             "state": "planned",
         }
         try:
@@ -256,7 +255,8 @@ class RunJournal:
         return [
             TargetRecord(
                 target=r["target"], position=r["position"], kind=r["kind"], location=r["location"],
-                definition=json.loads(r["definition"]), state=r["state"], matched=r["matched"],
+                planned=PlannedTarget.from_json(r["definition"], position=r["position"]),
+                state=r["state"], matched=r["matched"],
                 remaining=r["remaining"], error=r["error"],
                 started_at=parse_utc(r["started_at"]) if r["started_at"] else None,
                 finished_at=parse_utc(r["finished_at"]) if r["finished_at"] else None,

@@ -3,15 +3,14 @@ steps as separate tasks; ``retention run`` calls them in one process.
 
 Every step reads and writes the run journal, so a step can be retried or resumed in
 another process: the journal, not memory, says what was done. A run that another run
-finds uncertified (its worker died before certifying) is settled and certified first,
-so every run gets exactly one certificate.
+finds uncertified (its worker died before certifying) is settled and certified first
+(:mod:`retention.run.settle`), so every run gets exactly one certificate.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -20,15 +19,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy.exc import DBAPIError
 
 from retention import __version__, failpoints
-from retention.archive.store import build_manifest
 from retention.clock import utc_iso
 from retention.connections import ConnectionResolver
 from retention.connections import from_environment as environment_connection
 from retention.errors import (
     ConfigError,
     InvalidAsOf,
-    OverLimit,
     PurgeFailed,
+    RetentionError,
     RuleError,
     TerminalError,
     TransientError,
@@ -37,15 +35,16 @@ from retention.evidence.chain import Certificate
 from retention.evidence.checkpoints import publish
 from retention.evidence.stores import CheckpointStore
 from retention.holds import HoldRegistry, HoldView
-from retention.identity import who
-from retention.plan.builder import PlanFailed, PurgePlan, build_plan
+from retention.plan.builder import PlanFailed, build_plan
+from retention.plan.limits import approval_record, over_limits, record_limit, refusal
+from retention.plan.model import PlannedTarget, PurgePlan
 from retention.retry import describe_error, is_retryable
-from retention.rules.models import TARGET_ADAPTER, RuleFile, Target
+from retention.rules.models import RuleFile
 from retention.run.certify import certify
 from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
+from retention.run.settle import Settlement
 from retention.targets import RunContext, Targets
-from retention.targets.base import RecordLimit
 
 if TYPE_CHECKING:
     from retention.evidence.signing import Signer
@@ -169,34 +168,18 @@ class Runner:
         self.journal.scrub_certified()  # runs certified by versions that kept record keys
         for stale in self.journal.uncertified_runs(category):
             if stale.run_id != run_id:
-                self.settle_interrupted(stale)
+                self._publish_checkpoint(self._settlement.settle_interrupted(stale))
         run = self.journal.open_run(rule_file, run_id=run_id, as_of=as_of, code_version=self.code_version)
         _check_same_rule(run, rule_file)
         context = _context(rule_file, run)
         for position, target in enumerate(rule_file.rule.targets):
-            self.journal.plan_target(
-                run, position=position, name=target.name, kind=target.kind, location=target.location,
-                definition={"target": target.model_dump(mode="json"), "context": context.to_dict()},
-            )
+            self.journal.plan_target(run, PlannedTarget(target, context, position))
         failpoints.hit("run.opened")
         try:
             plan = build_plan(rule_file, run.as_of, self.targets, run_id=run.run_id,
                               holds=HoldRegistry(self.journal.engine))
-        except RuleError as exc:
-            for target in rule_file.rule.targets:
-                self.journal.update_target(run, target.name, state="failed", error="rule does not match the database")
-            raise exc
-        except PlanFailed as exc:
-            # Recorded by class and code: the certificate must say the plan failed, not that nothing was due.
-            for target in rule_file.rule.targets:
-                error = (f"plan failed: {exc.cause}" if exc.target in (None, target.name)
-                         else f"plan failed: not counted ({exc.target} could not be read)")
-                self.journal.update_target(run, target.name, state="failed", error=error[:500])
-            raise
-        except ConfigError as exc:  # a connection or key the plan needed is missing
-            for target in rule_file.rule.targets:
-                self.journal.update_target(run, target.name, state="failed",
-                                           error=f"plan failed: {describe_error(exc)}"[:500])
+        except (RuleError, PlanFailed, ConfigError) as exc:
+            self._record_plan_failure(run, rule_file, exc)
             raise
         records = {t.target: t for t in self.journal.targets(run)}
         for target_plan in plan.targets:
@@ -209,65 +192,34 @@ class Runner:
         failpoints.hit("run.planned")
         return run, plan
 
+    def _record_plan_failure(self, run: RunRecord, rule_file: RuleFile, exc: RetentionError) -> None:
+        """Fail every target with why the plan failed: the certificate must say so, not that nothing was due."""
+        for target in rule_file.rule.targets:
+            if isinstance(exc, RuleError):
+                error = "rule does not match the database"
+            elif isinstance(exc, PlanFailed):  # by class and code, never the data
+                error = (f"plan failed: {exc.cause}" if exc.target in (None, target.name)
+                         else f"plan failed: not counted ({exc.target} could not be read)")
+            else:  # a ConfigError: a connection or key the plan needed is missing
+                error = f"plan failed: {describe_error(exc)}"
+            self.journal.update_target(run, target.name, state="failed", error=error[:500])
+
     def _check_limits(self, rule_file: RuleFile, run: RunRecord, plan: PurgePlan, approval: str | None) -> RunRecord:
         """Stop a run that would purge more than a target's limit, unless a person approved it."""
-        over = {}
-        for index, (target, target_plan) in enumerate(zip(rule_file.rule.targets, plan.targets)):
-            share = target_plan.matched / target_plan.total if target_plan.total else 0.0
-            if share > target.max_fraction or (target.max_records and target_plan.matched > target.max_records):
-                over[target.name] = {"matched": target_plan.matched, "total": target_plan.total,
-                                     "max_fraction": target.max_fraction, "max_records": target.max_records,
-                                     "line": rule_file.document.line_of(("targets", index))}
+        over = over_limits(rule_file, plan)
         if not over:
             return run
         if approval:
             log.warning("%s: over its limit, approved: %s", run.category, approval)
             if run.approval is None:
-                return self.journal.record_approval(run, {"reason": approval, "by": who(), "targets": over})
+                return self.journal.record_approval(run, approval_record(approval, over))
             return run
-        lines = []
-        for name, numbers in over.items():
-            limit = f"max_fraction {numbers['max_fraction']:.0%}"
-            if numbers["max_records"]:
-                limit += f", max_records {numbers['max_records']:,}"
-            share = numbers["matched"] / numbers["total"] if numbers["total"] else 0
-            lines.append(f"{run.category}.{name} would purge {numbers['matched']:,} of {numbers['total']:,} "
-                         f"({share:.1%}), over its limit ({limit}; {rule_file.path}:{numbers['line']})")
+        for name in over:
             self.journal.update_target(run, name, state="failed", error="over its blast-radius limit; not approved")
         for target in rule_file.rule.targets:
             if target.name not in over:
                 self.journal.update_target(run, target.name, state="failed", error="run stopped: another target is over its limit")
-        raise OverLimit(
-            "; ".join(lines) + ". Nothing was touched. If this is intended, run again with "
-            "--approve-over-limit 'REASON' (or the DAG param approve_over_limit); the reason goes into the certificate"
-        )
-
-    @staticmethod
-    def _record_limit(target: Target, record: TargetRecord | None, run: RunRecord) -> RecordLimit | None:
-        """The most records a purge of ``target`` may take in this run, checked at every batch:
-        its max_records and max_fraction of the size counted at plan, or, when a person
-        approved more, exactly the number approved."""
-        limits = []
-        if target.max_records:
-            limits.append((target.max_records, f"max_records {target.max_records:,}"))
-        total = record.total if record is not None else None
-        if total is not None and target.max_fraction < 1:  # 1: any share of the table may go
-            # The same test as the plan's (matched / total > max_fraction), without float dust.
-            allowed = math.floor(total * target.max_fraction + 1e-9)
-            limits.append((allowed, f"max_fraction {target.max_fraction:.0%} of the {total:,} records "
-                                    f"counted at plan: {allowed:,}"))
-        elif target.max_fraction < 1:
-            log.warning("%s.%s: the table size at plan was not journaled; only max_records is enforced",
-                        run.category, target.name)
-        if not limits:
-            return None
-        records, describe = min(limits)
-        approved = ((run.approval or {}).get("targets") or {}).get(target.name)
-        if approved and int(approved.get("matched") or 0) > records:
-            # An approval covers the numbers it approved, not whatever turns up later.
-            matched = int(approved["matched"])
-            return RecordLimit(matched, f"{describe}, approved up to {matched:,}")
-        return RecordLimit(records, describe)
+        raise refusal(run.category, rule_file, over)
 
     # -- purge -----------------------------------------------------------------------
 
@@ -288,22 +240,25 @@ class Runner:
             raise TerminalError(
                 f"run {run.run_id} of {run.category} is already certified; start a new run"
             )
-        _check_same_rule(run, rule_file)
-        target = rule_file.rule.target(target_name)
+        _check_same_rule(run, rule_file)  # a run executes one version of its rule, the one it planned
         records = {t.target: t for t in self.journal.targets(run)}
-        matched = records[target_name].matched if target_name in records else None
+        if target_name not in records:
+            raise TerminalError(f"{run.category}.{target_name} is not a target run {run.run_id} planned; "
+                                "nothing was touched. Purge one of its targets, or start a new run")
+        record = records[target_name]
+        planned, matched = record.planned, record.matched
         lock = self._lock(run.category, run.run_id)
         lock.beat()  # still ours? (another run may have taken over a lease thought dead)
         self.journal.update_target(run, target_name, state="running", started_at=self.journal.now(), error=None)
         ledger = self.journal.ledger(run, target_name)
         holds = HoldView(HoldRegistry(self.journal.engine), run.category, target_name, run.as_of)
-        table = self.targets.open(target, _context(rule_file, run), holds=holds)
+        table = self.targets.open(planned.target, planned.context, holds=holds)
 
         def report(deleted: int, rows: int, seconds: float) -> None:
             if progress is not None:
                 progress(target_name, deleted, matched, rows, seconds)
 
-        limit = self._record_limit(target, records.get(target_name), run)
+        limit = record_limit(planned.target, record.total, run.approval, category=run.category)
         failpoints.hit("purge.started")
         try:
             with lock.heartbeat():
@@ -343,8 +298,9 @@ class Runner:
         run = self._current(run)
         extra = None
         if run.state != "certified":
-            self._settle_pending(run)
-            extra = self._manifest(run)
+            settlement = self._settlement
+            settlement.settle_pending(run)
+            extra = settlement.manifest(run)
         failpoints.hit("certify.before_append")
         certificate = certify(self.journal, run, self.signer, extra=extra)
         failpoints.hit("certify.after_append")
@@ -363,6 +319,10 @@ class Runner:
         name = publish(self.checkpoints, self.signer, certificate.seq, certificate.entry_hash)
         log.info("checkpoint of seq %d written to %s/%s", certificate.seq, self.checkpoints.location, name)
 
+    @property
+    def _settlement(self) -> Settlement:
+        return Settlement(self.journal, self.targets, self.signer)
+
     def _lock(self, category: str, run_id: str) -> RunLock:
         return RunLock(self.journal.engine, category, run_id, ttl=self.lease_ttl)
 
@@ -375,65 +335,6 @@ class Runner:
                 "touched. A certified run is never started again: give a new --run-id, or none to get a fresh one"
             )
 
-    def _manifest(self, run: RunRecord, *, settling: bool = False) -> dict[str, Any] | None:
-        """For an archive run: write the manifest of every verified object; its location and
-        SHA-256 go into the certificate.
-
-        A manifest that cannot be written is recorded as such (``archive_error``, and the run
-        is never complete), so an unreachable bucket cannot keep a run from its certificate:
-        at once when settling an earlier run, and for this run's certify when retrying cannot help.
-        """
-        records = self.journal.targets(run)
-        contexts = [_definition(r.definition)[1] for r in records]
-        archive = next((c.archive for c in contexts if c is not None and c.archive is not None), None)
-        if archive is None:
-            return None
-        sql_objects: list[dict[str, Any]] = []
-        s3_objects: list[dict[str, Any]] = []
-        for record in records:
-            for descriptor in self.journal.ledger(run, record.target).descriptors():
-                data = json.loads(descriptor)
-                for obj in data.get("archived", []):
-                    s3_objects.append({"target": record.target, **obj})
-                for obj in data.get("objects", []) if record.kind == "sql" else []:
-                    sql_objects.append({"target": record.target, **obj})
-        body = build_manifest(
-            {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
-             "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": archive.connection,
-             "bucket": archive.bucket, "format": archive.format,
-             **({"sse": archive.sse_manifest} if archive.sse else {})},
-            sql_objects, s3_objects,
-        )
-        where = f"s3://{archive.bucket}/"
-        try:
-            store = self.targets.archive_store(archive)
-            key = store.manifest_key(run.category, run.run_id)
-            where += key
-            stored = store.put_verified(key, body, table="manifest", rows=0, content_type="application/json")
-        except Exception as exc:
-            if not settling and is_retryable(exc):
-                raise TransientError(f"{run.category}: the archive manifest {where} could not be written "
-                                     f"({describe_error(exc)}); certify again") from exc
-            log.error("%s: run %s: the archive manifest %s could not be written (%s); certifying without it",
-                      run.category, run.run_id, where, describe_error(exc))
-            return {"archive_error": f"{where} could not be written: {describe_error(exc)}"[:500]}
-        return {"archive": {"manifest": f"s3://{archive.bucket}/{key}", "sha256": stored.sha256,
-                            "objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key"))}}
-
-    def settle_interrupted(self, run: RunRecord) -> Certificate:
-        """Certify a run whose worker died: unfinished targets are recorded as failed."""
-        log.warning("run %s of %s was never certified; settling and certifying it now", run.run_id, run.category)
-        self._settle_pending(run)
-        for record in self.journal.targets(run):
-            if record.state in ("planned", "running"):
-                self.journal.update_target(
-                    run, record.target, state="failed",
-                    error="interrupted" if record.state == "running" else "not run",
-                )
-        certificate = certify(self.journal, run, self.signer, extra=self._manifest(run, settling=True))
-        self._publish_checkpoint(certificate)
-        return certificate
-
     def _check_audit_apart(self, rule_file: RuleFile) -> None:
         audit = self.journal.engine.url
         if audit.get_backend_name() != "sqlite":
@@ -445,19 +346,6 @@ class Runner:
                     "SQLite allows one writer and the journal writes while a batch is open: "
                     "keep the audit database in a file of its own"
                 )
-
-    def _settle_pending(self, run: RunRecord) -> None:
-        for record in self.journal.targets(run):
-            if not record.unconfirmed:
-                continue
-            target, context = _definition(record.definition)
-            holds = HoldView(HoldRegistry(self.journal.engine), run.category, record.target, run.as_of)
-            try:
-                self.targets.open(target, context, holds=holds).reconcile(
-                    run.cutoff, self.journal.ledger(run, record.target))
-            except Exception:
-                # The certificate will show these rows as unconfirmed rather than claim them.
-                log.warning("could not settle pending batches of %s.%s", run.category, record.target, exc_info=True)
 
     def _current(self, run: RunRecord) -> RunRecord:
         current = self.journal.get_run(run.category, run.run_id)
@@ -515,13 +403,6 @@ class _ClientTargets(Targets):
 def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:
     rule = rule_file.rule
     return RunContext(rule.action, rule.category, run.run_id, run.as_of, rule.archive)
-
-
-def _definition(definition: dict) -> tuple[Target, RunContext | None]:
-    """A target (and its run context) as journaled when the run started."""
-    if "target" not in definition:  # journaled before actions existed: a delete
-        return TARGET_ADAPTER.validate_python(definition), None
-    return TARGET_ADAPTER.validate_python(definition["target"]), RunContext.from_dict(definition["context"])
 
 
 def _check_same_rule(run: RunRecord, rule_file: RuleFile) -> None:

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from sqlalchemy.engine import Engine
 
-    from retention.evidence.checkpoints import CheckpointStore
     from retention.evidence.signing import PublicKeys
+    from retention.evidence.stores import CheckpointStore
 
 PUBLIC_KEYS_ENV = "RETENTION_PUBLIC_KEYS"
 """PEM public keys verification trusts (``os.pathsep``-separated) when there is no keyring."""
@@ -80,7 +80,8 @@ def trusted_keys() -> PublicKeys | None:
 
 def checkpoint_stores() -> list[CheckpointStore]:
     """The checkpoint store ``$RETENTION_CHECKPOINTS`` names (the one runs write to), or none."""
-    from retention.evidence.checkpoints import CHECKPOINTS_CONN_ENV, CHECKPOINTS_ENV, open_store
+    from retention.evidence.checkpoints import CHECKPOINTS_ENV
+    from retention.evidence.stores import CHECKPOINTS_CONN_ENV, open_store
 
     location = os.environ.get(CHECKPOINTS_ENV)
     if not location:
@@ -107,7 +108,7 @@ class _AuditEngine:
 
 
 def _load_rules(rules_dir: str):
-    from retention.rules.models import load_rules
+    from retention.rules.loader import load_rules
 
     return load_rules(rules_dir)
 

@@ -32,8 +32,8 @@ from retention.interfaces.web import views
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from retention.evidence.checkpoints import CheckpointStore
     from retention.evidence.signing import PublicKeys
+    from retention.evidence.stores import CheckpointStore
     from retention.rules.models import RuleFile
     from retention.targets import Targets
 

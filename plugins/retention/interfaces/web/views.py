@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from retention.evidence.chain import Certificate
-    from retention.evidence.checkpoints import CheckpointStore
     from retention.evidence.signing import PublicKeys
+    from retention.evidence.stores import CheckpointStore
     from retention.holds import Hold, HoldRegistry
     from retention.rules.models import RuleFile
     from retention.run.status import TargetStatus

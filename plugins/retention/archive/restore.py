@@ -29,7 +29,8 @@ from typing import Any
 from sqlalchemy import MetaData, Table, insert
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
-from retention.archive.store import MANIFEST_TYPE, TableShape, decode_rows
+from retention.archive.codec import TableShape, decode_rows
+from retention.archive.store import MANIFEST_TYPE
 from retention.aws import s3_error_code
 from retention.errors import ConfigError, TerminalError
 

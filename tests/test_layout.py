@@ -90,7 +90,7 @@ NOT_YET_SPLIT_MODULES = {
     "retention.targets.sql.table",
 }
 NOT_YET_SPLIT_FUNCTIONS = {
-    "retention.archive.restore.restore", "retention.interfaces.airflow._rule_dag",
+    "retention.interfaces.airflow._rule_dag",
 }
 
 

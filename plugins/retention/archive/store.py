@@ -1,8 +1,9 @@
-"""The archive store: archive objects written to S3 create-only, verified, listed in a manifest.
+"""The archive store: archive objects written to S3 create-only, verified, read and removed.
 
-Bodies (:mod:`retention.archive.codec`) are uploaded with SHA-256 checksums (multipart
-above 8 MiB, each part checksummed) and verified by reading back what S3 stored (size
-and checksum) before anything is deleted; S3 objects are copied in server-side.
+Bodies are uploaded with SHA-256 checksums (multipart above 8 MiB, each part checksummed)
+and verified by reading back what S3 stored (size and checksum) before anything is
+deleted; S3 objects are copied in server-side. :mod:`retention.archive.codec` makes the
+bodies, :mod:`retention.archive.manifest` lists what a run stored.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class ArchiveStore:
         whose CompleteMultipartUpload carries ``If-None-Match: *`` (honoured by both).
         ArchiveExists if the key is taken; the caller compares what was copied.
         """
-        if _head_or_none(self.client, self.spec.bucket, key) is not None:
+        if head_or_none(self.client, self.spec.bucket, key) is not None:
             raise ArchiveExists(f"archive object s3://{self.spec.bucket}/{key} already exists", key)
         create = {"StorageClass": self.spec.storage_class, "ChecksumAlgorithm": "SHA256", **self.spec.sse_arguments()}
         if size <= COPY_LIMIT:
@@ -272,33 +273,6 @@ class ArchiveStore:
         return self.client.get_object(Bucket=self.spec.bucket, Key=key)["Body"].read()
 
 
-MANIFEST_TYPE = "retention/archive-manifest"
-
-
-def build_manifest(header: dict[str, Any], sql_objects: list[dict[str, Any]],
-                   s3_objects: list[dict[str, Any]]) -> bytes:
-    """The run's manifest: every archive object, its rows and checksum, and each table's
-    columns; canonical JSON so the same run always yields the same bytes."""
-    import rfc8785
-
-    tables: dict[str, Any] = {}
-    for obj in sql_objects:
-        tables.setdefault(obj["table"], {"columns": obj.get("columns", []), "rows": 0, "depth": obj.get("depth", 0)})
-        tables[obj["table"]]["rows"] += obj["rows"]
-    manifest = {
-        "type": MANIFEST_TYPE,
-        "version": 1,
-        **header,
-        "tables": tables,
-        "objects": [{k: v for k, v in obj.items() if k != "columns"} for obj in sql_objects],
-        "s3_objects": s3_objects,
-        "totals": {"objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key")),
-                   "rows": sum(obj["rows"] for obj in sql_objects),
-                   "bytes": sum(obj["bytes"] for obj in sql_objects) + sum(o.get("bytes") or 0 for o in s3_objects)},
-    }
-    return rfc8785.dumps(manifest)
-
-
 def _b64sha256(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
 
@@ -325,11 +299,12 @@ def _same_kms_key(requested: str | None, reported: str) -> bool:
     return reported.endswith(f":key/{requested}")
 
 
-def _head_or_none(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+def head_or_none(client: Any, bucket: str, key: str, *, checksum: bool = False) -> dict[str, Any] | None:
+    """The HEAD of ``s3://bucket/key`` (with ``checksum``, its SHA-256 too), or None if there is no such object."""
     from botocore.exceptions import ClientError
 
     try:
-        return client.head_object(Bucket=bucket, Key=key)
+        return client.head_object(Bucket=bucket, Key=key, **({"ChecksumMode": "ENABLED"} if checksum else {}))
     except ClientError as exc:
         if s3_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy.exc import DBAPIError
 
 from retention import __version__, failpoints
-from retention.archive.store import build_manifest
+from retention.archive.manifest import build_manifest
 from retention.clock import utc_iso
 from retention.connections import ConnectionResolver
 from retention.connections import from_environment as environment_connection

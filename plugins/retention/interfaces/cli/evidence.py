@@ -235,7 +235,8 @@ def _check_archives(engine, client) -> dict:
     """Each archive run's manifest against its certificate, and its objects against the manifest."""
     from botocore.exceptions import ClientError
 
-    from retention.archive.restore import check_archive, read_manifest
+    from retention.archive.check import check_archive
+    from retention.archive.manifest import read_manifest
     from retention.aws import s3_error_code
     from retention.evidence.chain import read_certificates
 

@@ -142,7 +142,8 @@ def profile_pieces(bench_url: URL, cutoff: datetime, rows: int) -> dict:
     """Time each step of an archive batch separately on the first ``rows`` expired rows."""
     from collections import Counter
 
-    from retention.archive.store import ArchiveStore, TableShape, canonical_line, encode_rows
+    from retention.archive.codec import TableShape, canonical_line, encode_rows
+    from retention.archive.store import ArchiveStore
     from retention.rules.models import ArchiveSpec
 
     engine = retention_engine(bench_url)
@@ -213,7 +214,7 @@ def profile_pieces(bench_url: URL, cutoff: datetime, rows: int) -> dict:
     try:
         import orjson
 
-        from retention.archive.store import encode_value
+        from retention.archive.codec import encode_value
 
         # TableShape keeps SQLAlchemy's quoted_name (a str subclass); orjson wants plain str keys.
         columns = [(str(name), codec) for name, codec in shape.columns]

@@ -198,7 +198,7 @@ def test_item01_large_copies_are_create_only_too(aws, monkeypatch):
     with pytest.raises(ArchiveExists):  # caught by the check before copying
         store.copy_in(aws, {"Bucket": "big-source", "Key": "big"}, "copies/big", size=len(body))
     aws.put_object(Bucket=ARCHIVE, Key="copies/taken", Body=b"theirs")
-    monkeypatch.setattr("retention.archive.store._head_or_none", lambda *args: None)  # taken after the check
+    monkeypatch.setattr("retention.archive.store.head_or_none", lambda *args: None)  # taken after the check
     with pytest.raises(ArchiveExists):
         store.copy_in(aws, {"Bucket": "big-source", "Key": "big"}, "copies/taken", size=len(body))
     assert aws.get_object(Bucket=ARCHIVE, Key="copies/taken")["Body"].read() == b"theirs"
@@ -303,17 +303,18 @@ def test_item17_a_batch_whose_children_fail_restores_none_of_its_parents(pg_shop
 
 
 def test_item17_restore_writes_only_tables_the_certificate_names(pg_shop, aws, tmp_path, fresh):
+    from retention.archive.manifest import Manifest
     from retention.archive.restore import restore
 
     certificate, _ = _archived_run(pg_shop, tmp_path)
     _key, manifest = _manifest_of(aws, certificate)
     fresh.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, customer_email VARCHAR(100))")
-    renamed = json.loads(json.dumps(manifest).replace('"order_items"', '"accounts"'))
+    renamed = json.dumps(manifest).replace('"order_items"', '"accounts"').encode()
     with pytest.raises(TerminalError, match="accounts"):
-        restore(renamed, aws, fresh.engine, certificate=certificate)
-    injected = json.loads(json.dumps(manifest).replace('"order_items"', '"order_items; drop table orders"'))
-    with pytest.raises(TerminalError):
-        restore(injected, aws, fresh.engine, certificate=certificate)
+        restore(Manifest.parse(renamed, "renamed"), aws, fresh.engine, certificate=certificate)
+    injected = json.dumps(manifest).replace('"order_items"', '"order_items; drop table orders"').encode()
+    with pytest.raises(TerminalError, match="not a plain table name"):
+        restore(Manifest.parse(injected, "injected"), aws, fresh.engine, certificate=certificate)
     assert snapshot(fresh, "orders") == {} and fresh.scalar("SELECT count(*) FROM accounts") == 0
 
 

@@ -1,35 +1,26 @@
-"""Archives: rows and objects written to S3, verified, listed in a manifest, restorable.
+"""The archive store: archive objects written to S3 create-only, verified, read and removed.
 
-Rows are encoded per table as gzip JSON Lines (or Parquet), one object per table per
-batch, uploaded with SHA-256 checksums (multipart above 8 MiB, each part checksummed)
+Bodies are uploaded with SHA-256 checksums (multipart above 8 MiB, each part checksummed)
 and verified by reading back what S3 stored (size and checksum) before anything is
-deleted. Values keep their types through a per-column codec recorded in the manifest,
-so :func:`decode_row` gives back exactly what was read.
+deleted; S3 objects are copied in server-side. :mod:`retention.archive.codec` makes the
+bodies, :mod:`retention.archive.manifest` lists what a run stored.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import gzip
 import hashlib
-import io
-import json
 import logging
 import urllib.parse
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, time, timedelta
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from retention.aws import s3_error_code
 from retention.errors import TransientError
 
 if TYPE_CHECKING:
-    from sqlalchemy import Table
-
     from retention.rules.models import ArchiveSpec
 
 log = logging.getLogger(__name__)
@@ -49,103 +40,6 @@ class ArchiveExists(ArchiveFailed):
     def __init__(self, message: str, key: str):
         super().__init__(message)
         self.key = key
-
-
-# -- value codecs ---------------------------------------------------------------------------
-# JSON has strings, numbers, booleans and null; a codec per column turns the rest into
-# strings and back, so a restore puts back the same values the archive read.
-
-_ENCODERS = {
-    "datetime": lambda v: v.isoformat(),
-    "date": lambda v: v.isoformat(),
-    "time": lambda v: v.isoformat(),
-    "interval": lambda v: v.total_seconds(),
-    "decimal": str,
-    "bytes": lambda v: base64.b64encode(bytes(v)).decode("ascii"),
-    "uuid": str,
-}
-_DECODERS = {
-    "datetime": datetime.fromisoformat,
-    "date": date.fromisoformat,
-    "time": time.fromisoformat,
-    "interval": lambda v: timedelta(seconds=v),
-    "decimal": Decimal,
-    "bytes": base64.b64decode,
-    "uuid": uuid.UUID,
-}
-
-
-_CODEC_TYPES = (
-    ("datetime", (datetime,)), ("date", (date,)), ("time", (time,)), ("interval", (timedelta,)),
-    ("decimal", (Decimal,)), ("bytes", (bytes, bytearray, memoryview)), ("uuid", (uuid.UUID,)),
-)
-
-
-def _codec_for(python_type: type) -> str:
-    for kind, types in _CODEC_TYPES:  # datetime before date: a datetime is a date too
-        if issubclass(python_type, types):
-            return kind
-    return "plain"
-
-
-def column_codec(column) -> str:
-    """The codec for a SQLAlchemy column: datetime, date, decimal, bytes, uuid or plain."""
-    try:
-        return _codec_for(column.type.python_type)
-    except NotImplementedError:
-        return "plain"
-
-
-def encode_value(codec: str, value: Any) -> Any:
-    """A JSON-ready form of ``value``."""
-    if value is None:
-        return None
-    encoder = _ENCODERS.get(codec)
-    if encoder is None:
-        if codec == "plain" and _codec_for(type(value)) != "plain":  # SQLite's loose typing
-            return encode_value(_codec_for(type(value)), value)
-        return value
-    if codec == "uuid" and not isinstance(value, uuid.UUID):
-        return str(value)
-    return encoder(value)
-
-
-def decode_value(codec: str, value: Any) -> Any:
-    """Inverse of :func:`encode_value`."""
-    if value is None:
-        return None
-    decoder = _DECODERS.get(codec)
-    return decoder(value) if decoder else value
-
-
-@dataclass(frozen=True)
-class TableShape:
-    """Column names and codecs of an archived table, as the manifest records them."""
-
-    table: str
-    columns: tuple[tuple[str, str], ...]  # (name, codec)
-
-    @classmethod
-    def of(cls, table: Table) -> TableShape:
-        """The shape of a reflected table."""
-        name = f"{table.schema}.{table.name}" if table.schema else table.name
-        return cls(name, tuple((c.name, column_codec(c)) for c in table.columns))
-
-    def encode(self, row: Sequence[Any]) -> dict[str, Any]:
-        """A row (in column order) as a JSON object."""
-        return {name: encode_value(codec, value) for (name, codec), value in zip(self.columns, row)}
-
-    def decode(self, record: dict[str, Any]) -> dict[str, Any]:
-        """A JSON object back to typed values, by column name."""
-        return {name: decode_value(codec, record.get(name)) for name, codec in self.columns}
-
-
-def canonical_line(shape: TableShape, row: Sequence[Any]) -> str:
-    """One row as the exact JSON line the archive stores."""
-    return json.dumps(shape.encode(row), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-# -- objects ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -169,54 +63,6 @@ class ArchivedObject:
         if data["sse"] is None:
             del data["sse"]
         return data
-
-
-def encode_rows(shape: TableShape, rows: Iterable[Sequence[Any]], fmt: str) -> tuple[bytes, int]:
-    """The object body for ``rows`` in ``fmt``; and how many rows it holds."""
-    if fmt == "parquet":
-        return _parquet(shape, rows)
-    buffer = io.BytesIO()
-    count = 0
-    # mtime=0: the same rows give the same bytes (and checksum) on every attempt.
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as stream:
-        lines = []
-        for row in rows:
-            lines.append(canonical_line(shape, row))
-            count += 1
-            if len(lines) >= 5000:
-                stream.write(("\n".join(lines) + "\n").encode("utf-8"))
-                lines = []
-        if lines:
-            stream.write(("\n".join(lines) + "\n").encode("utf-8"))
-    return buffer.getvalue(), count
-
-
-def decode_rows(shape: TableShape, body: bytes, fmt: str) -> list[dict[str, Any]]:
-    """Rows of an archive object, typed again."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(body))
-        return [shape.decode(shape.encode([r[name] for name, _ in shape.columns])) for r in table.to_pylist()]
-    text = gzip.decompress(body).decode("utf-8")
-    return [shape.decode(json.loads(line)) for line in text.splitlines() if line]
-
-
-def _parquet(shape: TableShape, rows: Iterable[Sequence[Any]]) -> tuple[bytes, int]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        from retention.errors import ConfigError
-
-        raise ConfigError("format: parquet needs pyarrow (pip install 'retention[parquet]')") from None
-    materialized = [list(r) for r in rows]
-    names = [name for name, _ in shape.columns]
-    columns = {name: [row[i] for row in materialized] for i, name in enumerate(names)}
-    table = pa.table(columns)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue(), len(materialized)
 
 
 class ArchiveStore:
@@ -367,7 +213,7 @@ class ArchiveStore:
         whose CompleteMultipartUpload carries ``If-None-Match: *`` (honoured by both).
         ArchiveExists if the key is taken; the caller compares what was copied.
         """
-        if _head_or_none(self.client, self.spec.bucket, key) is not None:
+        if head_or_none(self.client, self.spec.bucket, key) is not None:
             raise ArchiveExists(f"archive object s3://{self.spec.bucket}/{key} already exists", key)
         create = {"StorageClass": self.spec.storage_class, "ChecksumAlgorithm": "SHA256", **self.spec.sse_arguments()}
         if size <= COPY_LIMIT:
@@ -427,33 +273,6 @@ class ArchiveStore:
         return self.client.get_object(Bucket=self.spec.bucket, Key=key)["Body"].read()
 
 
-MANIFEST_TYPE = "retention/archive-manifest"
-
-
-def build_manifest(header: dict[str, Any], sql_objects: list[dict[str, Any]],
-                   s3_objects: list[dict[str, Any]]) -> bytes:
-    """The run's manifest: every archive object, its rows and checksum, and each table's
-    columns; canonical JSON so the same run always yields the same bytes."""
-    import rfc8785
-
-    tables: dict[str, Any] = {}
-    for obj in sql_objects:
-        tables.setdefault(obj["table"], {"columns": obj.get("columns", []), "rows": 0, "depth": obj.get("depth", 0)})
-        tables[obj["table"]]["rows"] += obj["rows"]
-    manifest = {
-        "type": MANIFEST_TYPE,
-        "version": 1,
-        **header,
-        "tables": tables,
-        "objects": [{k: v for k, v in obj.items() if k != "columns"} for obj in sql_objects],
-        "s3_objects": s3_objects,
-        "totals": {"objects": len(sql_objects) + sum(1 for o in s3_objects if o.get("key")),
-                   "rows": sum(obj["rows"] for obj in sql_objects),
-                   "bytes": sum(obj["bytes"] for obj in sql_objects) + sum(o.get("bytes") or 0 for o in s3_objects)},
-    }
-    return rfc8785.dumps(manifest)
-
-
 def _b64sha256(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
 
@@ -480,11 +299,12 @@ def _same_kms_key(requested: str | None, reported: str) -> bool:
     return reported.endswith(f":key/{requested}")
 
 
-def _head_or_none(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+def head_or_none(client: Any, bucket: str, key: str, *, checksum: bool = False) -> dict[str, Any] | None:
+    """The HEAD of ``s3://bucket/key`` (with ``checksum``, its SHA-256 too), or None if there is no such object."""
     from botocore.exceptions import ClientError
 
     try:
-        return client.head_object(Bucket=bucket, Key=key)
+        return client.head_object(Bucket=bucket, Key=key, **({"ChecksumMode": "ENABLED"} if checksum else {}))
     except ClientError as exc:
         if s3_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from retention.archive.store import build_manifest
+from retention.archive.manifest import build_manifest
 from retention.clock import utc_iso
 from retention.errors import TransientError
 from retention.holds import HoldRegistry, HoldView

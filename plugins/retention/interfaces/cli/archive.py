@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from retention.errors import ConfigError
 from retention.interfaces.cli.options import EXIT_FAILED, EXIT_OK, _err, audit_option
 from retention.interfaces.render import count, table
+
+if TYPE_CHECKING:
+    from retention.archive.manifest import Manifest
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,6 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    """Put the archive a certificate records back: rows into a database, or objects into a bucket."""
     from retention.archive.restore import certified_manifest, restore
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
@@ -55,7 +60,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _restore_objects(manifest: dict, client, into: str) -> int:
+def _restore_objects(manifest: Manifest, client: Any, into: str) -> int:
     from retention.archive.restore import THAW_DAYS, restore_objects
 
     result = restore_objects(manifest, client, into)

@@ -235,11 +235,16 @@ def _check_archives(engine, client) -> dict:
     """Each archive run's manifest against its certificate, and its objects against the manifest."""
     from botocore.exceptions import ClientError
 
-    from retention.archive.restore import check_archive, read_manifest
+    from retention.archive.check import check_archive
+    from retention.archive.manifest import read_manifest
     from retention.aws import s3_error_code
     from retention.evidence.chain import read_certificates
 
-    figures = {"runs": 0, "objects": 0, "bytes": 0, "problem": None, "bad_seq": None}
+    runs = objects = total = 0
+
+    def figures(problem: str | None = None, bad_seq: int | None = None) -> dict:
+        return {"runs": runs, "objects": objects, "bytes": total, "problem": problem, "bad_seq": bad_seq}
+
     for certificate in read_certificates(engine):
         recorded = certificate.data.get("archive")
         if not recorded:
@@ -247,18 +252,18 @@ def _check_archives(engine, client) -> dict:
         try:
             manifest = read_manifest(recorded["manifest"], lambda: client, sha256=recorded["sha256"])
         except TerminalError as exc:
-            return figures | {"problem": f"archive: {exc}", "bad_seq": certificate.seq}
+            return figures(f"archive: {exc}", certificate.seq)
         except ClientError as exc:
-            return figures | {"problem": f"archive: manifest {recorded['manifest']} cannot be read "
-                                         f"({s3_error_code(exc)})", "bad_seq": certificate.seq}
+            return figures(f"archive: manifest {recorded['manifest']} cannot be read ({s3_error_code(exc)})",
+                           certificate.seq)
         checked = check_archive(manifest, client)
-        figures["runs"] += 1
-        figures["objects"] += checked.objects
-        figures["bytes"] += checked.bytes
+        runs += 1
+        objects += checked.objects
+        total += checked.bytes
         if checked.problems:
             more = f" (and {len(checked.problems) - 1} more)" if len(checked.problems) > 1 else ""
-            return figures | {"problem": f"archive: {checked.problems[0]}{more}", "bad_seq": certificate.seq}
-    return figures
+            return figures(f"archive: {checked.problems[0]}{more}", certificate.seq)
+    return figures()
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

@@ -22,14 +22,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, select, text
 
 from retention import failpoints
-from retention.archive.store import (
-    ArchivedObject,
-    ArchiveExists,
-    ArchiveFailed,
-    TableShape,
-    column_codec,
-    encode_rows,
-)
+from retention.archive.codec import TableShape, column_codec, encode_rows
+from retention.archive.store import ArchivedObject, ArchiveExists, ArchiveFailed
 from retention.errors import TargetError, TransientError
 from retention.targets.base import BatchResult
 from retention.targets.sql.actions import SqlAction, postgres_bitmap

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from retention.plan.limits import approval_record, over_limits, record_limit, refusal
 from retention.plan.model import PurgePlan, TargetPlan
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 
 from conftest import write_rule
 

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from retention.evidence.audit import ensure_schema, purge_targets
 from retention.plan.model import PlannedTarget
-from retention.rules.models import S3Target, SqlTarget, load_rule_file
+from retention.rules.loader import load_rule_file
+from retention.rules.models import S3Target, SqlTarget
 from retention.run.journal import RunJournal
 from retention.targets import RunContext
 

@@ -23,7 +23,7 @@ from airflow_stack import AirflowStack
 from retention.evidence.chain import read_certificates
 from retention.evidence.signing import generate_keypair
 from retention.interfaces import demo
-from retention.rules.models import load_rules
+from retention.rules.loader import load_rules
 
 pytestmark = pytest.mark.airflow
 

@@ -45,6 +45,7 @@ from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.targets import RunContext, Targets
 from retention.targets.base import RecordLimit
+from retention.targets.s3.descriptors import ObjectsDescriptor
 
 if TYPE_CHECKING:
     from retention.evidence.signing import Signer
@@ -392,7 +393,7 @@ class Runner:
         for record in records:
             for descriptor in self.journal.ledger(run, record.target).descriptors():
                 data = json.loads(descriptor)
-                for obj in data.get("archived", []):
+                for obj in ObjectsDescriptor.decode(descriptor).archived_entries() if record.kind == "s3" else []:
                     s3_objects.append({"target": record.target, **obj})
                 for obj in data.get("objects", []) if record.kind == "sql" else []:
                     sql_objects.append({"target": record.target, **obj})

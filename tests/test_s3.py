@@ -322,3 +322,29 @@ def test_sigkill_mid_delete_is_settled_by_the_next_run(aws_server, audit_db, key
     assert killed_target["unconfirmed"] == 0
     assert next_target["deleted"] == 1500 - gone_at_kill
     assert keys_in(aws_server, bucket) == set()
+
+
+def test_keys_throttled_on_every_attempt_fail_after_the_last_one(s3, tmp_path, monkeypatch):
+    s3.create_bucket(Bucket=BUCKET)
+    put(s3, "k1", "k2", "k3")
+    targets = Targets(from_environment)
+    client = targets.s3_client("aws_default")
+    real_delete = client.delete_objects
+    calls = []
+
+    def throttled_delete(Bucket, Delete):
+        """S3 answering SlowDown for k2, every time."""
+        calls.append(sorted(o["Key"] for o in Delete["Objects"]))
+        keep = [o for o in Delete["Objects"] if o["Key"] != "k2"]
+        response = real_delete(Bucket=Bucket, Delete={**Delete, "Objects": keep}) if keep else {}
+        errors = [{"Key": "k2", "Code": "SlowDown", "Message": "injected"}]
+        return {**response, "Errors": response.get("Errors", []) + errors}
+
+    monkeypatch.setattr(client, "delete_objects", throttled_delete)
+    certificate = make_runner(targets).run(s3_rule(tmp_path), run_id="r1", as_of=datetime.now(UTC) + timedelta(days=60))
+
+    assert calls == [["k1", "k2", "k3"]] + [["k2"]] * 4  # five attempts in all, the retries at k2 alone
+    target = certificate.data["targets"][0]
+    assert (target["deleted"], target["failed"]) == (2, 1)
+    assert "SlowDown x1" in target["error"]
+    assert keys_in(s3) == {"k2"}

@@ -21,6 +21,8 @@ TAKEN_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflic
 """A create-only write (If-None-Match: *) found the key taken, or raced another writer for it."""
 NO_LOCK_CONFIG_CODES = frozenset({"ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration", "404"})
 """The bucket has no Object Lock configuration."""
+DELETE_MARKER_CODES = frozenset({"405", "MethodNotAllowed"})
+"""A HEAD of a version that is a delete marker: it exists, but has no object to return."""
 
 
 def is_not_found(exc: BaseException) -> bool:

@@ -19,6 +19,7 @@ from retention.errors import TransientError
 from retention.holds import HoldRegistry, HoldView
 from retention.retry import describe_error, is_retryable
 from retention.run.certify import certify
+from retention.targets.s3.descriptors import ObjectsDescriptor
 
 if TYPE_CHECKING:
     from retention.evidence.chain import Certificate
@@ -81,7 +82,7 @@ class Settlement:
         for record in records:
             for descriptor in self.journal.ledger(run, record.target).descriptors():
                 data = json.loads(descriptor)
-                for obj in data.get("archived", []):
+                for obj in ObjectsDescriptor.decode(descriptor).archived_entries() if record.kind == "s3" else []:
                     s3_objects.append({"target": record.target, **obj})
                 for obj in data.get("objects", []) if record.kind == "sql" else []:
                     sql_objects.append({"target": record.target, **obj})

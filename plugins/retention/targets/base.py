@@ -10,10 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from retention.targets.sql.descriptors import BatchRange
+from typing import Generic, Protocol, TypeVar
 
 Progress = Callable[[int, int, float], None]
 """Called after each batch with (records purged so far by this call, batch records, batch seconds)."""
@@ -148,12 +145,25 @@ class BatchLedger(Protocol):
         """Records purged by this target's done batches, across every attempt of the run."""
 
 
-@dataclass(frozen=True)
-class BatchResult:
-    """What one batch did: its range, the target's rows, rows per table, and how long it
-    held a write transaction open (what batch sizing aims at)."""
+Span = TypeVar("Span")
+"""What a batch covered, in its kind's terms: a SQL range, an S3 batch's journaled objects."""
 
-    batch: BatchRange
+
+@dataclass(frozen=True)
+class BatchResult(Generic[Span]):
+    """What one batch did, for every kind of target: what it covered, the target's records
+    it purged, rows per table, and how long it took (for SQL, how long it held a write
+    transaction open: what batch sizing aims at); and what it could not purge."""
+
+    batch: Span
     rows: int
     tables: dict[str, int]
     seconds: float
+    bytes: int | None = None
+    """Bytes purged, where the kind counts them (S3)."""
+    held: int = 0
+    """Records the batch left alone because a hold (or S3 Object Lock) protects them."""
+    failed: int = 0
+    """Records that could not be purged (and are left for a later run)."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Why records failed: error code to how many."""

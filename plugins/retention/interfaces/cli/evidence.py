@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 
-from retention.errors import ConfigError, TerminalError
+from retention.errors import ConfigError
 from retention.interfaces.cli.options import EXIT_FAILED, EXIT_OK, _err, audit_option, instant_argument
 from retention.interfaces.render import count, describe_certificate, moment, size, table
 
@@ -142,41 +141,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from retention.aws import s3_client_from_environment
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
-    from retention.evidence.chain import count_certificates
-    from retention.evidence.checkpoints import (
-        CHECKPOINTS_ENV,
-        CheckpointError,
-        NoCheckpoints,
-        log_identity,
-        read_all,
-    )
+    from retention.evidence.checkpoints import CHECKPOINTS_ENV, log_identity
     from retention.evidence.stores import open_store
-    from retention.evidence.verify import Verification, verify_chain
+    from retention.interfaces.verification import verify_everything
 
     keys = _trusted_keys(args)
-    origin = log_identity(args.log_id)
-
-    checkpoints = {}
     engine = open_audit(from_environment, args.audit)
-    try:
-        stores = [open_store(where, s3_client_from_environment, args.checkpoint_connection)
-                  for where in args.checkpoint]
-        checkpoints = read_all(stores, keys, origin)
-    except NoCheckpoints as exc:
-        # Before the first certificate there is nothing to checkpoint; after it, an empty store is a loss.
-        result = Verification(0, None, None, reason=None if count_certificates(engine) == 0 else str(exc))
-    except CheckpointError as exc:
-        result = Verification(0, None, None, reason=str(exc))
-    else:
-        result = verify_chain(engine, keys, checkpoints)
-    archives = None
-    if args.archives and result.ok:
-        archives = _check_archives(engine, s3_client_from_environment(args.archive_connection))
-        if archives["problem"]:
-            result = dataclasses.replace(result, bad_seq=archives["bad_seq"], reason=archives["problem"])
-    newest = max(checkpoints) if checkpoints else None
-    # A tail cut after the newest checkpoint would go unseen: say how much is exposed.
-    unanchored = max((result.head_seq or 0) - newest, 0) if newest is not None and result.ok else None
+    stores = [open_store(where, s3_client_from_environment, args.checkpoint_connection) for where in args.checkpoint]
+    found = verify_everything(
+        engine, keys, stores, log_identity(args.log_id),
+        archive_client=s3_client_from_environment(args.archive_connection) if args.archives else None)
+    result, checkpoints, newest, unanchored = found.result, found.checkpoints, found.newest, found.unanchored
+    archives = found.archives.to_dict() if found.archives is not None else None
     if args.json:
         print(json.dumps({
             "ok": result.ok, "checked": result.checked, "head_seq": result.head_seq,
@@ -229,41 +205,6 @@ def _trusted_keys(args: argparse.Namespace):
         raise ConfigError("say which keys to trust: --keyring FILE (each key with the seqs it may sign) "
                           "or --public-key PEM")
     return PublicKeys.from_pem_files(args.public_key)
-
-
-def _check_archives(engine, client) -> dict:
-    """Each archive run's manifest against its certificate, and its objects against the manifest."""
-    from botocore.exceptions import ClientError
-
-    from retention.archive.check import check_archive
-    from retention.archive.manifest import read_manifest
-    from retention.aws import s3_error_code
-    from retention.evidence.chain import read_certificates
-
-    runs = objects = total = 0
-
-    def figures(problem: str | None = None, bad_seq: int | None = None) -> dict:
-        return {"runs": runs, "objects": objects, "bytes": total, "problem": problem, "bad_seq": bad_seq}
-
-    for certificate in read_certificates(engine):
-        recorded = certificate.data.get("archive")
-        if not recorded:
-            continue
-        try:
-            manifest = read_manifest(recorded["manifest"], lambda: client, sha256=recorded["sha256"])
-        except TerminalError as exc:
-            return figures(f"archive: {exc}", certificate.seq)
-        except ClientError as exc:
-            return figures(f"archive: manifest {recorded['manifest']} cannot be read ({s3_error_code(exc)})",
-                           certificate.seq)
-        checked = check_archive(manifest, client)
-        runs += 1
-        objects += checked.objects
-        total += checked.bytes
-        if checked.problems:
-            more = f" (and {len(checked.problems) - 1} more)" if len(checked.problems) > 1 else ""
-            return figures(f"archive: {checked.problems[0]}{more}", certificate.seq)
-    return figures()
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

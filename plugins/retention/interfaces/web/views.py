@@ -120,35 +120,17 @@ def verify_now(engine: Engine, keys: PublicKeys, stores: Iterable[CheckpointStor
                archives: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Check the chain as ``retention verify`` does: signatures, seq order, hash links, the signed
     checkpoints in ``stores``, and with ``archives`` (an S3 client factory) every archive run."""
-    from retention.evidence.chain import count_certificates
-    from retention.evidence.checkpoints import CheckpointError, NoCheckpoints, read_all
-    from retention.evidence.verify import Verification, verify_chain
-    from retention.interfaces.cli.evidence import _check_archives
+    from retention.interfaces.verification import verify_everything
 
-    checkpoints = {}
-    try:
-        checkpoints = read_all(list(stores), keys, origin)
-    except NoCheckpoints as exc:
-        # Before the first certificate there is nothing to checkpoint; after it, an empty store is a loss.
-        result = Verification(0, None, None, reason=None if count_certificates(engine) == 0 else str(exc))
-    except CheckpointError as exc:
-        result = Verification(0, None, None, reason=str(exc))
-    else:
-        result = verify_chain(engine, keys, checkpoints)
-    figures = None
-    if archives is not None and result.ok:
-        figures = _check_archives(engine, archives())
-        if figures["problem"]:
-            result = dataclasses.replace(result, bad_seq=figures["bad_seq"], reason=figures["problem"])
-    newest = max(checkpoints) if checkpoints else None
-    # A tail cut after the newest checkpoint would go unseen: say how much is exposed.
-    unanchored = max((result.head_seq or 0) - newest, 0) if newest is not None and result.ok else None
+    found = verify_everything(engine, keys, stores, origin, archive_client=archives() if archives else None)
+    result, checkpoints, newest = found.result, found.checkpoints, found.newest
+    figures = found.archives.to_dict() if found.archives is not None else None
     return {
         "ok": result.ok, "checked": result.checked, "head_seq": result.head_seq, "head_hash": result.head_hash,
         "bad_seq": result.bad_seq, "reason": result.reason, "keys": len(result.key_ids),
         "checkpoints": len(checkpoints), "newest_checkpoint": newest,
         "newest_source": checkpoints[newest].source if newest is not None else None,
-        "not_checkpointed": unanchored,
+        "not_checkpointed": found.unanchored,
         "archives": figures and {**figures, "size": size(figures["bytes"])},
     }
 

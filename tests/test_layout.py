@@ -88,7 +88,6 @@ def _own(name: str, modules: dict[str, Path]) -> str | None:
 NOT_YET_SPLIT_MODULES = {
     "retention.archive.store",
     "retention.rules.models", "retention.run.runner", "retention.targets.s3.objects",
-    "retention.targets.sql.table",
 }
 NOT_YET_SPLIT_FUNCTIONS = {
     "retention.archive.restore.restore", "retention.interfaces.airflow._rule_dag",

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
     from retention.targets.base import BatchLedger, PendingBatch
+    from retention.targets.sql.batch import Batch
     from retention.targets.sql.table import SqlTable
-    from retention.targets.sql.walk import Batch
 
 log = logging.getLogger(__name__)
 

@@ -34,13 +34,13 @@ from retention.errors import TargetError, TransientError
 from retention.targets.base import BatchResult
 from retention.targets.sql.actions import SqlAction, postgres_bitmap
 from retention.targets.sql.descriptors import encode_range
-from retention.targets.sql.table import family_members
+from retention.targets.sql.family import family_members
 
 if TYPE_CHECKING:
 
     from retention.archive.store import ArchiveStore
+    from retention.targets.sql.batch import Batch
     from retention.targets.sql.table import SqlTable
-    from retention.targets.sql.walk import Batch
 
 log = logging.getLogger(__name__)
 

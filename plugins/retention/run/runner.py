@@ -45,6 +45,7 @@ from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.targets import RunContext, Targets
 from retention.targets.base import RecordLimit
+from retention.targets.sql.descriptors import BatchDescriptor
 
 if TYPE_CHECKING:
     from retention.evidence.signing import Signer
@@ -394,7 +395,7 @@ class Runner:
                 data = json.loads(descriptor)
                 for obj in data.get("archived", []):
                     s3_objects.append({"target": record.target, **obj})
-                for obj in data.get("objects", []) if record.kind == "sql" else []:
+                for obj in BatchDescriptor.decode(descriptor).archived_objects() if record.kind == "sql" else []:
                     sql_objects.append({"target": record.target, **obj})
         body = build_manifest(
             {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},

@@ -9,13 +9,12 @@ leaves behind (archive objects) its action settles.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from retention.targets.sql.descriptors import decode_range
+from retention.targets.sql.descriptors import BatchDescriptor
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
@@ -34,12 +33,12 @@ def settle_pending(table: SqlTable, expired: ColumnElement[bool], ledger: BatchL
         return confirmed
     with table.engine.connect() as conn:
         for batch in pending:
-            descriptor = json.loads(batch.descriptor)
+            descriptor = BatchDescriptor.decode(batch.descriptor)
             # Judge the batch by the holds it was cut with, not the ones in force now.
-            holds = table.holds.by_ids(descriptor.get("holds", [])) if table.holds else []
+            holds = table.holds.by_ids(list(descriptor.holds or ())) if table.holds else []
             present = conn.execute(
                 select(func.count()).select_from(table.table).where(
-                    table.unheld(expired, holds), table.in_range(decode_range(batch.descriptor))
+                    table.unheld(expired, holds), table.in_range(descriptor.span)
                 )
             ).scalar_one()
             conn.rollback()

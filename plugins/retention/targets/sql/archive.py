@@ -30,6 +30,7 @@ from retention.archive.store import (
     encode_rows,
 )
 from retention.errors import TargetError, TransientError
+from retention.retry import attempts
 from retention.targets.base import BatchResult
 from retention.targets.sql.actions import SqlAction, postgres_bitmap
 from retention.targets.sql.descriptors import BatchDescriptor, BatchRange
@@ -82,12 +83,18 @@ class ArchiveRows(SqlAction):
     def apply(self, table: SqlTable, conn: Connection, batch: Batch) -> BatchResult:
         if table.engine.dialect.name == "postgresql" and self.store.spec.format == "jsonl.gz":
             return self._archive_in_one_pass(table, conn, batch)
-        for attempt in range(1, ARCHIVE_ATTEMPTS + 1):
-            try:
-                return self._archive_batch(table, conn, batch)
-            except _RowsChanged as changed:
-                log.info("%s: %s; archiving the batch again (attempt %d)", table.target.name, changed, attempt + 1)
-                batch = dataclasses.replace(batch, number=batch.ledger.next_batch_no(), span=None)
+        # Rows edited between being archived and being deleted: archive the batch again at
+        # once, under a new number (the one it had is settled), through the one retry policy.
+        retrying = attempts(lambda exc: isinstance(exc, _RowsChanged), delays=(0,) * (ARCHIVE_ATTEMPTS - 1),
+                            what=f"{table.target.name}: archiving the batch again")
+        try:
+            for attempt in retrying:
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        batch = dataclasses.replace(batch, number=batch.ledger.next_batch_no(), span=None)
+                    return self._archive_batch(table, conn, batch)
+        except _RowsChanged:
+            pass
         raise TransientError(f"{table.target.name}: rows kept changing while being archived; try again later")
 
     def _archive_in_one_pass(self, table: SqlTable, conn: Connection, batch: Batch) -> BatchResult:

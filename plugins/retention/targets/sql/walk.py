@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, select, true
 from sqlalchemy.exc import DBAPIError
 
-from retention.retry import is_transient
+from retention.retry import attempts, is_transient
 from retention.targets.base import PurgeOutcome, RecordBudget
 from retention.targets.sql.batch import Batch, BatchOverCap, BatchSizer
 from retention.targets.sql.descriptors import BatchRange, Bound
@@ -208,14 +208,22 @@ class Walker:
 
     def _batch(self, sizer: BatchSizer, lower: Bound | None,
                ceiling: Bound | None) -> tuple[Batch, BatchResult | None] | None:
-        """Run the next batch after ``lower``, retrying what retrying can help.
+        """Run the next batch after ``lower``, retrying (through the one retry policy, with the
+        table's delays) what retrying can help: transient database errors.
 
         Returns the batch and its result, the batch and None when its rows were locked
         (it rolled back and is settled), or None when the walk must stop.
         """
+        for attempt in attempts(_transient, delays=self.table.retry_delays, what=self.name):
+            with attempt:
+                return self._attempt(sizer, lower, ceiling)
+        raise AssertionError("unreachable: attempts() returns or raises")
+
+    def _attempt(self, sizer: BatchSizer, lower: Bound | None,
+                 ceiling: Bound | None) -> tuple[Batch, BatchResult | None] | None:
+        """One try at the next batch; a batch that took more rows than its cap is cut
+        smaller and tried again at once, any other failure is settled and raised."""
         table, ledger, budget = self.table, self.ledger, self.budget
-        delays = list(table.retry_delays)
-        attempt = 1
         while True:
             # Holds are read for every batch (and every retry): one placed after the
             # plan still protects its rows.
@@ -257,20 +265,17 @@ class Walker:
                              self.name, batch.number, _short(exc))
                     return batch, None
                 settle_after_error(table, self.expired, ledger)
-                if not delays or not is_transient(exc):
-                    raise
-                delay = delays.pop(0)
-                attempt += 1
-                log.warning("%s: batch %d: %s (transient); retrying in %.1fs (attempt %d)",
-                            self.name, batch.number, _short(exc), delay, attempt)
-                time.sleep(delay)
-                continue
+                raise
             except BaseException:
                 budget.settle(granted, 0)
                 settle_after_error(table, self.expired, ledger)
                 raise
             budget.settle(granted, result.rows)
             return batch, result
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and is_transient(exc)
 
 
 class _LockWait:

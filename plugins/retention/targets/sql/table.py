@@ -36,7 +36,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from retention.errors import TargetError, TerminalError
-from retention.retry import attempts, is_transient
+from retention.retry import DEFAULT_DELAYS, attempts, is_transient
 from retention.targets.base import Survey
 from retention.targets.sql import settle, walk
 from retention.targets.sql.family import Member, family_conditions, family_members, reflect_family
@@ -65,7 +65,7 @@ class SqlTable:
     def __init__(
         self, target: SqlTarget, engine: Engine, *, action: SqlAction | None = None, holds: HoldView | None = None,
         passes: int = 3, lock_timeout: float = 2.0, statement_timeout: float = 120.0,
-        retry_delays: Sequence[float] = (0.5, 1, 2, 4, 8, 15),
+        retry_delays: Sequence[float] = DEFAULT_DELAYS,
     ):
         from retention.targets.sql.delete import DeleteRows
 

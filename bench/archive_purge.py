@@ -62,7 +62,7 @@ archived and deleted per second; ``ratio`` is engine rows/s over raw rows/s (tar
 >= 0.5). For the engine, "batch" is what ``progress`` reports: the batch's transaction
 (one pass: the DELETE streamed into gzip, the upload and its check; what the sizer aims at
 0.25 s). "Whole batch" is the ledger's pending-to-done time. The breakdown wraps
-``_upper_bound``, ``encode_rows`` (the two-phase path only: 0 in one pass),
+``upper_bound``, ``encode_rows`` (the two-phase path only: 0 in one pass),
 ``put_verified`` (upload + HEAD) and the ledger writes; with two workers the steps add up
 to more than the wall time. CPU seconds of the engine process, its PostgreSQL backends
 and the moto server show who was busy.
@@ -268,6 +268,7 @@ def engine_child(params: dict) -> dict:
     from retention.run.journal import JournalLedger
     from retention.targets import RunContext, Targets
     from retention.targets.sql import archive as sql_actions
+    from retention.targets.sql import batch as sql_batch
 
     bench_url, audit_url = make_url(params["bench_url"]), make_url(params["audit_url"])
     rule_file = load_rule_file(Path(params["rule_path"]))
@@ -299,7 +300,7 @@ def engine_child(params: dict) -> dict:
             return timed("journal", super().resolve)(*args, **kwargs)
 
     if params.get("fixed_batch_rows"):
-        from retention.targets import sql as sql_module
+        from retention.targets.sql import walk as sql_walk
 
         class FixedSizer:
             """--fixed-batch-rows: every batch this size (instead of the adaptive sizer)."""
@@ -310,7 +311,7 @@ def engine_child(params: dict) -> dict:
             def observe(self, _rows, _seconds):
                 pass
 
-        sql_module.BatchSizer = FixedSizer
+        sql_walk.BatchSizer = FixedSizer  # the walker makes its sizers by this name
 
     audit_engine = retention_engine(audit_url)
     targets = Targets(specs.__getitem__)
@@ -323,7 +324,7 @@ def engine_child(params: dict) -> dict:
         table.check()  # reflect before the clock starts, as planning does
         assert isinstance(table.action, sql_actions.ArchiveRows), type(table.action)
         # Coarse, per-batch wrappers (negligible cost): where the time of a batch goes.
-        table._upper_bound = timed("upper_bound", table._upper_bound)
+        sql_batch.upper_bound = timed("upper_bound", sql_batch.upper_bound)
         sql_actions.encode_rows = timed("read_encode", sql_actions.encode_rows)
         store = table.action.store
         store.put_verified = timed("upload", store.put_verified)

@@ -8,7 +8,6 @@ Everything is read from the journal, as the run planned it: never from the rule 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from retention.holds import HoldRegistry, HoldView
 from retention.retry import describe_error, is_retryable
 from retention.run.certify import certify
 from retention.targets.s3.descriptors import ObjectsDescriptor
+from retention.targets.sql.descriptors import BatchDescriptor
 
 if TYPE_CHECKING:
     from retention.evidence.chain import Certificate
@@ -81,11 +81,12 @@ class Settlement:
         s3_objects: list[dict[str, Any]] = []
         for record in records:
             for descriptor in self.journal.ledger(run, record.target).descriptors():
-                data = json.loads(descriptor)
-                for obj in ObjectsDescriptor.decode(descriptor).archived_entries() if record.kind == "s3" else []:
-                    s3_objects.append({"target": record.target, **obj})
-                for obj in data.get("objects", []) if record.kind == "sql" else []:
-                    sql_objects.append({"target": record.target, **obj})
+                if record.kind == "s3":
+                    s3_objects += [{"target": record.target, **obj}
+                                   for obj in ObjectsDescriptor.decode(descriptor).archived_entries()]
+                else:
+                    sql_objects += [{"target": record.target, **obj}
+                                    for obj in BatchDescriptor.decode(descriptor).archived_objects()]
         body = build_manifest(
             {"category": run.category, "run_id": run.run_id, "rule": {"path": run.rule_path, "sha256": run.rule_sha256},
              "as_of": utc_iso(run.as_of), "cutoff": utc_iso(run.cutoff), "connection": archive.connection,

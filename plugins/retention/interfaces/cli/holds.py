@@ -130,7 +130,7 @@ def _check_hold_columns(target, match: dict, unknown, notes: list[str], *, targe
 
     from retention.connections import from_environment
     from retention.targets import Targets
-    from retention.targets.sql.table import hold_match
+    from retention.targets.sql.predicates import hold_match
 
     schema, _, name = target.table.rpartition(".")
     with Targets(from_environment) as targets:

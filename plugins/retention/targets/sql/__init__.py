@@ -1,1 +1,2 @@
-"""SQL targets: the table's shape, predicates, the keyset walk, one module per action."""
+"""SQL targets: the table and its family, predicates, the keyset walk and its batches, crash
+settlement, the journaled batch descriptor, one module per action."""

@@ -1,6 +1,9 @@
 """What a SQL batch does to its rows: the small base every action builds on.
 
-Every action journals the batch *pending* before its irreversible step and *done* after,
+Every action journals the batch *pending* before its irreversible step and *done* after
+(so :mod:`retention.targets.sql.settle` can tell what a crash in between left). An action
+receives one :class:`~retention.targets.sql.batch.Batch` and the table's public surface:
+
 
 - :class:`~retention.targets.sql.delete.DeleteRows` deletes children, then the target's rows, in one transaction.
 - :class:`~retention.targets.sql.archive.ArchiveRows` never lets a row go before its archive object is written and verified.
@@ -10,19 +13,18 @@ Every action journals the batch *pending* before its irreversible step and *done
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import text
-
-from retention.targets.base import BatchResult
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.sql.elements import ColumnElement
 
-    from retention.targets.base import BatchLedger, PendingBatch
+    from retention.targets.base import BatchLedger, BatchResult, PendingBatch
+    from retention.targets.sql.batch import Batch
+    from retention.targets.sql.descriptors import BatchDescriptor
     from retention.targets.sql.table import SqlTable
-    from retention.targets.sql.walk import Batch
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,10 @@ class SqlAction:
         ``batch.ceiling`` nor more than ``batch.cap``, journaled with ``batch.holds``."""
         raise NotImplementedError
 
-    def settle(self, table: SqlTable, pending: PendingBatch, descriptor: dict[str, Any], gone: int,
+    def settle(self, table: SqlTable, pending: PendingBatch, descriptor: BatchDescriptor, gone: int,
                ledger: BatchLedger) -> None:
         """Settle a batch found pending: ``gone`` of its rows are no longer to be processed."""
-        tables = descriptor.get("tables") if gone == pending.rows else None
+        tables = dict(descriptor.tables) if descriptor.tables is not None and gone == pending.rows else None
         ledger.resolve(pending.batch_no, gone, tables=tables or ({table.family.name: gone} if gone else None))
 
 

@@ -27,9 +27,15 @@ from retention.errors import ConfigError, TargetError
 from retention.rules.strategies import Strategy
 from retention.targets.base import BatchResult
 from retention.targets.sql.actions import SqlAction
-from retention.targets.sql.descriptors import encode_range
+from retention.targets.sql.descriptors import BatchDescriptor
 
 if TYPE_CHECKING:
+    from sqlalchemy import Column
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.sql.elements import ColumnElement
+
+    from retention.rules.models import AnonymizeSpec
+    from retention.targets.sql.batch import Batch
     from retention.targets.sql.table import SqlTable
 
 log = logging.getLogger(__name__)
@@ -104,13 +110,15 @@ class AnonymizeRows(SqlAction):
         self.as_of = as_of
 
     @staticmethod
-    def _spec(table: SqlTable):
-        return table.target.anonymize
+    def _spec(table: SqlTable) -> AnonymizeSpec:
+        spec = table.target.anonymize
+        assert spec is not None  # a rule with action anonymize declares it on every target (checked at load)
+        return spec
 
-    def condition(self, table):
+    def condition(self, table: SqlTable) -> ColumnElement[bool]:
         return table.table.c[self._spec(table).marker].is_(None)
 
-    def check(self, table):
+    def check(self, table: SqlTable) -> None:
         spec = self._spec(table)
         columns = table.table.c
         sqlite = table.engine.dialect.name == "sqlite"
@@ -140,12 +148,12 @@ class AnonymizeRows(SqlAction):
                 raise TargetError(f"{strategy.describe()} needs a date or timestamp, but {name!r} is {column.type}",
                                   field)
 
-    def notes(self, table):
+    def notes(self, table: SqlTable) -> list[str]:
         spec = self._spec(table)
         described = ", ".join(f"{c} → {s.describe()}" for c, s in spec.columns.items())
         return [f"anonymized in place ({described}); {spec.marker} marks rows done"]
 
-    def apply(self, table, conn, batch):
+    def apply(self, table: SqlTable, conn: Connection, batch: Batch) -> BatchResult:
         ledger, batch_no = batch.ledger, batch.number
         spec = self._spec(table)
         t = table.table
@@ -175,8 +183,8 @@ class AnonymizeRows(SqlAction):
                              spec.marker: bindparam("v_marker")})
                 )
                 conn.execute(statement, params)
-                ledger.pending(batch_no, encode_range(span, tables={table.family.name: len(rows)},
-                                                      holds=list(batch.holds)), len(rows))
+                ledger.pending(batch_no, BatchDescriptor(span, tables={table.family.name: len(rows)},
+                                                         holds=batch.holds).encode(), len(rows))
                 failpoints.hit("sql.before_commit")
         seconds = time.perf_counter() - started
         if rows:
@@ -185,7 +193,7 @@ class AnonymizeRows(SqlAction):
         return BatchResult(span, len(rows), {table.family.name: len(rows)}, seconds)
 
 
-def _as_column_value(column, moment: datetime) -> Any:
+def _as_column_value(column: Column[Any], moment: datetime) -> Any:
     """``moment`` as the column stores it: a date, or a timestamp with or without zone."""
     moment = moment.astimezone(timezone.utc)
     if isinstance(column.type, sqltypes.Date) and not isinstance(column.type, sqltypes.DateTime):

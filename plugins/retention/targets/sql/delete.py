@@ -11,11 +11,13 @@ from sqlalchemy import and_, delete
 from retention import failpoints
 from retention.targets.base import BatchResult
 from retention.targets.sql.actions import SqlAction, postgres_bitmap
-from retention.targets.sql.descriptors import encode_range
+from retention.targets.sql.descriptors import BatchDescriptor
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
-    pass
+    from retention.targets.sql.batch import Batch
+    from retention.targets.sql.table import SqlTable
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 class DeleteRows(SqlAction):
     """Delete the batch's rows, children first, in one transaction."""
 
-    def apply(self, table, conn, batch):
+    def apply(self, table: SqlTable, conn: Connection, batch: Batch) -> BatchResult:
         ledger, batch_no = batch.ledger, batch.number
         started = time.perf_counter()
         with conn.begin():
@@ -35,7 +37,7 @@ class DeleteRows(SqlAction):
             rows = counts[table.family.name]
             batch.check_cap(rows)
             if rows:
-                ledger.pending(batch_no, encode_range(span, tables=counts, holds=list(batch.holds)), rows)
+                ledger.pending(batch_no, BatchDescriptor(span, tables=counts, holds=batch.holds).encode(), rows)
                 failpoints.hit("sql.before_commit")
         seconds = time.perf_counter() - started
         if rows:

@@ -40,7 +40,7 @@ def hold_match(table: Table, match: dict[str, Any], dialect: str) -> ColumnEleme
     return and_(*conditions)
 
 
-def _lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str) -> ColumnElement[bool]:
+def lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str) -> ColumnElement[bool]:
     """``(c0, c1, ...) op (v0, v1, ...)`` spelled so that every engine uses the index on c0.
 
     Row-value comparison is not optimised alike by PostgreSQL, MariaDB and SQLite, so it
@@ -55,9 +55,4 @@ def _lexicographic(columns: Sequence[ColumnElement[Any]], values: Bound, op: str
         expression = or_(strict(column, value), and_(column == value, expression))
     leading = columns[0] >= values[0] if op == ">" else columns[0] <= values[0]
     return and_(leading, expression)
-
-
-# -- batch descriptors -------------------------------------------------------------------
-# A batch is journaled as its walk range. Bounds hold key and age values of whatever type
-# the table has; JSON alone would lose datetimes, decimals and UUIDs, so each value is tagged.
 

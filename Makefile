@@ -48,12 +48,13 @@ ui: install
 ui-screenshots: install
 	RETENTION_UI_SCREENSHOTS=$(CURDIR)/docs $(BIN)/pytest -q tests/test_ui_browser.py
 
-## Lint, then the test suite against this machine's PostgreSQL and MariaDB (and SQLite, moto).
+## Lint, type-check the engine, then the test suite against this machine's PostgreSQL and MariaDB (and SQLite, moto).
 test: install
 	$(BIN)/ruff check plugins tests bench dags
+	$(BIN)/mypy
 	$(BIN)/pytest
 
-## Static types of the engine (not yet clean: issue #10 goes on; joins `test` once it is).
+## Static types of the engine alone (also part of `test`).
 typecheck: install
 	$(BIN)/mypy
 

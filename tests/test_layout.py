@@ -82,15 +82,6 @@ def _own(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-# Not split yet (issue #10 is under way): each entry may only shrink away. A module or function
-# listed here that is back within bounds fails the test until it is taken off the list, and
-# anything not listed that grows past the bounds fails at once.
-NOT_YET_SPLIT_MODULES = {
-}
-NOT_YET_SPLIT_FUNCTIONS = {
-}
-
-
 def test_imports_follow_the_layers():
     modules = _modules()
     wrong = []
@@ -154,7 +145,7 @@ def test_importing_the_engine_imports_no_airflow():
 def test_no_module_is_too_long():
     """Big modules are where jobs pile up: each stays within a few screens."""
     long = sorted(module for module, path in _modules().items() if len(path.read_text().splitlines()) > 450)
-    assert long == sorted(NOT_YET_SPLIT_MODULES)
+    assert long == []
 
 
 def test_no_function_is_too_long():
@@ -166,7 +157,7 @@ def test_no_function_is_too_long():
                 length = node.end_lineno - node.lineno + 1
                 if length > 80 and not (module.startswith("retention.interfaces.cli") and "parser" in node.name):
                     long.append(f"{module}.{node.name}")
-    assert sorted(long) == sorted(NOT_YET_SPLIT_FUNCTIONS)
+    assert sorted(long) == []
 
 
 def test_the_demo_finds_the_repository_it_runs_from():

@@ -595,8 +595,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def engine_code() -> dict:
     """Which engine was measured (others edit it concurrently): commit and file hashes."""
     root = Path(__file__).resolve().parent.parent
-    files = ["plugins/retention/targets/sql_actions.py", "plugins/retention/targets/sql.py",
-             "plugins/retention/archive.py", "plugins/retention/journal.py"]
+    files = ["plugins/retention/targets/sql/archive.py", "plugins/retention/targets/sql/walk.py",
+             "plugins/retention/archive/store.py", "plugins/retention/archive/codec.py",
+             "plugins/retention/run/journal.py"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True).stdout.strip()

@@ -108,6 +108,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -406,7 +407,8 @@ def measure_engine(bench_url: URL, audit_url: URL, rule_path: Path, expired_ids:
 def check_archive(endpoint: str, result: dict, expired_ids: dict) -> dict:
     """Download every object of the run, count its lines and sum its ids; compare."""
     client = plain_client(endpoint)
-    prefix = f"{result['category']}/{result['run_id']}/"
+    # The store's layout (ArchiveStore._run_prefix), spelled out here so the check does not trust it.
+    prefix = f"{result['category']}/run={urllib.parse.quote(result['run_id'], safe='-_.~')}/"
     listed: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for item in page.get("Contents", []):

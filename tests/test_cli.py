@@ -331,3 +331,19 @@ def test_as_of_that_is_not_a_timestamp_is_a_usage_error(rules_dir, capsys):
 
     assert exited.value.code == 2
     assert "not an ISO 8601 date or timestamp" in capsys.readouterr().err
+
+
+def test_command_groups_name_every_command_they_register():
+    """A command loads only its group, found by name in COMMAND_GROUPS: the names must be the ones registered."""
+    import argparse
+    import importlib
+
+    from retention.interfaces.cli import COMMAND_GROUPS, command_groups
+
+    for module_name, declared in COMMAND_GROUPS.items():
+        commands = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module_name).register(commands)
+        assert tuple(commands.choices) == declared, module_name
+    assert [m.__name__ for m in command_groups(["-v", "run", "--rules", "x"])] == ["retention.interfaces.cli.rules"]
+    assert len(command_groups(["--help", "run"])) == len(COMMAND_GROUPS)
+    assert len(command_groups(["nosuchcommand"])) == len(COMMAND_GROUPS)

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     text,
 )
 from sqlalchemy.dialects import mysql
@@ -243,8 +244,9 @@ def _create_schema(engine: Engine) -> None:
         if dialect == "postgresql":
             # Two workers starting at once must not race on CREATE.
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
-        metadata.create_all(conn, checkfirst=True)
-        _add_missing_columns(conn)
+        if not _columns_in_place(conn):  # one query on a database that is up to date
+            metadata.create_all(conn, checkfirst=True)
+            _add_missing_columns(conn)
         if dialect == "postgresql" and _pg_triggers_in_place(conn):
             # Redefining them needs the table owner; a runtime role that may only append
             # certificates (docker-compose.yml's retention_app) finds them already there.
@@ -273,6 +275,19 @@ def _pg_triggers_in_place(conn) -> bool:
         "AND p.proname = 'purge_certificates_append_only'"
     ))
     return _PG_TRIGGERS <= {(r[0], r[1]) for r in rows}
+
+
+def _columns_in_place(conn) -> bool:
+    """Every audit table has every column this version writes (read in one query; SQLite: never known)."""
+    schema = {"postgresql": "current_schema()", "mysql": "DATABASE()"}.get(conn.dialect.name)
+    if schema is None:
+        return False
+    wanted = {(table.name, column.name) for table in metadata.sorted_tables for column in table.columns}
+    rows = conn.execute(text(
+        f"SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = {schema} "
+        "AND table_name IN :tables").bindparams(bindparam("tables", expanding=True)),
+        {"tables": sorted({name for name, _ in wanted})})
+    return wanted <= {(str(r[0]), str(r[1])) for r in rows}
 
 
 def _add_missing_columns(conn) -> None:

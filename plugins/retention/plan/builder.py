@@ -6,20 +6,28 @@ The plan itself is a value (:mod:`retention.plan.model`).
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 
-from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.exc import DBAPIError
 
-from retention.aws import s3_error_code
 from retention.errors import RetentionError, RuleError, RuleProblem, TargetError, TerminalError, TransientError
 from retention.holds import HoldRegistry, HoldView
 from retention.plan.model import PurgePlan, TargetPlan
 from retention.rules.models import RuleFile
 from retention.targets import RunContext, Targets
 
-_READ_ERRORS = (DBAPIError, ClientError, BotoCoreError)
-"""What a database or bucket raises when reading it fails (a rule mismatch is a TargetError)."""
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a database or bucket raises when reading it fails (a rule mismatch is a TargetError).
+
+    botocore is not imported for rules with only SQL targets; a bucket could only have
+    raised its errors if it is loaded.
+    """
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is None:
+        return (DBAPIError,)
+    return (DBAPIError, botocore.ClientError, botocore.BotoCoreError)
 
 
 class PlanFailed(RetentionError):
@@ -65,7 +73,7 @@ def build_plan(
         except TargetError as exc:
             problems.append(rule_file.problem(target_field(index, exc.field), str(exc)))
             continue
-        except _READ_ERRORS as exc:
+        except _read_errors() as exc:
             raise plan_failure(rule.category, target.name, exc) from exc
         opened.append((target, handle))
     if rule.archive is not None:
@@ -78,7 +86,7 @@ def build_plan(
     for target, handle in opened:
         try:
             survey = handle.survey(cutoff)
-        except _READ_ERRORS as exc:
+        except _read_errors() as exc:
             raise plan_failure(rule.category, target.name, exc) from exc
         plans.append(
             TargetPlan(
@@ -129,6 +137,10 @@ def plan_failure(category: str, target: str | None, exc: BaseException) -> PlanF
 
 def _check_archive(rule_file: RuleFile, targets: Targets) -> RuleProblem | None:
     """A problem at ``archive.bucket`` unless the archive bucket exists and lets the run in."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from retention.aws import s3_error_code
+
     spec = rule_file.rule.archive
     assert spec is not None
     try:

@@ -5,22 +5,35 @@ verify, or an operational error; 2 invalid rules or usage. Tables go to stdout,
 progress and errors to stderr; ``--json`` prints what a machine should read.
 
 Each command group lives in its own module and registers its subcommands through
-``register(commands)``; ``COMMAND_GROUPS`` lists them, one line each.
+``register(commands)``; ``COMMAND_GROUPS`` lists them, one line each, with the commands
+each registers: a command imports only its own group (``retention run`` never loads what
+``schema`` or ``diff`` need), ``--help`` all of them.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+from types import ModuleType
 
 from retention.errors import ConfigError, RetentionError, RuleError
-from retention.interfaces import diff, report, ruleschema, schedule
-from retention.interfaces.cli import airflow, archive, evidence, holds, keys, rules
 from retention.interfaces.cli.options import EXIT_FAILED, EXIT_INVALID, _err
 from retention.interfaces.cli.parser import build_parser
 
 # The order is the order of `retention --help`.
-COMMAND_GROUPS = [rules, holds, evidence, archive, airflow, keys, schedule, report, ruleschema, diff]
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "retention.interfaces.cli.rules": ("validate", "plan", "run", "status"),
+    "retention.interfaces.cli.holds": ("hold",),
+    "retention.interfaces.cli.evidence": ("certificates", "verify", "checkpoint"),
+    "retention.interfaces.cli.archive": ("restore",),
+    "retention.interfaces.cli.airflow": ("airflow",),
+    "retention.interfaces.cli.keys": ("keygen",),
+    "retention.interfaces.schedule": ("schedule",),
+    "retention.interfaces.report": ("report",),
+    "retention.interfaces.ruleschema": ("schema",),
+    "retention.interfaces.diff": ("diff",),
+}
 
 log = logging.getLogger("retention")
 
@@ -29,7 +42,7 @@ __all__ = ["COMMAND_GROUPS", "main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``retention`` console script."""
-    parser = build_parser(COMMAND_GROUPS)
+    parser = build_parser(command_groups(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -59,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"database error: {getattr(exc, 'orig', exc)}")
             return EXIT_FAILED
         raise
+
+
+def command_groups(argv: list[str]) -> list[ModuleType]:
+    """The group modules the command in ``argv`` needs: its own, or every group (for help,
+    a typo, or no command at all)."""
+    position = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
+    command = None if {"-h", "--help"} & set(argv[:position]) or position == len(argv) else argv[position]
+    wanted = [name for name, commands in COMMAND_GROUPS.items() if command in commands] or list(COMMAND_GROUPS)
+    return [importlib.import_module(name) for name in wanted]
 
 
 def _redacted(record: logging.LogRecord) -> bool:

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete
+from sqlalchemy import and_, delete, func, select
 
 from retention import failpoints
 from retention.targets.base import BatchResult
@@ -15,6 +15,7 @@ from retention.targets.sql.descriptors import BatchDescriptor
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
+    from sqlalchemy.sql.elements import ColumnElement
 
     from retention.targets.sql.batch import Batch
     from retention.targets.sql.table import SqlTable
@@ -32,6 +33,7 @@ class DeleteRows(SqlAction):
             span = batch.cut(table, conn)
             postgres_bitmap(table, conn)
             selection = and_(batch.expired, table.in_range(span))
+            selection = and_(selection, *clustered_range(table, conn, selection))
             counts = {member.name: conn.execute(delete(member.table).where(condition)).rowcount
                       for member, condition in table.family_conditions(selection)}
             rows = counts[table.family.name]
@@ -44,3 +46,28 @@ class DeleteRows(SqlAction):
             failpoints.hit("sql.after_commit")
             ledger.done(batch_no, tables=counts)
         return BatchResult(span, rows, counts, seconds)
+
+
+def clustered_range(table: SqlTable, conn: Connection, selection: ColumnElement[bool]) -> list[ColumnElement[bool]]:
+    """On MariaDB/MySQL, the primary-key range that holds the batch's rows and nothing else (as a
+    condition the rows meet anyway); elsewhere, or when other rows lie in that range, nothing.
+
+    InnoDB keeps rows in primary-key order: deleting through the age index looks each row
+    up by its key, about twice as slow as walking a key range. Where keys grow with age
+    (most tables) the batch's keys form a range of their own, and the delete walks it. A
+    range holding other rows too is not used: the delete would lock (and wait on) rows it
+    does not take.
+    """
+    key = list(table.target.key)
+    if table.engine.dialect.name != "mysql" or key != [c.name for c in table.table.primary_key]:
+        return []
+    if len(key) != 1:
+        return []
+    column = table.table.c[key[0]]
+    # The age index holds the key: this reads the batch's keys, not its rows.
+    low, high, rows = conn.execute(select(func.min(column), func.max(column), func.count()).where(selection)).one()
+    if low is None:
+        return []
+    within = column.between(low, high)
+    others = conn.execute(select(func.count()).select_from(table.table).where(within)).scalar_one()
+    return [within] if others == rows else []

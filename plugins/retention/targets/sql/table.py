@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from retention.errors import TargetError, TerminalError
 from retention.retry import DEFAULT_DELAYS, attempts, is_transient
 from retention.targets.base import Survey
-from retention.targets.sql import settle, walk
+from retention.targets.sql import settle, size, walk
 from retention.targets.sql.family import Member, family_conditions, family_members, reflect_family
 from retention.targets.sql.predicates import hold_match, lexicographic
 
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
 
 class SqlTable:
     """A rule's SQL target bound to a live database."""
@@ -175,7 +174,10 @@ class SqlTable:
         held = 0 if held_condition is None else self.with_retries(
             lambda conn: self.count(conn, and_(expired, held_condition)))
         matched = self.with_retries(lambda conn: self.count(conn, self.unheld(expired, holds)))
-        return Survey(matched=matched, total=self.count_rows(), held=held, notes=notes)
+        total, how = size.total_for_limit(self, matched, cutoff)
+        if how:
+            notes.append(how)
+        return Survey(matched=matched, total=total, held=held, notes=notes)
 
     def age_index(self) -> str | None:
         """The name of an index that leads with the age column, or None."""
@@ -230,6 +232,10 @@ class SqlTable:
         """Each table of the family with the condition picking its rows of the target's rows
         in ``selection``; deepest children first, the target last."""
         return family_conditions(self.family, selection)
+
+    def older_than(self, cutoff: datetime) -> ColumnElement[bool]:
+        """Rows whose age is strictly before ``cutoff`` (whatever the rule's filters say)."""
+        return self._older_than(self.table.c[self.target.age_column], cutoff)
 
     def _older_than(self, column: Column, cutoff: datetime) -> ColumnElement[bool]:
         cutoff = cutoff.astimezone(timezone.utc)
@@ -337,19 +343,39 @@ class SqlTable:
             yield conn
 
     def _session_timeouts(self, conn: Connection) -> None:
+        # Session settings outlive a checkout: they are set once per database connection
+        # (the pool's record of it forgets them when the connection is replaced), not at
+        # every batch.
+        settings = self._session_settings()
+        record = conn.connection.info
+        if not settings or record.get("retention.session") == settings:
+            return
+        if self.engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("; ".join(settings))  # one round trip
+        else:
+            for statement in settings:
+                conn.exec_driver_sql(statement)
+        conn.commit()
+        record["retention.session"] = settings
+
+    def _session_settings(self) -> tuple[str, ...]:
+        """The statements that give a connection this table's timeouts."""
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
-            conn.execute(text(f"SET lock_timeout = '{int(self.lock_timeout * 1000)}ms'"))
-            conn.execute(text(f"SET statement_timeout = '{int(self.statement_timeout * 1000)}ms'"))
-        elif dialect == "mysql":
-            conn.execute(text(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(self.lock_timeout))}"))
+            # JIT compiles each large statement's plan (tens of ms), which a batch's index
+            # range never wins back.
+            return (f"SET lock_timeout = '{int(self.lock_timeout * 1000)}ms'",
+                    f"SET statement_timeout = '{int(self.statement_timeout * 1000)}ms'", "SET jit = off")
+        if dialect == "mysql":
             # Repeatable read locks the gaps and the next row past a range: a batch next to
             # rows another transaction locks would wait on them too. Read committed locks
             # only the rows a batch deletes (ranges are fixed by the walk, not by snapshots).
-            conn.execute(text("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"))
+            statements: tuple[str, ...] = (f"SET SESSION innodb_lock_wait_timeout = {max(1, round(self.lock_timeout))}",
+                          "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
             if getattr(self.engine.dialect, "is_mariadb", False):
-                conn.execute(text(f"SET SESSION max_statement_time = {self.statement_timeout}"))
-        conn.commit()
+                statements += (f"SET SESSION max_statement_time = {self.statement_timeout}",)
+            return statements
+        return ()
 
     # -- writes --------------------------------------------------------------------
 

@@ -1,0 +1,411 @@
+"""Benchmark: the whole ``retention run`` command, as a user types it, against the tools a DBA would pick.
+
+What it measures
+----------------
+Each scenario builds a narrow table (``id``, ``customer_id``, ``created_at``, a 96-character
+``note``) of ``--rows`` rows (default 2,000,000), exactly ``--expired`` of them (default half)
+older than the cutoff of a fixed ``as_of``, with a primary key and an index on ``created_at``,
+VACUUM ANALYZEd (PostgreSQL) or ANALYZEd (MariaDB). Every method then runs on an identical
+fresh copy of that table, interleaved over ``--repeat`` rounds:
+
+* ``command``  ``python -m retention.interfaces.cli run`` in a subprocess, with its connections,
+               audit database and signing key in the environment as in production: imports,
+               plan, purge, certificate, everything. Its bytecode is compiled first, as an
+               installed package's is.
+* ``engine``   (PostgreSQL) ``SqlTable.purge`` in this process with a real journal ledger: the
+               purge alone, without the command's start-up, plan and certificate.
+* ``raw``      one ``DELETE ... WHERE created_at < cutoff`` in one transaction: the speed limit.
+* ``pt-archiver`` (MariaDB, when installed) ``pt-archiver --purge --bulk-delete --limit 1000
+               --commit-each``.
+* ``raw-archive`` (scenario ``pg-archive``) ``COPY (DELETE ... RETURNING *) TO STDOUT`` piped
+               through ``gzip -1``; the command archives to a moto S3 server then.
+
+Scenario ``pg-empty`` runs the command on a table with nothing expired: its fixed cost.
+
+While a method runs, a monitor samples the database's open transactions every 10 ms and keeps
+the oldest one's age: the longest transaction (``longest_tx``; on MariaDB, whose transactions
+start to the second only, the longest running statement). After each method the table is
+checked (exactly ``--expired`` rows gone, the others all there); a failed check makes the
+script exit 1, whatever the timings. Ratios are the engine's throughput over the peer's
+(1.0 = as fast). Speed is reported, never asserted.
+
+Run::
+
+    /work/main/.venv/bin/python bench/command_purge.py [--scenario pg-delete pg-empty mariadb pg-archive]
+        [--rows 2000000] [--expired 1000000] [--repeat 3] [--pg URL] [--mysql URL] [--json] [--save [PATH]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+sys.path.insert(0, str(PLUGINS))
+
+import sqlalchemy as sa  # noqa: E402
+from harness import (  # noqa: E402
+    add_common,
+    admin_url,
+    bench_parser,
+    check_common,
+    emit,
+    interleave,
+    log,
+    median_of,
+    run_sql,
+    scalar,
+    throwaway_database,
+)
+
+AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)
+RETAIN = timedelta(days=30)
+CUTOFF = AS_OF - RETAIN
+DEFAULT_MYSQL = "mysql+pymysql://root@127.0.0.1:3306/"
+RULE_YAML = """\
+category: bench_events
+description: Benchmark of the whole command on a narrow event table
+owner: bench
+legal_basis: Benchmark only
+retain_for: P30D
+schedule: null
+action: {action}
+targets:
+  - name: events
+    kind: sql
+    connection: bench_db
+    table: events
+    key: [id]
+    age_column: created_at
+    max_fraction: 0.6
+{archive}"""
+ARCHIVE_YAML = """\
+archive:
+  connection: bench_s3
+  bucket: bench-archive
+  prefix: events
+"""
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def pg_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
+    """The pristine table every method copies: ``expired`` rows before the cutoff, by id order."""
+    # Expired rows are the lower ids, spread over a year before the cutoff; the rest after it.
+    run_sql(engine, "DROP TABLE IF EXISTS pristine", f"""
+        CREATE TABLE pristine AS
+        SELECT g::bigint AS id, (g % 50000)::int AS customer_id,
+               CASE WHEN g <= {expired}
+                    THEN timestamptz '{CUTOFF.isoformat()}' - ((({expired} - g) % 31536000) + 1) * interval '1 second'
+                    ELSE timestamptz '{CUTOFF.isoformat()}' + ((g - {expired}) % 2500000) * interval '1 second'
+               END AS created_at,
+               rpad(md5(g::text), 96, 'x') AS note
+        FROM generate_series(1, {rows}) g""")
+
+
+def pg_fresh_copy(engine: sa.Engine) -> None:
+    """``events`` as a fresh copy of the pristine table, indexed, vacuumed and checkpointed."""
+    run_sql(engine, "DROP TABLE IF EXISTS events",
+            "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
+            "created_at timestamptz NOT NULL, note text NOT NULL)",
+            "INSERT INTO events SELECT * FROM pristine ORDER BY id",
+            "CREATE INDEX events_created_at ON events (created_at)",
+            "VACUUM ANALYZE events", "CHECKPOINT")
+
+
+def my_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
+    """The MariaDB pristine table (from the Sequence engine), same shape and ages as PostgreSQL's."""
+    cutoff = CUTOFF.strftime("%Y-%m-%d %H:%M:%S")
+    run_sql(engine, "DROP TABLE IF EXISTS pristine", f"""
+        CREATE TABLE pristine ENGINE=InnoDB AS
+        SELECT seq AS id, seq % 50000 AS customer_id,
+               IF(seq <= {expired},
+                  TIMESTAMP '{cutoff}' - INTERVAL ((({expired} - seq) % 31536000) + 1) SECOND,
+                  TIMESTAMP '{cutoff}' + INTERVAL ((seq - {expired}) % 2500000) SECOND) AS created_at,
+               RPAD(MD5(seq), 96, 'x') AS note
+        FROM seq_1_to_{rows}""")
+
+
+def my_fresh_copy(engine: sa.Engine) -> None:
+    run_sql(engine, "DROP TABLE IF EXISTS events",
+            "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
+            "created_at datetime(6) NOT NULL, note varchar(96) NOT NULL, KEY events_created_at (created_at)) "
+            "ENGINE=InnoDB",
+            "INSERT INTO events SELECT * FROM pristine ORDER BY id",
+            "ANALYZE TABLE events")
+
+
+def check_table(engine: sa.Engine, rows: int, expired: int) -> list[str]:
+    """What is wrong with ``events`` after a purge (empty: exactly the expired rows went)."""
+    left = scalar(engine, "SELECT count(*) FROM events")
+    old = scalar(engine, "SELECT count(*) FROM events WHERE created_at < :cutoff", cutoff=_naive(CUTOFF))
+    problems = []
+    if old:
+        problems.append(f"{old} expired rows left")
+    if left != rows - expired:
+        problems.append(f"{left} rows left, expected {rows - expired}")
+    return problems
+
+
+def _naive(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=None)
+
+
+# -- the longest transaction -------------------------------------------------------------
+
+
+class TransactionMonitor:
+    """Samples the oldest open transaction in the bench database every 10 ms, from a thread."""
+
+    def __init__(self, engine: sa.Engine, database: str):
+        self.engine = engine
+        self.database = database
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _query(self) -> sa.TextClause:
+        if self.engine.dialect.name == "postgresql":
+            return sa.text("SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0) "
+                           "FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
+                           "AND xact_start IS NOT NULL AND backend_type = 'client backend'")
+        # InnoDB keeps a transaction's start to the second only: the running statement's
+        # milliseconds (a batch is one long DELETE and a few short reads) are the finer figure.
+        return sa.text("SELECT coalesce(max(time_ms), 0) / 1000 FROM information_schema.processlist "
+                       "WHERE db = :db AND command = 'Query' AND id <> connection_id()")
+
+    def _sample(self) -> None:
+        query = self._query()
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            while not self._stop.is_set():
+                self.longest = max(self.longest, float(conn.execute(query, {"db": self.database}).scalar() or 0))
+                time.sleep(0.01)
+
+    def __enter__(self) -> TransactionMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- methods -----------------------------------------------------------------------------
+
+
+class Setup:
+    """What every method of one scenario shares: the database, the rule, the command's environment."""
+
+    def __init__(self, args: argparse.Namespace, kind: str, url: sa.URL, audit_url: sa.URL, workdir: Path,
+                 action: str = "delete"):
+        self.args = args
+        self.kind = kind
+        self.url = url
+        self.engine = sa.create_engine(url)
+        self.audit_url = audit_url
+        self.workdir = workdir
+        self.rules = workdir / "rules"
+        self.rules.mkdir(exist_ok=True)
+        self.action = action
+        archive = ARCHIVE_YAML if action == "archive" else ""
+        (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive))
+        self.env = dict(os.environ)
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its bytecode
+        self.env["PYTHONPATH"] = str(PLUGINS)
+        self.env["AIRFLOW_CONN_BENCH_DB"] = _conn_uri(url)
+        self.env["AIRFLOW_CONN_RETENTION_AUDIT"] = _conn_uri(audit_url)
+        self.env["RETENTION_SIGNING_KEY"] = str(_signing_key(workdir))
+
+    def fresh(self) -> None:
+        (pg_fresh_copy if self.kind == "postgresql" else my_fresh_copy)(self.engine)
+
+    def measure(self, name: str, work) -> dict:
+        """Fresh table, then ``work()`` timed under the transaction monitor, then the checks."""
+        self.fresh()
+        with TransactionMonitor(self.engine, self.url.database or "") as monitor:
+            started = time.perf_counter()
+            extra = work() or {}
+            # The engine alone is timed from inside (its reflection and journal set-up are the plan's).
+            seconds = extra.pop("purge_seconds", time.perf_counter() - started)
+        expired = 0 if self.args.scenario_now == "pg-empty" else self.args.expired
+        problems = check_table(self.engine, self.args.rows, expired)
+        log(f"{name}: {seconds:.3f}s, longest transaction {monitor.longest:.3f}s"
+            + (f" — WRONG: {'; '.join(problems)}" if problems else ""))
+        return {"seconds": seconds, "longest_tx": monitor.longest, "problems": problems, **extra}
+
+    def command(self) -> dict:
+        """``retention run`` as a user types it."""
+        out = subprocess.run(
+            [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(self.rules),
+             "--category", "bench_events", "--as-of", AS_OF.strftime("%Y-%m-%dT%H:%M:%SZ"), "--json"],
+            env=self.env, capture_output=True, text=True, cwd=self.workdir)
+        if out.returncode != 0:
+            raise SystemExit(f"retention run failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        payload = json.loads(out.stdout.strip().splitlines()[-1])
+        return {"status": payload.get("status")}
+
+    def engine_only(self) -> dict:
+        """``SqlTable.purge`` in this process with a journal ledger (the table reflected beforehand,
+        as the plan does): the purge alone."""
+        from harness import open_journal_run, retention_engine
+
+        from retention.rules.loader import load_rule_file
+        from retention.targets.sql.table import SqlTable
+
+        rule_file = load_rule_file(self.rules / "bench_events.yaml")
+        target = rule_file.rule.target("events")
+        audit, engine = retention_engine(self.audit_url), retention_engine(self.url)
+        try:
+            journal, run = open_journal_run(audit, rule_file, target, AS_OF)
+            table = SqlTable(target, engine)
+            table.check()
+            started = time.perf_counter()
+            outcome = table.purge(run.cutoff, journal.ledger(run, target.name))
+            return {"purge_seconds": time.perf_counter() - started, "deleted": outcome.deleted}
+        finally:
+            audit.dispose()
+            engine.dispose()
+
+    def raw(self) -> dict:
+        """One DELETE of every expired row, in one transaction."""
+        with self.engine.begin() as conn:
+            deleted = conn.execute(sa.text("DELETE FROM events WHERE created_at < :cutoff"),
+                                   {"cutoff": CUTOFF if self.kind == "postgresql" else _naive(CUTOFF)}).rowcount
+        return {"deleted": deleted}
+
+    def pt_archiver(self) -> dict:
+        """pt-archiver, as its manual suggests for a purge: bulk deletes of 1000, a commit each."""
+        url = self.url
+        subprocess.run(
+            ["pt-archiver", "--source", f"h={url.host},P={url.port or 3306},u={url.username},D={url.database},t=events",
+             "--where", f"created_at < '{_naive(CUTOFF):%Y-%m-%d %H:%M:%S}'", "--purge", "--bulk-delete",
+             "--limit", "1000", "--commit-each", "--no-check-charset"],
+            check=True, capture_output=True)
+        return {}
+
+
+def _conn_uri(url: sa.URL) -> str:
+    scheme = "postgres" if url.get_backend_name() == "postgresql" else "mysql"
+    auth = url.username or ""
+    if url.password:
+        auth += f":{url.password}"
+    return f"{scheme}://{auth}@{url.host}:{url.port or (5432 if scheme == 'postgres' else 3306)}/{url.database}"
+
+
+def _signing_key(workdir: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = workdir / "signing.pem"
+    if not path.exists():
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        path.write_bytes(pem)
+        path.chmod(0o600)
+    return path
+
+
+@contextmanager
+def mysql_database(server: str):
+    """A uniquely named MariaDB database, dropped however the block ends."""
+    admin = sa.make_url(server)
+    name = f"bench_cmd_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(admin)
+    try:
+        run_sql(engine, f"CREATE DATABASE {name}")  # our name (prefix and hex), never user input
+        log(f"created MariaDB database {name}")
+        yield admin.set(database=name)
+    finally:
+        run_sql(engine, f"DROP DATABASE IF EXISTS {name}")
+        engine.dispose()
+
+
+def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Path) -> dict:
+    """One scenario's methods, interleaved over ``--repeat`` rounds, and their medians and ratios."""
+    args.scenario_now = name
+    admin = admin_url(args.pg)
+    with (mysql_database(args.mysql) if name == "mariadb" else throwaway_database(admin, "bench_cmd")) as url:
+        kind = "mysql" if name == "mariadb" else "postgresql"
+        setup = Setup(args, kind, url, audit_url, workdir)
+        expired = 0 if name == "pg-empty" else args.expired
+        log(f"{name}: building {args.rows:,} rows, {expired:,} expired")
+        (my_pristine if kind == "mysql" else pg_pristine)(setup.engine, args.rows, expired)
+        methods = {"command": lambda: setup.measure("command", setup.command)}
+        if name == "pg-delete":
+            methods["engine"] = lambda: setup.measure("engine", setup.engine_only)
+        if name != "pg-empty":
+            methods["raw"] = lambda: setup.measure("raw", setup.raw)
+        if name == "mariadb" and shutil.which("pt-archiver"):
+            methods["pt-archiver"] = lambda: setup.measure("pt-archiver", setup.pt_archiver)
+        try:
+            runs = interleave(methods, args.repeat)
+        finally:
+            setup.engine.dispose()
+    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}}
+    for method, results in runs.items():
+        summary["methods"][method] = {
+            "seconds": median_of(results, lambda r: r["seconds"]),
+            "longest_tx": max(r["longest_tx"] for r in results),
+            "rows_per_s": expired / median_of(results, lambda r: r["seconds"]) if expired else None,
+            "correct": not any(r["problems"] for r in results),
+            "runs": results,
+        }
+    seconds = {m: s["seconds"] for m, s in summary["methods"].items()}
+    summary["ratios"] = {f"{m}/{peer}": seconds[peer] / seconds[m]
+                         for m in ("command", "engine") if m in seconds
+                         for peer in ("raw", "pt-archiver") if peer in seconds}
+    return summary
+
+
+def print_summary(report: dict) -> None:
+    for name, summary in report["scenarios"].items():
+        print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows")
+        print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10}  checks")
+        for method, figures in summary["methods"].items():
+            rate = f"{figures['rows_per_s']:,.0f}" if figures["rows_per_s"] else "-"
+            print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s  "
+                  f"{'ok' if figures['correct'] else 'WRONG'}")
+        for ratio, value in summary["ratios"].items():
+            print(f"  {ratio}: {value:.2f}x")
+
+
+def main() -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--scenario", nargs="+", default=["pg-empty", "pg-delete", "mariadb"],
+                        choices=["pg-empty", "pg-delete", "mariadb"])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--expired", type=int, default=None, help="expired rows (default: half of --rows)")
+    parser.add_argument("--mysql", default=os.environ.get("RETENTION_BENCH_MYSQL", DEFAULT_MYSQL),
+                        help=f"MariaDB server URL (default $RETENTION_BENCH_MYSQL or {DEFAULT_MYSQL})")
+    add_common(parser, repeat_order="command, engine, peers")
+    args = parser.parse_args()
+    check_common(parser, args)
+    args.expired = args.rows // 2 if args.expired is None else args.expired
+    if not 0 < args.expired <= args.rows:
+        parser.error("need 0 < --expired <= --rows")
+    compileall.compile_dir(str(PLUGINS / "retention"), quiet=1)  # as installing the package does
+    report: dict = {"as_of": AS_OF.isoformat(), "scenarios": {}}
+    with tempfile.TemporaryDirectory() as tmp, throwaway_database(admin_url(args.pg), "bench_cmd_audit") as audit:
+        for name in args.scenario:
+            report["scenarios"][name] = scenario(args, name, audit, Path(tmp))
+    emit(report, args, print_summary)
+    correct = all(m["correct"] for s in report["scenarios"].values() for m in s["methods"].values())
+    return 0 if correct else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The table size a plan's max_fraction is judged by (retention.targets.sql.size): proven from
+the database's statistics far from the limit, counted exactly near it, and counted exactly
+whenever the statistics overstate the table. Real PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from retention.errors import OverLimit
+from retention.rules.loader import load_rule_file
+from retention.targets.sql import size
+from retention.targets.sql.table import SqlTable
+
+from conftest import connect, write_rule
+from sqlpurge import insert_customers, make_customers, runner
+
+UTC = timezone.utc
+AS_OF = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+OLD = datetime(2020, 1, 1, tzinfo=UTC)
+YOUNG = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server(request, monkeypatch, audit_db, keys):
+    db = request.getfixturevalue({"postgresql": "pg_db", "mariadb": "mysql_db"}[request.param])
+    connect(monkeypatch, "crm_db", db)
+    make_customers(db)
+    # Small tables are always counted exactly; these tests are about the large-table path.
+    monkeypatch.setattr(size, "EXACT_COUNT_BELOW", 50)
+    return db
+
+
+def fill(db, expired: int, young: int) -> None:
+    insert_customers(db, [(i, "closed", OLD + timedelta(minutes=i)) for i in range(1, expired + 1)]
+                     + [(i, "closed", YOUNG) for i in range(expired + 1, expired + young + 1)])
+
+
+def analyze(db) -> None:
+    db.execute("ANALYZE customers" if db.backend == "postgresql" else "ANALYZE TABLE customers")
+
+
+def table(tmp_path, db, max_fraction: float) -> SqlTable:
+    rule_file = load_rule_file(write_rule(tmp_path / "rules", targets=[{"max_fraction": max_fraction}]))
+    from retention.connections import create_sql_engine, from_environment
+
+    return SqlTable(rule_file.rule.target("customers"), create_sql_engine(from_environment("crm_db")))
+
+
+def test_far_from_the_limit_the_count_stops_at_a_proven_lower_bound(server, tmp_path):
+    fill(server, expired=10, young=990)
+    analyze(server)
+    survey = table(tmp_path, server, 0.5).survey(AS_OF - timedelta(days=365))
+    # Half of max_fraction: 10 matched need at least 10 / (0.5 * 0.5) = 40 rows (50 at the floor).
+    assert survey.matched == 10
+    assert survey.total == 50
+    assert any("at least 50 rows" in note and "statistics" in note for note in survey.notes)
+
+
+def test_near_the_limit_the_table_is_counted_exactly(server, tmp_path):
+    fill(server, expired=300, young=700)
+    analyze(server)
+    survey = table(tmp_path, server, 0.5).survey(AS_OF - timedelta(days=365))
+    assert (survey.matched, survey.total) == (300, 1000)
+    assert not any(note.startswith("table size") for note in survey.notes)
+
+
+def test_statistics_that_overstate_the_table_fall_back_to_an_exact_count(pg_db, monkeypatch, audit_db, keys, tmp_path):
+    # PostgreSQL's statistics stay as ANALYZE left them until the next VACUUM or ANALYZE
+    # (InnoDB recomputes its own in the background, so it cannot be caught stale on purpose).
+    server = pg_db
+    connect(monkeypatch, "crm_db", server)
+    make_customers(server)
+    monkeypatch.setattr(size, "EXACT_COUNT_BELOW", 50)
+    server.execute("ALTER TABLE customers SET (autovacuum_enabled = false)")
+    fill(server, expired=40, young=960)
+    analyze(server)
+    server.execute("DELETE FROM customers WHERE closed_at >= :young", {"young": YOUNG})
+    # The statistics still say about 1,000 rows; 40 of the 40 left would go: over a 50 % limit.
+    assert size.estimated_rows(table(tmp_path, server, 0.5)) >= 500
+    survey = table(tmp_path, server, 0.5).survey(AS_OF - timedelta(days=365))
+    assert (survey.matched, survey.total) == (40, 40)
+
+    rule_file = load_rule_file(write_rule(tmp_path / "rules", targets=[{"max_fraction": 0.5}]))
+    with pytest.raises(OverLimit), runner() as r:
+        r.start(rule_file, run_id="r1", as_of=AS_OF)

@@ -16,6 +16,9 @@ from pathlib import Path
 # Airflow reads its configuration when first imported; give tests a private home.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="retention-airflow-home-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+# One Fernet key for this process and the `airflow` subprocesses it starts (sync-pools writes a
+# Variable the tests read back); otherwise each generates its own and cannot read the other's.
+os.environ.setdefault("AIRFLOW__CORE__FERNET_KEY", __import__("base64").urlsafe_b64encode(os.urandom(32)).decode())
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).parents[1] / "dags"))
 
 import pytest

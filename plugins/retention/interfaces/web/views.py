@@ -44,7 +44,8 @@ class CertificateFilter:
     def bounds(self) -> tuple[datetime | None, datetime | None]:
         """``issued_at`` bounds for the chain reader: from midnight of ``since`` to before the day after ``until``."""
         since = midnight(self.since) if self.since else None
-        until = midnight(self.until) + timedelta(days=1) if self.until else None
+        # Until the last day of the calendar (9999-12-31) is no bound at all: the day after it does not exist.
+        until = midnight(self.until) + timedelta(days=1) if self.until and self.until < date.max else None
         return since, until
 
 
@@ -183,6 +184,7 @@ def place_hold(registry: HoldRegistry, request: HoldRequest, *, rules_dir: str, 
     from retention.holds import check_match
     from retention.interfaces.cli.holds import _check_hold_scope
 
+    _fits_the_audit_database(request, by)
     match = None
     if request.match.strip():
         try:
@@ -201,6 +203,20 @@ def place_hold(registry: HoldRegistry, request: HoldRequest, *, rules_dir: str, 
                         prefix=request.prefix or None, case_id=request.case_id, reason=request.reason,
                         until=until, by=by)
     return hold, warnings
+
+
+def _fits_the_audit_database(request: HoldRequest, by: str) -> None:
+    """Refuse a field longer than its column: PostgreSQL and MariaDB would fail the insert (or
+    MariaDB outside strict mode cut it short), SQLite would keep it; the page says so in every case."""
+    from retention.evidence.audit import legal_holds
+
+    for name, label, value in (("case_id", "case id", request.case_id), ("category", "category", request.category),
+                               ("target", "target", request.target), ("prefix", "S3 key prefix", request.prefix),
+                               ("placed_by", "your user name", by)):
+        most = getattr(legal_holds.c[name].type, "length", None)
+        if most is not None and len(value) > most:
+            raise ConfigError(f"{label}: at most {most} characters (the audit database keeps no more); "
+                              f"this one has {len(value):,}")
 
 
 def midnight(day: date) -> datetime:

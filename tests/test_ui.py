@@ -589,3 +589,22 @@ def test_a_case_id_longer_than_the_audit_database_keeps_is_refused(client, token
 
     assert answer.status_code == 400 and "case id" in answer.text and "100" in answer.text
     assert len(HoldRegistry(_audit()).find(include_released=True)) == 1
+
+
+def test_a_database_error_is_one_line_with_any_password_masked():
+    from retention.interfaces.web.app import _one_line
+
+    error = Exception('could not connect to "mysql+pymysql://root:hunter2@db:3306/audit"\n[SQL: SELECT 1]')
+
+    assert _one_line(error) == 'could not connect to "mysql+pymysql://root:***@db:3306/audit"'
+
+
+def test_a_hold_checked_against_an_unreachable_target_is_not_a_500(client, tokens, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", "postgresql://crm:s3cr3t-pw@127.0.0.1:1/crm")
+
+    answer = client.post("/holds", headers=bearer(tokens["editor"]), data={
+        "category": "customer_accounts", "target": "customers", "case_id": "C", "reason": "r",
+        "match": '{"email": "person9@example.com"}'}, follow_redirects=False)
+
+    assert answer.status_code in (303, 400, 503), answer.text[:300]
+    assert "s3cr3t-pw" not in answer.text

@@ -388,10 +388,12 @@ def _unreachable_handlers(app: FastAPI, pages: _Pages) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     async def database(request: Request, exc: Exception) -> Response:
-        log.warning("retention page: the audit database failed: %s", exc)
+        log.warning("retention page: a database failed: %s", exc)
         cause = getattr(exc, "orig", None) or exc
-        return pages.render(request, "error.html", 503, title="The audit database cannot be reached",
-                            message=f"the audit database failed: {_one_line(cause)}", login="")
+        # Which one is in the driver's line (host, port); a hold's scope check also reads its target's table.
+        return pages.render(request, "error.html", 503, title="A database cannot be reached",
+                            message=f"the audit database (or the target a hold is checked against) failed: "
+                                    f"{_one_line(cause)}", login="")
 
     async def storage(request: Request, exc: Exception) -> Response:
         log.warning("retention page: S3 failed: %s", exc)

@@ -608,3 +608,15 @@ def test_a_hold_checked_against_an_unreachable_target_is_not_a_500(client, token
 
     assert answer.status_code in (303, 400, 503), answer.text[:300]
     assert "s3cr3t-pw" not in answer.text
+
+
+def test_a_form_from_the_public_base_url_is_accepted_behind_a_proxy_that_rewrites_host(client, tokens, monkeypatch):
+    # nginx passes the upstream's name as Host unless told otherwise; the browser's Origin is the public one.
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/")
+    client.cookies.set("_token", tokens["editor"])
+
+    elsewhere = client.post("/holds/1/release", data={"reason": "x"}, headers={"Origin": "https://evil.example"})
+    ours = client.post("/holds/1/release", data={"reason": "settled"}, follow_redirects=False,
+                       headers={"Origin": "https://airflow.example.com"})
+
+    assert (elsewhere.status_code, ours.status_code) == (403, 303)

@@ -51,7 +51,7 @@ def create_app() -> FastAPI:
         archive_connection=os.environ.get("RETENTION_ARCHIVE_CONN", "aws_default"),
     )
     return build_app(deployment, Access(authenticate=_get_user(), may_edit=may_edit_category,
-                                        name_of=_name_of, login_url=_login_url))
+                                        name_of=_name_of, login_url=_login_url, public_hosts=_public_hosts))
 
 
 def may_edit_category(user: Any, category: str) -> bool:
@@ -156,6 +156,16 @@ def _get_user():
 
 def _name_of(user: Any) -> str:
     return str(user.get_name())
+
+
+def _public_hosts() -> set[str]:
+    """The host of ``[api] base_url``: behind a proxy that rewrites Host, the origin people's forms come from."""
+    from urllib.parse import urlsplit
+
+    from airflow.configuration import conf
+
+    host = urlsplit(conf.get("api", "base_url", fallback="") or "").netloc
+    return {host} if host else set()
 
 
 def _login_url(next_url: str) -> str:

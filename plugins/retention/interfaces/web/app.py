@@ -86,6 +86,8 @@ class Access:
     """The user's name, recorded as who placed or released a hold."""
     login_url: Callable[[str], str] = field(default=lambda next_url: "")
     """Where a person signs in, coming back to ``next_url`` after."""
+    public_hosts: Callable[[], set[str]] = field(default=set)
+    """The host[:port]s people reach the page at, besides the request's Host (a proxy may rewrite it)."""
 
 
 def build_app(deployment: Deployment, access: Access) -> FastAPI:
@@ -234,7 +236,7 @@ def _hold_routes(app: FastAPI, deployment: Deployment, access: Access, pages: _P
               reason: Annotated[str, Form()] = "", target: Annotated[str, Form()] = "",
               match: Annotated[str, Form()] = "", prefix: Annotated[str, Form()] = "",
               until: Annotated[str, Form()] = "", user: Any = signed_in) -> Response:
-        _same_origin(request)
+        _same_origin(request, access)
         allowed(user, category)
         wanted = views.HoldRequest(category=category, case_id=case_id, reason=reason, target=target, match=match,
                                    prefix=prefix, until=until)
@@ -250,7 +252,7 @@ def _hold_routes(app: FastAPI, deployment: Deployment, access: Access, pages: _P
     @app.post("/holds/{hold_id}/release", response_class=HTMLResponse)
     def release(request: Request, hold_id: Seq, reason: Annotated[str, Form()] = "",
                 user: Any = signed_in) -> Response:
-        _same_origin(request)
+        _same_origin(request, access)
         registry = HoldRegistry(deployment.audit())
         try:
             category = registry.get(hold_id).category
@@ -347,7 +349,7 @@ def _invalid(exc: RequestValidationError) -> str:
     return "; ".join(problems)
 
 
-def _same_origin(request: Request) -> None:
+def _same_origin(request: Request, access: Access) -> None:
     """Refuse a form a browser may have posted from another site.
 
     A browser adds the ``_token`` cookie to any request to this host by itself (SameSite=Lax still
@@ -355,16 +357,17 @@ def _same_origin(request: Request) -> None:
     origin: Origin, or Referer when a browser leaves Origin out; an opaque ``null`` origin
     (sandboxed frames, data: URLs) proves nothing. A bearer token is never added by a browser,
     so a request carrying one is the API client's own."""
+    ours = {request.url.netloc} | access.public_hosts()
     if request.headers.get("authorization", "").lower().startswith("bearer "):
         origin = request.headers.get("origin")
-        if origin and urlsplit(origin).netloc != request.url.netloc:
+        if origin and urlsplit(origin).netloc not in ours:
             raise HTTPException(403, f"a form from {_clip(origin, 80)} may not change holds here")
         return
     claimed = request.headers.get("origin") or request.headers.get("referer") or ""
     if not claimed or claimed == "null":
         raise HTTPException(403, "this form did not say where it came from (no Origin or Referer): "
                                  "place and release holds from the retention page itself")
-    if urlsplit(claimed).netloc != request.url.netloc:
+    if urlsplit(claimed).netloc not in ours:
         raise HTTPException(403, f"a form from {_clip(claimed, 80)} may not change holds here")
 
 

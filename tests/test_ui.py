@@ -620,3 +620,18 @@ def test_a_form_from_the_public_base_url_is_accepted_behind_a_proxy_that_rewrite
                        headers={"Origin": "https://airflow.example.com"})
 
     assert (elsewhere.status_code, ours.status_code) == (403, 303)
+
+
+@pytest.mark.parametrize("payload", ['{}', '{"status": "complete", "targets": [{"name": 1}], "totals": []}',
+                                     '{"action": "delete", "rule": "x", "targets": "abc", "holds": ["a"]}'])
+def test_a_planted_row_that_is_json_but_no_certificate_is_shown_as_unreadable(client, tokens, payload):
+    _plant("INSERT INTO purge_certificates (seq, category, run_id, status, issued_at, payload, signature, key_id,"
+           " prev_hash, entry_hash) VALUES (4, 'customer_accounts', 'planted', 'complete', '2023-04-01 00:00:00',"
+           " :payload, 'c2ln', 'k', 'p', 'e')", {"payload": payload})
+    viewer = bearer(tokens["viewer"])
+
+    listed, shown = client.get("/", headers=viewer), client.get("/certificates/4", headers=viewer)
+
+    assert listed.status_code == 200 and 'data-seq="4"' in listed.text
+    assert shown.status_code == 200 and "cannot be read as a certificate" in shown.text
+    assert client.get("/verify?run=true", headers=viewer).text.count("Certificate seq 4") == 1

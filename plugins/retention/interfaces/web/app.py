@@ -171,9 +171,14 @@ def _evidence_routes(app: FastAPI, deployment: Deployment, access: Access, pages
 
         engine = deployment.audit()
         found = _certificate(engine, seq)
-        detail = None if found.problem is not None else views.certificate_detail(found, HoldRegistry(engine))
+        detail, unreadable = None, found.problem
+        if unreadable is None:
+            try:
+                detail = views.certificate_detail(found, HoldRegistry(engine))
+            except views.NotACertificate as exc:
+                unreadable = str(exc)
         return pages.render(request, "certificate.html", user=access.name_of(user), certificate=detail, seq=seq,
-                            unreadable=found.problem)
+                            unreadable=unreadable)
 
     @app.get("/certificates/{seq}/payload")
     def payload(seq: Seq, user: Any = signed_in) -> Response:

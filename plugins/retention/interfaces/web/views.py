@@ -65,10 +65,28 @@ def certificate_rows(engine: Engine, chosen: CertificateFilter) -> list[dict[str
     return rows
 
 
+class NotACertificate(ValueError):
+    """A row whose payload is a JSON object, but lacks what every certificate retention signs has."""
+
+
+def _not_a_certificate(exc: Exception) -> NotACertificate:
+    missing = f"no {exc.args[0]!r} in it" if isinstance(exc, KeyError) else "its fields are not what retention writes"
+    return NotACertificate(f"its payload is JSON, but not a certificate retention wrote ({missing})")
+
+
 def _listed(c: Certificate) -> dict[str, Any]:
-    if c.problem is not None:  # shown, not skipped: a planted row is news to whoever reviews the list
-        return {"seq": c.seq, "category": str(c.category), "status": "unreadable", "problem": c.problem,
-                "run_id": str(c.run_id), "issued": "", "purged": "", "held": "", "failed": "", "hash": ""}
+    problem = c.problem
+    if problem is None:
+        try:
+            return _listed_certificate(c)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # planted: JSON, but not ours
+            problem = str(_not_a_certificate(exc))
+    # Shown, not skipped: a planted row is news to whoever reviews the list.
+    return {"seq": c.seq, "category": str(c.category), "status": "unreadable", "problem": problem,
+            "run_id": str(c.run_id), "issued": "", "purged": "", "held": "", "failed": "", "hash": ""}
+
+
+def _listed_certificate(c: Certificate) -> dict[str, Any]:
     totals = c.data.get("totals", {})
     uncounted = bool(totals.get("uncounted"))  # the plan failed: matched and failed are not counts
     return {"seq": c.seq, "category": c.category, "status": c.status, "problem": None, "run_id": c.run_id,
@@ -84,7 +102,15 @@ def find_by_seq(engine: Engine, seq: int) -> Certificate | None:
 
 
 def certificate_detail(certificate: Certificate, registry: HoldRegistry) -> dict[str, Any]:
-    """One certificate in full: the run, its targets, the holds it honoured, approval, archive, issuer, signature."""
+    """One certificate in full: the run, its targets, the holds it honoured, approval, archive, issuer,
+    signature. A payload that is JSON but lacks a certificate's fields raises :class:`NotACertificate`."""
+    try:
+        return _detail(certificate, registry)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _not_a_certificate(exc) from None
+
+
+def _detail(certificate: Certificate, registry: HoldRegistry) -> dict[str, Any]:
     data = certificate.data
     purged = {"anonymize": "anonymized", "archive": "archived"}.get(data.get("action", ""), "deleted")
     targets = []

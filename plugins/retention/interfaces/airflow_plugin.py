@@ -4,7 +4,8 @@ Registered through the ``airflow.plugins`` entry point (pyproject.toml), so inst
 package is enough. Airflow mounts plugin FastAPI apps without its own authentication, so
 every route of :mod:`retention.interfaces.web.app` asks Airflow's security itself:
 ``get_user`` (the JWT in the ``Authorization`` header or the UI's ``_token`` cookie; none is
-401) for reading, and the auth manager's ``is_authorized_dag`` with method PUT on the
+401) and the auth manager's ``is_authorized_view(WEBSITE)`` (a user who may not use the
+Airflow UI at all is 403) for reading, and the auth manager's ``is_authorized_dag`` with method PUT on the
 category's DAG (``retention__<category>``) for placing or releasing a hold, as
 ``requires_access_dag("PUT")`` decides for editing a DAG.
 
@@ -50,7 +51,7 @@ def create_app() -> FastAPI:
         archive_connection=os.environ.get("RETENTION_ARCHIVE_CONN", "aws_default"),
     )
     return build_app(deployment, Access(authenticate=_get_user(), may_edit=may_edit_category,
-                                        name_of=_name_of, login_url=_login_url))
+                                        name_of=_name_of, login_url=_login_url, public_hosts=_public_hosts))
 
 
 def may_edit_category(user: Any, category: str) -> bool:
@@ -135,12 +136,36 @@ def _s3_client(conn_id: str) -> Any:
 
 def _get_user():
     from airflow.api_fastapi.core_api.security import get_user
+    from fastapi import Depends, HTTPException
 
-    return get_user
+    async def reader(user: Any = Depends(get_user)) -> Any:
+        """The signed-in user, if the auth manager lets them use the Airflow UI at all (else 403).
+
+        A token only says who someone is: another auth manager's user without roles (FAB's
+        Public, a Keycloak user granted nothing) is signed in but sees nothing in Airflow, so
+        must see no certificates or hold scopes here either."""
+        from airflow.api_fastapi.app import get_auth_manager
+        from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
+
+        if not get_auth_manager().is_authorized_view(access_view=AccessView.WEBSITE, user=user):
+            raise HTTPException(403, f"{_name_of(user)} may not use the Airflow UI, so not this page either")
+        return user
+
+    return reader
 
 
 def _name_of(user: Any) -> str:
     return str(user.get_name())
+
+
+def _public_hosts() -> set[str]:
+    """The host of ``[api] base_url``: behind a proxy that rewrites Host, the origin people's forms come from."""
+    from urllib.parse import urlsplit
+
+    from airflow.configuration import conf
+
+    host = urlsplit(conf.get("api", "base_url", fallback="") or "").netloc
+    return {host} if host else set()
 
 
 def _login_url(next_url: str) -> str:

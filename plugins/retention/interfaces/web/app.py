@@ -14,13 +14,15 @@ form POSTs, refused (403) for a user without edit access to that category.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,6 +30,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from retention.errors import ConfigError, RetentionError, RuleError
 from retention.interfaces.render import moment
 from retention.interfaces.web import views
+
+Seq = Annotated[int, Path(ge=1, le=2**63 - 1)]
+"""A certificate seq or hold id in a path: the databases' BIGINT range, so a huge one is a 400, not an overflow."""
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -81,6 +86,8 @@ class Access:
     """The user's name, recorded as who placed or released a hold."""
     login_url: Callable[[str], str] = field(default=lambda next_url: "")
     """Where a person signs in, coming back to ``next_url`` after."""
+    public_hosts: Callable[[], set[str]] = field(default=set)
+    """The host[:port]s people reach the page at, besides the request's Host (a proxy may rewrite it)."""
 
 
 def build_app(deployment: Deployment, access: Access) -> FastAPI:
@@ -106,6 +113,18 @@ def build_app(deployment: Deployment, access: Access) -> FastAPI:
     @app.exception_handler(RetentionError)
     async def failed(request: Request, exc: RetentionError) -> Response:
         return pages.render(request, "error.html", 500, title="Could not finish", message=str(exc), login="")
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError) -> Response:
+        return pages.render(request, "error.html", 400, title="Bad request", message=_invalid(exc), login="")
+
+    _unreachable_handlers(app, pages)
+
+    @app.middleware("http")
+    async def guarded(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response: Response = await call_next(request)
+        response.headers.update(_SECURITY_HEADERS)
+        return response
 
     _evidence_routes(app, deployment, access, pages)
     _hold_routes(app, deployment, access, pages)
@@ -147,23 +166,31 @@ def _evidence_routes(app: FastAPI, deployment: Deployment, access: Access, pages
                             full=len(rows) >= chosen.limit)
 
     @app.get("/certificates/{seq}", response_class=HTMLResponse)
-    def certificate(request: Request, seq: int, user: Any = signed_in) -> HTMLResponse:
+    def certificate(request: Request, seq: Seq, user: Any = signed_in) -> HTMLResponse:
         from retention.holds import HoldRegistry
 
         engine = deployment.audit()
         found = _certificate(engine, seq)
-        detail = None if found.problem is not None else views.certificate_detail(found, HoldRegistry(engine))
+        detail, unreadable = None, found.problem
+        if unreadable is None:
+            try:
+                detail = views.certificate_detail(found, HoldRegistry(engine))
+            except views.NotACertificate as exc:
+                unreadable = str(exc)
         return pages.render(request, "certificate.html", user=access.name_of(user), certificate=detail, seq=seq,
-                            unreadable=found.problem)
+                            unreadable=unreadable)
 
     @app.get("/certificates/{seq}/payload")
-    def payload(seq: int, user: Any = signed_in) -> Response:
+    def payload(seq: Seq, user: Any = signed_in) -> Response:
         found = _certificate(deployment.audit(), seq)
         if not isinstance(found.payload, str):
             raise HTTPException(409, f"certificate {seq}: {found.problem}")
         # The exact signed bytes, so a download verifies against the signature beside it.
+        signed = {"X-Retention-Signature": found.signature, "X-Retention-Key-Id": found.key_id}
         return Response(found.payload.encode("utf-8"), media_type="application/json", headers={
-            "X-Retention-Signature": str(found.signature), "X-Retention-Key-Id": str(found.key_id),
+            # A planted row's line break or non-Latin-1 would inject a header or fail the response:
+            # such a value is left out (the certificate's page shows it, escaped).
+            **{name: str(value) for name, value in signed.items() if _HEADER_VALUE.fullmatch(str(value))},
             "Content-Disposition": f'inline; filename="certificate-{seq}.json"'})
 
     @app.get("/verify", response_class=HTMLResponse)
@@ -214,7 +241,7 @@ def _hold_routes(app: FastAPI, deployment: Deployment, access: Access, pages: _P
               reason: Annotated[str, Form()] = "", target: Annotated[str, Form()] = "",
               match: Annotated[str, Form()] = "", prefix: Annotated[str, Form()] = "",
               until: Annotated[str, Form()] = "", user: Any = signed_in) -> Response:
-        _same_origin(request)
+        _same_origin(request, access)
         allowed(user, category)
         wanted = views.HoldRequest(category=category, case_id=case_id, reason=reason, target=target, match=match,
                                    prefix=prefix, until=until)
@@ -228,9 +255,9 @@ def _hold_routes(app: FastAPI, deployment: Deployment, access: Access, pages: _P
         return RedirectResponse(f"{_base(request)}/holds?placed={hold.id}", status_code=303)
 
     @app.post("/holds/{hold_id}/release", response_class=HTMLResponse)
-    def release(request: Request, hold_id: int, reason: Annotated[str, Form()] = "",
+    def release(request: Request, hold_id: Seq, reason: Annotated[str, Form()] = "",
                 user: Any = signed_in) -> Response:
-        _same_origin(request)
+        _same_origin(request, access)
         registry = HoldRegistry(deployment.audit())
         try:
             category = registry.get(hold_id).category
@@ -270,6 +297,8 @@ def _schedule_routes(app: FastAPI, deployment: Deployment, access: Access, pages
         start, end = _day(since, "since"), _day(until, "until")
         if start is None or end is None:
             raise HTTPException(400, "give the period: since and until (YYYY-MM-DD; until is excluded)")
+        if end <= start:
+            raise HTTPException(400, f"until ({end}) must be after since ({start}): until is the first day left out")
         engine, keys = deployment.audit(), deployment.keys()
         checkpoints = read_all(deployment.checkpoints(), keys, deployment.log_id()) if keys is not None else {}
         built = build_report(engine, since=views.midnight(start), until=views.midnight(end),
@@ -306,11 +335,85 @@ def _day(text: str, what: str) -> date | None:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise HTTPException(400, f"{what}: {text!r} is not a date; write YYYY-MM-DD") from None
+        raise HTTPException(400, f"{what}: {_clip(text)!r} is not a date; write YYYY-MM-DD") from None
 
 
-def _same_origin(request: Request) -> None:
-    """Refuse a form posted from another site (the session cookie is SameSite=Lax; this is belt and braces)."""
-    origin = request.headers.get("origin")
-    if origin and origin != "null" and urlsplit(origin).netloc != request.url.netloc:
-        raise HTTPException(403, f"a form from {origin} may not change holds here")
+def _clip(text: str, most: int = 40) -> str:
+    """Echo at most ``most`` characters of what was typed: a megabyte of query string stays out of the page."""
+    return text if len(text) <= most else text[:most] + "…"
+
+
+def _invalid(exc: RequestValidationError) -> str:
+    """A validation failure in one line per parameter: which one, what was given, what is wanted."""
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
+        given = error.get("input")
+        shown = f" {_clip(str(given))!r}" if isinstance(given, (str, int)) else ""
+        problems.append(f"{where}{shown}: {error.get('msg', 'invalid')}")
+    return "; ".join(problems)
+
+
+def _same_origin(request: Request, access: Access) -> None:
+    """Refuse a form a browser may have posted from another site.
+
+    A browser adds the ``_token`` cookie to any request to this host by itself (SameSite=Lax still
+    lets a sibling subdomain's page post), so a cookie-signed form must show it came from this
+    origin: Origin, or Referer when a browser leaves Origin out; an opaque ``null`` origin
+    (sandboxed frames, data: URLs) proves nothing. A bearer token is never added by a browser,
+    so a request carrying one is the API client's own."""
+    ours = {request.url.netloc} | access.public_hosts()
+    if request.headers.get("authorization", "").lower().startswith("bearer "):
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc not in ours:
+            raise HTTPException(403, f"a form from {_clip(origin, 80)} may not change holds here")
+        return
+    claimed = request.headers.get("origin") or request.headers.get("referer") or ""
+    if not claimed or claimed == "null":
+        raise HTTPException(403, "this form did not say where it came from (no Origin or Referer): "
+                                 "place and release holds from the retention page itself")
+    if urlsplit(claimed).netloc not in ours:
+        raise HTTPException(403, f"a form from {_clip(claimed, 80)} may not change holds here")
+
+
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,1024}")
+"""What a signature or key id may be to go into a header: visible ASCII (base64, ids), one line."""
+
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",  # the raw payload is JSON a planted row could fill with markup
+    "X-Frame-Options": "SAMEORIGIN",  # the Airflow UI frames the page from its own origin; nobody else may
+    # No script at all: the pages are plain HTML, so an injected one cannot run even if escaping failed.
+    "Content-Security-Policy": "default-src 'none'; script-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                               "form-action 'self'; frame-ancestors 'self'; base-uri 'none'",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",  # hold scopes name people: no copy in a shared cache or the back button
+}
+
+
+def _unreachable_handlers(app: FastAPI, pages: _Pages) -> None:
+    """A database or S3 that cannot be reached is a 503 that says which, in one line without secrets."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    async def database(request: Request, exc: Exception) -> Response:
+        log.warning("retention page: a database failed: %s", exc)
+        cause = getattr(exc, "orig", None) or exc
+        # Which one is in the driver's line (host, port); a hold's scope check also reads its target's table.
+        return pages.render(request, "error.html", 503, title="A database cannot be reached",
+                            message=f"the audit database (or the target a hold is checked against) failed: "
+                                    f"{_one_line(cause)}", login="")
+
+    async def storage(request: Request, exc: Exception) -> Response:
+        log.warning("retention page: S3 failed: %s", exc)
+        return pages.render(request, "error.html", 503, title="S3 cannot be reached",
+                            message=f"the checkpoint or archive store failed: {_one_line(exc)}", login="")
+
+    app.add_exception_handler(SQLAlchemyError, database)
+    app.add_exception_handler(BotoCoreError, storage)
+    app.add_exception_handler(ClientError, storage)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error, with any ``user:password@`` in a URL it quotes masked."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", first)[:300]

@@ -44,7 +44,8 @@ class CertificateFilter:
     def bounds(self) -> tuple[datetime | None, datetime | None]:
         """``issued_at`` bounds for the chain reader: from midnight of ``since`` to before the day after ``until``."""
         since = midnight(self.since) if self.since else None
-        until = midnight(self.until) + timedelta(days=1) if self.until else None
+        # Until the last day of the calendar (9999-12-31) is no bound at all: the day after it does not exist.
+        until = midnight(self.until) + timedelta(days=1) if self.until and self.until < date.max else None
         return since, until
 
 
@@ -64,10 +65,28 @@ def certificate_rows(engine: Engine, chosen: CertificateFilter) -> list[dict[str
     return rows
 
 
+class NotACertificate(ValueError):
+    """A row whose payload is a JSON object, but lacks what every certificate retention signs has."""
+
+
+def _not_a_certificate(exc: Exception) -> NotACertificate:
+    missing = f"no {exc.args[0]!r} in it" if isinstance(exc, KeyError) else "its fields are not what retention writes"
+    return NotACertificate(f"its payload is JSON, but not a certificate retention wrote ({missing})")
+
+
 def _listed(c: Certificate) -> dict[str, Any]:
-    if c.problem is not None:  # shown, not skipped: a planted row is news to whoever reviews the list
-        return {"seq": c.seq, "category": str(c.category), "status": "unreadable", "problem": c.problem,
-                "run_id": str(c.run_id), "issued": "", "purged": "", "held": "", "failed": "", "hash": ""}
+    problem = c.problem
+    if problem is None:
+        try:
+            return _listed_certificate(c)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # planted: JSON, but not ours
+            problem = str(_not_a_certificate(exc))
+    # Shown, not skipped: a planted row is news to whoever reviews the list.
+    return {"seq": c.seq, "category": str(c.category), "status": "unreadable", "problem": problem,
+            "run_id": str(c.run_id), "issued": "", "purged": "", "held": "", "failed": "", "hash": ""}
+
+
+def _listed_certificate(c: Certificate) -> dict[str, Any]:
     totals = c.data.get("totals", {})
     uncounted = bool(totals.get("uncounted"))  # the plan failed: matched and failed are not counts
     return {"seq": c.seq, "category": c.category, "status": c.status, "problem": None, "run_id": c.run_id,
@@ -83,7 +102,15 @@ def find_by_seq(engine: Engine, seq: int) -> Certificate | None:
 
 
 def certificate_detail(certificate: Certificate, registry: HoldRegistry) -> dict[str, Any]:
-    """One certificate in full: the run, its targets, the holds it honoured, approval, archive, issuer, signature."""
+    """One certificate in full: the run, its targets, the holds it honoured, approval, archive, issuer,
+    signature. A payload that is JSON but lacks a certificate's fields raises :class:`NotACertificate`."""
+    try:
+        return _detail(certificate, registry)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _not_a_certificate(exc) from None
+
+
+def _detail(certificate: Certificate, registry: HoldRegistry) -> dict[str, Any]:
     data = certificate.data
     purged = {"anonymize": "anonymized", "archive": "archived"}.get(data.get("action", ""), "deleted")
     targets = []
@@ -183,6 +210,7 @@ def place_hold(registry: HoldRegistry, request: HoldRequest, *, rules_dir: str, 
     from retention.holds import check_match
     from retention.interfaces.cli.holds import _check_hold_scope
 
+    _fits_the_audit_database(request, by)
     match = None
     if request.match.strip():
         try:
@@ -201,6 +229,20 @@ def place_hold(registry: HoldRegistry, request: HoldRequest, *, rules_dir: str, 
                         prefix=request.prefix or None, case_id=request.case_id, reason=request.reason,
                         until=until, by=by)
     return hold, warnings
+
+
+def _fits_the_audit_database(request: HoldRequest, by: str) -> None:
+    """Refuse a field longer than its column: PostgreSQL and MariaDB would fail the insert (or
+    MariaDB outside strict mode cut it short), SQLite would keep it; the page says so in every case."""
+    from retention.evidence.audit import legal_holds
+
+    for name, label, value in (("case_id", "case id", request.case_id), ("category", "category", request.category),
+                               ("target", "target", request.target), ("prefix", "S3 key prefix", request.prefix),
+                               ("placed_by", "your user name", by)):
+        most = getattr(legal_holds.c[name].type, "length", None)
+        if most is not None and len(value) > most:
+            raise ConfigError(f"{label}: at most {most} characters (the audit database keeps no more); "
+                              f"this one has {len(value):,}")
 
 
 def midnight(day: date) -> datetime:

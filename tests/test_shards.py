@@ -3,6 +3,7 @@ own task (in its own process, at the same time), summed into the run's one certi
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -21,6 +22,7 @@ from retention.run.shards import shard_records
 from retention.targets import RunContext, Targets
 from retention.targets.sql.shards import plan_shards
 from retention.targets.sql.table import SqlTable
+from test_airflow_dags import airflow_db, rule_dag  # noqa: F401  (airflow_db: a fixture, used by name)
 
 from conftest import connect, write_rule
 from sqlpurge import ids, insert_customers, make_customers, runner
@@ -175,3 +177,42 @@ def test_a_kill_inside_one_shard_is_settled_by_the_next_run(pg_db, monkeypatch, 
     assert first["status"] == "failed" and first["error"] == "interrupted"
     assert first["deleted"] + second["deleted"] == 550  # the killed batch counted exactly once
     assert certificates["killed"].status == "partial" and certificates["next"].status == "complete"
+
+
+@pytest.mark.airflow
+@pytest.mark.usefixtures("airflow_db")
+def test_a_dag_with_a_sharded_target_maps_one_purge_task_per_shard(pg_db, monkeypatch, keys, tmp_path):
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", pg_db.airflow_uri)
+    connect(monkeypatch, "crm_db", pg_db)
+    make_customers(pg_db)
+    insert_customers(pg_db, customer_rows())
+    make_customers(pg_db, table="leads")
+    insert_customers(pg_db, [(1, "closed", CUTOFF - timedelta(days=1)), (2, "closed", CUTOFF)], table="leads")
+    write_rule(tmp_path / "rules", targets=[{"where": "{status: closed}", "shard_rows": 150, "max_batch_rows": 40},
+                                            {"name": "leads", "table": "leads"}])
+    dag = rule_dag(tmp_path / "rules", "retention__customer_accounts", monkeypatch)
+    assert set(dag.task_ids) == {"plan", "purge", "shards", "purge_shards", "certify"}
+    assert dag.get_task("shards").upstream_task_ids == {"plan"}
+    assert dag.get_task("purge_shards").upstream_task_ids == {"shards"}
+    assert dag.get_task("purge_shards").pool == "retention__crm_db"
+    assert dag.get_task("certify").upstream_task_ids == {"purge", "purge_shards"}
+
+    dag_run = dag.test(logical_date=AS_OF)
+
+    assert dag_run.state == DagRunState.SUCCESS
+    with create_session() as session:
+        purges = session.query(TaskInstance).filter(
+            TaskInstance.dag_id == dag.dag_id, TaskInstance.run_id == dag_run.run_id,
+            TaskInstance.task_id == "purge_shards").all()
+    assert sorted(ti.map_index for ti in purges) == [0, 1, 2, 3]  # 550 expired rows in shards of about 150
+    assert {ti.state for ti in purges} == {TaskInstanceState.SUCCESS}
+    assert sorted(ti.rendered_map_index for ti in purges) == [f"customers {i}/4" for i in range(1, 5)]
+    assert ids(pg_db) == set(range(1, 1001)) - expired_ids()
+    assert ids(pg_db, "leads") == {2}
+    (payload,) = [json.loads(p) for (p,) in pg_db.rows("SELECT payload FROM purge_certificates")]  # one certificate
+    assert payload["status"] == "complete"
+    assert [t["deleted"] for t in payload["targets"]] == [550, 1]

@@ -281,23 +281,22 @@ class Runner:
                 raise kind(f"{run.category}.{target_name}: {describe_error(exc)}: {exc.orig}") from exc
             raise
         failpoints.hit("purge.finished")
+        self._record_outcome(run, target_name, work, outcome)
+        return {t.target: t for t in self.journal.targets(run)}[target_name]
+
+    def _record_outcome(self, run: RunRecord, target_name: str, work: ShardWork | None, outcome: PurgeOutcome) -> None:
+        """Journal what a purge did (a shard's in its own record, then summed); PurgeFailed if records remain."""
         message = _why_remaining(outcome)
         if work is not None:
             work.finished(outcome, message)
-        elif message is not None:
-            self.journal.update_target(
-                run, target_name, state="failed", remaining=outcome.remaining, held=outcome.held,
-                holds=json.dumps(outcome.holds), error=message, finished_at=self.journal.now(),
-            )
         else:
             self.journal.update_target(
-                run, target_name, state="complete", remaining=0, held=outcome.held, holds=json.dumps(outcome.holds),
-                finished_at=self.journal.now(),
+                run, target_name, state="complete" if message is None else "failed", remaining=outcome.remaining,
+                held=outcome.held, holds=json.dumps(outcome.holds), error=message, finished_at=self.journal.now(),
             )
         if message is not None:
             where = f" shard {work.shard.name}" if work is not None else ""
             raise PurgeFailed(f"{run.category}.{target_name}{where}: {message}")
-        return {t.target: t for t in self.journal.targets(run)}[target_name]
 
     def _purge_shards_in_turn(self, rule_file: RuleFile, run: RunRecord, target_name: str, count: int,
                               progress: TargetProgress | None) -> TargetRecord:

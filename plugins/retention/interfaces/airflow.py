@@ -27,6 +27,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from retention.connections import ConnectionSpec
 from retention.errors import ConfigError, RuleProblem
+from retention.interfaces.airflow_shards import max_shards, shard_purges, sharded
 from retention.interfaces.airflow_signals import (
     add_asset_event,
     category_alias,
@@ -161,8 +162,10 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
         # ("purge" when there is one, "purge__<conn_id>" when there are several).
         by_connection: dict[str, list[str]] = {}
         for target in rule.targets:
-            by_connection.setdefault(target.connection, []).append(target.name)
+            if not sharded(target):  # sharded targets get a task per shard (shard_purges)
+                by_connection.setdefault(target.connection, []).append(target.name)
         planned, certified = plan(), certify()
+        shard_purges(rule_file, planned, certified)
         for conn_id, names in by_connection.items():
             task_id = "purge" if len(by_connection) == 1 else f"purge__{conn_id}"
             purges = purge.override(task_id=task_id, pool=pool_name(conn_id),
@@ -183,7 +186,8 @@ def _plan(path: str, category: str) -> list[str]:
     with _runner() as runner:
         as_of = context.get("logical_date") or context["dag_run"].run_after
         approval = (context["params"] or {}).get("approve_over_limit")
-        run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval)
+        run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval,
+                                       max_shards=max_shards(rule_file))
         from retention.interfaces.render import count
 
         log.info("run %s: as of %s, cutoff %s", run.run_id, run.as_of, run.cutoff)

@@ -14,8 +14,9 @@ from sqlalchemy.exc import DBAPIError
 from retention.errors import RetentionError, RuleError, RuleProblem, TargetError, TerminalError, TransientError
 from retention.holds import HoldRegistry, HoldView
 from retention.plan.model import PurgePlan, TargetPlan
-from retention.rules.models import RuleFile
+from retention.rules.models import RuleFile, Target
 from retention.targets import RunContext, Targets
+from retention.targets.sql.shards import MAX_SHARDS, Shard, plan_shards
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -110,6 +111,18 @@ def build_plan(
         cutoff=cutoff,
         targets=tuple(plans),
     )
+
+
+def plan_target_shards(target: Target, cutoff: datetime, context: RunContext, targets: Targets, *,
+                       max_shards: int = MAX_SHARDS) -> tuple[Shard, ...]:
+    """The shards a SQL ``target`` whose rule sets ``shard_rows`` is cut into for a run with
+    ``context`` at ``cutoff``, by the walk order its batches follow."""
+    from retention.targets.sql.table import SqlTable
+
+    assert target.kind == "sql" and target.shard_rows, "only SQL targets with shard_rows are sharded"
+    table = targets.open(target, context)
+    assert isinstance(table, SqlTable)
+    return plan_shards(table, cutoff, shard_rows=target.shard_rows, max_shards=max_shards)
 
 
 def target_field(index: int, field: str | None) -> tuple[str | int, ...]:

@@ -98,6 +98,8 @@ class PlannedTarget:
     def to_json(self) -> str:
         """The journal's ``definition`` text (byte for byte what every version has written)."""
         target = self.target.model_dump(mode="json")
+        if target.get("shard_rows", 0) is None:
+            del target["shard_rows"]  # unsharded targets are journaled as before shards existed
         if self.context is None:
             return json.dumps(target, sort_keys=True)
         return json.dumps({"target": target, "context": self.context.to_dict()}, sort_keys=True)

@@ -92,6 +92,10 @@ class SqlTarget(_StrictModel):
     lock_wait_budget: Annotated[float, Field(gt=0, le=86_400)] = 600.0
     """Seconds a purge keeps coming back to rows other transactions hold locked (no
     batch waits more than 2 s on a lock) before it ends partial, leaving them."""
+    shard_rows: Annotated[int | None, Field(ge=1, le=1_000_000_000)] = None
+    """Split the expired rows into shards of about this many rows (by the walk's order, at
+    most a few hundred), each purged by its own task, so several workers share a large
+    table; unset: one task purges the whole target."""
     children: list[ChildTable] = Field(default_factory=list)
     """Tables referencing this one, archived and deleted with it in the same batch."""
     anonymize: AnonymizeSpec | None = None

@@ -29,11 +29,7 @@ if TYPE_CHECKING:
 
 
 SCRUBBED_BOUNDS = '{"scrubbed": true}'
-"""What a certified run's batches keep of their bounds: nothing that names a record."""
-
-
-
-
+"""What a certified run's batches keep of their bounds: nothing that names a record (nor a shard's range)."""
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,16 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.exc import DBAPIError
 
 from retention import __version__, failpoints
-from retention.clock import utc_iso
 from retention.connections import ConnectionResolver
 from retention.connections import from_environment as environment_connection
 from retention.errors import (
     ConfigError,
-    InvalidAsOf,
     PurgeFailed,
     RetentionError,
     RuleError,
@@ -35,48 +33,28 @@ from retention.evidence.chain import Certificate
 from retention.evidence.checkpoints import publish
 from retention.evidence.stores import CheckpointStore
 from retention.holds import HoldRegistry, HoldView
-from retention.plan.builder import PlanFailed, build_plan
+from retention.plan.builder import PlanFailed, build_plan, plan_target_shards
 from retention.plan.limits import approval_record, over_limits, record_limit, refusal
 from retention.plan.model import PlannedTarget, PurgePlan
 from retention.retry import describe_error, is_retryable
 from retention.rules.models import RuleFile
+from retention.run.asof import check_as_of
 from retention.run.certify import certify
 from retention.run.journal import RunJournal, RunRecord, TargetRecord
 from retention.run.locks import DEFAULT_TTL, CategoryBusy, RunLock
 from retention.run.settle import Settlement
+from retention.run.shards import ShardWork, journal_shards, shard_records
 from retention.targets import RunContext, Targets
+from retention.targets.sql.shards import MAX_SHARDS
 
 if TYPE_CHECKING:
     from retention.evidence.signing import Signer
+    from retention.targets.base import PurgeOutcome
 
 log = logging.getLogger(__name__)
 
 TargetProgress = Callable[[str, int, int | None, int, float], None]
 """(target, rows deleted so far, rows matched, last batch rows, last batch seconds)."""
-
-CLOCK_SKEW = timedelta(minutes=5)
-"""How far a run's as_of may be ahead of this machine's clock (clocks of hosts drift)."""
-
-EARLIEST_AS_OF = datetime(1970, 1, 1, tzinfo=timezone.utc)
-"""No retention run measures from before this: an earlier as_of is a typo."""
-
-
-def check_as_of(as_of: datetime, now: datetime) -> None:
-    """Refuse an ``as_of`` that is not a plausible "now": a future one would purge records
-    still inside their retention period; one before 1970 is a typo."""
-    if as_of.tzinfo is None:
-        raise InvalidAsOf(f"as_of {as_of.isoformat()} has no time zone; give one, e.g. 2026-06-01T00:00:00Z")
-    if as_of > now + CLOCK_SKEW:
-        raise InvalidAsOf(
-            f"as_of {utc_iso(as_of)} is later than this machine's clock ({utc_iso(now)}, allowing "
-            f"{CLOCK_SKEW.seconds // 60} min of skew): it would purge records still inside their retention "
-            "period. Nothing was touched. Run without --as-of (in Airflow: without a future logical date); "
-            "`retention plan --as-of` shows what a future date would purge"
-        )
-    if as_of < EARLIEST_AS_OF:
-        raise InvalidAsOf(f"as_of {as_of.date().isoformat()} is before 1970: not a real run date; "
-                          "check the year. Nothing was touched")
-
 
 class RunAlreadyCertified(TerminalError):
     """A run id that already has a certificate was started again; nothing was touched."""
@@ -148,7 +126,7 @@ class Runner:
 
     def start(
         self, rule_file: RuleFile, *, run_id: str, as_of: datetime, approval: str | None = None,
-        wait: float = 0.0,
+        wait: float = 0.0, max_shards: int = MAX_SHARDS,
     ) -> tuple[RunRecord, PurgePlan]:
         """Take the category's lease, open the run (idempotent) and count what it will purge.
 
@@ -156,7 +134,8 @@ class Runner:
         certified first. A target that does not match its table, or that would purge
         more than its blast-radius limit without ``approval``, fails the whole run
         before anything is touched. Another run holding the lease raises CategoryBusy
-        (after ``wait`` seconds).
+        (after ``wait`` seconds). A target whose rule sets ``shard_rows`` is cut into at
+        most ``max_shards`` shards, journaled with the run.
         """
         check_as_of(as_of, (self.clock or self.journal.now)())  # before anything is touched, even the lease
         category = rule_file.rule.category
@@ -189,8 +168,19 @@ class Runner:
                 self.journal.update_target(run, target_plan.name, matched=target_plan.matched, total=target_plan.total,
                                            **reset)
         run = self._check_limits(rule_file, run, plan, approval)
+        self._plan_shards(rule_file, run, max_shards)
         failpoints.hit("run.planned")
         return run, plan
+
+    def _plan_shards(self, rule_file: RuleFile, run: RunRecord, max_shards: int) -> None:
+        """Cut every target whose rule asks for it into shards (once: a retried plan keeps them)."""
+        context = _context(rule_file, run)
+        for target in rule_file.rule.targets:
+            if target.kind == "sql" and target.shard_rows and not shard_records(self.journal, run, target.name):
+                shards = plan_target_shards(target, run.cutoff, context, self.targets, max_shards=max_shards)
+                journal_shards(self.journal, run, target.name, shards)
+                log.info("%s.%s: %d shards of about %s rows", run.category, target.name, len(shards),
+                         f"{shards[0].rows:,}")
 
     def _record_plan_failure(self, run: RunRecord, rule_file: RuleFile, exc: RetentionError) -> None:
         """Fail every target with why the plan failed: the certificate must say so, not that nothing was due."""
@@ -229,9 +219,12 @@ class Runner:
         run: RunRecord,
         target_name: str,
         *,
+        shard: int | None = None,
         progress: TargetProgress | None = None,
     ) -> TargetRecord:
-        """Purge one target of a started run; resume whatever an earlier attempt left.
+        """Purge one target of a started run, or with ``shard`` one shard of it (its index);
+        resume whatever an earlier attempt left. A sharded target purged whole has its
+        shards purged in turn.
 
         Raises :class:`PurgeFailed` (or the underlying error) when expired records remain.
         """
@@ -246,11 +239,20 @@ class Runner:
             raise TerminalError(f"{run.category}.{target_name} is not a target run {run.run_id} planned; "
                                 "nothing was touched. Purge one of its targets, or start a new run")
         record = records[target_name]
+        shards = [s.shard for s in shard_records(self.journal, run, target_name)]
+        if shards and shard is None:
+            return self._purge_shards_in_turn(rule_file, run, target_name, len(shards), progress)
+        if shard is not None and not 0 <= shard < len(shards):
+            raise TerminalError(f"{run.category}.{target_name} has no shard {shard} in run {run.run_id} "
+                                f"({len(shards)} planned); nothing was touched")
+        work = ShardWork(self.journal, run, target_name, shards[shard]) if shard is not None else None
         planned, matched = record.planned, record.matched
         lock = self._lock(run.category, run.run_id)
         lock.beat()  # still ours? (another run may have taken over a lease thought dead)
-        self.journal.update_target(run, target_name, state="running", started_at=self.journal.now(), error=None)
-        ledger = self.journal.ledger(run, target_name)
+        # A shard's start keeps the target's first start: its other shards began it.
+        started = {} if work is not None and record.started_at else {"started_at": self.journal.now()}
+        self.journal.update_target(run, target_name, state="running", error=None, **started)
+        ledger = work.ledger if work is not None else self.journal.ledger(run, target_name)
         holds = HoldView(HoldRegistry(self.journal.engine), run.category, target_name, run.as_of)
         table = self.targets.open(planned.target, planned.context, holds=holds)
 
@@ -262,33 +264,52 @@ class Runner:
         failpoints.hit("purge.started")
         try:
             with lock.heartbeat():
-                outcome = table.purge(run.cutoff, ledger, progress=report, limit=limit)
+                if work is not None:
+                    outcome = work.purge(table, limit, report)
+                else:
+                    outcome = table.purge(run.cutoff, ledger, progress=report, limit=limit)
         except BaseException as exc:
-            self.journal.update_target(
-                run, target_name, state="failed", error=describe_error(exc), finished_at=self.journal.now()
-            )
+            if work is not None:
+                work.failed(describe_error(exc))
+            else:
+                self.journal.update_target(
+                    run, target_name, state="failed", error=describe_error(exc), finished_at=self.journal.now()
+                )
             if isinstance(exc, DBAPIError):
                 # Tell Airflow (and people) whether another attempt can help.
                 kind = TransientError if is_retryable(exc) else TerminalError
                 raise kind(f"{run.category}.{target_name}: {describe_error(exc)}: {exc.orig}") from exc
             raise
         failpoints.hit("purge.finished")
-        if outcome.remaining:
-            if outcome.stopped:
-                message = outcome.stopped
-            elif outcome.failures:
-                message = f"{outcome.remaining} records could not be purged ({', '.join(outcome.failures)})"
-            else:
-                message = f"{outcome.remaining} expired records remain after the purge"
+        self._record_outcome(run, target_name, work, outcome)
+        return {t.target: t for t in self.journal.targets(run)}[target_name]
+
+    def _record_outcome(self, run: RunRecord, target_name: str, work: ShardWork | None, outcome: PurgeOutcome) -> None:
+        """Journal what a purge did (a shard's in its own record, then summed); PurgeFailed if records remain."""
+        message = _why_remaining(outcome)
+        if work is not None:
+            work.finished(outcome, message)
+        else:
             self.journal.update_target(
-                run, target_name, state="failed", remaining=outcome.remaining, held=outcome.held,
-                holds=json.dumps(outcome.holds), error=message, finished_at=self.journal.now(),
+                run, target_name, state="complete" if message is None else "failed", remaining=outcome.remaining,
+                held=outcome.held, holds=json.dumps(outcome.holds), error=message, finished_at=self.journal.now(),
             )
-            raise PurgeFailed(f"{run.category}.{target_name}: {message}")
-        self.journal.update_target(
-            run, target_name, state="complete", remaining=0, held=outcome.held, holds=json.dumps(outcome.holds),
-            finished_at=self.journal.now(),
-        )
+        if message is not None:
+            where = f" shard {work.shard.name}" if work is not None else ""
+            raise PurgeFailed(f"{run.category}.{target_name}{where}: {message}")
+
+    def _purge_shards_in_turn(self, rule_file: RuleFile, run: RunRecord, target_name: str, count: int,
+                              progress: TargetProgress | None) -> TargetRecord:
+        """Purge every shard of a target in this process (``retention run``; Airflow maps a task
+        per shard): one failing does not stop the others; the first failure is raised after."""
+        failure: Exception | None = None
+        for index in range(count):
+            try:
+                self.purge(rule_file, run, target_name, shard=index, progress=progress)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return {t.target: t for t in self.journal.targets(run)}[target_name]
 
     # -- certify ---------------------------------------------------------------------
@@ -398,6 +419,17 @@ class _ClientTargets(Targets):
         if conn_id not in self._s3:
             self._s3[conn_id] = self._factory(conn_id)
         return self._s3[conn_id]
+
+
+def _why_remaining(outcome: PurgeOutcome) -> str | None:
+    """Why a purge left expired records (None: it left none)."""
+    if not outcome.remaining:
+        return None
+    if outcome.stopped:
+        return outcome.stopped
+    if outcome.failures:
+        return f"{outcome.remaining} records could not be purged ({', '.join(outcome.failures)})"
+    return f"{outcome.remaining} expired records remain after the purge"
 
 
 def _context(rule_file: RuleFile, run: RunRecord) -> RunContext:

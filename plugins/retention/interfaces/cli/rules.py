@@ -103,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from retention.evidence.signing import Signer
     from retention.plan.builder import build_plan
     from retention.rules.loader import load_rules
-    from retention.run.runner import RunAlreadyCertified, Runner, check_as_of
+    from retention.run.asof import check_as_of
+    from retention.run.runner import RunAlreadyCertified, Runner
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
@@ -223,7 +224,7 @@ def _print_run_summary(certificates) -> None:
 
 def _what_if(as_of: datetime) -> None:
     """A plan may look ahead (it touches nothing) but not before 1970; say a future one is a what-if."""
-    from retention.run.runner import check_as_of
+    from retention.run.asof import check_as_of
 
     now = _now()
     try:

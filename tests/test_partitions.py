@@ -264,3 +264,22 @@ def test_an_unpartitioned_table_has_no_partitions(pg_db, monkeypatch, audit_db, 
     assert ids(pg_db, "events") == {2}
     assert "partitions" not in certificate.data["targets"][0]
     assert _partitions(pg_db, tmp_path, key="[id]") == set()
+
+
+def test_a_table_another_transaction_holds_is_walked_in_batches(mysql_db, monkeypatch, audit_db, keys, tmp_path):
+    connect(monkeypatch, "shop_db", mysql_db)
+    _create_mariadb(mysql_db)
+    rows = _fill(mysql_db)
+    names = _partitions(mysql_db, tmp_path)
+
+    with mysql_db.engine.connect() as reader:
+        # An open transaction that read the table holds its metadata lock: no partition can
+        # be dropped until it ends, but rows can still be deleted beside it.
+        reader.execute(sa.text("SELECT id FROM events WHERE created_at < '2024-02-01' LIMIT 1")).all()
+        certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+        reader.rollback()
+
+    assert ids(mysql_db, "events") == set(rows) - _expired(rows)
+    assert certificate.status == "complete"
+    assert "partitions" not in certificate.data["targets"][0]
+    assert _partitions(mysql_db, tmp_path) == names

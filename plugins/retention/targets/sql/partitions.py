@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, MetaData, Table, case, cast, func, literal, select, text, true
 from sqlalchemy import types as sqltypes
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import DropTable
 from sqlalchemy.sql import visitors
 
 from retention import failpoints
 from retention.errors import TargetError
+from retention.retry import is_transient
 from retention.targets.sql.delete import DeleteRows
 from retention.targets.sql.descriptors import BatchDescriptor, BatchRange
 
@@ -72,17 +74,21 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
     may go; return the rows dropped. Partitions that cannot go whole are left to the walk."""
     if not _may_drop_whole(table):
         return 0
-    holds = table.current_holds()
-    held = table.held(holds)
-    if held is not None and held.compare(true()):
-        return 0  # paused: the walk says so
     bound = _cutoff_bound(table, cutoff)
     partitions = [p for p in list_partitions(table) if p.upper is not None and _not_after(p.upper, bound)]
-    unheld = table.unheld(table.expired(cutoff), holds)
+    expired = table.expired(cutoff)
     dropped = 0
     for partition in partitions:
         started = time.perf_counter()
-        def count(conn: Connection, partition: Partition = partition) -> tuple[int, int]:
+        # Holds are read for every partition, as the walk reads them for every batch.
+        holds = table.current_holds()
+        held = table.held(holds)
+        if held is not None and held.compare(true()):
+            return dropped  # paused: the walk says so
+        unheld = table.unheld(expired, holds)
+
+        def count(conn: Connection, partition: Partition = partition, unheld: ColumnElement[bool] = unheld,
+                  ) -> tuple[int, int]:
             return _count(table, conn, partition, unheld)
 
         rows, matched = table.with_retries(count)
@@ -100,9 +106,19 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
             continue
         try:
             _drop(table, partition, rows, ledger, tuple(h.id for h in holds))
+        except DBAPIError as exc:
+            budget.settle(granted, 0)
+            _settle_after_error(table, expired, ledger)
+            if not is_transient(exc):
+                raise
+            # Another transaction holds the table longer than the lock timeout: its rows are
+            # walked in batches instead, which wait on rows, not on the whole table.
+            log.warning("%s: could not drop partition %s now (%s); walking it in batches",
+                        table.target.name, partition.qualified, str(exc.orig).strip().splitlines()[0][:200])
+            continue
         except BaseException:
             budget.settle(granted, 0)
-            _settle_after_error(table, unheld, ledger)
+            _settle_after_error(table, expired, ledger)
             raise
         budget.settle(granted, rows)
         tally(rows, time.perf_counter() - started)

@@ -86,10 +86,14 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
         if held is not None and held.compare(true()):
             return dropped  # paused: the walk says so
         unheld = table.unheld(expired, holds)
+        # PostgreSQL keeps every row of a range partition inside its range (NULL ages go to the
+        # default partition), so without holds each one has expired; MariaDB's first range
+        # also takes NULL ages, so there the rows are always checked.
+        check = None if held is None and table.engine.dialect.name == "postgresql" else unheld
 
-        def count(conn: Connection, partition: Partition = partition, unheld: ColumnElement[bool] = unheld,
-                  ) -> tuple[int, int]:
-            return _count(table, conn, partition, unheld)
+        def count(conn: Connection, partition: Partition = partition,
+                  check: ColumnElement[bool] | None = check) -> tuple[int, int]:
+            return _count(table, conn, partition, check)
 
         rows, matched = table.with_retries(count)
         if rows == 0:
@@ -231,7 +235,9 @@ def _pg_partitions(table: SqlTable, conn: Connection) -> list[Partition]:
     rows = conn.execute(text(
         "SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
         "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE i.inhparent = :parent AND NOT i.inhdetachpending ORDER BY c.relname"), {"parent": parent}).all()
+        # Tables only (a foreign table's rows live elsewhere): other partitions are walked.
+        "WHERE i.inhparent = :parent AND NOT i.inhdetachpending AND c.relkind IN ('r', 'p') "
+        "ORDER BY c.relname"), {"parent": parent}).all()
     found = []
     for schema, name, bound in rows:
         upper = re.search(r"\bTO \((.*)\)\s*$", bound or "")
@@ -271,20 +277,24 @@ def _typed_bound(table: SqlTable, conn: Connection, bound: str | None) -> date |
 
 
 def _count(table: SqlTable, conn: Connection, partition: Partition,
-           unheld: ColumnElement[bool]) -> tuple[int, int]:
-    """The partition's rows, and how many of them are expired and unheld."""
+           unheld: ColumnElement[bool] | None) -> tuple[int, int]:
+    """The partition's rows, and how many of them are expired and unheld (``unheld`` None:
+    all of them are, as its range says, so only its rows are counted)."""
     source = _partition_table(table, partition.schema, partition.name)
     if source is table.table:
-        condition = unheld
-        query = select(func.count(), func.sum(case((condition, 1), else_=0))).select_from(source)
         preparer = table.engine.dialect.identifier_preparer
-        query = query.with_hint(source, f"PARTITION ({preparer.quote(partition.name)})", "mysql")
+        # MariaDB reads just the partition named; the condition is on the parent's columns.
+        query = select(func.count()).select_from(source).with_hint(
+            source, f"PARTITION ({preparer.quote(partition.name)})", "mysql")
     else:
-        condition = _on(table.table, source, unheld)
-        query = select(func.count(), func.sum(case((condition, 1), else_=0))).select_from(source)
-    rows, matched = conn.execute(query).one()
+        query = select(func.count()).select_from(source)
+        unheld = None if unheld is None else _on(table.table, source, unheld)
+    if unheld is not None:
+        query = query.add_columns(func.sum(case((unheld, 1), else_=0)))
+    counted: tuple[Any, ...] = tuple(conn.execute(query).one())
     conn.rollback()
-    return int(rows), int(matched or 0)
+    rows = int(counted[0])
+    return rows, rows if unheld is None else int(counted[1] or 0)
 
 
 def _partition_table(table: SqlTable, schema: str | None, name: str) -> Table:
@@ -385,7 +395,8 @@ def _partition_state(table: SqlTable, qualified: str) -> str:
             return "attached" if there else "gone"
         row = conn.execute(text(
             "SELECT c.oid, i.inhdetachpending FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid WHERE n.nspname = :schema AND c.relname = :name"),
+            "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid WHERE n.nspname = :schema AND c.relname = :name "
+            "AND c.relkind IN ('r', 'p')"),
             {"schema": schema, "name": name}).first()
     if row is None:
         return "gone"

@@ -284,3 +284,15 @@ def test_a_table_another_transaction_holds_is_walked_in_batches(mysql_db, monkey
     assert certificate.status == "complete"
     assert "partitions" not in certificate.data["targets"][0]
     assert _partitions(mysql_db, tmp_path) == names
+
+
+def test_a_partition_drop_is_journaled_by_name_and_read_back_byte_for_byte():
+    from retention.targets.sql.descriptors import BatchDescriptor, BatchRange
+    from retention.targets.sql.partitions import dropped_partitions
+
+    text = BatchDescriptor(BatchRange(None, None), tables={"events": 9}, holds=(), partition="public.events_2024_01").encode()
+    assert BatchDescriptor.decode(text).encode() == text
+    assert BatchDescriptor.decode(text).partition == "public.events_2024_01"
+    rows = BatchDescriptor(BatchRange(None, (5,)), tables={"events": 3}, holds=()).encode()
+    assert "partition" not in rows  # batches of rows keep the bytes they always had
+    assert dropped_partitions([text, rows, '{"scrubbed": true}']) == {"public.events_2024_01": 9}

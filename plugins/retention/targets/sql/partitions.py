@@ -179,10 +179,12 @@ def dropped_partitions(descriptors: Iterable[str]) -> dict[str, int]:
     """Partitions dropped whole and their rows, from a target's done batch descriptors."""
     dropped: dict[str, int] = {}
     for raw in descriptors:
+        if '"partition"' not in raw:
+            continue  # a batch of rows (or an S3 batch): no need to read it
         data = json.loads(raw)
         name = data.get("partition") if isinstance(data, dict) else None
         if name is not None:
-            dropped[name] = sum((data.get("tables") or {}).values()) if data.get("tables") else 0
+            dropped[name] = sum((data.get("tables") or {}).values())
     return dropped
 
 

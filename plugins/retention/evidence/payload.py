@@ -67,6 +67,8 @@ class TargetOutcome:
     bytes: int | None = None
     tables: Mapping[str, int] | None = None
     holds: tuple[int, ...] = ()
+    partitions: Mapping[str, int] | None = None
+    """Partitions dropped whole, with the rows each held when counted before its drop."""
 
     @property
     def status(self) -> str:
@@ -107,6 +109,8 @@ class TargetOutcome:
             entry["tables"] = dict(sorted(self.tables.items()))
         if self.holds:
             entry["holds"] = list(self.holds)
+        if self.partitions:
+            entry["partitions"] = dict(sorted(self.partitions.items()))
         if self.matched is None:
             # The plan never counted this target: "matched": 0 stays a number for older readers,
             # and this says it is not a count (nothing is known to have been due, or not).

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from retention.evidence.chain import Certificate, append_certificate
 from retention.evidence.payload import CertificatePayload, RunFacts, TargetOutcome
 from retention.identity import who
+from retention.targets.sql.partitions import dropped_partitions
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -25,13 +26,13 @@ def run_facts(run: RunRecord) -> RunFacts:
     )
 
 
-def target_outcome(record: TargetRecord) -> TargetOutcome:
-    """What the certificate says one target did."""
+def target_outcome(record: TargetRecord, partitions: dict[str, int] | None = None) -> TargetOutcome:
+    """What the certificate says one target did (``partitions``: those it dropped whole)."""
     return TargetOutcome(
         name=record.target, kind=record.kind, location=record.location, state=record.state,
         matched=record.matched, remaining=record.remaining, error=record.error, deleted=record.deleted,
         unconfirmed=record.unconfirmed, finished_at=record.finished_at, held=record.held, bytes=record.bytes,
-        tables=record.tables, holds=tuple(record.holds),
+        tables=record.tables, holds=tuple(record.holds), partitions=partitions,
     )
 
 
@@ -44,7 +45,8 @@ def certify(
     the journal's "certified" mark commit together.
     """
     facts = run_facts(run)
-    outcomes = tuple(target_outcome(r) for r in journal.targets(run))
+    outcomes = tuple(target_outcome(r, dropped_partitions(journal.ledger(run, r.target).descriptors())
+                                    if r.kind == "sql" else None) for r in journal.targets(run))
     issued_by = who()
 
     def build(seq: int, prev_hash: str) -> CertificatePayload:

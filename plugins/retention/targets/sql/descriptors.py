@@ -44,6 +44,8 @@ class BatchDescriptor:
     """The verified archive objects, as :meth:`retention.archive.store.ArchivedObject.to_dict` gives them."""
     holds: tuple[int, ...] | None = None
     """Ids of the holds the batch was cut with (None: journaled before holds were recorded)."""
+    partition: str | None = None
+    """The partition dropped whole by this batch (None: a batch of rows; see partitions.py)."""
 
     def encode(self) -> str:
         """The JSON the journal keeps: sorted keys, absent fields left out."""
@@ -56,6 +58,8 @@ class BatchDescriptor:
             data["objects"] = list(self.objects)
         if self.holds is not None:
             data["holds"] = list(self.holds)
+        if self.partition is not None:
+            data["partition"] = self.partition
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -74,6 +78,7 @@ class BatchDescriptor:
             planned=None if planned is None else tuple((key, table) for key, table in planned),
             objects=None if objects is None else tuple(objects),
             holds=None if holds is None else tuple(holds),
+            partition=data.get("partition"),
         )
 
     def archived_objects(self) -> list[dict[str, Any]]:
@@ -85,7 +90,7 @@ class BatchDescriptor:
         return [key for key, _table in self.planned or ()]
 
 
-_KEYS = {"lower", "upper", "tables", "planned", "objects", "holds"}
+_KEYS = {"lower", "upper", "tables", "planned", "objects", "holds", "partition"}
 
 
 class _TaggedText(str):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select
 
 from retention.targets.sql.descriptors import BatchDescriptor
+from retention.targets.sql.partitions import settle_partition
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
@@ -34,6 +35,9 @@ def settle_pending(table: SqlTable, expired: ColumnElement[bool], ledger: BatchL
     with table.engine.connect() as conn:
         for batch in pending:
             descriptor = BatchDescriptor.decode(batch.descriptor)
+            if descriptor.partition is not None:  # a whole partition, not a range of rows
+                confirmed += settle_partition(table, expired, batch, descriptor, ledger)
+                continue
             # Judge the batch by the holds it was cut with, not the ones in force now.
             holds = table.holds.by_ids(list(descriptor.holds or ())) if table.holds else []
             present = conn.execute(

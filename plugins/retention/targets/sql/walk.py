@@ -30,6 +30,7 @@ from retention.retry import attempts, is_transient
 from retention.targets.base import PurgeOutcome, RecordBudget
 from retention.targets.sql.batch import Batch, BatchOverCap, BatchSizer
 from retention.targets.sql.descriptors import BatchRange, Bound
+from retention.targets.sql.partitions import drop_expired_partitions
 from retention.targets.sql.settle import settle_after_error, settle_pending
 
 if TYPE_CHECKING:
@@ -59,7 +60,10 @@ def purge(
     settle_pending(table, expired, ledger)
     # Counted after settling: a batch an earlier attempt left pending counts against the limit.
     budget = RecordBudget(limit, ledger.deleted() if limit is not None else 0)
-    return Walker(table, ledger, expired, budget, progress).run()
+    walker = Walker(table, ledger, expired, budget, progress)
+    # Partitions wholly before the cutoff go as units first; the walk takes the rest.
+    drop_expired_partitions(table, cutoff, ledger, budget, walker.done.add)
+    return walker.run()
 
 
 class Walker:

@@ -1,0 +1,285 @@
+"""Benchmark: the whole `retention run` command on a PostgreSQL table range-partitioned by month,
+against a raw DELETE and pg_partman's retention, on identical data in one run.
+
+A template database gets an ``events`` table of ``--rows`` rows (default 7,200,000: id,
+customer_id, created_at, a 96-character note) spread evenly over 24 monthly partitions
+(July 2024 to June 2026); the cutoff (as of 2026-06-16, retain P1Y) is 2025-06-16, so 11
+partitions lie wholly before it and June 2025 is the boundary: about half the rows expire.
+Every method gets its own copy (``CREATE DATABASE … TEMPLATE``), VACUUM ANALYZEd:
+
+* ``engine``: ``python -m retention.interfaces.cli run`` in a subprocess, exactly as a user
+  types it (start-up, plan, the drops, the boundary partition's batches, the certificate);
+* ``raw``: ``DELETE FROM events WHERE created_at < cutoff`` in one statement;
+* ``partman``: pg_partman's ``run_maintenance`` with the parent registered beforehand (not
+  timed) and ``retention`` set to the same cutoff. Its retention drops whole partitions only:
+  the boundary partition's expired rows stay (reported as ``left_expired``).
+
+Checks: after ``engine`` and ``raw`` no row before the cutoff is left and every other row is;
+the engine's certificate counts exactly the expired rows. A failed check exits 1. Without
+the pg_partman extension on the server that peer is reported as unavailable.
+
+Run::
+
+    .venv/bin/python bench/partition_purge.py [--rows 7200000] [--repeat 1] [--pg URL] [--json] [--save [PATH]]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sqlalchemy as sa  # noqa: E402
+from harness import add_common, admin_url, bench_parser, check_common, emit, interleave, log  # noqa: E402
+
+PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+AS_OF = "2026-06-16T00:00:00Z"
+CUTOFF = datetime(2025, 6, 16, tzinfo=timezone.utc)
+FIRST_MONTH = (2024, 7)
+MONTHS = 24
+RULE = """\
+category: bench_events
+description: Benchmark of purging a partitioned events table
+owner: bench
+legal_basis: Benchmark only
+retain_for: P1Y
+schedule: null
+action: delete
+targets:
+  - name: events
+    kind: sql
+    connection: bench_db
+    table: events
+    key: [id, created_at]
+    age_column: created_at
+    max_fraction: 0.6
+"""
+
+
+def _month(offset: int) -> str:
+    year, month = divmod(FIRST_MONTH[1] - 1 + offset, 12)
+    return f"{FIRST_MONTH[0] + year:04d}-{month + 1:02d}-01"
+
+
+def seed(url: sa.URL, rows: int) -> None:
+    """``events`` partitioned by month (pg_partman's child names), rows spread evenly in time."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TABLE events (id BIGINT NOT NULL, customer_id INT NOT NULL, created_at TIMESTAMPTZ NOT NULL, "
+            "note TEXT, PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at)"))
+        for i in range(MONTHS):
+            name = "events_p" + _month(i)[:7].replace("-", "_")
+            conn.execute(sa.text(f"CREATE TABLE {name} PARTITION OF events FOR VALUES "
+                                 f"FROM ('{_month(i)} 00:00+00') TO ('{_month(i + 1)} 00:00+00')"))
+        conn.execute(sa.text(
+            "INSERT INTO events SELECT i, i % 10000, TIMESTAMPTZ :start + (i - 1) * ((TIMESTAMPTZ :end - "
+            "TIMESTAMPTZ :start) / :rows), repeat(md5(i::text), 3) FROM generate_series(1, :rows) AS i"),
+            {"start": f"{_month(0)} 00:00+00", "end": f"{_month(MONTHS)} 00:00+00", "rows": rows})
+        conn.execute(sa.text("CREATE INDEX events_created_at ON events (created_at)"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE events"))
+    engine.dispose()
+
+
+@contextmanager
+def copy_of(admin: sa.URL, template: str):
+    """A fresh database cloned from ``template``; dropped afterwards."""
+    name = f"retention_bench_part_{uuid.uuid4().hex[:10]}"  # ours, never user input
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {template}"))
+    try:
+        url = admin.set(database=name)
+        prepare = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        with prepare.connect() as conn:
+            conn.execute(sa.text("VACUUM ANALYZE events"))
+        prepare.dispose()
+        yield url
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        engine.dispose()
+
+
+def counts(url: sa.URL) -> tuple[int, int, int]:
+    """(rows before the cutoff, rows at or after it, partitions)."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        before, after = conn.execute(sa.text(
+            "SELECT count(*) FILTER (WHERE created_at < :cutoff), count(*) FILTER (WHERE created_at >= :cutoff) "
+            "FROM events"), {"cutoff": CUTOFF}).one()
+        parts = conn.execute(sa.text("SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass")).scalar()
+    engine.dispose()
+    return int(before), int(after), int(parts)
+
+
+def run_engine(url: sa.URL, expired: int, kept: int) -> dict:
+    """The whole `retention run` command in a subprocess, then its certificate and the table checked."""
+    with tempfile.TemporaryDirectory(prefix="retention-bench-part-") as scratch:
+        rules = Path(scratch) / "rules"
+        rules.mkdir()
+        (rules / "bench_events.yaml").write_text(RULE)
+        env = dict(os.environ)
+        sys.path.insert(0, str(PLUGINS))
+        from retention.evidence.signing import generate_keypair
+
+        env.update({
+            "PYTHONPATH": f"{PLUGINS}{os.pathsep}{env.get('PYTHONPATH', '')}",
+            "RETENTION_SIGNING_KEY": str(generate_keypair(Path(scratch) / "keys")[0]),
+            "AIRFLOW_CONN_BENCH_DB": f"postgres://{url.username}@{url.host}:{url.port or 5432}/{url.database}",
+            "AIRFLOW_CONN_RETENTION_AUDIT": json.dumps({"conn_type": "sqlite", "host": f"{scratch}/audit.db"}),
+        })
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(rules),
+                               "--as-of", AS_OF, "--run-id", "bench"], capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - started
+        audit = sa.create_engine(f"sqlite:///{scratch}/audit.db")
+        with audit.connect() as conn:
+            payload = conn.execute(sa.text("SELECT payload FROM purge_certificates ORDER BY seq DESC LIMIT 1")).scalar()
+        audit.dispose()
+    problems = [] if done.returncode == 0 else [f"exit {done.returncode}: {done.stderr.strip()[-300:]}"]
+    target = json.loads(payload)["targets"][0] if payload else {}
+    if target.get("deleted") != expired:
+        problems.append(f"certificate says {target.get('deleted')} deleted, expected {expired}")
+    return _checked("engine", url, seconds, expired, kept, problems,
+                    partitions_dropped=len(target.get("partitions", {})),
+                    rows_in_dropped=sum(target.get("partitions", {}).values()))
+
+
+def run_raw(url: sa.URL, expired: int, kept: int) -> dict:
+    """One ``DELETE … WHERE created_at < cutoff``, committed."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        started = time.perf_counter()
+        with conn.begin():
+            deleted = conn.execute(sa.text("DELETE FROM events WHERE created_at < :cutoff"), {"cutoff": CUTOFF}).rowcount
+        seconds = time.perf_counter() - started
+    engine.dispose()
+    problems = [] if deleted == expired else [f"deleted {deleted}, expected {expired}"]
+    return _checked("raw", url, seconds, expired, kept, problems)
+
+
+def run_partman(url: sa.URL, expired: int, kept: int) -> dict:
+    """pg_partman's retention: the parent registered (not timed), then one ``run_maintenance`` timed."""
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text("CREATE SCHEMA partman"))
+        conn.execute(sa.text("CREATE EXTENSION pg_partman SCHEMA partman"))
+        conn.execute(sa.text("SELECT partman.create_parent(p_parent_table := 'public.events', p_control := "
+                             "'created_at', p_type := 'native', p_interval := 'monthly', "
+                             "p_start_partition := :start)"), {"start": _month(0)})
+        # Retention is relative to now(): the interval that puts its cutoff at ours.
+        conn.execute(sa.text("UPDATE partman.part_config SET retention = (now() - :cutoff)::text, "
+                             "retention_keep_table = false WHERE parent_table = 'public.events'"), {"cutoff": CUTOFF})
+        started = time.perf_counter()
+        conn.execute(sa.text("SELECT partman.run_maintenance('public.events')"))
+        seconds = time.perf_counter() - started
+    engine.dispose()
+    # Its maintenance also pre-makes partitions for the months ahead of now(): "partitions left" counts them.
+    return _checked("partman", url, seconds, expired, kept, [], exact=False)
+
+
+def _checked(method: str, url: sa.URL, seconds: float, expired: int, kept: int, problems: list[str], *,
+             exact: bool = True, **figures: int) -> dict:
+    before, after, parts = counts(url)
+    if exact and before:
+        problems.append(f"{before} rows before the cutoff left")
+    if after != kept:
+        problems.append(f"{after} rows at or after the cutoff, expected {kept}")
+    log(f"{method}: {seconds:.2f} s, {expired - before:,} rows gone, {parts} partitions left"
+        + (f" — WRONG: {'; '.join(problems)}" if problems else ""))
+    return {"method": method, "seconds": seconds, "deleted": expired - before, "left_expired": before,
+            "partitions_left": parts, "problems": problems, **figures}
+
+
+def partman_available(admin: sa.URL) -> bool:
+    """Whether the server can create the pg_partman extension."""
+    engine = sa.create_engine(admin)
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_partman'")).first()
+    engine.dispose()
+    return found is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Seed the template, time every method on its own copy, print the ratios; 1 if a check failed."""
+    parser = bench_parser(__doc__)
+    parser.add_argument("--rows", type=int, default=7_200_000, help="rows in the table (default 7,200,000)")
+    add_common(parser, repeat_order="engine, raw, partman")
+    args = parser.parse_args(argv)
+    check_common(parser, args)
+    if args.rows < MONTHS:
+        parser.error(f"need --rows >= {MONTHS}")
+    admin = admin_url(args.pg)
+    template = f"retention_bench_part_tmpl_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {template}"))
+    try:
+        log(f"seeding {args.rows:,} rows in {MONTHS} monthly partitions")
+        seed(admin.set(database=template), args.rows)
+        expired, kept, _ = counts(admin.set(database=template))
+        methods = {"engine": run_engine, "raw": run_raw}
+        if partman_available(admin):
+            methods["partman"] = run_partman
+        else:
+            log("pg_partman is not available on this server: measuring against the raw DELETE only")
+
+        def measure(method):
+            def once() -> dict:
+                with copy_of(admin, template) as url:
+                    return method(url, expired, kept)
+            return once
+
+        runs = interleave({name: measure(m) for name, m in methods.items()}, args.repeat)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {template} WITH (FORCE)"))
+        engine.dispose()
+    report = summarize(args.rows, expired, runs)
+    emit(report, args, print_summary)
+    return 1 if any(r["problems"] for rs in runs.values() for r in rs) else 0
+
+
+def summarize(rows: int, expired: int, runs: dict[str, list[dict]]) -> dict:
+    """Median seconds per method and the engine's ratios to its peers (peer time / engine time)."""
+    import statistics
+
+    methods = {}
+    for name, results in runs.items():
+        last = results[-1]
+        methods[name] = {**{k: v for k, v in last.items() if k not in ("seconds", "problems")},
+                         "seconds": round(statistics.median(r["seconds"] for r in results), 3),
+                         "runs": len(results), "problems": [p for r in results for p in r["problems"]]}
+    engine = methods["engine"]["seconds"]
+    ratios = {f"engine_vs_{name}": round(m["seconds"] / engine, 2) for name, m in methods.items() if name != "engine"}
+    return {"rows": rows, "expired": expired, "months": MONTHS, "methods": methods, "ratios": ratios,
+            "target": {"engine_vs_raw": 3.0, "met": ratios.get("engine_vs_raw", 0) >= 3.0}}
+
+
+def print_summary(report: dict) -> None:
+    """The figures as a table, then the ratios."""
+    print(f"{report['rows']:,} rows in {report['months']} monthly partitions, {report['expired']:,} expired")
+    print(f"{'method':<9} {'seconds':>8} {'rows gone':>11} {'expired left':>13} {'partitions left':>16}  check")
+    for name, m in report["methods"].items():
+        check = "ok" if not m["problems"] else "WRONG: " + "; ".join(m["problems"])
+        print(f"{name:<9} {m['seconds']:>8.2f} {m['deleted']:>11,} {m['left_expired']:>13,} "
+              f"{m['partitions_left']:>16}  {check}")
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.2f}x (peer seconds / engine seconds)")
+    target = report["target"]
+    print(f"target engine ≥ 3x raw DELETE: {'met' if target['met'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Whole partitions at O(1): a target whose table is range-partitioned on its age column
+purges every partition whose whole range is before the cutoff as a unit, before the walk
+takes the boundary partition (and whatever falls back) in batches.
+
+A partition goes whole only when nothing can keep a row of it: the action deletes (an
+archive or anonymize run walks it), the rule has no ``where`` filter, no child table
+references it, every row in it is expired and no hold protects any of them (counted),
+and the blast-radius budget grants all of its rows. Anything else falls back to batches.
+
+PostgreSQL detaches the partition (``CONCURRENTLY`` where it can: outside a transaction,
+so on an autocommit connection) and drops it; MariaDB and MySQL drop the partition in one
+statement. A drop is journaled as a batch: *pending* with the partition's name and its
+rows counted before, *done* after. A crash between PostgreSQL's detach and its drop
+leaves a detached table that no application reads any more; settling finishes the purge
+(drops it) rather than re-attaching it: every row in it was expired and unheld when the
+batch was journaled, and re-attaching would re-validate its range under a lock on the
+parent while a newer partition may by now cover part of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Column, MetaData, Table, case, cast, func, literal, select, text, true
+from sqlalchemy import types as sqltypes
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import DropTable
+from sqlalchemy.sql import visitors
+
+from retention import failpoints
+from retention.errors import TargetError
+from retention.retry import is_transient
+from retention.targets.sql.delete import DeleteRows
+from retention.targets.sql.descriptors import BatchDescriptor, BatchRange
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.sql.elements import ColumnElement
+
+    from retention.targets.base import BatchLedger, PendingBatch, RecordBudget
+    from retention.targets.sql.table import SqlTable
+
+log = logging.getLogger(__name__)
+
+Tally = Callable[[int, float], None]
+"""Told (rows, seconds) after each partition dropped."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One range partition of a target's table: its name and the exclusive upper bound of
+    its age range (None: no upper bound, MAXVALUE or a default partition)."""
+
+    schema: str | None
+    name: str
+    upper: date | datetime | None
+
+    @property
+    def qualified(self) -> str:
+        """The name journaled: ``schema.name`` (PostgreSQL), or the partition's own name."""
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedger, budget: RecordBudget,
+                            tally: Tally) -> int:
+    """Drop every partition of ``table`` all of whose rows have expired at ``cutoff`` and
+    may go; return the rows dropped. Partitions that cannot go whole are left to the walk."""
+    if not _may_drop_whole(table):
+        return 0
+    bound = _cutoff_bound(table, cutoff)
+    partitions = [p for p in list_partitions(table) if p.upper is not None and _not_after(p.upper, bound)]
+    expired = table.expired(cutoff)
+    dropped = 0
+    for partition in partitions:
+        started = time.perf_counter()
+        # Holds are read for every partition, as the walk reads them for every batch.
+        holds = table.current_holds()
+        held = table.held(holds)
+        if held is not None and held.compare(true()):
+            return dropped  # paused: the walk says so
+        unheld = table.unheld(expired, holds)
+        # PostgreSQL keeps every row of a range partition inside its range (NULL ages go to the
+        # default partition), so without holds each one has expired; MariaDB's first range
+        # also takes NULL ages, so there the rows are always checked.
+        check = None if held is None and table.engine.dialect.name == "postgresql" else unheld
+
+        def count(conn: Connection, partition: Partition = partition,
+                  check: ColumnElement[bool] | None = check) -> tuple[int, int]:
+            return _count(table, conn, partition, check)
+
+        rows, matched = table.with_retries(count)
+        if rows == 0:
+            continue  # nothing to purge: the schema is left as it is
+        if rows != matched:
+            log.info("%s: partition %s keeps %d of its %d rows (held or not expired); walking it in batches",
+                     table.target.name, partition.qualified, rows - matched, rows)
+            continue
+        granted = budget.reserve(rows)
+        if granted < rows:
+            budget.settle(granted, 0)
+            log.info("%s: partition %s (%d rows) is over what is left of the limit; walking it in batches",
+                     table.target.name, partition.qualified, rows)
+            continue
+        try:
+            _drop(table, partition, rows, ledger, tuple(h.id for h in holds))
+        except DBAPIError as exc:
+            budget.settle(granted, 0)
+            _settle_after_error(table, expired, ledger)
+            if not is_transient(exc):
+                raise
+            # Another transaction holds the table longer than the lock timeout: its rows are
+            # walked in batches instead, which wait on rows, not on the whole table.
+            log.warning("%s: could not drop partition %s now (%s); walking it in batches",
+                        table.target.name, partition.qualified, str(exc.orig).strip().splitlines()[0][:200])
+            continue
+        except BaseException:
+            budget.settle(granted, 0)
+            _settle_after_error(table, expired, ledger)
+            raise
+        budget.settle(granted, rows)
+        tally(rows, time.perf_counter() - started)
+        dropped += rows
+    return dropped
+
+
+def list_partitions(table: SqlTable) -> list[Partition]:
+    """The range partitions of ``table`` on its age column (none when it is not partitioned so)."""
+    dialect = table.engine.dialect.name
+    with table.engine.connect() as conn:
+        if dialect == "postgresql":
+            return _pg_partitions(table, conn)
+        if dialect == "mysql":
+            return _mysql_partitions(table, conn)
+    return []
+
+
+def settle_partition(table: SqlTable, expired: ColumnElement[bool], pending: PendingBatch,
+                     descriptor: BatchDescriptor, ledger: BatchLedger) -> int:
+    """Settle a partition drop found pending; return the rows confirmed purged.
+
+    Still attached (PostgreSQL) or still there (MariaDB): the drop never happened, the batch
+    is void and the next walk tries again. Gone: it happened. Detached (or half-detached)
+    but not dropped: the drop is finished now, once every row in it is seen to be expired
+    and unheld by the holds the drop was journaled with (a table that is not what was
+    detached is never dropped).
+    """
+    assert descriptor.partition is not None
+    state = _partition_state(table, descriptor.partition)
+    if state == "attached":
+        ledger.resolve(pending.batch_no, 0)
+        return 0
+    rows = pending.rows
+    if state in ("detaching", "detached"):
+        schema, _, name = descriptor.partition.rpartition(".")
+        detached = _partition_table(table, schema or None, name)
+        holds = table.holds.by_ids(list(descriptor.holds or ())) if table.holds else []
+        with table.engine.connect() as conn:
+            rows, matched = _count(table, conn, Partition(schema or None, name, None), table.unheld(expired, holds))
+        if rows != matched:
+            raise TargetError(
+                f"{descriptor.partition}, detached from {table.target.location} by an interrupted run, holds "
+                f"{rows - matched} rows that are not expired or are held; it is left in place: re-attach it "
+                "or drop it by hand, then run again", "table")
+        _finish_drop(table, detached, state)
+    log.warning("%s: partition %s was dropped by an interrupted run; counting its %d rows as purged",
+                table.target.name, descriptor.partition, rows)
+    ledger.resolve(pending.batch_no, rows, tables={table.family.name: rows})
+    return rows
+
+
+def dropped_partitions(descriptors: Iterable[str]) -> dict[str, int]:
+    """Partitions dropped whole and their rows, from a target's done batch descriptors."""
+    dropped: dict[str, int] = {}
+    for raw in descriptors:
+        if '"partition"' not in raw:
+            continue  # a batch of rows (or an S3 batch): no need to read it
+        data = json.loads(raw)
+        name = data.get("partition") if isinstance(data, dict) else None
+        if name is not None:
+            dropped[name] = sum((data.get("tables") or {}).values())
+    return dropped
+
+
+# -- which partitions ----------------------------------------------------------------
+
+
+def _may_drop_whole(table: SqlTable) -> bool:
+    """Whether nothing about the rule can keep a row of an expired partition."""
+    return (
+        table.engine.dialect.name in ("postgresql", "mysql")
+        and type(table.action) is DeleteRows
+        and not table.target.where
+        and not table.family.children
+    )
+
+
+def _cutoff_bound(table: SqlTable, cutoff: datetime) -> date | datetime:
+    """The cutoff as the age column compares it (see ``SqlTable._older_than``)."""
+    column = table.table.c[table.target.age_column]
+    cutoff = cutoff.astimezone(timezone.utc)
+    if isinstance(column.type, sqltypes.Date) and not isinstance(column.type, sqltypes.DateTime):
+        return cutoff.date()
+    return cutoff if getattr(column.type, "timezone", False) else cutoff.replace(tzinfo=None)
+
+
+def _not_after(upper: date | datetime, bound: date | datetime) -> bool:
+    """Whether a range ending (exclusively) at ``upper`` lies wholly before ``bound``.
+
+    Both are read as the age column's type, except MariaDB's ``TO_DAYS`` bounds: a date
+    (its midnight) beside a DATETIME column's naive cutoff.
+    """
+    if isinstance(bound, datetime):
+        if not isinstance(upper, datetime):
+            upper = datetime(upper.year, upper.month, upper.day, tzinfo=bound.tzinfo)
+        return upper <= bound
+    return not isinstance(upper, datetime) and upper <= bound
+
+
+def _pg_partitions(table: SqlTable, conn: Connection) -> list[Partition]:
+    parent = conn.execute(text(
+        "SELECT c.oid FROM pg_partitioned_table pt JOIN pg_class c ON c.oid = pt.partrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_attribute a ON a.attrelid = pt.partrelid AND a.attnum = pt.partattrs[0] "
+        "WHERE n.nspname = coalesce(:schema, current_schema()) AND c.relname = :name "
+        "AND pt.partstrat = 'r' AND pt.partnatts = 1 AND a.attname = :age"),
+        {"schema": table.table.schema, "name": table.table.name, "age": table.target.age_column}).scalar()
+    if parent is None:
+        return []
+    # Bounds are printed in the session's time zone; the cast below reads them in it too.
+    rows = conn.execute(text(
+        "SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+        "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        # Tables only (a foreign table's rows live elsewhere): other partitions are walked.
+        "WHERE i.inhparent = :parent AND NOT i.inhdetachpending AND c.relkind IN ('r', 'p') "
+        "ORDER BY c.relname"), {"parent": parent}).all()
+    found = []
+    for schema, name, bound in rows:
+        upper = re.search(r"\bTO \((.*)\)\s*$", bound or "")
+        found.append(Partition(schema, name, _typed_bound(table, conn, upper.group(1) if upper else None)))
+    return found
+
+
+def _mysql_partitions(table: SqlTable, conn: Connection) -> list[Partition]:
+    rows = conn.execute(text(
+        "SELECT PARTITION_NAME, PARTITION_METHOD, PARTITION_EXPRESSION, PARTITION_DESCRIPTION "
+        "FROM information_schema.PARTITIONS WHERE TABLE_SCHEMA = coalesce(:schema, DATABASE()) "
+        "AND TABLE_NAME = :name AND PARTITION_NAME IS NOT NULL ORDER BY PARTITION_ORDINAL_POSITION"),
+        {"schema": table.table.schema, "name": table.table.name}).all()
+    age = table.target.age_column.lower()
+    found: dict[str, Partition] = {}
+    for name, method, expression, description in rows:  # one row per subpartition: keep the first
+        shape = (expression or "").replace("`", "").replace(" ", "").lower()
+        if method == "RANGE COLUMNS" and shape == age:
+            upper = _typed_bound(table, conn, description)
+        elif method == "RANGE" and shape == f"to_days({age})":
+            upper = None if description == "MAXVALUE" else conn.execute(
+                select(func.from_days(int(description)))).scalar()
+        else:
+            return []  # partitioned otherwise: nothing to drop whole
+        found.setdefault(name, Partition(None, name, upper))
+    return list(found.values())
+
+
+def _typed_bound(table: SqlTable, conn: Connection, bound: str | None) -> date | datetime | None:
+    """A bound as the catalog prints it (a quoted literal, or MAXVALUE) as the age column's value."""
+    quoted = re.fullmatch(r"'((?:[^']|'')*)'", (bound or "").strip())
+    if quoted is None:
+        return None  # MAXVALUE, a default partition, or nothing we can read: never dropped whole
+    column = table.table.c[table.target.age_column]
+    value = conn.execute(select(cast(literal(quoted.group(1).replace("''", "'")), column.type))).scalar()
+    return value if isinstance(value, (date, datetime)) else None
+
+
+def _count(table: SqlTable, conn: Connection, partition: Partition,
+           unheld: ColumnElement[bool] | None) -> tuple[int, int]:
+    """The partition's rows, and how many of them are expired and unheld (``unheld`` None:
+    all of them are, as its range says, so only its rows are counted)."""
+    source = _partition_table(table, partition.schema, partition.name)
+    if source is table.table:
+        preparer = table.engine.dialect.identifier_preparer
+        # MariaDB reads just the partition named; the condition is on the parent's columns.
+        query = select(func.count()).select_from(source).with_hint(
+            source, f"PARTITION ({preparer.quote(partition.name)})", "mysql")
+    else:
+        query = select(func.count()).select_from(source)
+        unheld = None if unheld is None else _on(table.table, source, unheld)
+    if unheld is not None:
+        query = query.add_columns(func.sum(case((unheld, 1), else_=0)))
+    counted: tuple[Any, ...] = tuple(conn.execute(query).one())
+    conn.rollback()
+    rows = int(counted[0])
+    return rows, rows if unheld is None else int(counted[1] or 0)
+
+
+def _partition_table(table: SqlTable, schema: str | None, name: str) -> Table:
+    """PostgreSQL: the partition as a table of its own (the parent's columns); MariaDB: the parent."""
+    if table.engine.dialect.name != "postgresql":
+        return table.table
+    columns = [Column(c.name, c.type) for c in table.table.columns]
+    return Table(name, MetaData(), *columns, schema=schema)
+
+
+def _on(parent: Table, partition: Table, condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    """``condition`` on the parent's columns, read on the partition's instead."""
+
+    def swap(element: Any, **_kw: Any) -> Any:
+        if isinstance(element, Column) and element.table is parent:
+            return partition.c[element.name]
+        return None
+
+    return visitors.replacement_traverse(condition, {}, swap)
+
+
+# -- dropping ------------------------------------------------------------------------
+
+
+def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: tuple[int, ...]) -> None:
+    """Journal the drop pending, drop the partition, journal it done."""
+    batch_no = ledger.next_batch_no()
+    descriptor = BatchDescriptor(BatchRange(None, None), tables={table.family.name: rows}, holds=holds,
+                                 partition=partition.qualified)
+    ledger.pending(batch_no, descriptor.encode(), rows)
+    failpoints.hit("sql.partition_pending")
+    preparer = table.engine.dialect.identifier_preparer
+    parent = preparer.format_table(table.table)
+    if table.engine.dialect.name == "postgresql":
+        detached = _partition_table(table, partition.schema, partition.name)
+        mode = "" if _has_default_partition(table) else " CONCURRENTLY"  # not allowed beside a default
+        with _autocommit(table) as conn:
+            conn.execute(text(f"ALTER TABLE {parent} DETACH PARTITION {preparer.format_table(detached)}{mode}"))
+        failpoints.hit("sql.partition_detached")
+        _finish_drop(table, detached, "detached")
+    else:
+        with _autocommit(table) as conn:
+            conn.execute(text(f"ALTER TABLE {parent} DROP PARTITION {preparer.quote(partition.name)}"))
+    failpoints.hit("sql.partition_dropped")
+    ledger.done(batch_no, tables={table.family.name: rows})
+    log.info("%s: dropped partition %s (%d rows)", table.target.name, partition.qualified, rows)
+
+
+def _finish_drop(table: SqlTable, detached: Table, state: str) -> None:
+    """Drop a PostgreSQL partition already detached (or finish detaching it first)."""
+    preparer = table.engine.dialect.identifier_preparer
+    with _autocommit(table) as conn:
+        if state == "detaching":
+            conn.execute(text(f"ALTER TABLE {preparer.format_table(table.table)} "
+                              f"DETACH PARTITION {preparer.format_table(detached)} FINALIZE"))
+        conn.execute(DropTable(detached))
+
+
+class _autocommit:
+    """A connection outside any transaction block (DETACH … CONCURRENTLY needs one), with the
+    table's lock and statement timeouts, so DDL never queues behind a long transaction."""
+
+    def __init__(self, table: SqlTable):
+        self.table = table
+
+    def __enter__(self) -> Connection:
+        table = self.table
+        self.conn = table.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        if table.engine.dialect.name == "postgresql":
+            self.conn.execute(text(f"SET lock_timeout = '{int(table.lock_timeout * 1000)}ms'"))
+            self.conn.execute(text(f"SET statement_timeout = '{int(table.statement_timeout * 1000)}ms'"))
+        else:
+            self.conn.execute(text(f"SET SESSION lock_wait_timeout = {max(1, round(table.lock_timeout))}"))
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def _has_default_partition(table: SqlTable) -> bool:
+    with table.engine.connect() as conn:
+        return bool(conn.execute(text(
+            "SELECT 1 FROM pg_partitioned_table pt JOIN pg_class c ON c.oid = pt.partrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE pt.partdefid <> 0 "
+            "AND n.nspname = coalesce(:schema, current_schema()) AND c.relname = :name"),
+            {"schema": table.table.schema, "name": table.table.name}).first())
+
+
+def _partition_state(table: SqlTable, qualified: str) -> str:
+    """attached, detaching (a DETACH CONCURRENTLY interrupted), detached, or gone."""
+    schema, _, name = qualified.rpartition(".")
+    with table.engine.connect() as conn:
+        if table.engine.dialect.name == "mysql":
+            there = conn.execute(text(
+                "SELECT 1 FROM information_schema.PARTITIONS WHERE TABLE_SCHEMA = coalesce(:schema, DATABASE()) "
+                "AND TABLE_NAME = :table AND PARTITION_NAME = :name"),
+                {"schema": table.table.schema, "table": table.table.name, "name": name}).first()
+            return "attached" if there else "gone"
+        row = conn.execute(text(
+            "SELECT c.oid, i.inhdetachpending FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid WHERE n.nspname = :schema AND c.relname = :name "
+            "AND c.relkind IN ('r', 'p')"),
+            {"schema": schema, "name": name}).first()
+    if row is None:
+        return "gone"
+    if row[1] is None:
+        return "detached"
+    return "detaching" if row[1] else "attached"
+
+
+def _settle_after_error(table: SqlTable, expired: ColumnElement[bool], ledger: BatchLedger) -> None:
+    """Settle a drop a failure interrupted, if it can be now; never hide the failure."""
+    try:
+        for pending in ledger.unresolved():
+            descriptor = BatchDescriptor.decode(pending.descriptor)
+            if descriptor.partition is not None:
+                settle_partition(table, expired, pending, descriptor, ledger)
+    except Exception:  # the original error matters more; the next attempt settles it
+        log.warning("%s: could not settle the interrupted partition drop now; the next attempt will",
+                    table.target.name, exc_info=True)
+

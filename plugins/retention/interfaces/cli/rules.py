@@ -29,6 +29,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     cmd = commands.add_parser("validate", help="check rule files; exit 0 when valid, 2 otherwise")
     cmd.add_argument("rules", nargs="?", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR),
                      metavar="DIR")
+    cmd.add_argument("--require-subjects", action="store_true",
+                     help="also report targets that do not say whose personal data they hold (erasure requests)")
     cmd.set_defaults(handler=cmd_validate)
 
     cmd = commands.add_parser("plan", help="show what each rule would purge; changes nothing")
@@ -58,8 +60,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from retention.rules.loader import load_rules
+    from retention.rules.subjects import load_subjects, subject_problems
 
     rules = load_rules(args.rules)
+    problems = subject_problems(rules, load_subjects(args.rules), require=args.require_subjects)
+    if problems:
+        raise RuleError(problems)
     print(f"✓ {count(len(rules), 'rule file')} valid in {args.rules}: "
           f"{', '.join(r.rule.category for r in rules)}")
     return EXIT_OK

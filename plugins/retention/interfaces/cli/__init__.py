@@ -15,12 +15,12 @@ import sys
 
 from retention.errors import ConfigError, RetentionError, RuleError
 from retention.interfaces import diff, report, ruleschema, schedule
-from retention.interfaces.cli import airflow, archive, evidence, holds, keys, rules
+from retention.interfaces.cli import airflow, archive, erase, evidence, holds, keys, rules
 from retention.interfaces.cli.options import EXIT_FAILED, EXIT_INVALID, _err
 from retention.interfaces.cli.parser import build_parser
 
 # The order is the order of `retention --help`.
-COMMAND_GROUPS = [rules, holds, evidence, archive, airflow, keys, schedule, report, ruleschema, diff]
+COMMAND_GROUPS = [rules, holds, erase, evidence, archive, airflow, keys, schedule, report, ruleschema, diff]
 
 log = logging.getLogger("retention")
 

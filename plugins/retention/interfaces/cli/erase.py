@@ -1,0 +1,137 @@
+"""``erase request|list|plan``: erasure requests of data subjects (GDPR Art. 17)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import date
+from typing import TYPE_CHECKING
+
+from retention.errors import ConfigError
+from retention.interfaces.cli.options import DEFAULT_RULES_DIR, EXIT_OK, _day, audit_option
+from retention.interfaces.render import table
+
+if TYPE_CHECKING:
+    from retention.erasure_requests import ErasureRegistry
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """The ``erase`` command and its actions."""
+    cmd = commands.add_parser("erase", help="file, plan and list erasure requests of data subjects")
+    erase = cmd.add_subparsers(dest="erase_command", required=True, metavar="ACTION")
+    request = erase.add_parser("request", help="file a request; the identity is kept only as an HMAC")
+    _common(request)
+    request.add_argument("--subject", required=True, metavar="TYPE=VALUE", help="e.g. email=ana@example.com")
+    request.add_argument("--request", required=True, metavar="ID", help="the request's id, e.g. DSR-2026-0042")
+    request.add_argument("--reason", default="erasure-requested", metavar="TEXT", help="e.g. consent-withdrawn")
+    request.add_argument("--due", type=_day, metavar="DATE", help="default: received + due_within of _subjects.yaml")
+    request.set_defaults(handler=cmd_erase_request)
+    listing = erase.add_parser("list", help="requests, oldest first")
+    audit_option(listing)
+    listing.add_argument("--state", choices=["pending", "in_progress", "done", "partial", "denied"])
+    listing.add_argument("--overdue", action="store_true", help="only requests past their due date, unanswered")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_erase_list)
+    plan = erase.add_parser("plan", help="what erasing a request's subject would do; changes nothing")
+    _common(plan)
+    plan.add_argument("id", metavar="ID")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(handler=cmd_erase_plan)
+
+
+def _common(cmd: argparse.ArgumentParser) -> None:
+    audit_option(cmd)
+    cmd.add_argument("--rules", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), metavar="DIR",
+                     help="rules directory, with _subjects.yaml")
+
+
+def _registry(args: argparse.Namespace) -> ErasureRegistry:
+    from retention.connections import from_environment
+    from retention.erasure_requests import ErasureRegistry
+    from retention.evidence.audit import open_audit
+
+    return ErasureRegistry(open_audit(from_environment, args.audit))
+
+
+def _subjects(rules_dir: str):
+    from retention.rules.subjects import SUBJECTS_FILE, load_subjects
+
+    subjects = load_subjects(rules_dir)
+    if subjects is None:
+        raise ConfigError(f"there is no {SUBJECTS_FILE} in {rules_dir}: declare the identity types requests may name")
+    return subjects
+
+
+def cmd_erase_request(args: argparse.Namespace) -> int:
+    from retention.connections import from_environment
+    from retention.erasure_requests import SubjectKey
+    from retention.plan.erasure import resolve_identities
+    from retention.targets import Targets
+
+    identity_type, sep, value = args.subject.partition("=")
+    if not sep or not value.strip():
+        raise ConfigError("--subject takes TYPE=VALUE, e.g. email=ana@example.com")
+    subjects = _subjects(args.rules)
+    key = SubjectKey.from_environment()
+    registry = _registry(args)
+    with Targets(from_environment) as targets:
+        identities = resolve_identities(subjects, identity_type.strip(), value, targets, key)
+    received = registry.today()
+    due = args.due or _due(received, subjects.config.due_within)
+    filed = registry.file(request_id=args.request, subject_type=identity_type.strip(), subject_hmac=identities[0][1],
+                          identities=identities, key_id=key.key_id, reason=args.reason, due=due)
+    resolved = len(filed.identities) - 1
+    print(f"filed {filed.request_id}: {identity_type} (kept as HMAC {filed.subject_hmac[:12]}…), resolved to "
+          f"{resolved} further identit{'y' if resolved == 1 else 'ies'}; due {filed.due}")
+    print(f"  `retention erase plan {filed.request_id}` shows what would be erased")
+    return EXIT_OK
+
+
+def _due(received: date, within) -> date:
+    """``received`` plus the duration (calendar arithmetic)."""
+    import pendulum
+
+    later = pendulum.date(received.year, received.month, received.day).add(
+        years=within.years, months=within.months, weeks=within.weeks, days=within.days)
+    return date(later.year, later.month, later.day)
+
+
+def cmd_erase_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    requests = registry.find(state=args.state, overdue=args.overdue)
+    today = registry.today()
+    if args.json:
+        print(json.dumps([r.__dict__ | {"due": r.due.isoformat(), "identities": len(r.identities),
+                                        "overdue": r.overdue(today)} for r in requests], indent=2))
+        return EXIT_OK
+    if not requests:
+        print("No erasure requests." if not (args.state or args.overdue) else "No such requests.")
+        return EXIT_OK
+    rows = [[r.request_id, r.state, r.received_at[:10], r.due, "OVERDUE" if r.overdue(today) else "",
+             r.reason, r.subject_type] for r in requests]
+    print(table(["REQUEST", "STATE", "RECEIVED", "DUE", "", "REASON", "SUBJECT"], rows))
+    return EXIT_OK
+
+
+def cmd_erase_plan(args: argparse.Namespace) -> int:
+    from retention.connections import from_environment
+    from retention.erasure_requests import SubjectKey
+    from retention.holds import HoldRegistry
+    from retention.plan.erasure import build_erasure_plan
+    from retention.rules.loader import load_rules
+    from retention.targets import Targets
+
+    registry = _registry(args)
+    request = registry.get(args.id)
+    rules = load_rules(args.rules)
+    with Targets(from_environment) as targets:
+        plan = build_erasure_plan(request, rules, targets, SubjectKey.from_environment(),
+                                  holds=HoldRegistry(registry.engine))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return EXIT_OK
+    print(f"{request.request_id} ({request.state}, due {request.due}): {request.subject_type} "
+          f"HMAC {request.subject_hmac[:12]}…")
+    print(table(["TARGET", "LOCATION", "WHAT"], [[s.key, s.location, s.describe()] for s in plan.steps]))
+    return EXIT_OK

@@ -177,6 +177,18 @@ erasure_request_events = Table(
     Column("detail", Text, nullable=False, comment="JSON; HMACs and counts only, never an identity"),
 )
 
+erasure_steps = Table(
+    "erasure_steps",
+    metadata,
+    Column("request_id", String(100), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("step", String(130), nullable=False, comment="category/target"),
+    Column("state", String(10), nullable=False, comment="pending | done"),
+    Column("outcome", Text, nullable=False, comment="what the target did or will do, JSON; counts, never values"),
+    Column("recorded_at", String(40), nullable=False),
+    PrimaryKeyConstraint("request_id", "attempt", "step"),
+)
+
 run_locks = Table(
     "run_locks",
     metadata,

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, distinct, func, or_, select
+from sqlalchemy import and_, func, or_, select
 
 from retention.erasure_requests import normalise
 from retention.errors import ConfigError, TargetError
@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
     from retention.erasure_requests import ErasureRequest, SubjectKey
-    from retention.rules.subjects import SubjectsFile
     from retention.holds import Hold, HoldRegistry
     from retention.rules.models import RuleFile
+    from retention.rules.subjects import SubjectsFile
     from retention.targets import Targets
     from retention.targets.sql.table import SqlTable
 
@@ -156,7 +156,7 @@ def resolve_identities(subjects: SubjectsFile, identity_type: str, value: str, t
         else:
             condition = match.in_(current)
         with engine.connect() as conn:
-            resolved = [v for (v,) in conn.execute(select(distinct(lookup.c[resolve.column])).where(condition))
+            resolved = [v for (v,) in conn.execute(select(lookup.c[resolve.column]).where(condition).distinct())
                         if v is not None]
         current_type, current = resolve.to, resolved
         found.extend((current_type, key.digest(current_type, v)) for v in resolved)
@@ -194,7 +194,7 @@ def _sql_step(base: dict[str, Any], target: SqlTarget, request: ErasureRequest, 
             continue
         column = table.table.c[column_name]
         with table.engine.connect() as conn:
-            found = conn.execution_options(yield_per=5000).execute(select(distinct(column)).where(column.is_not(None)))
+            found = conn.execution_options(yield_per=5000).execute(select(column).where(column.is_not(None)).distinct())
             values[column_name] = tuple(v for (v,) in found if key.digest(identity_type, v) in wanted)
     records = SubjectRecords(values={c: v for c, v in values.items() if v})
     if not records.values:

@@ -38,6 +38,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("id", metavar="ID")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=cmd_erase_plan)
+    run = erase.add_parser("run", help="erase one request's subject, or every pending request's, and certify it")
+    _common(run)
+    run.add_argument("id", nargs="?", metavar="ID", help="default: every pending (or interrupted) request")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(handler=cmd_erase_run)
 
 
 def _common(cmd: argparse.ArgumentParser) -> None:
@@ -135,3 +140,47 @@ def cmd_erase_plan(args: argparse.Namespace) -> int:
           f"HMAC {request.subject_hmac[:12]}…")
     print(table(["TARGET", "LOCATION", "WHAT"], [[s.key, s.location, s.describe()] for s in plan.steps]))
     return EXIT_OK
+
+
+def cmd_erase_run(args: argparse.Namespace) -> int:
+    from retention.connections import from_environment
+    from retention.erasure_requests import SubjectKey
+    from retention.evidence.signing import Signer
+    from retention.holds import HoldRegistry
+    from retention.rules.loader import load_rules
+    from retention.run.erase import erase_request, pending_requests
+    from retention.targets import Targets
+
+    registry = _registry(args)
+    rules = load_rules(args.rules)
+    key, signer = SubjectKey.from_environment(), Signer.from_environment()
+    ids = [args.id] if args.id else pending_requests(registry)
+    results = []
+    with Targets(from_environment) as targets:
+        for request_id in ids:
+            results.append(erase_request(request_id, rules=rules, registry=registry,
+                                         holds=HoldRegistry(registry.engine), targets=targets, key=key, signer=signer))
+    if args.json:
+        print(json.dumps([{"request": r.request.request_id, "state": r.request.state,
+                           "certificate": r.certificate.data if r.certificate else None} for r in results], indent=2))
+        return EXIT_OK
+    if not results:
+        print("No pending erasure requests.")
+    for result in results:
+        if result.certificate is None:
+            print(f"{result.request.request_id}: already {result.request.state}; nothing to do")
+            continue
+        print(f"{result.request.request_id}: {result.request.state}, certificate {result.certificate.seq}")
+        for entry in result.certificate.data["targets"]:
+            print(f"  {entry['name']:<32} {_outcome_text(entry)}")
+    return EXIT_OK
+
+
+def _outcome_text(entry: dict) -> str:
+    """One target of an erasure certificate, in words."""
+    outcome = entry["outcome"]
+    text = {"erased": f"erased {entry['deleted']}", "anonymized": f"anonymized {entry['anonymized']}"}.get(
+        outcome, entry.get("reason") or entry.get("error") or outcome.replace("_", " "))
+    for hold in entry.get("holds", []):
+        text += f"; {entry['held']} retained under legal hold {hold['case']}"
+    return text

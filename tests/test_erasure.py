@@ -10,9 +10,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from conftest import Database, connect
 from retention.erasure_requests import ErasureRegistry, SubjectKey
 from retention.interfaces.cli import main
+
+from conftest import Database, connect
 
 HASH_KEY = "erasure-test-hash-key-0123456789"
 ANA_EMAIL, ANA_NAME, ANA = "Ana@Example.com", "Ana Lima", 7

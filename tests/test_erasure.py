@@ -215,3 +215,54 @@ def test_a_subject_is_erased_everywhere_a_hold_wins_and_one_certificate_says_so(
     # The audit database never holds the email or the name in clear.
     dump = "\n".join(world["audit"].engine.raw_connection().driver_connection.iterdump()).lower()
     assert "ana@example.com" not in dump and "ana lima" not in dump and "ana" + "@" not in dump
+
+
+def _verify_offline(receipt: dict, public_pem: bytes, identity: str, hash_key: bytes) -> dict:
+    """What an auditor does with stock cryptography and rfc8785 only (no retention code)."""
+    import base64
+    import hashlib
+    import hmac
+
+    import rfc8785
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(public_pem)
+    cert = receipt["certificate"]
+    assert hashlib.sha256(key.public_bytes_raw()).hexdigest() == cert["key_id"]
+    body = cert["payload"].encode("utf-8")
+    key.verify(base64.b64decode(cert["signature"]), body)  # raises InvalidSignature
+    payload = json.loads(body)
+    assert rfc8785.dumps(payload) == body and hashlib.sha256(body).hexdigest() == cert["entry_hash"]
+    kind, value = identity.split("=", 1)
+    expected = hmac.new(hash_key, f"{kind}={value.strip().lower()}".encode(), hashlib.sha256).hexdigest()
+    assert payload["subject"] == {**payload["subject"], "type": kind, "hmac": expected}
+    return payload
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_a_receipt_verifies_offline_and_names_the_subject_only_as_hmac(world, tmp_path, capsys):
+    rules = world["rules"]
+    assert main(["erase", "request", "--subject", "email= ANA@example.com", "--request", "DSR-2", "--rules", rules]) == 0
+    assert main(["erase", "receipt", "DSR-2"]) == 2  # not run yet: no certificate
+    assert main(["erase", "run", "DSR-2", "--rules", rules]) == 0
+    receipt_file = tmp_path / "receipt.json"
+    assert main(["erase", "receipt", "DSR-2", "--out", str(receipt_file)]) == 0
+    receipt = json.loads(receipt_file.read_text())
+    assert "ana@" not in receipt_file.read_text().lower()
+    public = world["keys"][1]
+    payload = _verify_offline(receipt, public.read_bytes(), "email=ana@example.com", HASH_KEY.encode())
+    assert payload["status"] == "done" and payload["request"] == "DSR-2"
+
+    hash_key_file = tmp_path / "hash.key"
+    hash_key_file.write_text(HASH_KEY + "\n")
+    capsys.readouterr()
+    assert main(["verify-receipt", str(receipt_file), "--public-key", str(public),
+                 "--identity", "email=ana@example.com", "--hash-key-file", str(hash_key_file)]) == 0
+    assert "the subject is the identity given" in capsys.readouterr().out
+    assert main(["verify-receipt", str(receipt_file), "--public-key", str(public),
+                 "--identity", "email=bob@example.com", "--hash-key-file", str(hash_key_file)]) == 1
+    tampered = dict(receipt, certificate={**receipt["certificate"],
+                                          "payload": receipt["certificate"]["payload"].replace('"done"', '"partial"')})
+    receipt_file.write_text(json.dumps(tampered))
+    assert main(["verify-receipt", str(receipt_file), "--public-key", str(public)]) == 1
+    assert "signature does not verify" in capsys.readouterr().err

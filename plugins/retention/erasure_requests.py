@@ -26,6 +26,7 @@ from sqlalchemy import insert, select, update
 from retention.clock import utc_iso
 from retention.errors import ConfigError
 from retention.evidence.audit import erasure_request_events, erasure_requests
+from retention.evidence.receipt import identity_hmac
 from retention.identity import who
 
 if TYPE_CHECKING:
@@ -67,18 +68,6 @@ class SubjectKey:
     def digest(self, identity_type: str, value: Any) -> str:
         """The HMAC of one identity: hex SHA-256 over ``type=normalised value``."""
         return identity_hmac(self._key, identity_type, value)
-
-
-def normalise(identity_type: str, value: Any) -> str:
-    """An identity as it is compared: text without surrounding spaces; emails in lower case."""
-    text = str(value).strip()
-    return text.lower() if identity_type == "email" else text
-
-
-def identity_hmac(key: bytes, identity_type: str, value: Any) -> str:
-    """HMAC-SHA256 (hex) of ``type=value``, the value normalised: what receipts are checked against."""
-    message = f"{identity_type}={normalise(identity_type, value)}".encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

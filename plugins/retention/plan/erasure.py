@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, or_, select
 
-from retention.erasure_requests import normalise
 from retention.errors import ConfigError, TargetError
+from retention.evidence.receipt import normalise
 from retention.rules.fields import subject_placeholders
 from retention.rules.models import S3Target, SqlTarget
 

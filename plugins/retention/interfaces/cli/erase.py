@@ -9,7 +9,7 @@ from datetime import date
 from typing import TYPE_CHECKING
 
 from retention.errors import ConfigError
-from retention.interfaces.cli.options import DEFAULT_RULES_DIR, EXIT_OK, _day, audit_option
+from retention.interfaces.cli.options import DEFAULT_RULES_DIR, EXIT_FAILED, EXIT_OK, _day, _err, audit_option
 from retention.interfaces.render import table
 
 if TYPE_CHECKING:
@@ -43,6 +43,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("id", nargs="?", metavar="ID", help="default: every pending (or interrupted) request")
     run.add_argument("--json", action="store_true")
     run.set_defaults(handler=cmd_erase_run)
+    receipt = erase.add_parser("receipt", help="the signed receipt of a request, as self-contained JSON")
+    audit_option(receipt)
+    receipt.add_argument("id", metavar="ID")
+    receipt.add_argument("--out", metavar="FILE", help="write it here (default: stdout)")
+    receipt.set_defaults(handler=cmd_erase_receipt)
+    check = commands.add_parser("verify-receipt", help="check an erasure receipt offline against a public key")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--public-key", required=True, metavar="PEM")
+    check.add_argument("--identity", metavar="TYPE=VALUE", help="also check the subject is this identity")
+    check.add_argument("--hash-key-file", metavar="FILE", help="the hash key (RETENTION_HASH_KEY), with --identity")
+    check.set_defaults(handler=cmd_verify_receipt)
 
 
 def _common(cmd: argparse.ArgumentParser) -> None:
@@ -184,3 +195,59 @@ def _outcome_text(entry: dict) -> str:
     for hold in entry.get("holds", []):
         text += f"; {entry['held']} retained under legal hold {hold['case']}"
     return text
+
+
+def cmd_erase_receipt(args: argparse.Namespace) -> int:
+    from retention.evidence.chain import read_certificates
+    from retention.evidence.receipt import build_receipt
+
+    registry = _registry(args)
+    request = registry.get(args.id)
+    if request.certificate_seq is None:
+        raise ConfigError(f"request {request.request_id} is {request.state}: it has no certificate yet "
+                          f"(`retention erase run {request.request_id}`)")
+    certificate = next(read_certificates(registry.engine, seq=request.certificate_seq))
+    text = json.dumps(build_receipt(certificate), indent=2, sort_keys=True) + "\n"
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        print(f"wrote the receipt of {request.request_id} (certificate {certificate.seq}) to {args.out}")
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
+def cmd_verify_receipt(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from retention.evidence.receipt import check_receipt
+
+    try:
+        with open(args.file, encoding="utf-8") as stream:
+            receipt = json.load(stream)
+        with open(args.public_key, "rb") as stream:
+            public_key = serialization.load_pem_public_key(stream.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the receipt or the public key: {exc}") from None
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise ConfigError(f"{args.public_key} is not an Ed25519 public key")
+    identity, hash_key = None, None
+    if args.identity:
+        kind, sep, value = args.identity.partition("=")
+        if not sep or not args.hash_key_file:
+            raise ConfigError("--identity takes TYPE=VALUE and needs --hash-key-file")
+        with open(args.hash_key_file, "rb") as stream:
+            hash_key = stream.read().rstrip(b"\r\n")
+        identity = (kind.strip(), value)
+    check = check_receipt(receipt, public_key, identity=identity, hash_key=hash_key)
+    if not check.ok:
+        for problem in check.problems:
+            _err(f"✗ {problem}")
+        return EXIT_FAILED
+    payload = check.payload
+    print(f"✓ receipt of {payload['request']} verifies: certificate {payload['seq']}, {payload['status']}, "
+          f"signed by {payload['key_id'][:16]}…" + ("; the subject is the identity given" if check.subject_checked else ""))
+    for entry in payload["targets"]:
+        print(f"  {entry['name']:<32} {_outcome_text(entry)}")
+    return EXIT_OK

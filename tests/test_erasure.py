@@ -266,3 +266,37 @@ def test_a_receipt_verifies_offline_and_names_the_subject_only_as_hmac(world, tm
     receipt_file.write_text(json.dumps(tampered))
     assert main(["verify-receipt", str(receipt_file), "--public-key", str(public)]) == 1
     assert "signature does not verify" in capsys.readouterr().err
+
+
+KILL_POINTS = ["erase.started=1", "erase.before_commit=1", "erase.after_commit=2", "erase.before_commit=4",
+               "erase.before_certificate=1", "erase.after_certificate=1"]
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_anywhere_a_rerun_erases_everything_exactly_once_with_one_certificate(world, point):
+    import os
+    import subprocess
+    import sys
+
+    rules = world["rules"]
+    assert main(["erase", "request", "--subject", "email=ana@example.com", "--request", "DSR-3", "--rules", rules]) == 0
+    before = _counts(world)
+    command = [sys.executable, "-m", "retention.interfaces.cli", "erase", "run", "--rules", rules]
+    killed = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "RETENTION_FAILPOINTS": f"{point}:kill"})
+    assert killed.returncode == -9, killed.stderr
+    rerun = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+    assert rerun.returncode == 0, rerun.stderr
+    after = _counts(world)
+    assert (after["ana"], after["ana_orders"], after["ana_objects"], after["anonymized"]) == (0, 0, 0, 1)
+    assert after["orders"] == before["orders"] - 2 and after["items"] == before["items"] - 4
+    assert after["tickets"] == before["tickets"] - 1 and after["objects"] == before["objects"] - 2
+    audit = world["audit"]
+    assert audit.scalar("SELECT count(*) FROM purge_certificates") == 1
+    cert = json.loads(audit.scalar("SELECT payload FROM purge_certificates"))
+    assert cert["status"] == "done"
+    assert {t["target"]: t["deleted"] + t["anonymized"] for t in cert["targets"]} == {
+        "customers": 1, "invoices": 1, "orders": 2, "tickets": 1, "exports": 2}
+    assert ErasureRegistry(audit.engine).get("DSR-3").state == "done"
+    assert main(["verify", "--public-key", str(world["keys"][1])]) == 0

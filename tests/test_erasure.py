@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -300,3 +301,40 @@ def test_killed_anywhere_a_rerun_erases_everything_exactly_once_with_one_certifi
         "customers": 1, "invoices": 1, "orders": 2, "tickets": 1, "exports": 2}
     assert ErasureRegistry(audit.engine).get("DSR-3").state == "done"
     assert main(["verify", "--public-key", str(world["keys"][1])]) == 0
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_replay_after_restoring_a_dump_erases_the_subject_again(world, tmp_path, capsys):
+    import shutil
+
+    from retention.connections import from_environment
+    from retention.rules.loader import load_rules
+    from retention.run.erase import erased_records
+    from retention.targets import Targets
+
+    rules = world["rules"]
+    crm_file, shop_file = Path(world["crm"].url.database), Path(world["shop"].url.database)
+    shutil.copy(crm_file, tmp_path / "crm.dump")
+    shutil.copy(shop_file, tmp_path / "shop.dump")
+    assert main(["erase", "request", "--subject", "email=ana@example.com", "--request", "DSR-4", "--rules", rules]) == 0
+    assert main(["erase", "run", "--rules", rules]) == 0
+    erased = _counts(world)
+    # The databases are restored from last night's dump: Ana is back.
+    for engine in (world["crm"].engine, world["shop"].engine):
+        engine.dispose()
+    shutil.copy(tmp_path / "crm.dump", crm_file)
+    shutil.copy(tmp_path / "shop.dump", shop_file)
+    assert _counts(world)["ana"] == 1 and _counts(world)["ana_orders"] == 2
+    registry = ErasureRegistry(world["audit"].engine)
+    with Targets(from_environment) as targets:
+        back = erased_records(load_rules(rules), registry, targets, SubjectKey(HASH_KEY.encode()))
+    assert back == {"customer_accounts/customers": 1, "billing_contacts/invoices": 1, "orders/orders": 2,
+                    "orders/tickets": 1}
+    capsys.readouterr()
+    assert main(["erase", "replay", "--since", datetime.now(timezone.utc).date().isoformat(), "--rules", rules]) == 0
+    assert "replaying 1 erasure request" in capsys.readouterr().out
+    assert _counts(world) == erased
+    assert [e["event"] for e in registry.history("DSR-4")] == ["pending", "in_progress", "done", "in_progress", "done"]
+    assert world["audit"].scalar("SELECT count(*) FROM purge_certificates") == 2
+    assert main(["erase", "replay", "--since", "2999-01-01", "--rules", rules]) == 0
+    assert world["audit"].scalar("SELECT count(*) FROM purge_certificates") == 2

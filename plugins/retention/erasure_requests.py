@@ -39,8 +39,8 @@ MIN_HASH_KEY_BYTES = 16
 
 STATES = ("pending", "in_progress", "done", "partial", "denied")
 _NEXT = {"pending": {"in_progress", "denied"}, "in_progress": {"done", "partial", "pending"},
-         "partial": {"in_progress", "denied"}, "done": set(), "denied": set()}
-"""Allowed transitions: ``in_progress`` → ``pending`` is a run that stopped before it erased anything."""
+         "partial": {"in_progress", "denied"}, "done": {"in_progress"}, "denied": set()}
+"""Allowed transitions. ``done`` → ``in_progress`` is a replay after a restore brought records back."""
 
 
 class SubjectKey:

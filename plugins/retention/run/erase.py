@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, func, insert, select, update
@@ -54,17 +54,18 @@ class ErasureResult:
 
 
 def erase_request(request_id: str, *, rules: list[RuleFile], registry: ErasureRegistry, holds: HoldRegistry,
-                  targets: Targets, key: SubjectKey, signer: Signer) -> ErasureResult:
+                  targets: Targets, key: SubjectKey, signer: Signer, replay: bool = False) -> ErasureResult:
     """Erase one request's subject everywhere the rules reach, certify it, and close the request.
 
-    A request already done or denied is left as it is; an interrupted one is resumed."""
+    A request already done or denied is left as it is (``replay``: a done one is erased
+    again, after a restore); an interrupted one is resumed."""
     request = registry.get(request_id)
-    if request.state in ("done", "denied"):
+    if request.state == "denied" or (request.state == "done" and not replay):
         return ErasureResult(request, None)
     attempts = sum(1 for event in registry.history(request_id) if event["event"] == "in_progress")
     if request.state != "in_progress":
         attempts += 1
-        request = registry.transition(request_id, "in_progress", detail={"attempt": attempts})
+        request = registry.transition(request_id, "in_progress", detail={"attempt": attempts, "replay": replay})
     failpoints.hit("erase.started")
     plan = build_erasure_plan(request, rules, targets, key, holds=holds)
     journal = _StepJournal(registry.engine, request_id, attempts)
@@ -231,3 +232,24 @@ class _StepJournal:
 def pending_requests(registry: ErasureRegistry) -> list[str]:
     """Ids of the requests a run takes on: pending, and interrupted (in progress)."""
     return [r.request_id for r in registry.find() if r.state in ("pending", "in_progress")]
+
+
+def replayable_requests(registry: ErasureRegistry, since: date) -> list[str]:
+    """Tombstones to replay: requests answered (done or partial) on or after ``since``, the day a
+    restored backup or archive was taken; what they erased may be back."""
+    return [r.request_id for r in registry.find()
+            if r.state in ("done", "partial") and r.updated_at[:10] >= since.isoformat()]
+
+
+def erased_records(rules: list[RuleFile], registry: ErasureRegistry, targets: Targets,
+                   key: SubjectKey) -> dict[str, int]:
+    """Per ``category/target``, the records of the rules' targets that belong to an erased subject
+    (a tombstone: a done or partial request), e.g. rows a restore just loaded. Held records count too."""
+    found: dict[str, int] = {}
+    for request in registry.find():
+        if request.state not in ("done", "partial"):
+            continue
+        for step in build_erasure_plan(request, rules, targets, key).steps:
+            if step.matched:
+                found[step.key] = found.get(step.key, 0) + step.matched
+    return found

@@ -43,6 +43,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("id", nargs="?", metavar="ID", help="default: every pending (or interrupted) request")
     run.add_argument("--json", action="store_true")
     run.set_defaults(handler=cmd_erase_run)
+    replay = erase.add_parser("replay", help="after a restore: erase again the subjects erased since DATE")
+    _common(replay)
+    replay.add_argument("--since", required=True, type=_day, metavar="DATE",
+                        help="the day the restored backup or archive was taken")
+    replay.set_defaults(handler=cmd_erase_replay)
     receipt = erase.add_parser("receipt", help="the signed receipt of a request, as self-contained JSON")
     audit_option(receipt)
     receipt.add_argument("id", metavar="ID")
@@ -154,24 +159,38 @@ def cmd_erase_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_erase_run(args: argparse.Namespace) -> int:
+    from retention.run.erase import pending_requests
+
+    registry = _registry(args)
+    return _erase(args, registry, [args.id] if args.id else pending_requests(registry), replay=False)
+
+
+def cmd_erase_replay(args: argparse.Namespace) -> int:
+    from retention.run.erase import replayable_requests
+
+    registry = _registry(args)
+    ids = replayable_requests(registry, args.since)
+    print(f"replaying {len(ids)} erasure request(s) answered since {args.since}")
+    return _erase(args, registry, ids, replay=True)
+
+
+def _erase(args: argparse.Namespace, registry: ErasureRegistry, ids: list[str], *, replay: bool) -> int:
     from retention.connections import from_environment
     from retention.erasure_requests import SubjectKey
     from retention.evidence.signing import Signer
     from retention.holds import HoldRegistry
     from retention.rules.loader import load_rules
-    from retention.run.erase import erase_request, pending_requests
+    from retention.run.erase import erase_request
     from retention.targets import Targets
 
-    registry = _registry(args)
     rules = load_rules(args.rules)
     key, signer = SubjectKey.from_environment(), Signer.from_environment()
-    ids = [args.id] if args.id else pending_requests(registry)
     results = []
     with Targets(from_environment) as targets:
         for request_id in ids:
-            results.append(erase_request(request_id, rules=rules, registry=registry,
-                                         holds=HoldRegistry(registry.engine), targets=targets, key=key, signer=signer))
-    if args.json:
+            results.append(erase_request(request_id, rules=rules, registry=registry, holds=HoldRegistry(registry.engine),
+                                         targets=targets, key=key, signer=signer, replay=replay))
+    if getattr(args, "json", False):
         print(json.dumps([{"request": r.request.request_id, "state": r.request.state,
                            "certificate": r.certificate.data if r.certificate else None} for r in results], indent=2))
         return EXIT_OK
@@ -251,3 +270,31 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
     for entry in payload["targets"]:
         print(f"  {entry['name']:<32} {_outcome_text(entry)}")
     return EXIT_OK
+
+
+def warn_erased_after_restore(engine, category: str, rules_dir: str | None = None) -> None:
+    """After a restore: warn (stderr) when restored records of ``category`` belong to an erased subject."""
+    from retention.connections import from_environment
+    from retention.erasure_requests import HASH_KEY_ENV, ErasureRegistry, SubjectKey
+    from retention.errors import RuleError
+    from retention.rules.loader import load_rules
+    from retention.run.erase import erased_records
+    from retention.targets import Targets
+
+    registry = ErasureRegistry(engine)
+    if not any(r.state in ("done", "partial") for r in registry.find()):
+        return
+    if not os.environ.get(HASH_KEY_ENV):
+        _err(f"warning: erased subjects' records may be among those restored; {HASH_KEY_ENV} is not set, "
+             "so they were not looked for (`retention erase replay --since DATE` erases them again)")
+        return
+    try:
+        rules = load_rules(rules_dir or os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR), category=category)
+    except RuleError:
+        _err("warning: the rules could not be read, so restored records of erased subjects were not looked for")
+        return
+    with Targets(from_environment) as targets:
+        found = erased_records(rules, registry, targets, SubjectKey.from_environment())
+    for step, records in sorted(found.items()):
+        _err(f"warning: {step}: {records} restored record(s) belong to subjects erased on request; "
+             "`retention erase replay --since DATE` (the day the archive was made) erases them again")

@@ -338,3 +338,23 @@ def test_replay_after_restoring_a_dump_erases_the_subject_again(world, tmp_path,
     assert world["audit"].scalar("SELECT count(*) FROM purge_certificates") == 2
     assert main(["erase", "replay", "--since", "2999-01-01", "--rules", rules]) == 0
     assert world["audit"].scalar("SELECT count(*) FROM purge_certificates") == 2
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_overdue_requests_are_listed_and_make_status_fail(world, capsys):
+    rules = world["rules"]
+    assert main(["erase", "request", "--subject", "customer_id=8", "--request", "DSR-5", "--due", "2020-01-31",
+                 "--rules", rules]) == 0
+    assert main(["erase", "request", "--subject", "email=nobody@example.com", "--request", "DSR-6",
+                 "--rules", rules]) == 0
+    assert main(["erase", "request", "--subject", "email=x@example.com", "--request", "DSR-6", "--rules", rules]) == 2
+    capsys.readouterr()
+    assert main(["erase", "list", "--overdue", "--json"]) == 0
+    assert [r["request_id"] for r in json.loads(capsys.readouterr().out)] == ["DSR-5"]
+    assert main(["erase", "list", "--state", "pending"]) == 0
+    listing = capsys.readouterr().out
+    assert "DSR-5" in listing and "OVERDUE" in listing and "DSR-6" in listing
+    assert main(["status", "--rules", rules]) == 1
+    assert "erasure request DSR-5 is overdue: due 2020-01-31, pending" in capsys.readouterr().err
+    assert main(["erase", "plan", "DSR-6", "--rules", rules]) == 0
+    assert capsys.readouterr().out.count("not found") == 5

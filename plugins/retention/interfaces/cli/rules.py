@@ -169,7 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
     from retention.rules.loader import load_rules
-    from retention.run.status import retention_status
+    from retention.run.status import overdue_erasures, retention_status
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
@@ -180,6 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = retention_status(rules, engine, targets, now=now, skipped=skipped)
     for note in skipped:
         _err(f"! {note}")
+    overdue = overdue_erasures(engine, now=now)
+    for request in overdue:
+        _err(f"! erasure request {request.request_id} is overdue: due {request.due}, {request.state}")
     if args.json:
         print(json.dumps([r.to_dict() for r in report], indent=2))
     else:
@@ -189,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                  r.error or ""] for r in report]
         print(table(["CATEGORY", "TARGET", "LAST RESULT", "CERTIFIED", "OVERDUE", "HELD", "OLDEST OVERDUE BY", "STATE",
                      "ERROR"], rows, right=(4, 5, 6)))
-    return EXIT_OK if all(r.healthy for r in report) else EXIT_FAILED
+    return EXIT_OK if all(r.healthy for r in report) and not overdue else EXIT_FAILED
 
 
 def _print_plan(plan) -> None:

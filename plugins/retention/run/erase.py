@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from retention.holds import HoldRegistry
     from retention.plan.erasure import ErasureStep
     from retention.rules.models import RuleFile, S3Target
+    from retention.rules.subjects import SubjectsFile
     from retention.targets import Targets
 
 log = logging.getLogger(__name__)
@@ -253,3 +254,26 @@ def erased_records(rules: list[RuleFile], registry: ErasureRegistry, targets: Ta
             if step.matched:
                 found[step.key] = found.get(step.key, 0) + step.matched
     return found
+
+
+def file_erasure_request(registry: ErasureRegistry, subjects: SubjectsFile, *, subject: str, request_id: str,
+                         reason: str, due: date | None, targets: Targets, key: SubjectKey) -> ErasureRequest:
+    """File a request for ``subject`` (``TYPE=VALUE``): resolve it now, keep only HMACs, due by default
+    ``due_within`` after today."""
+    from retention.errors import ConfigError
+    from retention.plan.erasure import resolve_identities
+
+    identity_type, sep, value = subject.partition("=")
+    if not sep or not value.strip() or not identity_type.strip():
+        raise ConfigError("a subject is TYPE=VALUE, e.g. email=ana@example.com")
+    identities = resolve_identities(subjects, identity_type.strip(), value, targets, key)
+    received = registry.today()
+    within = subjects.config.due_within
+    if due is None:
+        import pendulum
+
+        later = pendulum.date(received.year, received.month, received.day).add(
+            years=within.years, months=within.months, weeks=within.weeks, days=within.days)
+        due = date(later.year, later.month, later.day)
+    return registry.file(request_id=request_id, subject_type=identity_type.strip(), subject_hmac=identities[0][1],
+                         identities=identities, key_id=key.key_id, reason=reason, due=due)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import date
 from typing import TYPE_CHECKING
 
 from retention.errors import ConfigError
@@ -87,35 +86,19 @@ def _subjects(rules_dir: str):
 def cmd_erase_request(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.erasure_requests import SubjectKey
-    from retention.plan.erasure import resolve_identities
+    from retention.run.erase import file_erasure_request
     from retention.targets import Targets
 
-    identity_type, sep, value = args.subject.partition("=")
-    if not sep or not value.strip():
-        raise ConfigError("--subject takes TYPE=VALUE, e.g. email=ana@example.com")
     subjects = _subjects(args.rules)
     key = SubjectKey.from_environment()
-    registry = _registry(args)
     with Targets(from_environment) as targets:
-        identities = resolve_identities(subjects, identity_type.strip(), value, targets, key)
-    received = registry.today()
-    due = args.due or _due(received, subjects.config.due_within)
-    filed = registry.file(request_id=args.request, subject_type=identity_type.strip(), subject_hmac=identities[0][1],
-                          identities=identities, key_id=key.key_id, reason=args.reason, due=due)
+        filed = file_erasure_request(_registry(args), subjects, subject=args.subject, request_id=args.request,
+                                     reason=args.reason, due=args.due, targets=targets, key=key)
     resolved = len(filed.identities) - 1
-    print(f"filed {filed.request_id}: {identity_type} (kept as HMAC {filed.subject_hmac[:12]}…), resolved to "
+    print(f"filed {filed.request_id}: {filed.subject_type} (kept as HMAC {filed.subject_hmac[:12]}…), resolved to "
           f"{resolved} further identit{'y' if resolved == 1 else 'ies'}; due {filed.due}")
     print(f"  `retention erase plan {filed.request_id}` shows what would be erased")
     return EXIT_OK
-
-
-def _due(received: date, within) -> date:
-    """``received`` plus the duration (calendar arithmetic)."""
-    import pendulum
-
-    later = pendulum.date(received.year, received.month, received.day).add(
-        years=within.years, months=within.months, weeks=within.weeks, days=within.days)
-    return date(later.year, later.month, later.day)
 
 
 def cmd_erase_list(args: argparse.Namespace) -> int:

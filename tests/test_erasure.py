@@ -201,6 +201,10 @@ def test_a_subject_is_erased_everywhere_a_hold_wins_and_one_certificate_says_so(
     assert by_target["orders"]["tables"] == {"order_items": 2, "orders": 1}
     assert by_target["orders"]["holds"] == [{"id": 1, "case": "CASE-123"}] and by_target["orders"]["held"] == 1
     assert by_target["invoices"]["outcome"] == "anonymized" and by_target["exports"]["deleted"] == 2
+    capsys.readouterr()
+    assert main(["certificates", "--seq", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "erasure request DSR-1 (attempt 1), partial" in shown and "CASE-123" in shown
 
     # A rerun changes nothing: the request is answered (partial means it is taken up again).
     assert main(["erase", "run", "DSR-1", "--rules", rules]) == 0

@@ -191,12 +191,12 @@ def _erase(args: argparse.Namespace, registry: ErasureRegistry, ids: list[str], 
 
 def _outcome_text(entry: dict) -> str:
     """One target of an erasure certificate, in words."""
-    outcome = entry["outcome"]
-    text = {"erased": f"erased {entry['deleted']}", "anonymized": f"anonymized {entry['anonymized']}"}.get(
-        outcome, entry.get("reason") or entry.get("error") or outcome.replace("_", " "))
-    for hold in entry.get("holds", []):
-        text += f"; {entry['held']} retained under legal hold {hold['case']}"
-    return text
+    outcome, holds = entry["outcome"], entry.get("holds", [])
+    parts = [{"erased": f"erased {entry['deleted']}", "anonymized": f"anonymized {entry['anonymized']}"}.get(
+        outcome, entry.get("reason") or entry.get("error") or ("" if holds else outcome.replace("_", " ")))]
+    if holds:
+        parts.append(f"{entry['held']} retained under legal hold {', '.join(h['case'] for h in holds)}")
+    return "; ".join(p for p in parts if p)
 
 
 def cmd_erase_receipt(args: argparse.Namespace) -> int:

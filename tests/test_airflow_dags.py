@@ -28,7 +28,7 @@ def airflow_db():
                    env=os.environ.copy())
 
 
-def rule_dag(rules: Path, dag_id: str, monkeypatch):
+def rule_dag(rules: Path, dag_id: str, monkeypatch, *, pools_synced: bool = True):
     """The DAG the real dags/ folder builds from ``rules``.
 
     dag.test() re-parses the DAGs folder to serialize the DAG it runs, so the rules
@@ -37,6 +37,19 @@ def rule_dag(rules: Path, dag_id: str, monkeypatch):
     from retention.interfaces.airflow import build_dags
 
     monkeypatch.setenv("RETENTION_RULES_DIR", str(rules))
+    if pools_synced:
+        # What `retention airflow sync-pools` records (dag.test() itself ignores pools); a
+        # platform that manages its pools elsewhere sets the same Variable.
+        from retention.interfaces.pools import (
+            POOLS_VARIABLE,
+            load_pool_config,
+            load_pool_rules,
+            pools_receipt,
+            required_pools,
+        )
+
+        receipt = pools_receipt(required_pools(load_pool_rules(rules), load_pool_config(rules)))
+        monkeypatch.setenv(f"AIRFLOW_VAR_{POOLS_VARIABLE.upper()}", receipt)
     return build_dags(rules)[dag_id]
 
 

@@ -341,4 +341,14 @@ def test_status_shows_how_far_behind_retention_is(crm, tmp_path, capsys):
     assert (after["last_status"], after["expired"], after["lag_seconds"], after["healthy"]) == ("complete", 0, None, True)
 
 
+def test_status_counts_what_a_hold_on_matching_rows_keeps(crm, tmp_path, capsys):
+    """Found by the compliance page: status failed ("already initialized a Transaction") on any
+    SQL target with a matching-rows hold in force."""
+    holds().add(category="customer_accounts", match={"id": 7}, case_id="CASE-7", reason="chargeback dispute")
+    rules_dir = rule(tmp_path).path.parent
+    assert main(["status", "--rules", str(rules_dir), "--as-of", AS_OF.isoformat(), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)[0]
+    assert (report["expired"], report["held"], report["error"]) == (39, 1, None)
+
+
 __all__ = ["os"]

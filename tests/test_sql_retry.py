@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from retention.archive.store import ArchiveStore
 from retention.errors import TransientError
 from retention.evidence.audit import purge_batches
-from retention.rules.models import load_rule_file
+from retention.rules.loader import load_rule_file
 from retention.targets.sql.archive import ARCHIVE_ATTEMPTS
 from retention.targets.sql.delete import DeleteRows
 from retention.targets.sql.table import SqlTable

@@ -1,1 +1,2 @@
-"""Interfaces: the CLI, the Airflow DAGs, the demo. Only interfaces/airflow.py imports Airflow."""
+"""Interfaces: the CLI, the Airflow DAGs and plugin (the compliance page), reports, the demo.
+Only interfaces/airflow*.py import Airflow."""

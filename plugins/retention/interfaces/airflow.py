@@ -27,11 +27,20 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from retention.connections import ConnectionSpec
 from retention.errors import ConfigError, RuleProblem
-from retention.interfaces.pools import pool_name
+from retention.interfaces.airflow_signals import (
+    add_asset_event,
+    category_alias,
+    emit_metrics,
+    pager_line,
+    retention_lag,
+    target_signal,
+)
+from retention.interfaces.pools import POOLS_VARIABLE, pool_name, unsynced_advice, unsynced_pools
 from retention.rules.loader import salvage_fields, scan_rules
 from retention.rules.models import RuleFile
 
 if TYPE_CHECKING:
+    from retention.run.journal import RunRecord
     from retention.run.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -156,7 +165,8 @@ def _rule_dag(rule_file: RuleFile) -> DAG:
         planned, certified = plan(), certify()
         for conn_id, names in by_connection.items():
             task_id = "purge" if len(by_connection) == 1 else f"purge__{conn_id}"
-            purges = purge.override(task_id=task_id, pool=pool_name(conn_id)).expand(target=names)
+            purges = purge.override(task_id=task_id, pool=pool_name(conn_id),
+                                    outlets=[category_alias(category)]).expand(target=names)
             planned >> purges >> certified
     return dag
 
@@ -168,8 +178,9 @@ def _plan(path: str, category: str) -> list[str]:
     """
     context = get_current_context()
     report_invalid_rules(Path(path).parent)
+    rule_file = _reload(path, category)
+    _check_pools(rule_file)
     with _runner() as runner:
-        rule_file = _reload(path, category)
         as_of = context.get("logical_date") or context["dag_run"].run_after
         approval = (context["params"] or {}).get("approve_over_limit")
         run, purge_plan = runner.start(rule_file, run_id=context["run_id"], as_of=as_of, approval=approval)
@@ -194,8 +205,45 @@ def _purge(path: str, category: str, target: str) -> dict[str, Any]:
         run = runner.journal.get_run(category, context["run_id"])
         if run is None:
             raise AirflowFailException("the plan task did not open this run")
-        record = runner.purge(rule_file, run, target, progress=_log_progress)
+        try:
+            record = runner.purge(rule_file, run, target, progress=_log_progress)
+        finally:
+            signal = _report_target(runner, rule_file, run, target)
+        if signal is not None:
+            add_asset_event(context["outlet_events"], rule_file.rule.target(target), signal, run.run_id)
     return {"target": target, "deleted": record.deleted, "matched": record.matched}
+
+
+def _check_pools(rule_file: RuleFile) -> None:
+    """AirflowFailException unless ``sync-pools`` recorded every pool this DAG's purge tasks use.
+
+    A task cannot read Airflow's pools, and a purge task whose pool does not exist is
+    never scheduled: without this the category would wait, silently, for ever.
+    """
+    from airflow.sdk import Variable
+
+    needed = [pool_name(t.connection) for t in rule_file.rule.targets]
+    try:
+        receipt = Variable.get(POOLS_VARIABLE, default=None, deserialize_json=True)
+    except ValueError:  # not JSON: as good as unset
+        receipt = None
+    missing = unsynced_pools(needed, receipt)
+    if missing:
+        raise AirflowFailException(unsynced_advice(rule_file.rule.category, missing, receipt))
+
+
+def _report_target(runner: Runner, rule_file: RuleFile, run: RunRecord, target: str) -> Any:
+    """Send the target's metrics after its purge, failed or not; its signal, or None when unknown."""
+    try:
+        record = {t.target: t for t in runner.journal.targets(run)}.get(target)
+        if record is None:
+            return None
+        signal = target_signal(rule_file, record, retention_lag(runner, run, record))
+        emit_metrics(signal)
+        return signal
+    except Exception:  # the purge's own outcome (or error) is what the task must report
+        log.warning("%s.%s: could not report its metrics", run.category, target, exc_info=True)
+        return None
 
 
 def _certify(category: str) -> dict[str, Any]:
@@ -209,10 +257,7 @@ def _certify(category: str) -> dict[str, Any]:
     log.info("certificate seq %d: %s, %d purged, hash %s", certificate.seq, certificate.status,
              certificate.deleted, certificate.entry_hash)
     if certificate.status != "complete":
-        raise AirflowFailException(
-            f"run {certificate.status}: certificate seq {certificate.seq} records what did and did "
-            "not happen; see the purge tasks for the cause"
-        )
+        raise AirflowFailException(pager_line(certificate))
     return {"seq": certificate.seq, "status": certificate.status, "entry_hash": certificate.entry_hash}
 
 

@@ -7,6 +7,12 @@ else :data:`DEFAULT_SLOTS`. The pool *names* depend only on the rules, so DAGs a
 built without this file; only ``retention airflow sync-pools`` (and the deployment's
 init step, which calls it) reads the slots.
 
+A task cannot see Airflow's pools (the Task SDK has no pool endpoint and tasks may not
+open the metadata database), so ``sync-pools`` also leaves a receipt a task *can* read:
+the Airflow Variable :data:`POOLS_VARIABLE`, the names of the pools it set. Each DAG's
+plan task checks its purge tasks' pools against it (:func:`unsynced_pools`), so a pool
+never created fails the run loudly instead of leaving its purges waiting for ever.
+
 No Airflow import here: the pools are computed from YAML, and written through
 Airflow's own ``airflow pools import`` (its local API client) by the CLI.
 """
@@ -33,6 +39,8 @@ DEFAULT_SLOTS = 1
 """One purge per database at a time unless the pools file says more."""
 MAX_SLOTS = 64
 """More concurrent purges than this on one database is a typo, not a plan."""
+POOLS_VARIABLE = "retention_pools"
+"""The Airflow Variable ``sync-pools`` writes: a JSON list of the pool names it set."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,28 @@ def required_pools(rules: list[RuleFile], config: PoolConfig) -> list[Pool]:
 def import_document(pools: list[Pool]) -> dict[str, Any]:
     """The JSON ``airflow pools import`` reads (and the REST API's fields)."""
     return {p.name: {"slots": p.slots, "description": p.description, "include_deferred": False} for p in pools}
+
+
+def pools_receipt(pools: list[Pool]) -> str:
+    """The JSON value of :data:`POOLS_VARIABLE` after ``pools`` were set."""
+    import json
+
+    return json.dumps(sorted(p.name for p in pools))
+
+
+def unsynced_pools(needed: list[str], receipt: Any) -> list[str]:
+    """Pools of ``needed`` that the receipt (the Variable's value, None when unset) does not name."""
+    synced = {str(n) for n in receipt} if isinstance(receipt, list) else set()
+    return [name for name in dict.fromkeys(needed) if name not in synced]
+
+
+def unsynced_advice(category: str, missing: list[str], receipt: Any) -> str:
+    """The plan task's one-line error for pools ``sync-pools`` has not set."""
+    why = (f"Airflow Variable {POOLS_VARIABLE} is not set" if receipt is None
+           else f"Airflow Variable {POOLS_VARIABLE} does not list it")
+    return (f"retention {category}: pool {', '.join(missing)} was not set by `retention airflow sync-pools` "
+            f"({why}), so its purge tasks would never be scheduled. Nothing was touched: run `retention "
+            "airflow sync-pools` where Airflow runs (the deployment's init step), then clear this run")
 
 
 def _is_slots(value: Any) -> bool:

@@ -32,9 +32,11 @@ def cmd_airflow_sync_pools(args: argparse.Namespace) -> int:
     import tempfile
 
     from retention.interfaces.pools import (
+        POOLS_VARIABLE,
         import_document,
         load_pool_config,
         load_pool_rules,
+        pools_receipt,
         required_pools,
         rule_connections,
     )
@@ -62,5 +64,12 @@ def cmd_airflow_sync_pools(args: argparse.Namespace) -> int:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1][:300]
         raise RetentionError(f"`airflow pools import` failed (exit {done.returncode}): {last}; "
                              "no retention pool may exist yet, and purge tasks wait for theirs")
+    # Tasks cannot read pools; the plan task checks this receipt instead.
+    done = subprocess.run([sys.executable, "-m", "airflow", "variables", "set", POOLS_VARIABLE, pools_receipt(pools)],
+                          capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1][:300]
+        raise RetentionError(f"the pools are set, but `airflow variables set {POOLS_VARIABLE}` failed "
+                             f"(exit {done.returncode}): {last}; the plan tasks will refuse to run until it is set")
     print(f"✓ {count(len(pools), 'pool')} set in Airflow.", file=sys.stderr)
     return EXIT_OK

@@ -282,8 +282,9 @@ class SqlTable:
         held_condition = self.held(holds)
 
         def read(conn: Connection) -> tuple[int, int, Any]:
-            count, oldest = conn.execute(select(func.count(), func.min(age)).where(unheld)).one()
+            # count() runs in a transaction of its own: first, before a query begins one.
             held = 0 if held_condition is None else self.count(conn, and_(expired, held_condition))
+            count, oldest = conn.execute(select(func.count(), func.min(age)).where(unheld)).one()
             return count, held, oldest
 
         count, held, oldest = self.with_retries(read)

@@ -362,3 +362,25 @@ def test_overdue_requests_are_listed_and_make_status_fail(world, capsys):
     assert "erasure request DSR-5 is overdue: due 2020-01-31, pending" in capsys.readouterr().err
     assert main(["erase", "plan", "DSR-6", "--rules", rules]) == 0
     assert capsys.readouterr().out.count("not found") == 5
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_requests_are_never_deleted_and_their_history_never_rewritten(backend, tmp_path, request):
+    from datetime import date
+
+    from retention.evidence.audit import ensure_schema
+
+    audit = request.getfixturevalue({"sqlite": "sqlite_db", "postgresql": "pg_db", "mariadb": "mysql_db"}[backend])
+    ensure_schema(audit.engine)
+    registry = ErasureRegistry(audit.engine)
+    key = SubjectKey(HASH_KEY.encode())
+    registry.file(request_id="DSR-9", subject_type="customer_id", subject_hmac=key.digest("customer_id", 9),
+                  identities=[], key_id=key.key_id, reason="test", due=date(2030, 1, 1))
+    registry.transition("DSR-9", "denied", detail={"why": "not our customer"})
+    for statement in ("DELETE FROM erasure_requests", "DELETE FROM erasure_request_events",
+                      "UPDATE erasure_request_events SET event = 'done'"):
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+            audit.execute(statement)
+    assert [e["event"] for e in registry.history("DSR-9")] == ["pending", "denied"]
+    with pytest.raises(Exception, match="cannot become"):
+        registry.transition("DSR-9", "in_progress")

@@ -6,7 +6,7 @@ Layers, lowest first; a module may import only from its own layer or a lower one
     core        errors, failpoints, clock, identity, retry, connections, aws
     rules       rules/: fields, models, loader, problems, YAML with line numbers
     evidence    evidence/: audit schema, signing, payloads, the chain, verification, checkpoints
-    holds       legal holds (inputs beside the rules, kept in the audit database)
+    holds       legal holds and erasure requests (inputs beside the rules, kept in the audit database)
     archive     archive/: codecs, the store, manifests, restore, checks
     targets     targets/: SQL and S3 targets and their actions
     plan        plan/: the plan value, its builder, the limits
@@ -27,6 +27,9 @@ LAYERS = ["core", "rules", "evidence", "holds", "archive", "targets", "plan", "r
 CORE = {"retention", "retention.errors", "retention.failpoints", "retention.clock", "retention.identity",
         "retention.retry", "retention.connections", "retention.aws"}
 AIRFLOW_INTERFACE = "retention.interfaces.airflow"
+BESIDE_HOLDS = {"retention.erasure_requests"}
+"""Top-level modules of the holds layer besides retention.holds: requests that, like holds, are kept
+in the audit database and read by plans and runs."""
 
 
 def _modules() -> dict[str, Path]:
@@ -43,6 +46,8 @@ def layer(module: str) -> str:
     """The layer a ``retention`` module belongs to."""
     if module in CORE:
         return "core"
+    if module in BESIDE_HOLDS:
+        return "holds"
     head = module.split(".")[1]
     assert head in LAYERS, f"{module} is in no layer: add it to CORE or put it in a layer's package"
     return head

@@ -150,6 +150,46 @@ legal_hold_events = Table(
     Column("detail", Text, nullable=False, comment="the hold or the release reason, as JSON"),
 )
 
+erasure_requests = Table(
+    "erasure_requests",
+    metadata,
+    Column("request_id", String(100), primary_key=True),
+    Column("subject_type", String(63), nullable=False, comment="the identity type the request named"),
+    Column("subject_hmac", String(64), nullable=False, comment="HMAC-SHA256 of type=value; never the value"),
+    Column("identities", Text, nullable=False, comment="JSON [[type, hmac], ...]: the subject and what it resolved to"),
+    Column("key_id", String(16), nullable=False, comment="fingerprint of the hash key the HMACs were made with"),
+    Column("reason", String(200), nullable=False),
+    Column("received_at", String(40), nullable=False),
+    Column("due", String(10), nullable=False, comment="ISO date the answer is due"),
+    Column("filed_by", String(100), nullable=False),
+    Column("state", String(20), nullable=False, comment="pending | in_progress | done | partial | denied"),
+    Column("updated_at", String(40), nullable=False),
+    Column("certificate_seq", BigInteger, nullable=True),
+)
+
+erasure_request_events = Table(
+    "erasure_request_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(100), nullable=False),
+    Column("event", String(20), nullable=False, comment="the state entered"),
+    Column("at", String(40), nullable=False),
+    Column("by", String(100), nullable=False),
+    Column("detail", Text, nullable=False, comment="JSON; HMACs and counts only, never an identity"),
+)
+
+erasure_steps = Table(
+    "erasure_steps",
+    metadata,
+    Column("request_id", String(100), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("step", String(130), nullable=False, comment="category/target"),
+    Column("state", String(10), nullable=False, comment="pending | done"),
+    Column("outcome", Text, nullable=False, comment="what the target did or will do, JSON; counts, never values"),
+    Column("recorded_at", String(40), nullable=False),
+    PrimaryKeyConstraint("request_id", "attempt", "step"),
+)
+
 run_locks = Table(
     "run_locks",
     metadata,
@@ -195,10 +235,26 @@ _PG_APPEND_ONLY = [
     """,
     "ALTER TABLE legal_hold_events ENABLE ALWAYS TRIGGER legal_hold_events_no_change",
     "ALTER TABLE legal_holds ENABLE ALWAYS TRIGGER legal_holds_no_delete",
+    # Erasure requests likewise: their state moves on, but a request is never deleted, and
+    # its history (every transition) is never rewritten.
+    """
+    CREATE OR REPLACE TRIGGER erasure_request_events_no_change
+        BEFORE UPDATE OR DELETE ON erasure_request_events
+        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
+    """,
+    """
+    CREATE OR REPLACE TRIGGER erasure_requests_no_delete
+        BEFORE DELETE ON erasure_requests
+        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
+    """,
+    "ALTER TABLE erasure_request_events ENABLE ALWAYS TRIGGER erasure_request_events_no_change",
+    "ALTER TABLE erasure_requests ENABLE ALWAYS TRIGGER erasure_requests_no_delete",
 ]
 
 _APPEND_ONLY = [("purge_certificates", "UPDATE"), ("purge_certificates", "DELETE"),
-                ("legal_hold_events", "UPDATE"), ("legal_hold_events", "DELETE"), ("legal_holds", "DELETE")]
+                ("legal_hold_events", "UPDATE"), ("legal_hold_events", "DELETE"), ("legal_holds", "DELETE"),
+                ("erasure_request_events", "UPDATE"), ("erasure_request_events", "DELETE"),
+                ("erasure_requests", "DELETE")]
 
 _MYSQL_APPEND_ONLY = [
     f"""
@@ -263,7 +319,9 @@ def _create_schema(engine: Engine) -> None:
 _PG_TRIGGERS = {("purge_certificates", "purge_certificates_no_change"),
                 ("purge_certificates", "purge_certificates_no_truncate"),
                 ("legal_hold_events", "legal_hold_events_no_change"),
-                ("legal_holds", "legal_holds_no_delete")}
+                ("legal_holds", "legal_holds_no_delete"),
+                ("erasure_request_events", "erasure_request_events_no_change"),
+                ("erasure_requests", "erasure_requests_no_delete")}
 
 
 def _pg_triggers_in_place(conn) -> bool:

@@ -32,7 +32,7 @@ from retention.evidence.payload import GENESIS_HASH, PAYLOAD_TYPE, PAYLOAD_VERSI
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-    from retention.evidence.payload import CertificatePayload
+    from retention.evidence.payload import CertificatePayload, ErasureCertificatePayload
     from retention.evidence.signing import Signer
 
 __all__ = ["GENESIS_HASH", "PAYLOAD_TYPE", "PAYLOAD_VERSION", "Certificate", "append_certificate", "canonical",
@@ -78,7 +78,7 @@ def append_certificate(
     *,
     category: str,
     run_id: str,
-    build: Callable[[int, str], CertificatePayload],
+    build: Callable[[int, str], CertificatePayload | ErasureCertificatePayload],
     on_append: Callable[[Connection, int], None],
     attempts: int = 5,
 ) -> Certificate:
@@ -106,7 +106,7 @@ def append_certificate(
 
 def _append(
     engine: Engine, signer: Signer, category: str, run_id: str,
-    build: Callable[[int, str], CertificatePayload], on_append: Callable[[Connection, int], None],
+    build: Callable[[int, str], CertificatePayload | ErasureCertificatePayload], on_append: Callable[[Connection, int], None],
 ) -> Certificate:
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":

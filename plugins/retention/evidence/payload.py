@@ -193,3 +193,107 @@ class CertificatePayload:
     def canonical(self) -> bytes:
         """The bytes that are hashed and signed."""
         return canonical(self.to_dict())
+
+
+ERASURE_PAYLOAD_TYPE = "retention/erasure-certificate"
+ERASURE_CATEGORY = "_erasure"
+"""The category column of erasure certificates: no rule can be named so (categories start with a letter)."""
+
+
+@dataclass(frozen=True)
+class ErasureOutcome:
+    """What erasing the subject did to one rule target: counts and reasons, no identity."""
+
+    category: str
+    target: str
+    kind: str
+    location: str
+    action: str
+    outcome: str
+    """erased | anonymized | retained | not_found | refused | undeclared | failed."""
+    count: int = 0
+    """Records erased (deleted or archived then deleted) or anonymized."""
+    held: int = 0
+    holds: tuple[tuple[int, str], ...] = ()
+    """(hold id, case id) of the holds that retained some of the subject's records."""
+    reason: str = ""
+    tables: Mapping[str, int] | None = None
+
+    def entry(self) -> dict[str, Any]:
+        """The target's section of an erasure certificate."""
+        failed = self.outcome in ("refused", "failed")
+        entry: dict[str, Any] = {
+            "name": f"{self.category}/{self.target}", "category": self.category, "target": self.target,
+            "kind": self.kind, "location": self.location, "action": self.action, "outcome": self.outcome,
+            "status": "failed" if failed else "complete", "matched": self.count + self.held,
+            "deleted": self.count if self.outcome == "erased" else 0,
+            "anonymized": self.count if self.outcome == "anonymized" else 0,
+            "held": self.held, "failed": 0, "error": self.reason if failed else None,
+        }
+        if self.holds:
+            entry["holds"] = [{"id": hold_id, "case": case} for hold_id, case in self.holds]
+        if self.reason and not failed:
+            entry["reason"] = self.reason
+        if self.tables:
+            entry["tables"] = dict(sorted(self.tables.items()))
+        return entry
+
+
+@dataclass(frozen=True)
+class ErasureCertificatePayload:
+    """An erasure request's certificate: in the purge chain, with its own ``type``.
+
+    The subject appears only as the HMAC of ``type=value`` under the hash key ``hash_key_id``
+    names, so a receipt holder who knows the identity and the key can check it is theirs."""
+
+    request_id: str
+    attempt: int
+    subject_type: str
+    subject_hmac: str
+    hash_key_id: str
+    reason: str
+    received_at: str
+    due: str
+    targets: tuple[ErasureOutcome, ...]
+    seq: int
+    prev_hash: str
+    issued_at: datetime
+    key_id: str
+    issued_by: str = ""
+
+    @property
+    def run_id(self) -> str:
+        """``REQUEST#ATTEMPT``: one certificate per attempt at a request."""
+        return f"{self.request_id}#{self.attempt}"
+
+    @property
+    def status(self) -> str:
+        """done when nothing was retained, refused or failed; else partial."""
+        kept = {"refused", "failed"}
+        if any(t.outcome in kept or t.holds for t in self.targets):
+            return "partial"
+        return "done"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The payload as the chain stores it."""
+        entries = [t.entry() for t in self.targets]
+        return {
+            "type": ERASURE_PAYLOAD_TYPE, "version": 1, "seq": self.seq, "prev_hash": self.prev_hash,
+            "issued_at": utc_iso(self.issued_at), "key_id": self.key_id,
+            **({"issued_by": self.issued_by} if self.issued_by else {}),
+            "category": ERASURE_CATEGORY, "run_id": self.run_id, "request": self.request_id,
+            "attempt": self.attempt, "action": "erase", "status": self.status,
+            "subject": {"type": self.subject_type, "hmac": self.subject_hmac, "algorithm": "HMAC-SHA256",
+                        "message": "type=value", "hash_key_id": self.hash_key_id},
+            "reason": self.reason, "received_at": self.received_at, "due": self.due,
+            "holds": sorted({hold_id for t in self.targets for hold_id, _ in t.holds}),
+            "targets": entries,
+            "totals": {"deleted": sum(e["deleted"] for e in entries),
+                       "anonymized": sum(e["anonymized"] for e in entries),
+                       "held": sum(e["held"] for e in entries), "matched": sum(e["matched"] for e in entries),
+                       "failed": 0},
+        }
+
+    def canonical(self) -> bytes:
+        """The bytes that are hashed and signed."""
+        return canonical(self.to_dict())

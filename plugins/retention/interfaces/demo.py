@@ -312,15 +312,25 @@ def _run_demo(demo: Path, env: dict[str, str], bin_dir: Path) -> int:
         [bin_dir / "retention", "verify", "--public-key", demo / "keys" / "retention-signing.pub.pem",
          "--checkpoint", demo / "checkpoints"], env
     )
+    erased = _erasure_demo(demo, env, bin_dir)
+
     _step("Retention status: how far behind is each target now?")
     _run([bin_dir / "retention", "status"], env)
 
-    if failed or not verified:
+    if failed or not verified or not erased:
         print(f"\nDemo finished with failures: {', '.join(failed) or 'verification'}", file=sys.stderr)
         return 1
     print("\nDone. Run it again: new data is seeded, and the certificate chain grows and still verifies.")
     print(explore_text(demo, write_env_file(demo, env)))
     return 0
+
+
+def _erasure_demo(demo: Path, env: dict[str, str], bin_dir: Path) -> bool:
+    """Two customers ask to be forgotten; one has an order under a legal hold. Their receipts verify."""
+    from retention.interfaces.erasure_demo import erasure_steps
+
+    _step("Erasure requests (GDPR Art. 17): two customers ask to be forgotten, one order is on legal hold")
+    return all(_run([bin_dir / "retention", *command], env) for command in erasure_steps(demo, env))
 
 
 def _step(title: str) -> None:

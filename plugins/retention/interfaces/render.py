@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
+from retention.evidence.payload import ERASURE_PAYLOAD_TYPE
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[int] = ()) -> str:
     """An aligned plain-text table; columns listed in ``right`` are right-aligned."""
@@ -62,6 +64,8 @@ def moment(value: datetime | str) -> str:
 def describe_certificate(certificate) -> str:
     """One certificate in full, for a person reviewing it (the signed payload is the record)."""
     data = certificate.data
+    if data.get("type") == ERASURE_PAYLOAD_TYPE:
+        return describe_erasure_certificate(certificate)
     out = [f"certificate {certificate.seq}: {certificate.category}, {certificate.status}"]
 
     def line(label: str, text: str) -> None:
@@ -102,4 +106,21 @@ def describe_certificate(certificate) -> str:
     if tables:
         out.append("rows per table (children with their parent):")
         out.extend(tables)
+    return "\n".join(out)
+
+
+def describe_erasure_certificate(certificate) -> str:
+    """An erasure certificate in full: the request, the subject's HMAC, and each target's outcome."""
+    data = certificate.data
+    subject = data["subject"]
+    out = [f"certificate {certificate.seq}: erasure request {data['request']} (attempt {data['attempt']}), "
+           f"{certificate.status}",
+           f"  subject    {subject['type']} HMAC {subject['hmac']} (hash key {subject['hash_key_id']})",
+           f"  request    {data['reason']}, received {moment(data['received_at'])}, due {data['due']}",
+           f"  signed     key {certificate.key_id[:16]}…; entry {certificate.entry_hash[:16]}…, "
+           f"after {certificate.prev_hash[:16]}…", ""]
+    rows = [[t["name"], t["location"], t["outcome"], f"{t['deleted'] + t['anonymized']:,}", f"{t['held']:,}",
+             ", ".join(h["case"] for h in t.get("holds", [])) or t.get("reason") or t.get("error") or ""]
+            for t in data["targets"]]
+    out.append(table(["TARGET", "LOCATION", "OUTCOME", "RECORDS", "HELD", "WHY"], rows, right=(3, 4)))
     return "\n".join(out)

@@ -84,6 +84,46 @@ KeyColumns = Annotated[list[Identifier], Field(min_length=1), AfterValidator(_un
 """Columns of a key, in the key's order: at least one, none twice."""
 
 
+def _subject_columns(value: Any) -> Any:
+    if value is not None and (not isinstance(value, dict) or not value):
+        raise ValueError("expected a mapping of identity type: column, e.g. {customer_id: customer_id}")
+    return value
+
+
+SubjectColumns = Annotated[dict[Identifier, Identifier] | None, BeforeValidator(_subject_columns)]
+"""Identity type → the column holding it (a row is the subject's when any of them matches)."""
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def parse_subject_prefix(value: Any) -> str | None:
+    """A key template with ``{identity_type}`` placeholders, e.g. ``exports/{customer_id}/``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.startswith("/") or len(value) > 1024:
+        raise ValueError(f"{value!r} is not a key template: no leading '/', at most 1024 characters")
+    names = _PLACEHOLDER.findall(value)
+    if not names:
+        raise ValueError(f"{value!r} names no identity: write e.g. 'exports/{{customer_id}}/'")
+    for name in names:
+        if not _IDENTIFIER.fullmatch(name):
+            raise ValueError(f"{{{name}}} in {value!r} is not an identity type (letters, digits and _)")
+    if "{" in _PLACEHOLDER.sub("", value) or "}" in _PLACEHOLDER.sub("", value):
+        raise ValueError(f"{value!r} has an unbalanced brace")
+    if not value.endswith("/"):
+        # exports/{customer_id} would also match customer 42's neighbour 421.
+        raise ValueError(f"{value!r} must end with '/' so one subject's prefix is not another's start")
+    return value
+
+
+def subject_placeholders(template: str) -> list[str]:
+    """The identity types a subject prefix names, in order."""
+    return _PLACEHOLDER.findall(template)
+
+
+SubjectPrefix = Annotated[str | None, BeforeValidator(parse_subject_prefix)]
+
+
 @dataclass(frozen=True)
 class IsoDuration:
     """An ISO 8601 duration such as ``P2Y``, ``P18M``, ``P90D`` or ``PT36H``."""

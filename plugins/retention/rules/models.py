@@ -34,6 +34,8 @@ from retention.rules.fields import (
     Schedule,
     ServerSideEncryption,
     StorageClass,
+    SubjectColumns,
+    SubjectPrefix,
     TableName,
     Tags,
     Text,
@@ -100,6 +102,9 @@ class SqlTarget(_StrictModel):
     """Tables referencing this one, archived and deleted with it in the same batch."""
     anonymize: AnonymizeSpec | None = None
     """With ``action: anonymize``: which columns to strip, and the marker column."""
+    subject: SubjectColumns = None
+    """Identity type → column naming the data subject of a row (``{customer_id: customer_id}``),
+    for erasure requests; the types are declared in ``_subjects.yaml``."""
 
     @property
     def location(self) -> str:
@@ -134,6 +139,9 @@ class S3Target(_StrictModel):
     """A run that would purge more than this share of the objects under the prefix stops before touching anything."""
     max_records: Annotated[int | None, Field(ge=1)] = None
     """Likewise for a count of objects."""
+    subject_prefix: SubjectPrefix = None
+    """The key prefix of one data subject's objects, e.g. ``exports/{customer_id}/`` (each
+    ``{type}`` an identity type of ``_subjects.yaml``), for erasure requests."""
 
     @field_validator("key_date_format")
     @classmethod
@@ -223,6 +231,9 @@ class RetentionRule(_StrictModel):
     archive: ArchiveSpec | None = None
     """With ``action: archive``: where records go before they are deleted."""
     targets: Annotated[list[Target], Field(min_length=1)]
+    erasure_exempt: Text | None = None
+    """Why a subject's erasure request does not reach these records (a legal duty keeps them,
+    GDPR Art. 17(3)(b)); erasures report them as retained for this reason."""
 
     def target(self, name: str) -> Target:
         """The target called ``name``; KeyError when there is none."""

@@ -110,7 +110,7 @@ def _allowed_keys(parent: tuple[str | int, ...], data: Any, model: type[BaseMode
             field = candidate.model_fields.get(part)
             if field is not None:
                 nested.extend(_model_members(field.annotation))
-        models = nested
+        models = nested or models  # no field of that name: a key of a mapping of models (identities)
     # Among union members (sql, s3), the one the document's `kind` names.
     kind = node.get("kind") if isinstance(node, dict) else None
     chosen = [m for m in models if "kind" in m.model_fields and kind in get_args(m.model_fields["kind"].annotation)]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from croniter import croniter
 
 from retention.clock import utc_iso
+from retention.erasure_requests import ErasureRegistry
 from retention.evidence.chain import read_certificates
 from retention.holds import HoldRegistry, HoldView
 from retention.targets import RunContext
@@ -23,6 +24,7 @@ from retention.targets import RunContext
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
+    from retention.erasure_requests import ErasureRequest
     from retention.rules.models import RetentionRule, RuleFile
     from retention.targets import Targets
 
@@ -147,3 +149,8 @@ def _interval(rule: RetentionRule) -> timedelta:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def overdue_erasures(engine: Engine, *, now: datetime) -> list[ErasureRequest]:
+    """Erasure requests past their due date and not answered (done or denied), oldest first."""
+    return [r for r in ErasureRegistry(engine).find() if r.overdue(now.astimezone(timezone.utc).date())]

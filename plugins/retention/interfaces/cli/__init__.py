@@ -25,6 +25,7 @@ from retention.interfaces.cli.parser import build_parser
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "retention.interfaces.cli.rules": ("validate", "plan", "run", "status"),
     "retention.interfaces.cli.holds": ("hold",),
+    "retention.interfaces.cli.erase": ("erase", "verify-receipt"),
     "retention.interfaces.cli.evidence": ("certificates", "verify", "checkpoint"),
     "retention.interfaces.cli.archive": ("restore",),
     "retention.interfaces.cli.airflow": ("airflow",),

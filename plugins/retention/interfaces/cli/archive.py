@@ -57,6 +57,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         result = restore(manifest, client, targets.sql_engine(conn_id), certificate=certificate,
                          table=table or None)
     print(table_rows(result.tables, conn_id))
+    from retention.interfaces.cli.erase import warn_erased_after_restore
+
+    warn_erased_after_restore(engine, certificate.category)
     return EXIT_OK
 
 

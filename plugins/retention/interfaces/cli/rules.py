@@ -29,6 +29,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     cmd = commands.add_parser("validate", help="check rule files; exit 0 when valid, 2 otherwise")
     cmd.add_argument("rules", nargs="?", default=os.environ.get("RETENTION_RULES_DIR", DEFAULT_RULES_DIR),
                      metavar="DIR")
+    cmd.add_argument("--require-subjects", action="store_true",
+                     help="also report targets that do not say whose personal data they hold (erasure requests)")
     cmd.set_defaults(handler=cmd_validate)
 
     cmd = commands.add_parser("plan", help="show what each rule would purge; changes nothing")
@@ -58,8 +60,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from retention.rules.loader import load_rules
+    from retention.rules.subjects import load_subjects, subject_problems
 
     rules = load_rules(args.rules)
+    problems = subject_problems(rules, load_subjects(args.rules), require=args.require_subjects)
+    if problems:
+        raise RuleError(problems)
     print(f"✓ {count(len(rules), 'rule file')} valid in {args.rules}: "
           f"{', '.join(r.rule.category for r in rules)}")
     return EXIT_OK
@@ -164,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
     from retention.rules.loader import load_rules
-    from retention.run.status import retention_status
+    from retention.run.status import overdue_erasures, retention_status
     from retention.targets import Targets
 
     rules = load_rules(args.rules, category=args.category)
@@ -175,6 +181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = retention_status(rules, engine, targets, now=now, skipped=skipped)
     for note in skipped:
         _err(f"! {note}")
+    overdue = overdue_erasures(engine, now=now)
+    for request in overdue:
+        _err(f"! erasure request {request.request_id} is overdue: due {request.due}, {request.state}")
     if args.json:
         print(json.dumps([r.to_dict() for r in report], indent=2))
     else:
@@ -184,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                  r.error or ""] for r in report]
         print(table(["CATEGORY", "TARGET", "LAST RESULT", "CERTIFIED", "OVERDUE", "HELD", "OLDEST OVERDUE BY", "STATE",
                      "ERROR"], rows, right=(4, 5, 6)))
-    return EXIT_OK if all(r.healthy for r in report) else EXIT_FAILED
+    return EXIT_OK if all(r.healthy for r in report) and not overdue else EXIT_FAILED
 
 
 def _print_plan(plan) -> None:

@@ -33,7 +33,7 @@ from retention import failpoints
 from retention.errors import ConfigError, TargetError
 from retention.rules.strategies import Strategy
 from retention.targets.base import BatchResult
-from retention.targets.sql.actions import SqlAction
+from retention.targets.sql.actions import SqlAction, postgres_bitmap
 from retention.targets.sql.anonymize_sql import HmacPads, sql_values
 from retention.targets.sql.descriptors import BatchDescriptor
 
@@ -178,6 +178,7 @@ class AnonymizeRows(SqlAction):
             if values is None:
                 count = self._rewrite_rows(table, conn, batch, span)
             else:
+                postgres_bitmap(table, conn)
                 count = self._update_range(table, conn, batch, span, values)
             if count:
                 ledger.pending(batch_no, BatchDescriptor(span, tables={table.family.name: count},

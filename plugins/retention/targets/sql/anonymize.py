@@ -6,6 +6,12 @@ work, while without the key an email's hash cannot be looked up in a table of em
 The others drop information for good: ``null``, ``redact`` (keep the last N
 characters), ``generalize`` (a date to its year or month, a text to its first N
 characters).
+
+A batch is one ``UPDATE … WHERE <range, expired, unheld>`` computing the values in the
+database where it can compute them exactly (:mod:`retention.targets.sql.anonymize_sql`);
+otherwise (SQLite, a strategy a backend cannot reproduce) its rows are read, locked and
+rewritten by key from Python. Either way the batch is journaled pending before it
+commits and done after, with the rows it changed.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Date, DateTime, String, bindparam, select, update
 from sqlalchemy import types as sqltypes
+from sqlalchemy.exc import DBAPIError
 
 from retention import failpoints
 from retention.errors import ConfigError, TargetError
 from retention.rules.strategies import Strategy
 from retention.targets.base import BatchResult
-from retention.targets.sql.actions import SqlAction
+from retention.targets.sql.actions import SqlAction, postgres_bitmap
+from retention.targets.sql.anonymize_sql import HmacPads, sql_values
 from retention.targets.sql.descriptors import BatchDescriptor
 
 if TYPE_CHECKING:
@@ -36,14 +44,13 @@ if TYPE_CHECKING:
 
     from retention.rules.models import AnonymizeSpec
     from retention.targets.sql.batch import Batch
+    from retention.targets.sql.descriptors import BatchRange
     from retention.targets.sql.table import SqlTable
 
 log = logging.getLogger(__name__)
 
 HASH_KEY_ENV = "RETENTION_HASH_KEY"
 MIN_HASH_KEY_BYTES = 16
-
-
 
 
 class Anonymizer:
@@ -68,6 +75,10 @@ class Anonymizer:
         if len(key) < MIN_HASH_KEY_BYTES:
             raise ConfigError(f"{HASH_KEY_ENV} is shorter than {MIN_HASH_KEY_BYTES} bytes")
         return cls(key)
+
+    def hmac_pads(self) -> HmacPads | None:
+        """The key's HMAC pads, for the database to hash with (as secret as the key); None without a key."""
+        return None if self._key is None else HmacPads.of(self._key)
 
     @property
     def key_id(self) -> str | None:
@@ -105,9 +116,14 @@ class AnonymizeRows(SqlAction):
 
     removes_rows = False
 
+    set_based = True
+    """Where the backend can compute every strategy of a table exactly (PostgreSQL, MariaDB,
+    MySQL), a batch is one UPDATE; False: always row by row in Python (for comparisons)."""
+
     def __init__(self, anonymizer: Anonymizer, *, as_of: datetime):
         self.anonymizer = anonymizer
         self.as_of = as_of
+        self._set_clauses: dict[str, dict[str, ColumnElement[Any]] | None] = {}
 
     @staticmethod
     def _spec(table: SqlTable) -> AnonymizeSpec:
@@ -155,42 +171,82 @@ class AnonymizeRows(SqlAction):
 
     def apply(self, table: SqlTable, conn: Connection, batch: Batch) -> BatchResult:
         ledger, batch_no = batch.ledger, batch.number
+        values = self._sql_values(table, conn)
+        started = time.perf_counter()
+        with conn.begin():
+            span = batch.cut(table, conn)
+            if values is None:
+                count = self._rewrite_rows(table, conn, batch, span)
+            else:
+                postgres_bitmap(table, conn)
+                count = self._update_range(table, conn, batch, span, values)
+            if count:
+                ledger.pending(batch_no, BatchDescriptor(span, tables={table.family.name: count},
+                                                         holds=batch.holds).encode(), count)
+                failpoints.hit("sql.before_commit")
+        seconds = time.perf_counter() - started
+        if count:
+            failpoints.hit("sql.after_commit")
+            ledger.done(batch_no, tables={table.family.name: count})
+        return BatchResult(span, count, {table.family.name: count}, seconds)
+
+    def _sql_values(self, table: SqlTable, conn: Connection) -> dict[str, ColumnElement[Any]] | None:
+        """The set-based SET clause of ``table`` (None: the Python path), decided once per table."""
+        name = table.target.name
+        if name not in self._set_clauses:
+            values: dict[str, ColumnElement[Any]] | None = None
+            why = "set-based batches are turned off"
+            if self.set_based:
+                pads = self.anonymizer.hmac_pads()
+                values, why = sql_values(table.table, self._spec(table).columns, conn.dialect, pads)
+            log.info("%s: anonymized %s", name, "in one UPDATE per batch" if values is not None
+                     else f"row by row in Python: {why}")
+            self._set_clauses[name] = values
+        return self._set_clauses[name]
+
+    def _update_range(self, table: SqlTable, conn: Connection, batch: Batch, span: BatchRange,
+                      values: dict[str, ColumnElement[Any]]) -> int:
+        """Rewrite the batch's rows in one UPDATE; return how many (over the cap: BatchOverCap, rolled back)."""
+        t = table.table
+        marker = self._spec(table).marker
+        statement = (update(t).where(batch.expired, table.in_range(span))
+                     .values({**values, marker: _as_column_value(t.c[marker], self.as_of)}))
+        try:
+            count = int(conn.execute(statement).rowcount)
+        except DBAPIError as exc:
+            exc.hide_parameters = True  # the HMAC key pads are parameters: keep them out of logs
+            raise
+        batch.check_cap(count)
+        return count
+
+    def _rewrite_rows(self, table: SqlTable, conn: Connection, batch: Batch, span: BatchRange) -> int:
+        """Read and lock the batch's rows, compute their values in Python, write them back by key."""
         spec = self._spec(table)
         t = table.table
         key = [t.c[k] for k in table.target.key]
         columns = list(spec.columns)
-        started = time.perf_counter()
-        with conn.begin():
-            span = batch.cut(table, conn)
-            query = select(*key, *[t.c[c] for c in columns]).where(batch.expired, table.in_range(span))
-            if table.engine.dialect.name != "sqlite":
-                query = query.with_for_update()
-            rows = conn.execute(query).all()
-            batch.check_cap(len(rows))
-            if rows:
-                marker = _as_column_value(t.c[spec.marker], self.as_of)
-                params = []
-                for row in rows:
-                    values = {f"k_{i}": row[i] for i in range(len(key))}
-                    for j, name in enumerate(columns):
-                        values[f"v_{name}"] = self.anonymizer.apply(spec.columns[name], row[len(key) + j])
-                    values["v_marker"] = marker
-                    params.append(values)
-                statement = (
-                    update(t)
-                    .where(*[col == bindparam(f"k_{i}") for i, col in enumerate(key)])
-                    .values({**{name: bindparam(f"v_{name}") for name in columns},
-                             spec.marker: bindparam("v_marker")})
-                )
-                conn.execute(statement, params)
-                ledger.pending(batch_no, BatchDescriptor(span, tables={table.family.name: len(rows)},
-                                                         holds=batch.holds).encode(), len(rows))
-                failpoints.hit("sql.before_commit")
-        seconds = time.perf_counter() - started
+        query = select(*key, *[t.c[c] for c in columns]).where(batch.expired, table.in_range(span))
+        if table.engine.dialect.name != "sqlite":
+            query = query.with_for_update()
+        rows = conn.execute(query).all()
+        batch.check_cap(len(rows))
         if rows:
-            failpoints.hit("sql.after_commit")
-            ledger.done(batch_no, tables={table.family.name: len(rows)})
-        return BatchResult(span, len(rows), {table.family.name: len(rows)}, seconds)
+            marker = _as_column_value(t.c[spec.marker], self.as_of)
+            params = []
+            for row in rows:
+                values = {f"k_{i}": row[i] for i in range(len(key))}
+                for j, name in enumerate(columns):
+                    values[f"v_{name}"] = self.anonymizer.apply(spec.columns[name], row[len(key) + j])
+                values["v_marker"] = marker
+                params.append(values)
+            statement = (
+                update(t)
+                .where(*[col == bindparam(f"k_{i}") for i, col in enumerate(key)])
+                .values({**{name: bindparam(f"v_{name}") for name in columns},
+                         spec.marker: bindparam("v_marker")})
+            )
+            conn.execute(statement, params)
+        return len(rows)
 
 
 def _as_column_value(column: Column[Any], moment: datetime) -> Any:

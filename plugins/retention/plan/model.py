@@ -98,8 +98,11 @@ class PlannedTarget:
     def to_json(self) -> str:
         """The journal's ``definition`` text (byte for byte what every version has written)."""
         target = self.target.model_dump(mode="json")
-        if target.get("shard_rows", 0) is None:
-            del target["shard_rows"]  # unsharded targets are journaled as before shards existed
+        # Fields added since (sharding, subjects) are left out while unset, so a target that
+        # uses none of them is journaled byte for byte as before they existed.
+        for later in ("shard_rows", "subject", "subject_prefix"):
+            if later in target and target[later] is None:
+                del target[later]
         if self.context is None:
             return json.dumps(target, sort_keys=True)
         return json.dumps({"target": target, "context": self.context.to_dict()}, sort_keys=True)

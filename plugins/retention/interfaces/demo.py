@@ -289,7 +289,11 @@ def _run_demo(demo: Path, env: dict[str, str], bin_dir: Path) -> int:
     _step("Airflow metadata database")
     started = time.monotonic()
     _run([bin_dir / "airflow", "db", "migrate"], env, quiet=True, log=demo / "logs" / "db-migrate.log")
-    print(f"  ready ({time.monotonic() - started:.0f} s)")
+    # As a deployment's init step does: a pool per connection (and the record the plan checks).
+    if not _run([bin_dir / "retention", "airflow", "sync-pools"], env, quiet=True, log=demo / "logs" / "sync-pools.log"):
+        print(f"  sync-pools failed: see {demo / 'logs' / 'sync-pools.log'}", file=sys.stderr)
+        return 1
+    print(f"  ready, pools synced ({time.monotonic() - started:.0f} s)")
 
     _step("Nightly run: `airflow dags test` for each rule's DAG")
     failed = []

@@ -205,6 +205,9 @@ def test_a_subject_is_erased_everywhere_a_hold_wins_and_one_certificate_says_so(
     assert main(["certificates", "--seq", "1"]) == 0
     shown = capsys.readouterr().out
     assert "erasure request DSR-1 (attempt 1), partial" in shown and "CASE-123" in shown
+    assert main(["certificates"]) == 0  # the listing: an erasure has no AS OF, so none is shown
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("1 ")]
+    assert len(listed) == 1 and " Z " not in listed[0] and not listed[0].split()[-3].endswith("Z"), listed
 
     # A rerun changes nothing: the request is answered (partial means it is taken up again).
     assert main(["erase", "run", "DSR-1", "--rules", rules]) == 0

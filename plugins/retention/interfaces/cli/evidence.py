@@ -116,7 +116,7 @@ def _listed(c) -> list | None:
         return [
             c.seq, moment(c.issued_at), c.category, f"{c.status} (plan)" if uncounted else c.status, f"{c.deleted:,}",
             f"{totals.get('held', 0):,}", "?" if uncounted else f"{totals.get('failed', 0):,}",
-            c.data.get("as_of", "")[:19] + "Z",
+            c.data["as_of"][:19] + "Z" if c.data.get("as_of") else "",  # an erasure has no AS OF
             c.run_id, c.entry_hash[:12],
         ]
     except (AttributeError, KeyError, TypeError, ValueError):

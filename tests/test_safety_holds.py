@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from retention.connections import from_environment
-from retention.errors import InvalidAsOf, TerminalError
+from retention.errors import ConfigError, InvalidAsOf, TerminalError
 from retention.evidence.audit import open_audit, purge_runs
 from retention.evidence.signing import Signer
 from retention.holds import HoldRegistry
@@ -273,3 +273,16 @@ def test_item12_a_hold_protects_a_latin1_column_on_mariadb(mysql_db, monkeypatch
 
     assert held_by({"email": "José@example.com"}, tmp_path) == 1  # bytes compared in one charset, not latin1's
     assert held_by({"email": "JOSÉ@example.com"}, tmp_path) == 0
+
+
+@pytest.mark.parametrize("field, value", [("case_id", "C" * 101), ("by", "b" * 101), ("category", "c" * 64),
+                                          ("target", "t" * 64), ("prefix", "p" * 1025)])
+def test_a_hold_field_longer_than_its_column_is_refused_by_name_and_nothing_is_placed(db, field, value, monkeypatch):
+    """Over-long fields were left to the database: PostgreSQL and MariaDB raised a DataError
+    (a traceback through the CLI), SQLite kept them. Now each is refused, naming the field."""
+    connect(monkeypatch, "retention_audit", db)
+    registry = HoldRegistry(open_audit(from_environment))
+    fields = {"category": "orders", "case_id": "C-1", "reason": "r", "by": "ana", field: value}
+    with pytest.raises(ConfigError, match=rf"{ {'case_id': 'case id', 'by': 'placed by'}.get(field, field)}.*at most"):
+        registry.add(**fields)
+    assert registry.find(include_released=True) == []

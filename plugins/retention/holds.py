@@ -127,6 +127,8 @@ class HoldRegistry:
             raise ConfigError(f"--until {until} is in the past (today is {today} UTC): such a hold would protect "
                               "nothing; give the last day it must hold, or leave --until out until released")
         by = by or who()
+        _check_lengths({"category": category, "target": target, "prefix": prefix, "case id": case_id,
+                        "placed by": by})
         now = utc_iso(self._clock())
         values = {
             "category": category, "target": target, "match": json.dumps(match, sort_keys=True) if match else None,
@@ -149,6 +151,7 @@ class HoldRegistry:
         if not reason.strip():
             raise ConfigError("a release needs a reason")
         by = by or who()
+        _check_lengths({"released by": by})
         now = utc_iso(self._clock())
         with self.engine.begin() as conn:
             conn.execute(update(legal_holds).where(legal_holds.c.id == hold_id, legal_holds.c.released_at.is_(None))
@@ -244,3 +247,17 @@ class HoldView:
     def by_ids(self, ids: list[int]) -> list[Hold]:
         """Holds a batch was judged by, released or not."""
         return self.registry.by_ids(ids)
+
+
+_COLUMNS = {"category": "category", "target": "target", "prefix": "prefix", "case id": "case_id",
+            "placed by": "placed_by", "released by": "released_by"}
+
+
+def _check_lengths(fields: dict[str, str | None]) -> None:
+    """Refuse a field longer than its column, naming it (the database would raise a DataError
+    on PostgreSQL and MariaDB and keep it whole on SQLite)."""
+    for name, value in fields.items():
+        limit = getattr(legal_holds.c[_COLUMNS[name]].type, "length", None)
+        if value is not None and limit is not None and len(value) > limit:
+            what = "release" if name == "released by" else "hold"
+            raise ConfigError(f"the {what}'s {name} is {len(value)} characters; it may be at most {limit}")

@@ -200,6 +200,19 @@ run_locks = Table(
     Column("heartbeat_at", String(40), nullable=False),
 )
 
+# What may never happen to each audit table: certificates and the two histories (hold
+# events, erasure request events) are never changed or deleted; holds and erasure requests
+# move on (released, answered) but are never deleted; certificates are never truncated.
+# (table, trigger name suffix, operations, PostgreSQL trigger level)
+_GUARDS = [
+    ("purge_certificates", "no_change", ("UPDATE", "DELETE"), "ROW"),
+    ("purge_certificates", "no_truncate", ("TRUNCATE",), "STATEMENT"),
+    ("legal_hold_events", "no_change", ("UPDATE", "DELETE"), "ROW"),
+    ("legal_holds", "no_delete", ("DELETE",), "ROW"),
+    ("erasure_request_events", "no_change", ("UPDATE", "DELETE"), "ROW"),
+    ("erasure_requests", "no_delete", ("DELETE",), "ROW"),
+]
+
 _PG_APPEND_ONLY = [
     """
     CREATE OR REPLACE FUNCTION purge_certificates_append_only() RETURNS trigger
@@ -210,51 +223,17 @@ _PG_APPEND_ONLY = [
     END
     $$
     """,
-    """
-    CREATE OR REPLACE TRIGGER purge_certificates_no_change
-        BEFORE UPDATE OR DELETE ON purge_certificates
-        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
-    """,
-    """
-    CREATE OR REPLACE TRIGGER purge_certificates_no_truncate
-        BEFORE TRUNCATE ON purge_certificates
-        FOR EACH STATEMENT EXECUTE FUNCTION purge_certificates_append_only()
-    """,
-    "ALTER TABLE purge_certificates ENABLE ALWAYS TRIGGER purge_certificates_no_change",
-    "ALTER TABLE purge_certificates ENABLE ALWAYS TRIGGER purge_certificates_no_truncate",
-    # Hold history is never rewritten: events are append-only, holds are released, never deleted.
-    """
-    CREATE OR REPLACE TRIGGER legal_hold_events_no_change
-        BEFORE UPDATE OR DELETE ON legal_hold_events
-        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
-    """,
-    """
-    CREATE OR REPLACE TRIGGER legal_holds_no_delete
-        BEFORE DELETE ON legal_holds
-        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
-    """,
-    "ALTER TABLE legal_hold_events ENABLE ALWAYS TRIGGER legal_hold_events_no_change",
-    "ALTER TABLE legal_holds ENABLE ALWAYS TRIGGER legal_holds_no_delete",
-    # Erasure requests likewise: their state moves on, but a request is never deleted, and
-    # its history (every transition) is never rewritten.
-    """
-    CREATE OR REPLACE TRIGGER erasure_request_events_no_change
-        BEFORE UPDATE OR DELETE ON erasure_request_events
-        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
-    """,
-    """
-    CREATE OR REPLACE TRIGGER erasure_requests_no_delete
-        BEFORE DELETE ON erasure_requests
-        FOR EACH ROW EXECUTE FUNCTION purge_certificates_append_only()
-    """,
-    "ALTER TABLE erasure_request_events ENABLE ALWAYS TRIGGER erasure_request_events_no_change",
-    "ALTER TABLE erasure_requests ENABLE ALWAYS TRIGGER erasure_requests_no_delete",
+    *(f"""
+    CREATE OR REPLACE TRIGGER {table}_{name}
+        BEFORE {" OR ".join(ops)} ON {table}
+        FOR EACH {level} EXECUTE FUNCTION purge_certificates_append_only()
+    """ for table, name, ops, level in _GUARDS),
+    # ALWAYS: they fire even under session_replication_role = replica.
+    *(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {table}_{name}" for table, name, _, _ in _GUARDS),
 ]
 
-_APPEND_ONLY = [("purge_certificates", "UPDATE"), ("purge_certificates", "DELETE"),
-                ("legal_hold_events", "UPDATE"), ("legal_hold_events", "DELETE"), ("legal_holds", "DELETE"),
-                ("erasure_request_events", "UPDATE"), ("erasure_request_events", "DELETE"),
-                ("erasure_requests", "DELETE")]
+# MariaDB/MySQL and SQLite have no TRUNCATE triggers.
+_APPEND_ONLY = [(table, op) for table, _, ops, _ in _GUARDS for op in ops if op != "TRUNCATE"]
 
 _MYSQL_APPEND_ONLY = [
     f"""
@@ -316,12 +295,7 @@ def _create_schema(engine: Engine) -> None:
             conn.execute(text(statement))
 
 
-_PG_TRIGGERS = {("purge_certificates", "purge_certificates_no_change"),
-                ("purge_certificates", "purge_certificates_no_truncate"),
-                ("legal_hold_events", "legal_hold_events_no_change"),
-                ("legal_holds", "legal_holds_no_delete"),
-                ("erasure_request_events", "erasure_request_events_no_change"),
-                ("erasure_requests", "erasure_requests_no_delete")}
+_PG_TRIGGERS = {(table, f"{table}_{name}") for table, name, _, _ in _GUARDS}
 
 
 def _pg_triggers_in_place(conn) -> bool:

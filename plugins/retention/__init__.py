@@ -6,9 +6,6 @@ The engine (rules → plan → execute → certificate) imports without Airflow;
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("retention")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
+# The one place the version is written (pyproject.toml reads it from here), so that no
+# command pays for a search of the installed distributions to learn it.
+__version__ = "0.1.0"

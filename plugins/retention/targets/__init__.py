@@ -54,6 +54,7 @@ class Targets:
         self.connections = connections
         self._engines: dict[str, Engine] = {}
         self._s3: dict[str, Any] = {}  # boto3 clients (botocore types them at run time only)
+        self._shapes: dict[Any, Any] = {}  # tables reflected, shared by the handles opened here
 
     def sql_engine(self, conn_id: str) -> Engine:
         """The (cached) engine of a SQL connection id."""
@@ -104,13 +105,15 @@ class Targets:
             sql_action = AnonymizeRows(Anonymizer.from_environment(required=needs_key), as_of=context.as_of)
         else:
             sql_action = DeleteRows()
-        return SqlTable(target, self.sql_engine(target.connection), action=sql_action, holds=holds)
+        return SqlTable(target, self.sql_engine(target.connection), action=sql_action, holds=holds,
+                        shapes=self._shapes)
 
     def close(self) -> None:
         """Dispose of every engine opened."""
         for engine in self._engines.values():
             engine.dispose()
         self._engines.clear()
+        self._shapes.clear()
         for client in self._s3.values():
             client.close()
         self._s3.clear()

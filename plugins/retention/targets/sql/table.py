@@ -64,8 +64,10 @@ class SqlTable:
     def __init__(
         self, target: SqlTarget, engine: Engine, *, action: SqlAction | None = None, holds: HoldView | None = None,
         passes: int = 3, lock_timeout: float = 2.0, statement_timeout: float = 120.0,
-        retry_delays: Sequence[float] = DEFAULT_DELAYS,
+        retry_delays: Sequence[float] = DEFAULT_DELAYS, shapes: dict[Any, Any] | None = None,
     ):
+        """``shapes``: where tables opened on one :class:`retention.targets.Targets` keep what
+        they reflected, so a run's plan and its purge (one process) reflect each table once."""
         from retention.targets.sql.delete import DeleteRows
 
         self.target = target
@@ -78,6 +80,7 @@ class SqlTable:
         self.retry_delays = tuple(retry_delays)
         self._table: Table | None = None
         self._family: Member | None = None
+        self._shapes = shapes
 
     # -- shape ---------------------------------------------------------------------
 
@@ -85,8 +88,18 @@ class SqlTable:
     def table(self) -> Table:
         """The reflected table, checked against the rule on first use."""
         if self._table is None:
-            self._table = self._reflect()
+            self._table = self._shaped("table", self._reflect)
         return self._table
+
+    def _shaped(self, part: str, reflect: Callable[[], T]) -> T:
+        """``reflect()``, or what an earlier handle on the same target, connection and
+        action reflected (and checked) in this process."""
+        if self._shapes is None:
+            return reflect()
+        key = (part, id(self.engine), self.target.model_dump_json(), self.action.removes_rows)
+        if key not in self._shapes:
+            self._shapes[key] = reflect()
+        return self._shapes[key]
 
     def _reflect(self) -> Table:
         schema, _, name = self.target.table.rpartition(".")
@@ -147,8 +160,8 @@ class SqlTable:
     def family(self) -> Member:
         """The target and its declared children, reflected and checked (once)."""
         if self._family is None:
-            self._family = reflect_family(self.target, self.table, self.engine,
-                                          removes_rows=self.action.removes_rows)
+            self._family = self._shaped("family", lambda: reflect_family(
+                self.target, self.table, self.engine, removes_rows=self.action.removes_rows))
         return self._family
 
     def survey(self, cutoff: datetime) -> Survey:
@@ -172,8 +185,8 @@ class SqlTable:
         expired = self.expired(cutoff)
         held_condition = self.held(holds)
         held = 0 if held_condition is None else self.with_retries(
-            lambda conn: self.count(conn, and_(expired, held_condition)))
-        matched = self.with_retries(lambda conn: self.count(conn, self.unheld(expired, holds)))
+            lambda conn: self.count(conn, and_(expired, held_condition), after_walk=False))
+        matched = self.with_retries(lambda conn: self.count(conn, self.unheld(expired, holds), after_walk=False))
         total, how = size.total_for_limit(self, matched, cutoff)
         if how:
             notes.append(how)
@@ -316,10 +329,14 @@ class SqlTable:
         """The holds in force now (none without a hold view)."""
         return self.holds.current() if self.holds is not None else []
 
-    def count(self, conn: Connection, condition: ColumnElement[bool]) -> int:
-        """How many of the table's rows meet ``condition`` (read in a transaction of its own)."""
+    def count(self, conn: Connection, condition: ColumnElement[bool], *, after_walk: bool = True) -> int:
+        """How many of the table's rows meet ``condition`` (read in a transaction of its own).
+
+        ``after_walk``: the rows may have just been deleted (a bitmap scan then); before a
+        walk (a plan) the planner chooses, usually an index-only scan of the age index.
+        """
         with conn.begin():
-            if self.engine.dialect.name == "postgresql":
+            if after_walk and self.engine.dialect.name == "postgresql":
                 # After a walk the age index still points at every row just deleted;
                 # a bitmap scan checks each heap page once instead of each entry.
                 conn.execute(text("SET LOCAL enable_indexscan = off"))

@@ -95,7 +95,7 @@ def test_valid_rule_loads_with_every_field(tmp_path):
     assert target.key == ["id"]
     assert target.age_column == "closed_at"
     assert target.where == {"status": "closed"}
-    assert target.max_batch_rows == 100_000
+    assert target.max_batch_rows == 1_000_000
     assert target.location == "crm_db:customers"
     assert rule.target("customers") is target
     assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

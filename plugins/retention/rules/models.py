@@ -82,8 +82,9 @@ class SqlTarget(_StrictModel):
     """The retention clock starts here; NULL never expires."""
     where: RowFilter = Field(default_factory=dict)
     """Equality (``status: closed``) or membership (``{in: [a, b]}``) filters, ANDed."""
-    max_batch_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
-    """Upper bound on rows deleted by one transaction; batches adapt below it."""
+    max_batch_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 1_000_000
+    """Upper bound on rows deleted by one transaction; batches adapt below it (each aims at
+    a fraction of a second), so the default caps nothing a batch would reach on its own."""
     max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     """A run that would purge more than this share of the table's rows stops before touching anything."""
     max_records: Annotated[int | None, Field(ge=1)] = None

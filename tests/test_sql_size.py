@@ -85,3 +85,39 @@ def test_statistics_that_overstate_the_table_fall_back_to_an_exact_count(pg_db, 
     rule_file = load_rule_file(write_rule(tmp_path / "rules", targets=[{"max_fraction": 0.5}]))
     with pytest.raises(OverLimit), runner() as r:
         r.start(rule_file, run_id="r1", as_of=AS_OF)
+
+
+def test_a_plan_the_planner_expects_near_the_limit_counts_both_in_one_scan(pg_db, monkeypatch, audit_db, keys, tmp_path):
+    # Near the limit the table is counted exactly anyway: with the planner's estimate saying
+    # so beforehand, the plan's rows and the table's come from one scan, not two.
+    import sqlalchemy as sa
+
+    server = pg_db
+    connect(monkeypatch, "crm_db", server)
+    make_customers(server)
+    monkeypatch.setattr(size, "EXACT_COUNT_BELOW", 50)
+    fill(server, expired=300, young=700)
+    insert_customers(server, [(5000, "open", OLD)])  # expired, but outside the rule's where
+    analyze(server)
+    from retention.connections import create_sql_engine, from_environment
+
+    rule_file = load_rule_file(write_rule(tmp_path / "rules", targets=[
+        {"max_fraction": 0.5, "where": "{status: closed}"}]))
+    handle = SqlTable(rule_file.rule.target("customers"), create_sql_engine(from_environment("crm_db")))
+    counts: list[str] = []
+    sa.event.listen(handle.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, *a: counts.append(statement)
+                    if "count(" in statement.lower() else None)
+    survey = handle.survey(AS_OF - timedelta(days=365))
+    assert (survey.matched, survey.total) == (300, 1001)
+    assert len(counts) == 1, counts
+
+
+def test_a_wrong_estimate_only_changes_the_order_of_the_counts(server, monkeypatch, tmp_path):
+    # An estimate far off in either direction: both counts stay exact.
+    fill(server, expired=300, young=700)
+    analyze(server)
+    for wrong in (0, 10_000_000):
+        monkeypatch.setattr(size, "estimated_matches", lambda table, selection, wrong=wrong: wrong)
+        survey = table(tmp_path, server, 0.5).survey(AS_OF - timedelta(days=365))
+        assert (survey.matched, survey.total) == (300, 1000)

@@ -1,6 +1,7 @@
-"""How many rows a table holds, as a plan's ``max_fraction`` needs it (:func:`total_for_limit`):
-counted exactly near the limit, proven "at least enough" far from it, with the database's
-statistics (:func:`estimated_rows`) deciding which.
+"""How many rows a plan takes and how many the table holds, as its ``max_fraction`` needs them
+(:func:`counted`): counted exactly near the limit (in one scan when the planner expects the
+plan to be near it), proven "at least enough" far from it, with the database's statistics
+(:func:`estimated_rows`, :func:`estimated_matches`) deciding which.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, literal, not_, select, text
+from sqlalchemy import case, func, literal, not_, select, text
 
 if TYPE_CHECKING:
     from datetime import datetime
+
+    from sqlalchemy.sql.elements import ColumnElement
 
     from retention.targets.sql.table import SqlTable
 
@@ -25,8 +28,30 @@ ESTIMATE_MARGIN = 0.5
 allows by the database's statistics (half of it): only then is the exact count skipped."""
 
 
-def total_for_limit(table: SqlTable, matched: int, cutoff: datetime) -> tuple[int, str | None]:
-    """The table's rows as ``max_fraction`` needs them, and how they were counted (None: exactly).
+def counted(table: SqlTable, selection: ColumnElement[bool], cutoff: datetime) -> tuple[int, int, str | None]:
+    """The rows ``selection`` takes, the table's rows as ``max_fraction`` needs them, and how
+    the latter were counted (None: exactly).
+
+    Near the limit the whole table is counted anyway; when the planner's estimate of the
+    selection already puts the plan there, both counts come from one scan of the table
+    instead of a count of the selection and then one of the table. Either way both
+    counts are exact; the estimate only picks the cheaper order.
+    """
+    estimate = estimated_rows(table)
+    if estimate is not None and estimate >= EXACT_COUNT_BELOW:
+        expected = estimated_matches(table, selection)
+        if expected is not None and expected > table.target.max_fraction * estimate * (1 - ESTIMATE_MARGIN):
+            query = select(func.count(case((selection, 1))), func.count()).select_from(table.table)
+            matched, total = table.with_retries(lambda conn: tuple(conn.execute(query).one()))
+            return int(matched), int(total), None
+    matched = table.with_retries(lambda conn: table.count(conn, selection, after_walk=False))
+    total, how = total_for_limit(table, matched, cutoff, estimate)
+    return matched, total, how
+
+
+def total_for_limit(table: SqlTable, matched: int, cutoff: datetime, estimate: int | None) -> tuple[int, str | None]:
+    """The table's rows as ``max_fraction`` needs them, and how they were counted (None: exactly),
+    given the ``matched`` rows and the table's ``estimate`` by its statistics.
 
     Counting every row of a large table to learn that a plan takes a sliver of it costs
     more than the purge. So when the database's statistics put the plan below half of
@@ -39,7 +64,6 @@ def total_for_limit(table: SqlTable, matched: int, cutoff: datetime) -> tuple[in
     or statistics that overstate the table (the proof falls short) are counted exactly.
     """
     fraction = table.target.max_fraction
-    estimate = estimated_rows(table)
     if (estimate is None or estimate < EXACT_COUNT_BELOW
             or matched > fraction * estimate * (1 - ESTIMATE_MARGIN)):
         return table.count_rows(), None
@@ -82,3 +106,26 @@ def estimated_rows(table: SqlTable) -> int | None:
             return None
         tuples = tuples / pages * now
     return int(tuples)
+
+
+def estimated_matches(table: SqlTable, selection: ColumnElement[bool]) -> int | None:
+    """The rows ``selection`` takes by the planner's estimate (PostgreSQL's ``EXPLAIN``), or
+    None where there is none (other databases, or an EXPLAIN that failed)."""
+    if table.engine.dialect.name != "postgresql":
+        return None
+    statement = select(literal(1)).select_from(table.table).where(selection)
+    compiled = statement.compile(dialect=table.engine.dialect)
+    try:
+        with table.engine.connect() as conn:
+            plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar_one()
+    except Exception:  # noqa: BLE001 - an estimate only picks the order of two exact counts
+        log.debug("%s: no planner estimate of the plan's rows", table.target.name, exc_info=True)
+        return None
+    if isinstance(plan, str):
+        import json
+
+        plan = json.loads(plan)
+    try:
+        return int(plan[0]["Plan"]["Plan Rows"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None

@@ -186,8 +186,7 @@ class SqlTable:
         held_condition = self.held(holds)
         held = 0 if held_condition is None else self.with_retries(
             lambda conn: self.count(conn, and_(expired, held_condition), after_walk=False))
-        matched = self.with_retries(lambda conn: self.count(conn, self.unheld(expired, holds), after_walk=False))
-        total, how = size.total_for_limit(self, matched, cutoff)
+        matched, total, how = size.counted(self, self.unheld(expired, holds), cutoff)
         if how:
             notes.append(how)
         return Survey(matched=matched, total=total, held=held, notes=notes)

@@ -65,6 +65,7 @@ class _Timestamp(_MySQLVariant):
     """A timestamp with its zone; on MariaDB/MySQL ``DATETIME(6)`` (microseconds kept)."""
 
     impl = DateTime(timezone=True)
+    cache_ok = True
     mysql_type = "DATETIME"
 
 
@@ -72,6 +73,7 @@ class _LongText(_MySQLVariant):
     """Text; on MariaDB/MySQL ``LONGTEXT`` (``TEXT`` holds only 64 KiB)."""
 
     impl = Text
+    cache_ok = True
     mysql_type = "LONGTEXT"
 
 

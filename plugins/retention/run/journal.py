@@ -367,6 +367,25 @@ class JournalLedger:
                 .order_by(purge_batches.c.batch_no)
             ).scalars())
 
+    def note(self, kind: str, data: dict[str, Any]) -> None:
+        """Journal something the run saw besides batches: a row of its own state (``kind``) that
+        no count of batches includes; its data is kept with the bounds (scrubbed when certified)."""
+        with self.journal.engine.begin() as conn:
+            conn.execute(insert(purge_batches).values(
+                category=self.run.category, run_id=self.run.run_id, target=self.target,
+                batch_no=self.next_batch_no(), state=kind, bounds=json.dumps(data, sort_keys=True),
+                rows_planned=0, rows_done=0, recorded_at=utc_iso(self.journal.now())))
+
+    def notes(self, kind: str) -> list[dict[str, Any]]:
+        """The data of the target's notes of ``kind``, in the order they were journaled."""
+        with self.journal.engine.connect() as conn:
+            rows = conn.execute(
+                select(purge_batches.c.bounds)
+                .where(*self._key(), purge_batches.c.state == kind)
+                .order_by(purge_batches.c.batch_no)
+            ).scalars()
+            return [data for data in map(json.loads, rows) if isinstance(data, dict) and "scrubbed" not in data]
+
     def deleted(self) -> int:
         """Rows deleted by this target's done batches, across every attempt of the run."""
         with self.journal.engine.connect() as conn:

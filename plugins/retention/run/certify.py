@@ -32,8 +32,9 @@ def target_outcome(record: TargetRecord, partitions: dict[str, int] | None = Non
                    ledger: JournalLedger | None = None) -> TargetOutcome:
     """What the certificate says one target did (``partitions``: those it dropped whole; ``ledger``:
     where its pauses on replica lag and its upkeep were journaled)."""
-    pauses = lag_pauses(ledger.notes(PAUSE_NOTE)) if ledger is not None else None
-    upkeep = ledger.notes(UPKEEP_NOTE) if ledger is not None else []
+    notes = ledger.notes(PAUSE_NOTE, UPKEEP_NOTE) if ledger is not None else {}
+    pauses = lag_pauses(notes.get(PAUSE_NOTE, []))
+    upkeep = notes.get(UPKEEP_NOTE, [])
     return TargetOutcome(
         name=record.target, kind=record.kind, location=record.location, state=record.state,
         matched=record.matched, remaining=record.remaining, error=record.error, deleted=record.deleted,

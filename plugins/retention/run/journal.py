@@ -376,15 +376,21 @@ class JournalLedger:
                 batch_no=self.next_batch_no(), state=kind, bounds=json.dumps(data, sort_keys=True),
                 rows_planned=0, rows_done=0, recorded_at=utc_iso(self.journal.now())))
 
-    def notes(self, kind: str) -> list[dict[str, Any]]:
-        """The data of the target's notes of ``kind``, in the order they were journaled."""
+    def notes(self, *kinds: str) -> dict[str, list[dict[str, Any]]]:
+        """The data of the target's notes of each of ``kinds``, in the order they were journaled
+        (one read for all of them)."""
+        found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
         with self.journal.engine.connect() as conn:
             rows = conn.execute(
-                select(purge_batches.c.bounds)
-                .where(*self._key(), purge_batches.c.state == kind)
+                select(purge_batches.c.state, purge_batches.c.bounds)
+                .where(*self._key(), purge_batches.c.state.in_(kinds))
                 .order_by(purge_batches.c.batch_no)
-            ).scalars()
-            return [data for data in map(json.loads, rows) if isinstance(data, dict) and "scrubbed" not in data]
+            ).all()
+        for kind, bounds in rows:
+            data = json.loads(bounds)
+            if isinstance(data, dict) and "scrubbed" not in data:
+                found[kind].append(data)
+        return found
 
     def deleted(self) -> int:
         """Rows deleted by this target's done batches, across every attempt of the run."""

@@ -354,6 +354,25 @@ def test_mariadb_lag_past_the_wait_budget_ends_the_target_partial_with_the_reaso
     assert ids(db) == {ROWS + 1}
 
 
+def test_mariadb_a_replica_user_without_the_privilege_stops_with_advice(
+        maria_replicas, maria_primary_db, monkeypatch, audit_db, keys, tmp_path):
+    db = maria_primary_db
+    _maria_connections(monkeypatch, db, maria_replicas)
+    _customers(db)
+    weak = f"weak{uuid.uuid4().hex[:6]}"
+    _replica_sql(maria_replicas, f"CREATE USER '{weak}'@'%' IDENTIFIED BY 'weakpw'")
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_CRM_REPLICA", f"mysql://{weak}:weakpw@127.0.0.1:{maria_replicas.replica.port}")
+        certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+    finally:
+        _replica_sql(maria_replicas, f"DROP USER '{weak}'@'%'")
+    assert certificate.status == "failed"
+    error = certificate.data["targets"][0]["error"]
+    assert "connection crm_replica (in replica_conn_ids) refuses its login or SHOW REPLICA STATUS" in error
+    assert "weakpw" not in error
+    assert len(ids(db)) == ROWS + 1
+
+
 def test_mariadb_the_connection_extra_sets_the_limit_and_the_rule_beats_it(
         maria_replicas, maria_primary_db, monkeypatch, audit_db, keys, tmp_path):
     """Replication running and caught up (lag 0): no pause, and the certificate says nothing of lag."""

@@ -101,6 +101,12 @@ class Replicas:
                     conn.rollback()
                     row = conn.exec_driver_sql("SHOW SLAVE STATUS").mappings().first()
         except DBAPIError as exc:
+            code = (getattr(exc.orig, "args", None) or (None,))[0]
+            if code in _MYSQL_REFUSED:
+                raise TargetError(
+                    f"connection {spec.conn_id} (in replica_conn_ids) refuses its login or SHOW REPLICA STATUS "
+                    f"(code {code}): check the connection's login, and GRANT REPLICATION CLIENT (MySQL) or "
+                    "SLAVE MONITOR (MariaDB) to it", "connection") from None
             log.warning("replica %s: cannot read its lag (%s); counting it as over the limit",
                         spec.conn_id, str(exc.orig).strip().splitlines()[0][:200])
             return Lag(None, spec.conn_id)
@@ -114,6 +120,10 @@ class Replicas:
         for engine in self._engines.values():
             engine.dispose()
         self._engines.clear()
+
+
+_MYSQL_REFUSED = {1044, 1045, 1142, 1227}
+"""Access denied (to a database, at login, to a command, for want of a privilege): no wait helps."""
 
 
 def _pg_lag(engine: Engine) -> Lag:

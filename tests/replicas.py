@@ -31,9 +31,17 @@ def free_port() -> int:
 
 def _as_user(user: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     command = list(args)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # CI runs as root; the servers refuse to
         command = ["runuser", "-u", user, "--", *command]
-    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=120, **kwargs)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:1])} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    return result
+
+
+def _need(program: str, package: str) -> None:
+    if not (Path(program).is_file() if "/" in program else shutil.which(program)):
+        raise RuntimeError(f"the replica tests need {program}: apt-get install {package}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ def _workdir(prefix: str, user: str) -> Path:
 @contextmanager
 def pg_pair() -> Iterator[Pair]:
     """A PostgreSQL primary and its streaming replica, both started; stopped and removed after."""
+    _need(str(PG_BIN / "initdb"), "postgresql-15")
     root = _workdir("lag-pg-", "postgres")
     primary, replica = root / "primary", root / "replica"
     ports = free_port(), free_port()
@@ -90,7 +99,7 @@ def pg_pair() -> Iterator[Pair]:
         yield Pair(*servers)
     finally:
         for data in reversed(started):
-            with suppress(subprocess.SubprocessError):
+            with suppress(RuntimeError, subprocess.SubprocessError):
                 _as_user("postgres", str(PG_BIN / "pg_ctl"), "-D", str(data), "stop", "-m", "immediate", "-w")
         shutil.rmtree(root, ignore_errors=True)
 
@@ -103,6 +112,8 @@ def _pg_start(data: Path, root: Path) -> None:
 @contextmanager
 def mariadb_pair() -> Iterator[Pair]:
     """A MariaDB primary (binary log on) and a replica of it, replicating; stopped and removed after."""
+    _need("mariadb-install-db", "mariadb-server")
+    _need("mariadbd", "mariadb-server")
     root = _workdir("lag-maria-", "mysql")
     ports = free_port(), free_port()
     processes: list[subprocess.Popen] = []
@@ -120,7 +131,8 @@ def mariadb_pair() -> Iterator[Pair]:
             else:
                 args += ["--read-only=0", f"--relay-log={root}/relay"]
             if os.geteuid() == 0:
-                args = ["runuser", "-u", "mysql", "--", *args]
+                # The server drops to mysql itself, so the process started is the server (killed below).
+                args.insert(2, "--user=mysql")
             processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for index, port in enumerate(ports):
             _wait_mariadb(port, root / f"s{index}.err")

@@ -69,6 +69,10 @@ class TargetOutcome:
     holds: tuple[int, ...] = ()
     partitions: Mapping[str, int] | None = None
     """Partitions dropped whole, with the rows each held when counted before its drop."""
+    lag_pauses: Mapping[str, Any] | None = None
+    """How often and how long batches paused on replica lag (``count``, ``seconds``)."""
+    upkeep: Mapping[str, Any] | None = None
+    """The upkeep run after the purge (``statement``, ``status``, ``error``), if any ran."""
 
     @property
     def status(self) -> str:
@@ -111,6 +115,10 @@ class TargetOutcome:
             entry["holds"] = list(self.holds)
         if self.partitions:
             entry["partitions"] = dict(sorted(self.partitions.items()))
+        if self.lag_pauses:
+            entry["lag_pauses"] = dict(self.lag_pauses)
+        if self.upkeep:
+            entry["maintenance"] = dict(self.upkeep)
         if self.matched is None:
             # The plan never counted this target: "matched": 0 stays a number for older readers,
             # and this says it is not a count (nothing is known to have been due, or not).

@@ -202,7 +202,8 @@ def _compare_target(name: str, old: Any, new: Any, change: CategoryChange) -> No
         change.flags.append(f"target `{name}` child tables changed: {_children(old)} → {_children(new)}")
     if getattr(old, "anonymize", None) != getattr(new, "anonymize", None):
         change.flags.append(f"target `{name}` anonymized columns changed")
-    tuning = [f for f in ("max_batch_rows", "workers", "lock_wait_budget", "concurrency", "max_batch_keys")
+    tuning = [f for f in ("max_batch_rows", "workers", "lock_wait_budget", "concurrency", "max_batch_keys",
+                                "max_replica_lag", "lag_wait_budget", "maintenance")
               if getattr(old, f, None) != getattr(new, f, None)]
     if tuning:
         change.notes.append(f"target `{name}` tuning: " + ", ".join(

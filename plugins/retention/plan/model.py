@@ -100,7 +100,7 @@ class PlannedTarget:
         target = self.target.model_dump(mode="json")
         # Fields added since (sharding, subjects) are left out while unset, so a target that
         # uses none of them is journaled byte for byte as before they existed.
-        for later in ("shard_rows", "subject", "subject_prefix"):
+        for later in ("shard_rows", "subject", "subject_prefix", "max_replica_lag", "lag_wait_budget", "maintenance"):
             if later in target and target[later] is None:
                 del target[later]
         if self.context is None:

@@ -66,6 +66,15 @@ class AnonymizeSpec(_StrictModel):
     columns: Annotated[dict[Identifier, ColumnStrategy], Field(min_length=1)]
 
 
+class MaintenanceSpec(_StrictModel):
+    """Upkeep after a large purge, so space and planner statistics catch up with the rows gone."""
+
+    after_rows: Annotated[int, Field(ge=1)]
+    """Run it when a purge of the target removed at least this many rows: PostgreSQL
+    ``VACUUM (ANALYZE)``, MariaDB/MySQL ``OPTIMIZE TABLE``, SQLite ``ANALYZE`` (each table of
+    the family). A failure is a warning and a note in the certificate, never a failed purge."""
+
+
 class SqlTarget(_StrictModel):
     """A table in PostgreSQL, MariaDB/MySQL or SQLite whose expired rows are purged."""
 
@@ -95,6 +104,15 @@ class SqlTarget(_StrictModel):
     lock_wait_budget: Annotated[float, Field(gt=0, le=86_400)] = 600.0
     """Seconds a purge keeps coming back to rows other transactions hold locked (no
     batch waits more than 2 s on a lock) before it ends partial, leaving them."""
+    max_replica_lag: Annotated[float | None, Field(gt=0, le=86_400)] = None
+    """Seconds of replication lag past which batches pause (PostgreSQL: the replicas'
+    ``replay_lag``; MariaDB/MySQL: ``Seconds_Behind_Master`` of the connection's
+    ``replica_conn_ids``). Unset: the connection extra's ``max_replica_lag``, else 10."""
+    lag_wait_budget: Annotated[float | None, Field(gt=0, le=86_400)] = None
+    """Seconds a purge may spend paused on replica lag, in all, before it ends partial
+    (unset: 600)."""
+    maintenance: MaintenanceSpec | None = None
+    """Optional upkeep after a large purge (off unless set)."""
     shard_rows: Annotated[int | None, Field(ge=1, le=1_000_000_000)] = None
     """Split the expired rows into shards of about this many rows (by the walk's order, at
     most a few hundred), each purged by its own task, so several workers share a large

@@ -367,6 +367,31 @@ class JournalLedger:
                 .order_by(purge_batches.c.batch_no)
             ).scalars())
 
+    def note(self, kind: str, data: dict[str, Any]) -> None:
+        """Journal something the run saw besides batches: a row of its own state (``kind``) that
+        no count of batches includes; its data is kept with the bounds (scrubbed when certified)."""
+        with self.journal.engine.begin() as conn:
+            conn.execute(insert(purge_batches).values(
+                category=self.run.category, run_id=self.run.run_id, target=self.target,
+                batch_no=self.next_batch_no(), state=kind, bounds=json.dumps(data, sort_keys=True),
+                rows_planned=0, rows_done=0, recorded_at=utc_iso(self.journal.now())))
+
+    def notes(self, *kinds: str) -> dict[str, list[dict[str, Any]]]:
+        """The data of the target's notes of each of ``kinds``, in the order they were journaled
+        (one read for all of them)."""
+        found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+        with self.journal.engine.connect() as conn:
+            rows = conn.execute(
+                select(purge_batches.c.state, purge_batches.c.bounds)
+                .where(*self._key(), purge_batches.c.state.in_(kinds))
+                .order_by(purge_batches.c.batch_no)
+            ).all()
+        for kind, bounds in rows:
+            data = json.loads(bounds)
+            if isinstance(data, dict) and "scrubbed" not in data:
+                found[kind].append(data)
+        return found
+
     def deleted(self) -> int:
         """Rows deleted by this target's done batches, across every attempt of the run."""
         with self.journal.engine.connect() as conn:

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from retention.aws import create_s3_client
-from retention.connections import ConnectionResolver, create_sql_engine
+from retention.connections import ConnectionResolver, ConnectionSpec, create_sql_engine
 from retention.rules.models import ArchiveSpec
 
 if TYPE_CHECKING:
@@ -53,14 +53,22 @@ class Targets:
     def __init__(self, connections: ConnectionResolver):
         self.connections = connections
         self._engines: dict[str, Engine] = {}
+        self._specs: dict[str, ConnectionSpec] = {}
+        self._throttles: list[Any] = []  # LagThrottles, whose replica engines close with the rest
         self._s3: dict[str, Any] = {}  # boto3 clients (botocore types them at run time only)
         self._shapes: dict[Any, Any] = {}  # tables reflected, shared by the handles opened here
 
     def sql_engine(self, conn_id: str) -> Engine:
         """The (cached) engine of a SQL connection id."""
         if conn_id not in self._engines:
-            self._engines[conn_id] = create_sql_engine(self.connections(conn_id))
+            self._engines[conn_id] = create_sql_engine(self.spec(conn_id))
         return self._engines[conn_id]
+
+    def spec(self, conn_id: str) -> ConnectionSpec:
+        """The (cached) connection ``conn_id`` resolves to."""
+        if conn_id not in self._specs:
+            self._specs[conn_id] = self.connections(conn_id)
+        return self._specs[conn_id]
 
     def s3_client(self, conn_id: str, *, concurrency: int = 8):
         """The (cached) boto3 S3 client of an AWS connection id, pooled for ``concurrency``."""
@@ -90,6 +98,7 @@ class Targets:
         from retention.targets.sql.anonymize import AnonymizeRows
         from retention.targets.sql.archive import ArchiveRows
         from retention.targets.sql.delete import DeleteRows
+        from retention.targets.sql.lag import throttle_for
         from retention.targets.sql.table import SqlTable
 
         sql_action: SqlAction
@@ -105,11 +114,16 @@ class Targets:
             sql_action = AnonymizeRows(Anonymizer.from_environment(required=needs_key), as_of=context.as_of)
         else:
             sql_action = DeleteRows()
-        return SqlTable(target, self.sql_engine(target.connection), action=sql_action, holds=holds,
-                        shapes=self._shapes)
+        engine = self.sql_engine(target.connection)
+        throttle = throttle_for(target, self.spec(target.connection), engine, self.connections)
+        self._throttles.append(throttle)
+        return SqlTable(target, engine, action=sql_action, holds=holds, throttle=throttle, shapes=self._shapes)
 
     def close(self) -> None:
         """Dispose of every engine opened."""
+        for throttle in self._throttles:
+            throttle.replicas.close()
+        self._throttles.clear()
         for engine in self._engines.values():
             engine.dispose()
         self._engines.clear()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 Progress = Callable[[int, int, float], None]
 """Called after each batch with (records purged so far by this call, batch records, batch seconds)."""
@@ -143,6 +143,10 @@ class BatchLedger(Protocol):
 
     def deleted(self) -> int:
         """Records purged by this target's done batches, across every attempt of the run."""
+
+    def note(self, kind: str, data: dict[str, Any]) -> None:
+        """Journal something the run saw besides batches (a pause on replica lag, upkeep run after
+        the purge): it purges nothing, and the certificate reports it."""
 
 
 Span = TypeVar("Span")

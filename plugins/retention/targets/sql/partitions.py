@@ -85,6 +85,8 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
         held = table.held(holds)
         if held is not None and held.compare(true()):
             return dropped  # paused: the walk says so
+        if table.throttle is not None and not table.throttle.wait(ledger):
+            return dropped  # replica lag past its budget: the walk stops too, and says so
         unheld = table.unheld(expired, holds)
         # PostgreSQL keeps every row of a range partition inside its range (NULL ages go to the
         # default partition), so without holds each one has expired; MariaDB's first range

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from retention.targets.base import BatchLedger, Progress, PurgeOutcome, RecordLimit
     from retention.targets.sql.actions import SqlAction
     from retention.targets.sql.descriptors import BatchRange
+    from retention.targets.sql.lag import LagThrottle
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class SqlTable:
     def __init__(
         self, target: SqlTarget, engine: Engine, *, action: SqlAction | None = None, holds: HoldView | None = None,
         passes: int = 3, lock_timeout: float = 2.0, statement_timeout: float = 120.0,
-        retry_delays: Sequence[float] = DEFAULT_DELAYS, shapes: dict[Any, Any] | None = None,
+        retry_delays: Sequence[float] = DEFAULT_DELAYS, throttle: LagThrottle | None = None,
+        shapes: dict[Any, Any] | None = None,
     ):
         """``shapes``: where tables opened on one :class:`retention.targets.Targets` keep what
         they reflected, so a run's plan and its purge (one process) reflect each table once."""
@@ -78,6 +80,8 @@ class SqlTable:
         self.lock_timeout = lock_timeout
         self.statement_timeout = statement_timeout
         self.retry_delays = tuple(retry_delays)
+        self.throttle = throttle
+        """Pauses batches while replica lag is over the limit (None: never)."""
         self._table: Table | None = None
         self._family: Member | None = None
         self._shapes = shapes

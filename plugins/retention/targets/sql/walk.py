@@ -32,6 +32,7 @@ from retention.targets.sql.batch import Batch, BatchOverCap, BatchSizer
 from retention.targets.sql.descriptors import BatchRange, Bound
 from retention.targets.sql.partitions import drop_expired_partitions
 from retention.targets.sql.settle import settle_after_error, settle_pending
+from retention.targets.sql.upkeep import upkeep_after
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -63,7 +64,9 @@ def purge(
     walker = Walker(table, ledger, expired, budget, progress)
     # Partitions wholly before the cutoff go as units first; the walk takes the rest.
     drop_expired_partitions(table, cutoff, ledger, budget, walker.done.add)
-    return walker.run()
+    outcome = walker.run()
+    upkeep_after(table, walker.done.rows, ledger)  # optional VACUUM/OPTIMIZE; never fails the purge
+    return outcome
 
 
 class Walker:
@@ -95,7 +98,7 @@ class Walker:
                     for walk in walks:
                         walk.result()
             remaining = self._count(table.unheld(self.expired, table.current_holds()))
-            if remaining == 0 or self.budget.reached or self.locks.gave_up:
+            if remaining == 0 or self.budget.reached or self.locks.gave_up or self._lagging():
                 break
             # Rows that became expired behind the walk (inserted with an old age while
             # it ran): walk again rather than leave them.
@@ -105,12 +108,18 @@ class Walker:
         honoured = tuple(sorted(table.holds.honoured)) if table.holds else ()
         failures: tuple[str, ...] = ()
         stopped = None
-        if remaining and self.locks.gave_up:
+        throttle = table.throttle
+        if remaining and throttle is not None and throttle.gave_up:
+            failures = (throttle.reason,)
+        elif remaining and self.locks.gave_up:
             failures = (f"locked by other transactions beyond the lock-wait budget of {self.locks.budget:g}s; "
                         "the next run takes them",)
         elif remaining and self.budget.reached:
             stopped = self.budget.stopped(remaining)
         return PurgeOutcome(self.done.rows, remaining, held=held, holds=honoured, failures=failures, stopped=stopped)
+
+    def _lagging(self) -> bool:
+        return self.table.throttle is not None and self.table.throttle.gave_up
 
     def _count(self, condition: ColumnElement[bool]) -> int:
         return self.table.with_retries(lambda conn: self.table.count(conn, condition))
@@ -235,6 +244,9 @@ class Walker:
             held = table.held(holds)
             if held is not None and held.compare(true()):
                 log.warning("%s: paused by %s", self.name, "; ".join(h.describe() for h in holds if h.whole))
+                return None
+            # Replica lag is read before every batch (and every retry), as holds are.
+            if table.throttle is not None and not table.throttle.wait(ledger):
                 return None
             granted = budget.reserve(2 * sizer.size - 1)
             if granted == 0:

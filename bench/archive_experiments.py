@@ -19,9 +19,19 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from archive_purge import BUCKET, BufferedSink, check_archive, moto_server, pristine_expired_ids
-from harness import Meter, count_problems, log, psycopg2_connect, retention_engine, run_sql, scalar, wrong
+from harness import (
+    Meter,
+    count_problems,
+    fresh_copy,
+    log,
+    psycopg2_connect,
+    retention_engine,
+    run_sql,
+    scalar,
+    verify,
+    wrong,
+)
 from moto_process import plain_client
-from sql_purge import fresh_copy, verify
 from sqlalchemy.engine import URL
 
 PROFILE_REPEATS = 3

@@ -3,8 +3,8 @@ next to one raw ``COPY (DELETE ... RETURNING *)``, and does its memory stay flat
 
 What it measures
 ----------------
-A throwaway database gets the ``customers`` table of ``bench/sql_purge.py`` (its helpers
-are imported from there): ``--rows`` rows (default 2,000,000), exactly ``--expired``
+A throwaway database gets the ``customers`` table of ``bench/sql_purge.py`` (built by
+``bench/harness.py``): ``--rows`` rows (default 2,000,000), exactly ``--expired``
 (default 1,000,000) closed before the cutoff, primary key on ``id``, index on
 ``closed_at``. Each method runs on an identical fresh copy of the table.
 
@@ -118,14 +118,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moto_process  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
+    CUSTOMERS_AS_OF as AS_OF,
+)
+from harness import (
     Meter,
     add_common,
     admin_url,
     aws_spec,
     bench_parser,
+    build_pristine,
     check_common,
     count_problems,
     emit,
+    fresh_copy,
     interleave,
     log,
     median_of,
@@ -145,10 +150,10 @@ from harness import (  # noqa: E402
     scalar,
     summarize_runs,
     throwaway_database,
+    verify,
     wrong,
 )
 from moto_process import REGION, cpu_seconds, plain_client  # noqa: E402
-from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 
 from retention.rules.loader import load_rule_file  # noqa: E402

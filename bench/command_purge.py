@@ -47,29 +47,38 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
-sys.path.insert(0, str(PLUGINS))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins"))
 
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
+    PLUGINS,
+    PeakRss,
     add_common,
     admin_url,
+    airflow_conn_uri,
     bench_parser,
     check_common,
+    command_env,
     emit,
     interleave,
+    kib_as_mib,
     log,
     median_of,
+    peer_hidden,
+    peer_missing,
+    refill_table,
+    retention_run_argv,
+    run_measured,
     run_sql,
     scalar,
     throwaway_database,
 )
+
+from retention.evidence.signing import generate_keypair  # noqa: E402
 
 AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)
 RETAIN = timedelta(days=30)
@@ -119,12 +128,9 @@ def pg_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
 
 def pg_fresh_copy(engine: sa.Engine) -> None:
     """``events`` as a fresh copy of the pristine table, indexed, vacuumed and checkpointed."""
-    run_sql(engine, "DROP TABLE IF EXISTS events",
-            "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
-            "created_at timestamptz NOT NULL, note text NOT NULL)",
-            "INSERT INTO events SELECT * FROM pristine ORDER BY id",
-            "CREATE INDEX events_created_at ON events (created_at)",
-            "VACUUM ANALYZE events", "CHECKPOINT")
+    refill_table(engine, "events", "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
+                 "created_at timestamptz NOT NULL, note text NOT NULL)", "pristine", order_by="id",
+                 after=("CREATE INDEX events_created_at ON events (created_at)",))
 
 
 def my_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
@@ -141,12 +147,10 @@ def my_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
 
 
 def my_fresh_copy(engine: sa.Engine) -> None:
-    run_sql(engine, "DROP TABLE IF EXISTS events",
-            "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
-            "created_at datetime(6) NOT NULL, note varchar(96) NOT NULL, KEY events_created_at (created_at)) "
-            "ENGINE=InnoDB",
-            "INSERT INTO events SELECT * FROM pristine ORDER BY id",
-            "ANALYZE TABLE events")
+    """``events`` as a fresh copy of the pristine table, indexed and analyzed."""
+    refill_table(engine, "events", "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
+                 "created_at datetime(6) NOT NULL, note varchar(96) NOT NULL, KEY events_created_at (created_at)) "
+                 "ENGINE=InnoDB", "pristine", order_by="id")
 
 
 def check_table(engine: sa.Engine, rows: int, expired: int) -> list[str]:
@@ -223,12 +227,11 @@ class Setup:
         self.action = action
         archive = ARCHIVE_YAML if action == "archive" else ""
         (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive))
-        self.env = dict(os.environ)
-        self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its bytecode
-        self.env["PYTHONPATH"] = str(PLUGINS)
-        self.env["AIRFLOW_CONN_BENCH_DB"] = _conn_uri(url)
-        self.env["AIRFLOW_CONN_RETENTION_AUDIT"] = _conn_uri(audit_url)
-        self.env["RETENTION_SIGNING_KEY"] = str(_signing_key(workdir))
+        key = workdir / "keys" / "retention-signing.pem"
+        if not key.exists():
+            generate_keypair(workdir / "keys")
+        self.env = command_env({"bench_db": airflow_conn_uri(url), "retention_audit": airflow_conn_uri(audit_url)},
+                               key)
 
     def fresh(self) -> None:
         (pg_fresh_copy if self.kind == "postgresql" else my_fresh_copy)(self.engine)
@@ -249,14 +252,13 @@ class Setup:
 
     def command(self) -> dict:
         """``retention run`` as a user types it."""
-        out = subprocess.run(
-            [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(self.rules),
-             "--category", "bench_events", "--as-of", AS_OF.strftime("%Y-%m-%dT%H:%M:%SZ"), "--json"],
-            env=self.env, capture_output=True, text=True, cwd=self.workdir)
+        out, peak_kib = run_measured(
+            retention_run_argv(self.rules, AS_OF.strftime("%Y-%m-%dT%H:%M:%SZ"), "--category", "bench_events",
+                               "--json"), env=self.env, cwd=self.workdir)
         if out.returncode != 0:
             raise SystemExit(f"retention run failed ({out.returncode}):\n{out.stderr[-3000:]}")
         payload = json.loads(out.stdout.strip().splitlines()[-1])
-        return {"status": payload.get("status")}
+        return {"status": payload.get("status"), "peak_rss_kib": peak_kib}
 
     def engine_only(self) -> dict:
         """``SqlTable.purge`` in this process with a journal ledger (the table reflected beforehand,
@@ -273,9 +275,12 @@ class Setup:
             journal, run = open_journal_run(audit, rule_file, target, AS_OF)
             table = SqlTable(target, engine)
             table.check()
-            started = time.perf_counter()
-            outcome = table.purge(run.cutoff, journal.ledger(run, target.name))
-            return {"purge_seconds": time.perf_counter() - started, "deleted": outcome.deleted}
+            with PeakRss() as memory:
+                started = time.perf_counter()
+                outcome = table.purge(run.cutoff, journal.ledger(run, target.name))
+                seconds = time.perf_counter() - started
+            return {"purge_seconds": seconds, "deleted": outcome.deleted,
+                    "rss_growth_kib": memory.figures["growth_kib"]}
         finally:
             audit.dispose()
             engine.dispose()
@@ -298,47 +303,13 @@ class Setup:
         return {}
 
 
-def _conn_uri(url: sa.URL) -> str:
-    scheme = "postgres" if url.get_backend_name() == "postgresql" else "mysql"
-    auth = url.username or ""
-    if url.password:
-        auth += f":{url.password}"
-    return f"{scheme}://{auth}@{url.host}:{url.port or (5432 if scheme == 'postgres' else 3306)}/{url.database}"
-
-
-def _signing_key(workdir: Path) -> Path:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    path = workdir / "signing.pem"
-    if not path.exists():
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        path.write_bytes(pem)
-        path.chmod(0o600)
-    return path
-
-
-@contextmanager
-def mysql_database(server: str):
-    """A uniquely named MariaDB database, dropped however the block ends."""
-    admin = sa.make_url(server)
-    name = f"bench_cmd_{uuid.uuid4().hex[:10]}"
-    engine = sa.create_engine(admin)
-    try:
-        run_sql(engine, f"CREATE DATABASE {name}")  # our name (prefix and hex), never user input
-        log(f"created MariaDB database {name}")
-        yield admin.set(database=name)
-    finally:
-        run_sql(engine, f"DROP DATABASE IF EXISTS {name}")
-        engine.dispose()
-
-
 def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Path) -> dict:
     """One scenario's methods, interleaved over ``--repeat`` rounds, and their medians and ratios."""
     args.scenario_now = name
     admin = admin_url(args.pg)
-    with (mysql_database(args.mysql) if name == "mariadb" else throwaway_database(admin, "bench_cmd")) as url:
+    peers: dict[str, str] = {}
+    server = sa.make_url(args.mysql) if name == "mariadb" else admin
+    with throwaway_database(server, "bench_cmd") as url:
         kind = "mysql" if name == "mariadb" else "postgresql"
         setup = Setup(args, kind, url, audit_url, workdir)
         expired = 0 if name == "pg-empty" else args.expired
@@ -349,17 +320,23 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
             methods["engine"] = lambda: setup.measure("engine", setup.engine_only)
         if name != "pg-empty":
             methods["raw"] = lambda: setup.measure("raw", setup.raw)
-        if name == "mariadb" and shutil.which("pt-archiver"):
-            methods["pt-archiver"] = lambda: setup.measure("pt-archiver", setup.pt_archiver)
+        if name == "mariadb":
+            if shutil.which("pt-archiver") and not peer_hidden("pt-archiver"):
+                methods["pt-archiver"] = lambda: setup.measure("pt-archiver", setup.pt_archiver)
+            else:
+                peer_missing(peers, "pt-archiver", "apt-get install percona-toolkit")
         try:
             runs = interleave(methods, args.repeat)
         finally:
             setup.engine.dispose()
-    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}}
+    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}, "peers_missing": peers}
     for method, results in runs.items():
         summary["methods"][method] = {
             "seconds": median_of(results, lambda r: r["seconds"]),
             "longest_tx": max(r["longest_tx"] for r in results),
+            # The command's whole process (interpreter and imports included); the engine's growth in this one.
+            "peak_rss_kib": max((r["peak_rss_kib"] for r in results if "peak_rss_kib" in r), default=None),
+            "rss_growth_kib": max((r["rss_growth_kib"] for r in results if "rss_growth_kib" in r), default=None),
             "rows_per_s": expired / median_of(results, lambda r: r["seconds"]) if expired else None,
             "correct": not any(r["problems"] for r in results),
             "runs": results,
@@ -374,13 +351,17 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
 def print_summary(report: dict) -> None:
     for name, summary in report["scenarios"].items():
         print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows")
-        print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10}  checks")
+        print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10} {'peak RSS':>10} "
+              f"{'RSS growth':>10}  checks")
         for method, figures in summary["methods"].items():
             rate = f"{figures['rows_per_s']:,.0f}" if figures["rows_per_s"] else "-"
-            print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s  "
+            print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s "
+                  f"{kib_as_mib(figures['peak_rss_kib']):>10} {kib_as_mib(figures['rss_growth_kib']):>10}  "
                   f"{'ok' if figures['correct'] else 'WRONG'}")
         for ratio, value in summary["ratios"].items():
             print(f"  {ratio}: {value:.2f}x")
+        for peer, why in summary["peers_missing"].items():
+            print(f"  {peer}: {why}; no ratio against it")
 
 
 def main() -> int:

@@ -52,11 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
+    CUSTOMERS_AS_OF as AS_OF,
+)
+from harness import (
     add_common,
     admin_url,
     bench_parser,
+    build_pristine,
     check_common,
     emit,
+    fresh_copy,
     interleave,
     log,
     median_of,
@@ -64,9 +69,9 @@ from harness import (  # noqa: E402
     rule_cutoff,
     scalar,
     throwaway_database,
+    verify,
     wrong,
 )
-from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
 RULE_YAML = """\

@@ -22,13 +22,12 @@ from archive_purge import BUCKET, BufferedSink, check_archive, moto_server, pris
 from harness import (
     Meter,
     count_problems,
-    fresh_copy,
     log,
+    on_fresh_copy,
     psycopg2_connect,
     retention_engine,
     run_sql,
     scalar,
-    verify,
     wrong,
 )
 from moto_process import plain_client
@@ -133,12 +132,12 @@ class LineCountingSink(BufferedSink):
 
 def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: datetime) -> dict:
     """One timed run of the onepass sketch on a fresh copy, checked afterwards."""
-    log("onepass: fresh copy of customers")
-    fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
-    log(f"onepass: sketch, batches of {args.sketch_batch_rows:,} rows")
-    result = measure_onepass(bench_url, cutoff, args.sketch_batch_rows, ids, args.sketch_format)
-    problems = verify(bench, args.rows, args.expired, cutoff) + count_problems(result, args.expired, "rows")
+    log(f"onepass: the sketch, batches of {args.sketch_batch_rows:,} rows")
+    result = on_fresh_copy("onepass", bench, lambda: measure_onepass(bench_url, cutoff, args.sketch_batch_rows, ids,
+                                                                     args.sketch_format),
+                           args.rows, args.expired, cutoff)
+    problems = result["problems"] + count_problems(result, args.expired, "rows")
     problems += result["archive"]["problems"]
     result["problems"] = problems
     log(f"onepass: {result['seconds']:.2f} s, {len(result['batches'])} batches" + wrong(problems))

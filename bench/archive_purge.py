@@ -135,6 +135,7 @@ from harness import (
     log,
     median_of,
     ms,
+    on_fresh_copy,
     open_journal_run,
     percentile,
     postgres_spec,
@@ -150,7 +151,6 @@ from harness import (
     scalar,
     summarize_runs,
     throwaway_database,
-    verify,
     wrong,
 )
 from moto_process import REGION, cpu_seconds, plain_client  # noqa: E402
@@ -618,12 +618,8 @@ def engine_code() -> dict:
 
 def checked_raw(bench, bench_url: URL, rows: int, expired: int, cutoff: datetime, scratch: Path) -> dict:
     """One timed run of the raw peer on a fresh copy; the table and its COPY output checked."""
-    log("raw: fresh copy of customers")
-    fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
-    log("raw: COPY (DELETE ... RETURNING *) into gzip -1")
-    raw = measure_raw(bench_url, cutoff, scratch)
-    raw["problems"] = verify(bench, rows, expired, cutoff)
+    raw = on_fresh_copy("raw", bench, lambda: measure_raw(bench_url, cutoff, scratch), rows, expired, cutoff)
     if (raw["archive"]["lines"], raw["archive"]["id_sum"]) != (ids["count"], ids["sum"]):
         raw["problems"].append(f"the COPY output holds {raw['archive']['lines']} rows "
                                f"(ids sum {raw['archive']['id_sum']}), expected {ids['count']}")
@@ -634,12 +630,10 @@ def checked_raw(bench, bench_url: URL, rows: int, expired: int, cutoff: datetime
 def checked_engine(bench, bench_url, audit_url, rule_path, rows, expired, cutoff, label,
                    fixed_batch_rows: int | None = None) -> dict:
     """One engine run on a fresh copy (in a child process); table, journal and archive checked."""
-    log(f"{label}: fresh copy of customers")
-    fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
-    log(f"{label}: archiving and purging in a child process")
-    result = measure_engine(bench_url, audit_url, rule_path, ids, fixed_batch_rows)
-    problems = verify(bench, rows, expired, cutoff) + count_problems(result, expired, "rows")
+    result = on_fresh_copy(label, bench, lambda: measure_engine(bench_url, audit_url, rule_path, ids, fixed_batch_rows),
+                           rows, expired, cutoff)  # the engine runs in a child process
+    problems = result["problems"] + count_problems(result, expired, "rows")
     if result["remaining"] or result["unresolved"]:
         problems.append(f"{result['remaining']} expired rows remaining, {result['unresolved']} batches pending")
     problems += result["archive"]["problems"]

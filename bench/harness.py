@@ -5,19 +5,27 @@ same work, measured in the same run) and its checks; this module brings the rest
 
 * command line: :func:`bench_parser` with ``--repeat``, ``--json``, ``--save`` and ``--pg``
   (:func:`add_common`), checked by :func:`check_common`;
-* databases: :func:`admin_url`, :func:`throwaway_database`, :func:`retention_engine`,
-  :func:`psycopg2_connect`, :func:`run_sql`, :func:`scalar`; the engine's side of a run:
-  :func:`rule_cutoff`, :func:`open_journal_run`, the connections it would resolve
-  (:func:`postgres_spec`, :func:`aws_spec`);
+* databases: :func:`admin_url`, :func:`throwaway_database` (PostgreSQL or MariaDB, or a clone
+  of a template), :func:`refill_table` (a fresh copy of a pristine table, indexed, vacuumed),
+  :func:`retention_engine`, :func:`psycopg2_connect`, :func:`run_sql`, :func:`scalar`;
+* the ``customers`` table of the sql, shard and archive benches: :func:`build_pristine`,
+  :func:`fresh_copy`, :func:`verify`, :func:`on_fresh_copy` (a method on a fresh copy, checked);
+* the engine's side of a run: :func:`rule_cutoff`, :func:`open_journal_run`, the connections
+  it would resolve (:func:`postgres_spec`, :func:`aws_spec`, :func:`airflow_conn_uri`), and the
+  whole command as a user types it (:func:`command_env`, :func:`retention_run_argv`);
 * measuring: :func:`interleave` (every method once per round, rounds repeated),
   :class:`Meter` (wall time, this process's CPU and other processes' CPU), peak RSS
-  (:func:`proc_status_kib`, :func:`reset_peak_rss`);
+  (:class:`PeakRss` for this process, :func:`run_measured` for a command's whole process;
+  :func:`proc_status_kib`, :func:`reset_peak_rss`);
+* peers: :func:`peer_missing` records a peer that is not installed (and says so), and
+  :func:`peer_hidden` treats one as absent when ``$RETENTION_BENCH_WITHOUT_PEERS`` names it;
 * checks: :func:`count_problems` (reported and journaled deletions against what should
   have gone), :func:`wrong` (the tail of a per-run log line);
 * figures: :func:`percentile`, :func:`ms`, :func:`median_of`, :func:`summarize_runs`
   (median seconds, pooled batch percentiles, the checks' verdict), :func:`ratio_verdict`,
   :func:`all_correct` (the exit code follows the checks, never the timings);
-* output: :func:`print_method_table`, :func:`print_runs`, :func:`print_target`, and
+* output: :func:`print_method_table`, :func:`print_runs`, :func:`print_target`,
+  :func:`print_missing_peers`, :func:`kib_as_mib`, and
   :func:`emit` (table or JSON, and the JSON saved under ``bench/.results/`` with ``--save``).
 
 Progress goes to stderr (:func:`log`) so that ``--json`` output stays clean.
@@ -317,6 +325,18 @@ def verify(engine: Engine, rows: int, expired: int, cutoff: datetime) -> list[st
     if left_sum != kept_sum:
         problems.append("the remaining ids differ from the unexpired ids of the pristine copy")
     return problems
+
+
+def on_fresh_copy(name: str, bench: Engine, measure: Callable[[], dict], rows: int, expired: int,
+                  cutoff: datetime) -> dict:
+    """One method run on a fresh copy of ``customers``, then the table checked: ``measure()``'s
+    result with the table's ``problems`` (the caller adds its own checks)."""
+    log(f"{name}: fresh copy of customers")
+    fresh_copy(bench)
+    log(f"{name}: purging")
+    result = measure()
+    result["problems"] = verify(bench, rows, expired, cutoff)
+    return result
 
 
 # -- the engine's side of a run ------------------------------------------------------

@@ -61,15 +61,14 @@ from harness import (
     build_pristine,
     check_common,
     emit,
-    fresh_copy,
     interleave,
     log,
     median_of,
+    on_fresh_copy,
     postgres_spec,
     rule_cutoff,
     scalar,
     throwaway_database,
-    verify,
     wrong,
 )
 from sqlalchemy.engine import Engine  # noqa: E402
@@ -175,11 +174,8 @@ def remaining_ids_md5(engine: Engine, table: str, cutoff=None) -> str:
 
 
 def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff, do) -> dict[str, Any]:
-    log(f"{name}: fresh copy of customers")
-    fresh_copy(bench)
-    log(f"{name}: purging")
-    result = do()
-    problems = verify(bench, args.rows, args.expired, cutoff)
+    result = on_fresh_copy(name, bench, do, args.rows, args.expired, cutoff)
+    problems = result["problems"]
     if remaining_ids_md5(bench, "customers") != remaining_ids_md5(bench, "customers_pristine", cutoff):
         problems.append("the ids left are not exactly the pristine copy's unexpired ids")
     if result["certificates"] != 1:

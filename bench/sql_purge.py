@@ -72,12 +72,12 @@ from harness import (  # noqa: E402
     check_common,
     count_problems,
     emit,
-    fresh_copy,
     interleave,
     kib_as_mib,
     log,
     median_of,
     ms,
+    on_fresh_copy,
     open_journal_run,
     percentile,
     print_method_table,
@@ -89,7 +89,6 @@ from harness import (  # noqa: E402
     scalar,
     summarize_runs,
     throwaway_database,
-    verify,
     wrong,
 )
 from sqlalchemy.engine import URL, Engine  # noqa: E402
@@ -261,11 +260,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff: datetime, measure) -> dict:
     """One timed run of a method on a fresh copy, checked afterwards."""
-    log(f"{name}: fresh copy of customers")
-    fresh_copy(bench)
-    log(f"{name}: purging")
-    result = measure()
-    problems = verify(bench, args.rows, args.expired, cutoff) + count_problems(result, args.expired, "rows")
+    result = on_fresh_copy(name, bench, measure, args.rows, args.expired, cutoff)
+    problems = result["problems"] + count_problems(result, args.expired, "rows")
     if result.get("remaining"):
         problems.append(f"purge reported {result['remaining']} expired rows remaining")
     result["problems"] = problems

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,25 @@ def test_without_pg_partman_the_partition_bench_says_so_and_measures_the_engine(
     out = _succeeded(bench_runs[run][0].result())
     assert re.search(r"^pg_partman: peer not installed", out, re.M), out
     assert re.search(r"^engine_vs_raw: \d", out, re.M) and "engine_vs_partman" not in out
+
+
+def test_the_customers_check_finds_a_wrong_purge(pg_db):
+    """The benches' exit code follows ``verify``: it must name rows left, and rows purged that were not due."""
+    sys.path.insert(0, str(BENCH))
+    from harness import build_pristine, fresh_copy, verify
+
+    cutoff = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    build_pristine(pg_db.engine, 300, 100, cutoff)
+    fresh_copy(pg_db.engine)
+    problems = verify(pg_db.engine, 300, 100, cutoff)  # nothing purged
+    assert "300 rows remain, expected 200 (0 gone, expected 100)" in problems
+    assert "100 expired rows remain" in problems
+    one_too_many = ("DELETE FROM customers WHERE closed_at < :c "
+                    "OR id = (SELECT min(id) FROM customers WHERE closed_at >= :c)")
+    pg_db.execute(one_too_many, {"c": cutoff})
+    assert verify(pg_db.engine, 300, 100, cutoff) == [
+        "199 rows remain, expected 200 (101 gone, expected 100)",
+        "the remaining ids differ from the unexpired ids of the pristine copy"]
+    fresh_copy(pg_db.engine)
+    pg_db.execute("DELETE FROM customers WHERE closed_at < :c", {"c": cutoff})
+    assert verify(pg_db.engine, 300, 100, cutoff) == []

@@ -17,8 +17,9 @@ fresh copy of that table, interleaved over ``--repeat`` rounds:
 * ``raw``      one ``DELETE ... WHERE created_at < cutoff`` in one transaction: the speed limit.
 * ``pt-archiver`` (MariaDB, when installed) ``pt-archiver --purge --bulk-delete --limit 1000
                --commit-each``.
-* ``raw-archive`` (scenario ``pg-archive``) ``COPY (DELETE ... RETURNING *) TO STDOUT`` piped
-               through ``gzip -1``; the command archives to a moto S3 server then.
+* ``raw-archive`` (scenario ``pg-archive``, when psql and gzip are installed) ``psql -c "COPY
+               (DELETE ... RETURNING *) TO STDOUT" | gzip -1 > file``; the command archives to a
+               moto S3 server (a child process) then, and both archives are counted after.
 
 Scenario ``pg-empty`` runs the command on a table with nothing expired: its fixed cost.
 
@@ -28,6 +29,11 @@ start to the second only, the longest running statement). After each method the 
 checked (exactly ``--expired`` rows gone, the others all there); a failed check makes the
 script exit 1, whatever the timings. Ratios are the engine's throughput over the peer's
 (1.0 = as fast). Speed is reported, never asserted.
+
+Memory: ``peak RSS`` is the command's whole process at its peak (``wait4``'s ``ru_maxrss``:
+interpreter and imports included, so compare it across sizes); ``RSS growth`` is the engine
+method's peak over its RSS before the purge. A peer that is not installed is reported as
+"peer not installed" (``peers_missing`` in the JSON) and the rest is still measured.
 
 Run::
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import gzip
 import json
 import os
 import shutil
@@ -47,12 +54,14 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins"))
 
+import moto_process  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
     PLUGINS,
@@ -77,6 +86,7 @@ from harness import (  # noqa: E402
     scalar,
     throwaway_database,
 )
+from moto_process import CREDENTIALS, REGION, plain_client  # noqa: E402
 
 from retention.evidence.signing import generate_keypair  # noqa: E402
 
@@ -101,11 +111,12 @@ targets:
     age_column: created_at
     max_fraction: 0.6
 {archive}"""
-ARCHIVE_YAML = """\
+BUCKET = "bench-archive"
+ARCHIVE_YAML = f"""\
 archive:
   connection: bench_s3
-  bucket: bench-archive
-  prefix: events
+  bucket: {BUCKET}
+  prefix: events/
 """
 
 
@@ -215,26 +226,34 @@ class Setup:
     """What every method of one scenario shares: the database, the rule, the command's environment."""
 
     def __init__(self, args: argparse.Namespace, kind: str, url: sa.URL, audit_url: sa.URL, workdir: Path,
-                 action: str = "delete"):
+                 s3_endpoint: str | None = None):
         self.args = args
         self.kind = kind
         self.url = url
         self.engine = sa.create_engine(url)
         self.audit_url = audit_url
         self.workdir = workdir
-        self.rules = workdir / "rules"
+        self.s3_endpoint = s3_endpoint  # scenario pg-archive: the rule archives to this moto server
+        action = "archive" if s3_endpoint else "delete"
+        self.rules = workdir / f"rules-{action}"
         self.rules.mkdir(exist_ok=True)
-        self.action = action
-        archive = ARCHIVE_YAML if action == "archive" else ""
+        archive = ARCHIVE_YAML if s3_endpoint else ""
         (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive))
         key = workdir / "keys" / "retention-signing.pem"
         if not key.exists():
             generate_keypair(workdir / "keys")
-        self.env = command_env({"bench_db": airflow_conn_uri(url), "retention_audit": airflow_conn_uri(audit_url)},
-                               key)
+        connections = {"bench_db": airflow_conn_uri(url), "retention_audit": airflow_conn_uri(audit_url)}
+        if s3_endpoint:
+            connections["bench_s3"] = json.dumps({
+                "conn_type": "aws", "login": CREDENTIALS["aws_access_key_id"],
+                "password": CREDENTIALS["aws_secret_access_key"],
+                "extra": {"region_name": REGION, "endpoint_url": s3_endpoint}})
+        self.env = command_env(connections, key)
 
     def fresh(self) -> None:
         (pg_fresh_copy if self.kind == "postgresql" else my_fresh_copy)(self.engine)
+        if self.s3_endpoint:
+            empty_bucket(self.s3_endpoint)
 
     def measure(self, name: str, work) -> dict:
         """Fresh table, then ``work()`` timed under the transaction monitor, then the checks."""
@@ -246,6 +265,11 @@ class Setup:
             seconds = extra.pop("purge_seconds", time.perf_counter() - started)
         expired = 0 if self.args.scenario_now == "pg-empty" else self.args.expired
         problems = check_table(self.engine, self.args.rows, expired)
+        if self.s3_endpoint:
+            archived = extra.get("archived") or archived_in_bucket(self.s3_endpoint)
+            if archived != expected_archive(expired):
+                problems.append(f"the archive holds {archived[0]} rows (ids summing to {archived[1]}), expected "
+                                f"{expired} (ids 1..{expired})")
         log(f"{name}: {seconds:.3f}s, longest transaction {monitor.longest:.3f}s"
             + (f" — WRONG: {'; '.join(problems)}" if problems else ""))
         return {"seconds": seconds, "longest_tx": monitor.longest, "problems": problems, **extra}
@@ -259,6 +283,31 @@ class Setup:
             raise SystemExit(f"retention run failed ({out.returncode}):\n{out.stderr[-3000:]}")
         payload = json.loads(out.stdout.strip().splitlines()[-1])
         return {"status": payload.get("status"), "peak_rss_kib": peak_kib}
+
+    def raw_archive(self) -> dict:
+        """``psql -c "COPY (DELETE ... RETURNING *) TO STDOUT" | gzip -1 > file``: the pipeline a DBA
+        would type (psql commits the DELETE when the COPY ends); the file's rows are counted after."""
+        url, path = self.url, self.workdir / "raw-archive.tsv.gz"
+        statement = f"COPY (DELETE FROM events WHERE created_at < '{CUTOFF.isoformat()}' RETURNING *) TO STDOUT"
+        env = {**os.environ, **({"PGPASSWORD": str(url.password)} if url.password else {})}
+        with open(path, "wb") as file:
+            psql = subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(url.host), "-p",
+                                     str(url.port or 5432), "-U", str(url.username), "-d", str(url.database),
+                                     "-c", statement], stdout=subprocess.PIPE, env=env)
+            gzip_1 = subprocess.Popen(["gzip", "-1"], stdin=psql.stdout, stdout=file)
+            assert psql.stdout is not None
+            psql.stdout.close()  # gzip holds the pipe now: psql sees it close if gzip dies
+            gzip_1.wait()
+            psql.wait()
+        if psql.returncode or gzip_1.returncode:
+            raise SystemExit(f"the raw archive pipeline failed (psql exit {psql.returncode}, gzip {gzip_1.returncode})")
+        lines = id_sum = 0
+        with gzip.open(path, "rt") as rows:
+            for line in rows:
+                lines += 1
+                id_sum += int(line.split("\t", 1)[0])
+        path.unlink()
+        return {"archived": (lines, id_sum)}
 
     def engine_only(self) -> dict:
         """``SqlTable.purge`` in this process with a journal ledger (the table reflected beforehand,
@@ -303,22 +352,76 @@ class Setup:
         return {}
 
 
+# -- the archive scenario's S3 (a moto server in a child process) -------------------------
+
+
+def seed_bucket(backend) -> dict:
+    """The seed for ``moto_process.serve``: the archive's empty bucket."""
+    backend.create_bucket(BUCKET, REGION)
+    return {}
+
+
+def empty_bucket(endpoint: str) -> None:
+    client = plain_client(endpoint)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        if page.get("Contents"):
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
+    client.close()
+
+
+def archived_in_bucket(endpoint: str) -> tuple[int, int]:
+    """(rows, sum of their ids) in the bucket's archive bodies (its manifests left out)."""
+    client = plain_client(endpoint)
+    rows = id_sum = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("manifest.json"):
+                continue
+            body = gzip.decompress(client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read())
+            for line in body.splitlines():
+                if line:
+                    rows += 1
+                    id_sum += json.loads(line)["id"]
+    client.close()
+    return rows, id_sum
+
+
+def expected_archive(expired: int) -> tuple[int, int]:
+    """What archiving the expired rows must give: they are ids 1 to ``expired`` (see the pristine tables)."""
+    return expired, expired * (expired + 1) // 2
+
+
+@contextmanager
+def archive_server(name: str):
+    """For scenario pg-archive, a fresh moto server's endpoint; otherwise None."""
+    if name != "pg-archive":
+        yield None
+        return
+    with moto_process.moto_server([os.path.abspath(__file__), "--serve-moto"], 120) as server:
+        yield server["endpoint"]
+
+
 def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Path) -> dict:
     """One scenario's methods, interleaved over ``--repeat`` rounds, and their medians and ratios."""
     args.scenario_now = name
     admin = admin_url(args.pg)
     peers: dict[str, str] = {}
     server = sa.make_url(args.mysql) if name == "mariadb" else admin
-    with throwaway_database(server, "bench_cmd") as url:
+    with throwaway_database(server, "bench_cmd") as url, archive_server(name) as s3_endpoint:
         kind = "mysql" if name == "mariadb" else "postgresql"
-        setup = Setup(args, kind, url, audit_url, workdir)
+        setup = Setup(args, kind, url, audit_url, workdir, s3_endpoint)
         expired = 0 if name == "pg-empty" else args.expired
         log(f"{name}: building {args.rows:,} rows, {expired:,} expired")
         (my_pristine if kind == "mysql" else pg_pristine)(setup.engine, args.rows, expired)
         methods = {"command": lambda: setup.measure("command", setup.command)}
         if name == "pg-delete":
             methods["engine"] = lambda: setup.measure("engine", setup.engine_only)
-        if name != "pg-empty":
+        if name == "pg-archive":
+            if shutil.which("psql") and shutil.which("gzip") and not peer_hidden("raw-archive"):
+                methods["raw-archive"] = lambda: setup.measure("raw-archive", setup.raw_archive)
+            else:
+                peer_missing(peers, "raw-archive", "needs psql and gzip on PATH")
+        elif name != "pg-empty":
             methods["raw"] = lambda: setup.measure("raw", setup.raw)
         if name == "mariadb":
             if shutil.which("pt-archiver") and not peer_hidden("pt-archiver"):
@@ -344,7 +447,7 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
     seconds = {m: s["seconds"] for m, s in summary["methods"].items()}
     summary["ratios"] = {f"{m}/{peer}": seconds[peer] / seconds[m]
                          for m in ("command", "engine") if m in seconds
-                         for peer in ("raw", "pt-archiver") if peer in seconds}
+                         for peer in ("raw", "pt-archiver", "raw-archive") if peer in seconds}
     return summary
 
 
@@ -366,14 +469,18 @@ def print_summary(report: dict) -> None:
 
 def main() -> int:
     parser = bench_parser(__doc__)
-    parser.add_argument("--scenario", nargs="+", default=["pg-empty", "pg-delete", "mariadb"],
-                        choices=["pg-empty", "pg-delete", "mariadb"])
+    parser.add_argument("--scenario", nargs="+", default=["pg-empty", "pg-delete", "mariadb", "pg-archive"],
+                        choices=["pg-empty", "pg-delete", "mariadb", "pg-archive"])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--expired", type=int, default=None, help="expired rows (default: half of --rows)")
     parser.add_argument("--mysql", default=os.environ.get("RETENTION_BENCH_MYSQL", DEFAULT_MYSQL),
                         help=f"MariaDB server URL (default $RETENTION_BENCH_MYSQL or {DEFAULT_MYSQL})")
     add_common(parser, repeat_order="command, engine, peers")
+    parser.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)  # the S3 child process
     args = parser.parse_args()
+    if args.serve_moto:
+        moto_process.serve(seed_bucket)
+        return 0
     check_common(parser, args)
     args.expired = args.rows // 2 if args.expired is None else args.expired
     if not 0 < args.expired <= args.rows:

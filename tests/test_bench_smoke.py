@@ -52,7 +52,7 @@ def _check_sql(report: dict) -> None:
 
 def _check_command(report: dict) -> None:
     scenarios = report["scenarios"]
-    assert set(scenarios) == {"pg-empty", "pg-delete", "mariadb"}
+    assert set(scenarios) == {"pg-empty", "pg-delete", "mariadb", "pg-archive"}
     for name, scenario in scenarios.items():
         _methods_correct(scenario["methods"])
         # The whole command's process: an interpreter with the engine loaded is well over 10 MiB.
@@ -61,6 +61,8 @@ def _check_command(report: dict) -> None:
     assert isinstance(scenarios["pg-delete"]["methods"]["engine"]["rss_growth_kib"], int)
     peers = {"command/raw"} | ({"command/pt-archiver"} if shutil.which("pt-archiver") else set())
     assert set(scenarios["mariadb"]["ratios"]) == peers
+    pipeline = shutil.which("psql") and shutil.which("gzip")
+    assert set(scenarios["pg-archive"]["ratios"]) == ({"command/raw-archive"} if pipeline else set())
     assert all(value > 0 for s in scenarios.values() for value in s["ratios"].values())
 
 
@@ -115,7 +117,7 @@ CASES = {
                            [r"engine_vs_raw: \d", r"peak RSS \d"], _check_partition),
     "shard_purge.py": (TINY + PG + ["--shard-rows", "500"], [r"speed-up \(sharded rows/s over single\): \d"],
                        _check_shard),
-    "s3_purge.py": (["--objects", "2000", "--repeat", "1", "--concurrency", "4"], [r"ratio engine/raw\s+\d"],
+    "s3_purge.py": (["--objects", "1500", "--repeat", "1", "--concurrency", "4"], [r"ratio engine/raw\s+\d"],
                     _check_s3),
     "archive_purge.py": (TINY + PG + ["--memory-sizes", "1000,1500", "--sketch", "--sketch-batch-rows", "300"],
                          [r"ratio engine/raw\s+\d", r"peak RSS growth at 0\.001M", r"memory flat in rows"],

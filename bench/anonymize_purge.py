@@ -61,6 +61,7 @@ from harness import (  # noqa: E402
     print_method_table,
     print_runs,
     print_target,
+    server_url,
     summarize_runs,
     throwaway_database,
 )
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     if not names or set(names) - set(TARGET_ROWS_PER_S):
         parser.error("--backends takes postgresql and/or mariadb")
     admins = {"postgresql": admin_url(args.pg),
-              "mariadb": sa.make_url(args.mariadb or os.environ.get("RETENTION_BENCH_MARIADB") or DEFAULT_MARIADB)}
+              "mariadb": server_url(args.mariadb or os.environ.get("RETENTION_BENCH_MARIADB") or DEFAULT_MARIADB,
+                                    "--mariadb (or $RETENTION_BENCH_MARIADB)", DEFAULT_MARIADB)}
     report: dict = {"rows": args.rows, "repeat": args.repeat, "backends": {}}
     with tempfile.TemporaryDirectory(prefix="retention-bench-anon-") as scratch:
         os.environ.update({

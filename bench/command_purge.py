@@ -84,6 +84,7 @@ from harness import (  # noqa: E402
     run_measured,
     run_sql,
     scalar,
+    server_url,
     throwaway_database,
 )
 from moto_process import CREDENTIALS, REGION, plain_client  # noqa: E402
@@ -406,7 +407,7 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
     args.scenario_now = name
     admin = admin_url(args.pg)
     peers: dict[str, str] = {}
-    server = sa.make_url(args.mysql) if name == "mariadb" else admin
+    server = server_url(args.mysql, "--mysql (or $RETENTION_BENCH_MYSQL)", DEFAULT_MYSQL) if name == "mariadb" else admin
     with throwaway_database(server, "bench_cmd") as url, archive_server(name) as s3_endpoint:
         kind = "mysql" if name == "mariadb" else "postgresql"
         setup = Setup(args, kind, url, audit_url, workdir, s3_endpoint)

@@ -130,13 +130,19 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 # -- databases -----------------------------------------------------------------------
 
 
-def admin_url(argument: str | None) -> URL:
-    """The admin connection URL (any database on the server; used to create/drop)."""
+def server_url(value: str, option: str, example: str) -> URL:
+    """``value`` (given as ``option``) as a SQLAlchemy URL, or a one-line error naming the option."""
     try:
-        url = make_url(argument or os.environ.get("RETENTION_BENCH_PG") or DEFAULT_PG)
+        return make_url(value)
     except sa.exc.ArgumentError:
         # Not echoed: the value may hold a password.
-        raise SystemExit(f"error: --pg (or $RETENTION_BENCH_PG) is not a SQLAlchemy URL; give one like {DEFAULT_PG}") from None
+        raise SystemExit(f"error: {option} is not a SQLAlchemy URL; give one like {example}") from None
+
+
+def admin_url(argument: str | None) -> URL:
+    """The admin connection URL (any database on the server; used to create/drop)."""
+    url = server_url(argument or os.environ.get("RETENTION_BENCH_PG") or DEFAULT_PG, "--pg (or $RETENTION_BENCH_PG)",
+                     DEFAULT_PG)
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg2")
     return url

@@ -228,3 +228,15 @@ def test_the_customers_check_finds_a_wrong_purge(pg_db):
     fresh_copy(pg_db.engine)
     pg_db.execute("DELETE FROM customers WHERE closed_at < :c", {"c": cutoff})
     assert verify(pg_db.engine, 300, 100, cutoff) == []
+
+
+@pytest.mark.parametrize("script, options", [
+    ("command_purge.py", ["--scenario", "mariadb", "--mysql", "no-such-url"]),
+    ("anonymize_purge.py", ["--backends", "mariadb", "--mariadb", "no-such-url"]),
+    ("sql_purge.py", ["--pg", "no-such-url"]),
+])
+def test_a_server_url_that_is_no_url_is_refused_naming_its_option(script, options):
+    done = run_bench(script, [*TINY[:4], *options] if script != "anonymize_purge.py" else ["--rows", "10", *options])
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "is not a SQLAlchemy URL" in done.stderr
+    assert options[-2] in done.stderr

@@ -252,10 +252,9 @@ def scalar(engine: Engine, statement: str, **params):
         return conn.execute(sa.text(statement), params).scalar()
 
 
-CUSTOMERS_AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)
-
-
 # -- the customers table (sql_purge, shard_purge, archive_purge) -----------------------
+
+CUSTOMERS_AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def build_pristine(engine: Engine, rows: int, expired: int, cutoff: datetime) -> None:

@@ -154,8 +154,8 @@ def bench_runs(request, tmp_path_factory):
     """The runs the selected tests need, started at once, ``PARALLEL`` at a time: name -> future."""
     scratch = tmp_path_factory.mktemp("bench")
     # Only the runs of the tests selected (a -k choosing one script starts only that script).
-    wanted = {params.get("script") or params["run"] for item in request.session.items
-              if item.module is request.module and (params := getattr(item, "callspec", None) and item.callspec.params)}
+    wanted = {item.callspec.params.get("script") or item.callspec.params["run"] for item in request.session.items
+              if item.module is request.module and "bench_runs" in item.fixturenames}
     pool = ThreadPoolExecutor(PARALLEL)
     runs = {}
     for name in sorted(wanted, key=lambda n: (SLOWEST_FIRST.index(n) if n in SLOWEST_FIRST else len(SLOWEST_FIRST), n)):

@@ -58,12 +58,13 @@ test: install
 typecheck: install
 	$(BIN)/mypy
 
-## Speed and memory figures (not part of the tests; about ten minutes).
+## Speed and memory figures, every bench script at its default size, each against its peer
+## (not part of the tests; long on two cores). tests/test_bench_smoke.py runs them all tiny.
+BENCHES := sql_purge command_purge partition_purge shard_purge s3_purge archive_purge anonymize_purge
 bench: install
-	$(BIN)/python bench/sql_purge.py
-	$(BIN)/python bench/s3_purge.py
-	$(BIN)/python bench/archive_purge.py
-	$(BIN)/python bench/anonymize_purge.py
+	@failed=""; for name in $(BENCHES); do echo "== bench/$$name.py"; \
+	  $(BIN)/python bench/$$name.py || failed="$$failed $$name"; done; \
+	test -z "$$failed" || { echo "bench: a check failed (or the script broke) in:$$failed"; exit 1; }
 
 validate: install
 	$(BIN)/retention validate retention_rules

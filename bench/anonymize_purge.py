@@ -39,8 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -48,17 +47,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
+    PeakRss,
     add_common,
     admin_url,
+    airflow_conn_uri,
     all_correct,
     bench_parser,
     check_common,
     emit,
     interleave,
+    kib_as_mib,
     log,
     print_method_table,
     print_runs,
     print_target,
+    server_url,
     summarize_runs,
     throwaway_database,
 )
@@ -117,33 +120,13 @@ class Backend:
     def label(self) -> str:
         return "PostgreSQL" if self.name == "postgresql" else "MariaDB"
 
-    @contextmanager
-    def database(self) -> Iterator[sa.URL]:
+    def database(self):
         """A throwaway database on the backend, dropped however the block ends."""
-        if self.name == "postgresql":
-            with throwaway_database(self.admin, "retention_bench_anon") as url:
-                yield url
-            return
-        # The name is ours (a fixed prefix and hex), never user input.
-        name = f"retention_bench_anon_{uuid.uuid4().hex[:10]}"
-        engine = sa.create_engine(self.admin, isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-            log(f"created database {name}")
-            try:
-                yield self.admin.set(database=name)
-            finally:
-                with engine.connect() as conn:
-                    conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
-                log(f"dropped database {name}")
-        finally:
-            engine.dispose()
+        return throwaway_database(self.admin, "retention_bench_anon")
 
     def airflow_uri(self, url: sa.URL) -> str:
         """The connection a run resolves for the bench database."""
-        scheme, port = ("postgres", 5432) if self.name == "postgresql" else ("mysql", 3306)
-        return f"{scheme}://{url.username}@{url.host}:{url.port or port}/{url.database}"
+        return airflow_conn_uri(url)
 
     def seed(self, url: sa.URL, rows: int) -> None:
         """A fresh ``invoices`` table: odd ids expired (a second apart), even ids recent, indexed on ``issued_at``."""
@@ -234,10 +217,12 @@ def engine_run(backend: Backend, url: sa.URL, rows: int, scratch: Path, *, set_b
     try:
         with Targets(from_environment) as targets:
             runner = Runner(RunJournal(open_audit(from_environment)), targets, Signer.from_environment())
-            started = time.perf_counter()
-            certificate = runner.run(load_rule_file(scratch / "rules" / "bench_billing.yaml"), run_id="bench",
-                                     as_of=AS_OF, progress=lambda _t, _d, _m, _rows, seconds: batches.append(seconds))
-            seconds = time.perf_counter() - started
+            rule_file = load_rule_file(scratch / "rules" / "bench_billing.yaml")
+            with PeakRss() as memory:
+                started = time.perf_counter()
+                certificate = runner.run(rule_file, run_id="bench", as_of=AS_OF,
+                                         progress=lambda _t, _d, _m, _rows, seconds: batches.append(seconds))
+                seconds = time.perf_counter() - started
     finally:
         AnonymizeRows.set_based = previous
     problems = check(backend, url)
@@ -245,8 +230,10 @@ def engine_run(backend: Backend, url: sa.URL, rows: int, scratch: Path, *, set_b
     if anonymized != (rows + 1) // 2:
         problems.append(f"certificate says {anonymized} anonymized, expected {(rows + 1) // 2}")
     method = "engine" if set_based else "python"
-    log(f"{backend.label} {method}: {seconds:.2f} s, {len(batches)} batches{' — WRONG' if problems else ''}")
-    return {"seconds": seconds, "batch_seconds": batches, "problems": problems}
+    log(f"{backend.label} {method}: {seconds:.2f} s, {len(batches)} batches, peak RSS growth "
+        f"{kib_as_mib(memory.figures['growth_kib'])}{' — WRONG' if problems else ''}")
+    return {"seconds": seconds, "batch_seconds": batches, "problems": problems,
+            "rss_growth_kib": memory.figures["growth_kib"]}
 
 
 def raw_run(backend: Backend, url: sa.URL, rows: int) -> dict:
@@ -266,6 +253,12 @@ def raw_run(backend: Backend, url: sa.URL, rows: int) -> dict:
     return {"seconds": seconds, "batch_seconds": [seconds], "problems": problems}
 
 
+def _memory(runs: list[dict]) -> dict:
+    """The largest peak RSS growth of a method's runs (the engine's; the raw UPDATE has none here)."""
+    growth = [r["rss_growth_kib"] for r in runs if "rss_growth_kib" in r]
+    return {"rss_growth_kib": max(growth)} if growth else {}
+
+
 def measure(backend: Backend, rows: int, repeat: int, scratch: Path) -> dict:
     """Every method on one backend, interleaved; the figures, ratios and target verdict."""
     with backend.database() as url:
@@ -276,7 +269,8 @@ def measure(backend: Backend, rows: int, repeat: int, scratch: Path) -> dict:
         }
         runs = interleave(measures, repeat)
     expired = (rows + 1) // 2
-    methods = {name: summarize_runs(name, method_runs, expired) for name, method_runs in runs.items()}
+    methods = {name: summarize_runs(name, method_runs, expired, extra=_memory(method_runs))
+               for name, method_runs in runs.items()}
     engine_s = methods["engine"]["seconds"]
     target = TARGET_ROWS_PER_S[backend.name]
     return {
@@ -303,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     if not names or set(names) - set(TARGET_ROWS_PER_S):
         parser.error("--backends takes postgresql and/or mariadb")
     admins = {"postgresql": admin_url(args.pg),
-              "mariadb": sa.make_url(args.mariadb or os.environ.get("RETENTION_BENCH_MARIADB") or DEFAULT_MARIADB)}
+              "mariadb": server_url(args.mariadb or os.environ.get("RETENTION_BENCH_MARIADB") or DEFAULT_MARIADB,
+                                    "--mariadb (or $RETENTION_BENCH_MARIADB)", DEFAULT_MARIADB)}
     report: dict = {"rows": args.rows, "repeat": args.repeat, "backends": {}}
     with tempfile.TemporaryDirectory(prefix="retention-bench-anon-") as scratch:
         os.environ.update({
@@ -333,6 +328,7 @@ def print_summary(report: dict) -> None:
         print_runs(methods, max(len(m) for m in methods) + 1)
         print(f"engine / python    {figures['engine_over_python']:.2f}x faster than the per-row Python path")
         print(f"engine / raw       {figures['engine_over_raw']:.2f}x the hand-written set-based UPDATE")
+        print(f"engine peak RSS growth {kib_as_mib(methods['engine'].get('rss_growth_kib'))} during the run")
         print_target("engine rows/s", methods["engine"]["rows_per_s"], ",", ">=", figures["target_rows_per_s"],
                      figures["target_pass"], width=7)
 

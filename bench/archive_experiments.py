@@ -19,9 +19,18 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from archive_purge import BUCKET, BufferedSink, check_archive, moto_server, pristine_expired_ids
-from harness import Meter, count_problems, log, psycopg2_connect, retention_engine, run_sql, scalar, wrong
+from harness import (
+    Meter,
+    count_problems,
+    log,
+    on_fresh_copy,
+    psycopg2_connect,
+    retention_engine,
+    run_sql,
+    scalar,
+    wrong,
+)
 from moto_process import plain_client
-from sql_purge import fresh_copy, verify
 from sqlalchemy.engine import URL
 
 PROFILE_REPEATS = 3
@@ -123,12 +132,12 @@ class LineCountingSink(BufferedSink):
 
 def checked_onepass(bench, bench_url: URL, args: argparse.Namespace, cutoff: datetime) -> dict:
     """One timed run of the onepass sketch on a fresh copy, checked afterwards."""
-    log("onepass: fresh copy of customers")
-    fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
-    log(f"onepass: sketch, batches of {args.sketch_batch_rows:,} rows")
-    result = measure_onepass(bench_url, cutoff, args.sketch_batch_rows, ids, args.sketch_format)
-    problems = verify(bench, args.rows, args.expired, cutoff) + count_problems(result, args.expired, "rows")
+    log(f"onepass: the sketch, batches of {args.sketch_batch_rows:,} rows")
+    result = on_fresh_copy("onepass", bench, lambda: measure_onepass(bench_url, cutoff, args.sketch_batch_rows, ids,
+                                                                     args.sketch_format),
+                           args.rows, args.expired, cutoff)
+    problems = result["problems"] + count_problems(result, args.expired, "rows")
     problems += result["archive"]["problems"]
     result["problems"] = problems
     log(f"onepass: {result['seconds']:.2f} s, {len(result['batches'])} batches" + wrong(problems))

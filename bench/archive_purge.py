@@ -3,8 +3,8 @@ next to one raw ``COPY (DELETE ... RETURNING *)``, and does its memory stay flat
 
 What it measures
 ----------------
-A throwaway database gets the ``customers`` table of ``bench/sql_purge.py`` (its helpers
-are imported from there): ``--rows`` rows (default 2,000,000), exactly ``--expired``
+A throwaway database gets the ``customers`` table of ``bench/sql_purge.py`` (built by
+``bench/harness.py``): ``--rows`` rows (default 2,000,000), exactly ``--expired``
 (default 1,000,000) closed before the cutoff, primary key on ``id``, index on
 ``closed_at``. Each method runs on an identical fresh copy of the table.
 
@@ -118,18 +118,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moto_process  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
+    CUSTOMERS_AS_OF as AS_OF,
+)
+from harness import (
     Meter,
     add_common,
     admin_url,
     aws_spec,
     bench_parser,
+    build_pristine,
     check_common,
     count_problems,
     emit,
+    fresh_copy,
     interleave,
     log,
     median_of,
     ms,
+    on_fresh_copy,
     open_journal_run,
     percentile,
     postgres_spec,
@@ -148,7 +154,6 @@ from harness import (  # noqa: E402
     wrong,
 )
 from moto_process import REGION, cpu_seconds, plain_client  # noqa: E402
-from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 
 from retention.rules.loader import load_rule_file  # noqa: E402
@@ -613,12 +618,8 @@ def engine_code() -> dict:
 
 def checked_raw(bench, bench_url: URL, rows: int, expired: int, cutoff: datetime, scratch: Path) -> dict:
     """One timed run of the raw peer on a fresh copy; the table and its COPY output checked."""
-    log("raw: fresh copy of customers")
-    fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
-    log("raw: COPY (DELETE ... RETURNING *) into gzip -1")
-    raw = measure_raw(bench_url, cutoff, scratch)
-    raw["problems"] = verify(bench, rows, expired, cutoff)
+    raw = on_fresh_copy("raw", bench, lambda: measure_raw(bench_url, cutoff, scratch), rows, expired, cutoff)
     if (raw["archive"]["lines"], raw["archive"]["id_sum"]) != (ids["count"], ids["sum"]):
         raw["problems"].append(f"the COPY output holds {raw['archive']['lines']} rows "
                                f"(ids sum {raw['archive']['id_sum']}), expected {ids['count']}")
@@ -629,12 +630,10 @@ def checked_raw(bench, bench_url: URL, rows: int, expired: int, cutoff: datetime
 def checked_engine(bench, bench_url, audit_url, rule_path, rows, expired, cutoff, label,
                    fixed_batch_rows: int | None = None) -> dict:
     """One engine run on a fresh copy (in a child process); table, journal and archive checked."""
-    log(f"{label}: fresh copy of customers")
-    fresh_copy(bench)
     ids = pristine_expired_ids(bench, cutoff)
-    log(f"{label}: archiving and purging in a child process")
-    result = measure_engine(bench_url, audit_url, rule_path, ids, fixed_batch_rows)
-    problems = verify(bench, rows, expired, cutoff) + count_problems(result, expired, "rows")
+    result = on_fresh_copy(label, bench, lambda: measure_engine(bench_url, audit_url, rule_path, ids, fixed_batch_rows),
+                           rows, expired, cutoff)  # the engine runs in a child process
+    problems = result["problems"] + count_problems(result, expired, "rows")
     if result["remaining"] or result["unresolved"]:
         problems.append(f"{result['remaining']} expired rows remaining, {result['unresolved']} batches pending")
     problems += result["archive"]["problems"]

@@ -17,8 +17,9 @@ fresh copy of that table, interleaved over ``--repeat`` rounds:
 * ``raw``      one ``DELETE ... WHERE created_at < cutoff`` in one transaction: the speed limit.
 * ``pt-archiver`` (MariaDB, when installed) ``pt-archiver --purge --bulk-delete --limit 1000
                --commit-each``.
-* ``raw-archive`` (scenario ``pg-archive``) ``COPY (DELETE ... RETURNING *) TO STDOUT`` piped
-               through ``gzip -1``; the command archives to a moto S3 server then.
+* ``raw-archive`` (scenario ``pg-archive``, when psql and gzip are installed) ``psql -c "COPY
+               (DELETE ... RETURNING *) TO STDOUT" | gzip -1 > file``; the command archives to a
+               moto S3 server (a child process) then, and both archives are counted after.
 
 Scenario ``pg-empty`` runs the command on a table with nothing expired: its fixed cost.
 
@@ -28,6 +29,11 @@ start to the second only, the longest running statement). After each method the 
 checked (exactly ``--expired`` rows gone, the others all there); a failed check makes the
 script exit 1, whatever the timings. Ratios are the engine's throughput over the peer's
 (1.0 = as fast). Speed is reported, never asserted.
+
+Memory: ``peak RSS`` is the command's whole process at its peak (``wait4``'s ``ru_maxrss``:
+interpreter and imports included, so compare it across sizes); ``RSS growth`` is the engine
+method's peak over its RSS before the purge. A peer that is not installed is reported as
+"peer not installed" (``peers_missing`` in the JSON) and the rest is still measured.
 
 Run::
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import gzip
 import json
 import os
 import shutil
@@ -47,29 +54,42 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
-sys.path.insert(0, str(PLUGINS))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins"))
 
+import moto_process  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
+    PLUGINS,
+    PeakRss,
     add_common,
     admin_url,
+    airflow_conn_uri,
     bench_parser,
     check_common,
+    command_env,
     emit,
     interleave,
+    kib_as_mib,
     log,
     median_of,
+    peer_hidden,
+    peer_missing,
+    refill_table,
+    retention_run_argv,
+    run_measured,
     run_sql,
     scalar,
+    server_url,
     throwaway_database,
 )
+from moto_process import CREDENTIALS, REGION, plain_client  # noqa: E402
+
+from retention.evidence.signing import generate_keypair  # noqa: E402
 
 AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)
 RETAIN = timedelta(days=30)
@@ -92,11 +112,12 @@ targets:
     age_column: created_at
     max_fraction: 0.6
 {archive}"""
-ARCHIVE_YAML = """\
+BUCKET = "bench-archive"
+ARCHIVE_YAML = f"""\
 archive:
   connection: bench_s3
-  bucket: bench-archive
-  prefix: events
+  bucket: {BUCKET}
+  prefix: events/
 """
 
 
@@ -119,12 +140,9 @@ def pg_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
 
 def pg_fresh_copy(engine: sa.Engine) -> None:
     """``events`` as a fresh copy of the pristine table, indexed, vacuumed and checkpointed."""
-    run_sql(engine, "DROP TABLE IF EXISTS events",
-            "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
-            "created_at timestamptz NOT NULL, note text NOT NULL)",
-            "INSERT INTO events SELECT * FROM pristine ORDER BY id",
-            "CREATE INDEX events_created_at ON events (created_at)",
-            "VACUUM ANALYZE events", "CHECKPOINT")
+    refill_table(engine, "events", "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
+                 "created_at timestamptz NOT NULL, note text NOT NULL)", "pristine", order_by="id",
+                 after=("CREATE INDEX events_created_at ON events (created_at)",))
 
 
 def my_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
@@ -141,12 +159,10 @@ def my_pristine(engine: sa.Engine, rows: int, expired: int) -> None:
 
 
 def my_fresh_copy(engine: sa.Engine) -> None:
-    run_sql(engine, "DROP TABLE IF EXISTS events",
-            "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
-            "created_at datetime(6) NOT NULL, note varchar(96) NOT NULL, KEY events_created_at (created_at)) "
-            "ENGINE=InnoDB",
-            "INSERT INTO events SELECT * FROM pristine ORDER BY id",
-            "ANALYZE TABLE events")
+    """``events`` as a fresh copy of the pristine table, indexed and analyzed."""
+    refill_table(engine, "events", "CREATE TABLE events (id bigint PRIMARY KEY, customer_id int NOT NULL, "
+                 "created_at datetime(6) NOT NULL, note varchar(96) NOT NULL, KEY events_created_at (created_at)) "
+                 "ENGINE=InnoDB", "pristine", order_by="id")
 
 
 def check_table(engine: sa.Engine, rows: int, expired: int) -> list[str]:
@@ -178,22 +194,33 @@ class TransactionMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _query(self) -> sa.TextClause:
-        if self.engine.dialect.name == "postgresql":
-            return sa.text("SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0) "
-                           "FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
-                           "AND xact_start IS NOT NULL AND backend_type = 'client backend'")
-        # InnoDB keeps a transaction's start to the second only: the running statement's
-        # milliseconds (a batch is one long DELETE and a few short reads) are the finer figure.
-        return sa.text("SELECT coalesce(max(time_ms), 0) / 1000 FROM information_schema.processlist "
-                       "WHERE db = :db AND command = 'Query' AND id <> connection_id()")
-
     def _sample(self) -> None:
-        query = self._query()
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            sample = self._postgresql(conn) if self.engine.dialect.name == "postgresql" else self._mariadb(conn)
             while not self._stop.is_set():
-                self.longest = max(self.longest, float(conn.execute(query, {"db": self.database}).scalar() or 0))
+                self.longest = max(self.longest, sample())
                 time.sleep(0.01)
+
+    def _postgresql(self, conn: sa.Connection):
+        query = sa.text("SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0) "
+                        "FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
+                        "AND xact_start IS NOT NULL AND backend_type = 'client backend'")
+        return lambda: float(conn.execute(query, {"db": self.database}).scalar() or 0)
+
+    def _mariadb(self, conn: sa.Connection):
+        # InnoDB keeps a transaction's start to the second only: the running statement's age
+        # (a batch is one long DELETE and a few short reads) is the finer figure. Read from SHOW
+        # PROCESSLIST, aged here to the sample: selecting information_schema.processlist (time_ms)
+        # every 10 ms once crashed MariaDB 10.11.19 (signal 11 freeing its temporary table).
+        own = conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar()
+        ages = StatementAges()
+
+        def sample() -> float:
+            rows = conn.exec_driver_sql("SHOW FULL PROCESSLIST").mappings().all()
+            return ages.observe(time.monotonic(), [
+                (row["Id"], row["Info"], row["Time"]) for row in rows
+                if row["db"] == self.database and row["Command"] == "Query" and row["Id"] != own])
+        return sample
 
     def __enter__(self) -> TransactionMonitor:
         self._thread.start()
@@ -204,6 +231,21 @@ class TransactionMonitor:
         self._thread.join()
 
 
+class StatementAges:
+    """How long the statements seen running have run, from samples of (connection id, statement
+    text, whole seconds it had run when sampled): a statement is the same one while its connection
+    shows the same text; first seen, it is as old as its whole seconds."""
+
+    def __init__(self) -> None:
+        self._started: dict[tuple, float] = {}
+
+    def observe(self, now: float, running: list[tuple]) -> float:
+        """The oldest running statement's age at ``now``, in seconds (0 for none)."""
+        self._started = {(conn_id, text): self._started.get((conn_id, text), now - float(seconds or 0))
+                         for conn_id, text, seconds in running}
+        return max((now - started for started in self._started.values()), default=0.0)
+
+
 # -- methods -----------------------------------------------------------------------------
 
 
@@ -211,27 +253,34 @@ class Setup:
     """What every method of one scenario shares: the database, the rule, the command's environment."""
 
     def __init__(self, args: argparse.Namespace, kind: str, url: sa.URL, audit_url: sa.URL, workdir: Path,
-                 action: str = "delete"):
+                 s3_endpoint: str | None = None):
         self.args = args
         self.kind = kind
         self.url = url
         self.engine = sa.create_engine(url)
         self.audit_url = audit_url
         self.workdir = workdir
-        self.rules = workdir / "rules"
+        self.s3_endpoint = s3_endpoint  # scenario pg-archive: the rule archives to this moto server
+        action = "archive" if s3_endpoint else "delete"
+        self.rules = workdir / f"rules-{action}"
         self.rules.mkdir(exist_ok=True)
-        self.action = action
-        archive = ARCHIVE_YAML if action == "archive" else ""
+        archive = ARCHIVE_YAML if s3_endpoint else ""
         (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive))
-        self.env = dict(os.environ)
-        self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its bytecode
-        self.env["PYTHONPATH"] = str(PLUGINS)
-        self.env["AIRFLOW_CONN_BENCH_DB"] = _conn_uri(url)
-        self.env["AIRFLOW_CONN_RETENTION_AUDIT"] = _conn_uri(audit_url)
-        self.env["RETENTION_SIGNING_KEY"] = str(_signing_key(workdir))
+        key = workdir / "keys" / "retention-signing.pem"
+        if not key.exists():
+            generate_keypair(workdir / "keys")
+        connections = {"bench_db": airflow_conn_uri(url), "retention_audit": airflow_conn_uri(audit_url)}
+        if s3_endpoint:
+            connections["bench_s3"] = json.dumps({
+                "conn_type": "aws", "login": CREDENTIALS["aws_access_key_id"],
+                "password": CREDENTIALS["aws_secret_access_key"],
+                "extra": {"region_name": REGION, "endpoint_url": s3_endpoint}})
+        self.env = command_env(connections, key)
 
     def fresh(self) -> None:
         (pg_fresh_copy if self.kind == "postgresql" else my_fresh_copy)(self.engine)
+        if self.s3_endpoint:
+            empty_bucket(self.s3_endpoint)
 
     def measure(self, name: str, work) -> dict:
         """Fresh table, then ``work()`` timed under the transaction monitor, then the checks."""
@@ -243,20 +292,49 @@ class Setup:
             seconds = extra.pop("purge_seconds", time.perf_counter() - started)
         expired = 0 if self.args.scenario_now == "pg-empty" else self.args.expired
         problems = check_table(self.engine, self.args.rows, expired)
+        if self.s3_endpoint:
+            archived = extra.get("archived") or archived_in_bucket(self.s3_endpoint)
+            if archived != expected_archive(expired):
+                problems.append(f"the archive holds {archived[0]} rows (ids summing to {archived[1]}), expected "
+                                f"{expired} (ids 1..{expired})")
         log(f"{name}: {seconds:.3f}s, longest transaction {monitor.longest:.3f}s"
             + (f" — WRONG: {'; '.join(problems)}" if problems else ""))
         return {"seconds": seconds, "longest_tx": monitor.longest, "problems": problems, **extra}
 
     def command(self) -> dict:
         """``retention run`` as a user types it."""
-        out = subprocess.run(
-            [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(self.rules),
-             "--category", "bench_events", "--as-of", AS_OF.strftime("%Y-%m-%dT%H:%M:%SZ"), "--json"],
-            env=self.env, capture_output=True, text=True, cwd=self.workdir)
+        out, peak_kib = run_measured(
+            retention_run_argv(self.rules, AS_OF.strftime("%Y-%m-%dT%H:%M:%SZ"), "--category", "bench_events",
+                               "--json"), env=self.env, cwd=self.workdir)
         if out.returncode != 0:
             raise SystemExit(f"retention run failed ({out.returncode}):\n{out.stderr[-3000:]}")
         payload = json.loads(out.stdout.strip().splitlines()[-1])
-        return {"status": payload.get("status")}
+        return {"status": payload.get("status"), "peak_rss_kib": peak_kib}
+
+    def raw_archive(self) -> dict:
+        """``psql -c "COPY (DELETE ... RETURNING *) TO STDOUT" | gzip -1 > file``: the pipeline a DBA
+        would type (psql commits the DELETE when the COPY ends); the file's rows are counted after."""
+        url, path = self.url, self.workdir / "raw-archive.tsv.gz"
+        statement = f"COPY (DELETE FROM events WHERE created_at < '{CUTOFF.isoformat()}' RETURNING *) TO STDOUT"
+        env = {**os.environ, **({"PGPASSWORD": str(url.password)} if url.password else {})}
+        with open(path, "wb") as file:
+            psql = subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(url.host), "-p",
+                                     str(url.port or 5432), "-U", str(url.username), "-d", str(url.database),
+                                     "-c", statement], stdout=subprocess.PIPE, env=env)
+            gzip_1 = subprocess.Popen(["gzip", "-1"], stdin=psql.stdout, stdout=file)
+            assert psql.stdout is not None
+            psql.stdout.close()  # gzip holds the pipe now: psql sees it close if gzip dies
+            gzip_1.wait()
+            psql.wait()
+        if psql.returncode or gzip_1.returncode:
+            raise SystemExit(f"the raw archive pipeline failed (psql exit {psql.returncode}, gzip {gzip_1.returncode})")
+        lines = id_sum = 0
+        with gzip.open(path, "rt") as rows:
+            for line in rows:
+                lines += 1
+                id_sum += int(line.split("\t", 1)[0])
+        path.unlink()
+        return {"archived": (lines, id_sum)}
 
     def engine_only(self) -> dict:
         """``SqlTable.purge`` in this process with a journal ledger (the table reflected beforehand,
@@ -273,9 +351,12 @@ class Setup:
             journal, run = open_journal_run(audit, rule_file, target, AS_OF)
             table = SqlTable(target, engine)
             table.check()
-            started = time.perf_counter()
-            outcome = table.purge(run.cutoff, journal.ledger(run, target.name))
-            return {"purge_seconds": time.perf_counter() - started, "deleted": outcome.deleted}
+            with PeakRss() as memory:
+                started = time.perf_counter()
+                outcome = table.purge(run.cutoff, journal.ledger(run, target.name))
+                seconds = time.perf_counter() - started
+            return {"purge_seconds": seconds, "deleted": outcome.deleted,
+                    "rss_growth_kib": memory.figures["growth_kib"]}
         finally:
             audit.dispose()
             engine.dispose()
@@ -298,68 +379,94 @@ class Setup:
         return {}
 
 
-def _conn_uri(url: sa.URL) -> str:
-    scheme = "postgres" if url.get_backend_name() == "postgresql" else "mysql"
-    auth = url.username or ""
-    if url.password:
-        auth += f":{url.password}"
-    return f"{scheme}://{auth}@{url.host}:{url.port or (5432 if scheme == 'postgres' else 3306)}/{url.database}"
+# -- the archive scenario's S3 (a moto server in a child process) -------------------------
 
 
-def _signing_key(workdir: Path) -> Path:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+def seed_bucket(backend) -> dict:
+    """The seed for ``moto_process.serve``: the archive's empty bucket."""
+    backend.create_bucket(BUCKET, REGION)
+    return {}
 
-    path = workdir / "signing.pem"
-    if not path.exists():
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        path.write_bytes(pem)
-        path.chmod(0o600)
-    return path
+
+def empty_bucket(endpoint: str) -> None:
+    client = plain_client(endpoint)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        if page.get("Contents"):
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
+    client.close()
+
+
+def archived_in_bucket(endpoint: str) -> tuple[int, int]:
+    """(rows, sum of their ids) in the bucket's archive bodies (its manifests left out)."""
+    client = plain_client(endpoint)
+    rows = id_sum = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("manifest.json"):
+                continue
+            body = gzip.decompress(client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read())
+            for line in body.splitlines():
+                if line:
+                    rows += 1
+                    id_sum += json.loads(line)["id"]
+    client.close()
+    return rows, id_sum
+
+
+def expected_archive(expired: int) -> tuple[int, int]:
+    """What archiving the expired rows must give: they are ids 1 to ``expired`` (see the pristine tables)."""
+    return expired, expired * (expired + 1) // 2
 
 
 @contextmanager
-def mysql_database(server: str):
-    """A uniquely named MariaDB database, dropped however the block ends."""
-    admin = sa.make_url(server)
-    name = f"bench_cmd_{uuid.uuid4().hex[:10]}"
-    engine = sa.create_engine(admin)
-    try:
-        run_sql(engine, f"CREATE DATABASE {name}")  # our name (prefix and hex), never user input
-        log(f"created MariaDB database {name}")
-        yield admin.set(database=name)
-    finally:
-        run_sql(engine, f"DROP DATABASE IF EXISTS {name}")
-        engine.dispose()
+def archive_server(name: str):
+    """For scenario pg-archive, a fresh moto server's endpoint; otherwise None."""
+    if name != "pg-archive":
+        yield None
+        return
+    with moto_process.moto_server([os.path.abspath(__file__), "--serve-moto"], 120) as server:
+        yield server["endpoint"]
 
 
 def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Path) -> dict:
     """One scenario's methods, interleaved over ``--repeat`` rounds, and their medians and ratios."""
     args.scenario_now = name
     admin = admin_url(args.pg)
-    with (mysql_database(args.mysql) if name == "mariadb" else throwaway_database(admin, "bench_cmd")) as url:
+    peers: dict[str, str] = {}
+    server = server_url(args.mysql, "--mysql (or $RETENTION_BENCH_MYSQL)", DEFAULT_MYSQL) if name == "mariadb" else admin
+    with throwaway_database(server, "bench_cmd") as url, archive_server(name) as s3_endpoint:
         kind = "mysql" if name == "mariadb" else "postgresql"
-        setup = Setup(args, kind, url, audit_url, workdir)
+        setup = Setup(args, kind, url, audit_url, workdir, s3_endpoint)
         expired = 0 if name == "pg-empty" else args.expired
         log(f"{name}: building {args.rows:,} rows, {expired:,} expired")
         (my_pristine if kind == "mysql" else pg_pristine)(setup.engine, args.rows, expired)
         methods = {"command": lambda: setup.measure("command", setup.command)}
         if name == "pg-delete":
             methods["engine"] = lambda: setup.measure("engine", setup.engine_only)
-        if name != "pg-empty":
+        if name == "pg-archive":
+            if shutil.which("psql") and shutil.which("gzip") and not peer_hidden("raw-archive"):
+                methods["raw-archive"] = lambda: setup.measure("raw-archive", setup.raw_archive)
+            else:
+                peer_missing(peers, "raw-archive", "needs psql and gzip on PATH")
+        elif name != "pg-empty":
             methods["raw"] = lambda: setup.measure("raw", setup.raw)
-        if name == "mariadb" and shutil.which("pt-archiver"):
-            methods["pt-archiver"] = lambda: setup.measure("pt-archiver", setup.pt_archiver)
+        if name == "mariadb":
+            if shutil.which("pt-archiver") and not peer_hidden("pt-archiver"):
+                methods["pt-archiver"] = lambda: setup.measure("pt-archiver", setup.pt_archiver)
+            else:
+                peer_missing(peers, "pt-archiver", "apt-get install percona-toolkit")
         try:
             runs = interleave(methods, args.repeat)
         finally:
             setup.engine.dispose()
-    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}}
+    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}, "peers_missing": peers}
     for method, results in runs.items():
         summary["methods"][method] = {
             "seconds": median_of(results, lambda r: r["seconds"]),
             "longest_tx": max(r["longest_tx"] for r in results),
+            # The command's whole process (interpreter and imports included); the engine's growth in this one.
+            "peak_rss_kib": max((r["peak_rss_kib"] for r in results if "peak_rss_kib" in r), default=None),
+            "rss_growth_kib": max((r["rss_growth_kib"] for r in results if "rss_growth_kib" in r), default=None),
             "rows_per_s": expired / median_of(results, lambda r: r["seconds"]) if expired else None,
             "correct": not any(r["problems"] for r in results),
             "runs": results,
@@ -367,32 +474,40 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
     seconds = {m: s["seconds"] for m, s in summary["methods"].items()}
     summary["ratios"] = {f"{m}/{peer}": seconds[peer] / seconds[m]
                          for m in ("command", "engine") if m in seconds
-                         for peer in ("raw", "pt-archiver") if peer in seconds}
+                         for peer in ("raw", "pt-archiver", "raw-archive") if peer in seconds}
     return summary
 
 
 def print_summary(report: dict) -> None:
     for name, summary in report["scenarios"].items():
         print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows")
-        print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10}  checks")
+        print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10} {'peak RSS':>10} "
+              f"{'RSS growth':>10}  checks")
         for method, figures in summary["methods"].items():
             rate = f"{figures['rows_per_s']:,.0f}" if figures["rows_per_s"] else "-"
-            print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s  "
+            print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s "
+                  f"{kib_as_mib(figures['peak_rss_kib']):>10} {kib_as_mib(figures['rss_growth_kib']):>10}  "
                   f"{'ok' if figures['correct'] else 'WRONG'}")
         for ratio, value in summary["ratios"].items():
             print(f"  {ratio}: {value:.2f}x")
+        for peer, why in summary["peers_missing"].items():
+            print(f"  {peer}: {why}; no ratio against it")
 
 
 def main() -> int:
     parser = bench_parser(__doc__)
-    parser.add_argument("--scenario", nargs="+", default=["pg-empty", "pg-delete", "mariadb"],
-                        choices=["pg-empty", "pg-delete", "mariadb"])
+    parser.add_argument("--scenario", nargs="+", default=["pg-empty", "pg-delete", "mariadb", "pg-archive"],
+                        choices=["pg-empty", "pg-delete", "mariadb", "pg-archive"])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--expired", type=int, default=None, help="expired rows (default: half of --rows)")
     parser.add_argument("--mysql", default=os.environ.get("RETENTION_BENCH_MYSQL", DEFAULT_MYSQL),
                         help=f"MariaDB server URL (default $RETENTION_BENCH_MYSQL or {DEFAULT_MYSQL})")
     add_common(parser, repeat_order="command, engine, peers")
+    parser.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)  # the S3 child process
     args = parser.parse_args()
+    if args.serve_moto:
+        moto_process.serve(seed_bucket)
+        return 0
     check_common(parser, args)
     args.expired = args.rows // 2 if args.expired is None else args.expired
     if not 0 < args.expired <= args.rows:

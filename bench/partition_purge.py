@@ -26,12 +26,9 @@ Run::
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,9 +36,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sqlalchemy as sa  # noqa: E402
-from harness import add_common, admin_url, bench_parser, check_common, emit, interleave, log  # noqa: E402
+from harness import (  # noqa: E402
+    PLUGINS,
+    add_common,
+    admin_url,
+    airflow_conn_uri,
+    bench_parser,
+    check_common,
+    command_env,
+    emit,
+    interleave,
+    kib_as_mib,
+    log,
+    peer_hidden,
+    peer_missing,
+    print_missing_peers,
+    retention_run_argv,
+    run_measured,
+    run_sql,
+    throwaway_database,
+)
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 AS_OF = "2026-06-16T00:00:00Z"
 CUTOFF = datetime(2025, 6, 16, tzinfo=timezone.utc)
 FIRST_MONTH = (2024, 7)
@@ -93,22 +108,12 @@ def seed(url: sa.URL, rows: int) -> None:
 
 @contextmanager
 def copy_of(admin: sa.URL, template: str):
-    """A fresh database cloned from ``template``; dropped afterwards."""
-    name = f"retention_bench_part_{uuid.uuid4().hex[:10]}"  # ours, never user input
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {template}"))
-    try:
-        url = admin.set(database=name)
-        prepare = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-        with prepare.connect() as conn:
-            conn.execute(sa.text("VACUUM ANALYZE events"))
+    """A fresh database cloned from ``template``, VACUUM ANALYZEd; dropped afterwards."""
+    with throwaway_database(admin, "retention_bench_part", template=template) as url:
+        prepare = sa.create_engine(url)
+        run_sql(prepare, "VACUUM ANALYZE events")
         prepare.dispose()
         yield url
-    finally:
-        with engine.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        engine.dispose()
 
 
 def counts(url: sa.URL) -> tuple[int, int, int]:
@@ -129,19 +134,14 @@ def run_engine(url: sa.URL, expired: int, kept: int) -> dict:
         rules = Path(scratch) / "rules"
         rules.mkdir()
         (rules / "bench_events.yaml").write_text(RULE)
-        env = dict(os.environ)
         sys.path.insert(0, str(PLUGINS))
         from retention.evidence.signing import generate_keypair
 
-        env.update({
-            "PYTHONPATH": f"{PLUGINS}{os.pathsep}{env.get('PYTHONPATH', '')}",
-            "RETENTION_SIGNING_KEY": str(generate_keypair(Path(scratch) / "keys")[0]),
-            "AIRFLOW_CONN_BENCH_DB": f"postgres://{url.username}@{url.host}:{url.port or 5432}/{url.database}",
-            "AIRFLOW_CONN_RETENTION_AUDIT": json.dumps({"conn_type": "sqlite", "host": f"{scratch}/audit.db"}),
-        })
+        env = command_env({"bench_db": airflow_conn_uri(url),
+                           "retention_audit": json.dumps({"conn_type": "sqlite", "host": f"{scratch}/audit.db"})},
+                          generate_keypair(Path(scratch) / "keys")[0])
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(rules),
-                               "--as-of", AS_OF, "--run-id", "bench"], capture_output=True, text=True, env=env)
+        done, peak_kib = run_measured(retention_run_argv(rules, AS_OF, "--run-id", "bench"), env=env)
         seconds = time.perf_counter() - started
         audit = sa.create_engine(f"sqlite:///{scratch}/audit.db")
         with audit.connect() as conn:
@@ -153,7 +153,7 @@ def run_engine(url: sa.URL, expired: int, kept: int) -> dict:
         problems.append(f"certificate says {target.get('deleted')} deleted, expected {expired}")
     return _checked("engine", url, seconds, expired, kept, problems,
                     partitions_dropped=len(target.get("partitions", {})),
-                    rows_in_dropped=sum(target.get("partitions", {}).values()))
+                    rows_in_dropped=sum(target.get("partitions", {}).values()), peak_rss_kib=peak_kib)
 
 
 def run_raw(url: sa.URL, expired: int, kept: int) -> dict:
@@ -221,19 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows < MONTHS:
         parser.error(f"need --rows >= {MONTHS}")
     admin = admin_url(args.pg)
-    template = f"retention_bench_part_tmpl_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {template}"))
-    try:
+    with throwaway_database(admin, "retention_bench_part_tmpl") as template_url:
+        template = str(template_url.database)
         log(f"seeding {args.rows:,} rows in {MONTHS} monthly partitions")
-        seed(admin.set(database=template), args.rows)
-        expired, kept, _ = counts(admin.set(database=template))
+        seed(template_url, args.rows)
+        expired, kept, _ = counts(template_url)
         methods = {"engine": run_engine, "raw": run_raw}
-        if partman_available(admin):
+        peers: dict[str, str] = {}
+        if partman_available(admin) and not peer_hidden("pg_partman"):
             methods["partman"] = run_partman
         else:
-            log("pg_partman is not available on this server: measuring against the raw DELETE only")
+            peer_missing(peers, "pg_partman", "apt-get install postgresql-15-partman on the server")
 
         def measure(method):
             def once() -> dict:
@@ -242,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             return once
 
         runs = interleave({name: measure(m) for name, m in methods.items()}, args.repeat)
-    finally:
-        with engine.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {template} WITH (FORCE)"))
-        engine.dispose()
-    report = summarize(args.rows, expired, runs)
+    report = {**summarize(args.rows, expired, runs), "peers_missing": peers}
     emit(report, args, print_summary)
     return 1 if any(r["problems"] for rs in runs.values() for r in rs) else 0
 
@@ -277,6 +271,8 @@ def print_summary(report: dict) -> None:
               f"{m['partitions_left']:>16}  {check}")
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x (peer seconds / engine seconds)")
+    print_missing_peers(report)
+    print(f"engine (the whole command): peak RSS {kib_as_mib(report['methods']['engine']['peak_rss_kib'])}")
     target = report["target"]
     print(f"target engine ≥ 3x raw DELETE: {'met' if target['met'] else 'NOT met'}")
 

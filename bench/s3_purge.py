@@ -85,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moto_process  # noqa: E402
 from harness import (  # noqa: E402
     Meter,
+    PeakRss,
     add_common,
     all_correct,
     aws_spec,
@@ -93,6 +94,7 @@ from harness import (  # noqa: E402
     count_problems,
     emit,
     interleave,
+    kib_as_mib,
     log,
     median_of,
     ms,
@@ -304,9 +306,10 @@ def measure_engine(endpoint: str, meter: Meter, args: argparse.Namespace, scratc
         def progress(_deleted: int, keys: int, seconds: float) -> None:
             batches.append((keys, seconds))
 
-        meter.start()
-        outcome = objects.purge(run.cutoff, ledger, progress=progress)
-        meter.stop()
+        with PeakRss() as memory:
+            meter.start()
+            outcome = objects.purge(run.cutoff, ledger, progress=progress)
+            meter.stop()
         journaled = ledger.deleted()
         unresolved = len(ledger.unresolved())
     finally:
@@ -328,6 +331,7 @@ def measure_engine(endpoint: str, meter: Meter, args: argparse.Namespace, scratc
         "between_journal_seconds": sum(t[2] - t[1] for t in times),
         **timer.figures(),
         "cutoff": run.cutoff.isoformat(),
+        "rss_growth_kib": memory.figures["growth_kib"],
     }
 
 
@@ -362,6 +366,7 @@ def summarize(name: str, runs: list[dict], objects: int) -> dict:
             median_of(runs, lambda r: r["journal_seconds"] / max(1, len(r["worker_batch_seconds"])))
         )
         out["delete_step_s"] = round(median_of(runs, lambda r: r["between_journal_seconds"]), 3)
+        out["rss_growth_kib"] = max(r["rss_growth_kib"] for r in runs)
     return out
 
 
@@ -403,6 +408,7 @@ def print_summary(report: dict) -> None:
           f"p95 {engine['p95_worker_batch_ms']:.1f} ms, max {engine['max_worker_batch_ms']:.1f} ms")
     print(f"engine: journal {engine['journal_s']:.2f} s over all batches ({engine['journal_ms_per_batch']:.1f} ms "
           f"a batch, 2 transactions), delete step {engine['delete_step_s']:.2f} s (both summed over threads)")
+    print(f"engine: peak RSS growth during purge {kib_as_mib(engine['rss_growth_kib'])}")
     print_target("ratio engine/raw", v["ratio_engine_over_raw"], ">6.2f", ">=", TARGET_RATIO, v["ratio_pass"])
 
 

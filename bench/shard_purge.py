@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import resource
 import sys
 import tempfile
 import time
@@ -51,22 +52,28 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sqlalchemy as sa  # noqa: E402
+from harness import (
+    CUSTOMERS_AS_OF as AS_OF,
+)
 from harness import (  # noqa: E402
+    PeakRss,
     add_common,
     admin_url,
     bench_parser,
+    build_pristine,
     check_common,
     emit,
     interleave,
+    kib_as_mib,
     log,
     median_of,
+    on_fresh_copy,
     postgres_spec,
     rule_cutoff,
     scalar,
     throwaway_database,
     wrong,
 )
-from sql_purge import AS_OF, build_pristine, fresh_copy, verify  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
 RULE_YAML = """\
@@ -101,7 +108,8 @@ def _runner(bench_url: str, audit_url: str, key: str):
 
 def _worker(bench_url: str, audit_url: str, key: str, rule: str, run_id: str, shards: list[int], spans) -> None:
     """One worker process: purge ``shards`` of the run, one after the other (as one executor slot
-    does); puts the wall-clock span of its purges (after its imports and start-up) on ``spans``."""
+    does); puts the wall-clock span of its purges (after its imports and start-up) and its peak
+    RSS (the whole process) on ``spans``."""
     from retention.rules.loader import load_rule_file
 
     rule_file = load_rule_file(rule)
@@ -111,7 +119,7 @@ def _worker(bench_url: str, audit_url: str, key: str, rule: str, run_id: str, sh
         began = time.time()
         for shard in shards:
             runner.purge(rule_file, run, "customers", shard=shard)
-        spans.put((began, time.time()))
+        spans.put((began, time.time(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 
 
 def write_rule(directory: Path, name: str, shard_rows: int | None) -> Path:
@@ -146,12 +154,15 @@ def measure(urls: tuple[str, str, str], rule: Path, run_id: str, workers: int) -
             if failed:
                 raise SystemExit(f"a worker process failed (exit codes {failed})")
             ends = [spans.get(timeout=10) for _ in processes]
-            span = max(e for _, e in ends) - min(b for b, _ in ends)
+            span = max(e[1] for e in ends) - min(e[0] for e in ends)
+            memory = {"worker_peak_rss_kib": max(e[2] for e in ends)}
         purged = time.perf_counter()
         if not shards:
-            runner.purge(rule_file, run, "customers")
+            with PeakRss() as peak:
+                runner.purge(rule_file, run, "customers")
             purged = time.perf_counter()
             span = time.time() - began
+            memory = {"rss_growth_kib": peak.figures["growth_kib"]}
         certificate = runner.certify(run)
         certificates = scalar(runner.journal.engine, "SELECT count(*) FROM purge_certificates WHERE run_id = :r",
                               r=run_id)
@@ -160,7 +171,7 @@ def measure(urls: tuple[str, str, str], rule: Path, run_id: str, workers: int) -
     return {"run_id": run_id, "shards": shards, "workers": workers if shards else 1,
             "purge_seconds": purged - purging, "span_seconds": span, "seconds": finished - started,
             "certificates": certificates, "certificate": {k: target[k] for k in COMPARED},
-            "deleted": target["deleted"]}
+            "deleted": target["deleted"], **memory}
 
 
 def remaining_ids_md5(engine: Engine, table: str, cutoff=None) -> str:
@@ -170,11 +181,8 @@ def remaining_ids_md5(engine: Engine, table: str, cutoff=None) -> str:
 
 
 def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff, do) -> dict[str, Any]:
-    log(f"{name}: fresh copy of customers")
-    fresh_copy(bench)
-    log(f"{name}: purging")
-    result = do()
-    problems = verify(bench, args.rows, args.expired, cutoff)
+    result = on_fresh_copy(name, bench, do, args.rows, args.expired, cutoff)
+    problems = result["problems"]
     if remaining_ids_md5(bench, "customers") != remaining_ids_md5(bench, "customers_pristine", cutoff):
         problems.append("the ids left are not exactly the pristine copy's unexpired ids")
     if result["certificates"] != 1:
@@ -193,7 +201,9 @@ def summarize(runs: list[dict[str, Any]], expired: int) -> dict[str, Any]:
     return {"runs": runs, "purge_seconds": purge, "span_seconds": span,
             "seconds": median_of(runs, lambda r: r["seconds"]),
             "rows_per_s": expired / purge if purge else 0.0, "span_rows_per_s": expired / span if span else 0.0, "shards": runs[0]["shards"],
-            "workers": runs[0]["workers"], "correct": all(not r["problems"] for r in runs)}
+            "workers": runs[0]["workers"], "correct": all(not r["problems"] for r in runs),
+            **{figure: max(r[figure] for r in runs) for figure in ("worker_peak_rss_kib", "rss_growth_kib")
+               if figure in runs[0]}}
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -204,6 +214,10 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"{name:<8} {m['shards']:>6} {m['workers']:>7} {m['purge_seconds']:>8.2f} {m['rows_per_s']:>10,.0f} "
               f"{m['span_seconds']:>7.2f} {m['span_rows_per_s']:>11,.0f} {m['seconds']:>7.2f}  "
               f"{'ok' if m['correct'] else 'FAILED'}")
+    methods = report["methods"]
+    print(f"memory: single purge peak RSS growth {kib_as_mib(methods['single'].get('rss_growth_kib'))} "
+          f"(in this process); sharded workers' peak RSS {kib_as_mib(methods['sharded'].get('worker_peak_rss_kib'))} "
+          "(each worker's whole process)")
     print(f"speed-up (sharded rows/s over single): {report['speed_up']:.2f}x; "
           f"same certificate counts: {report['same_certificate']}")
 

@@ -55,24 +55,29 @@ import argparse
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sqlalchemy as sa  # noqa: E402
 from harness import (  # noqa: E402
+    CUSTOMERS_AS_OF,
+    PeakRss,
     add_common,
     admin_url,
     all_correct,
     bench_parser,
+    build_pristine,
     check_common,
     count_problems,
     emit,
     interleave,
+    kib_as_mib,
     log,
     median_of,
     ms,
+    on_fresh_copy,
     open_journal_run,
     percentile,
     print_method_table,
@@ -81,7 +86,6 @@ from harness import (  # noqa: E402
     ratio_verdict,
     retention_engine,
     rule_cutoff,
-    run_sql,
     scalar,
     summarize_runs,
     throwaway_database,
@@ -92,7 +96,7 @@ from sqlalchemy.engine import URL, Engine  # noqa: E402
 from retention.rules.loader import load_rule_file  # noqa: E402
 from retention.targets.sql.table import SqlTable  # noqa: E402
 
-AS_OF = datetime(2026, 1, 1, tzinfo=timezone.utc)
+AS_OF = CUSTOMERS_AS_OF
 RULE_YAML = """\
 category: bench_customers
 description: Benchmark of the SQL purge on closed customer accounts
@@ -112,91 +116,6 @@ targets:
 TARGET_RATIO = 0.5
 TARGET_LONGEST_BATCH_S = 0.5
 CTID_BATCH = 10_000
-
-
-# -- data (also the archive benchmark's) ---------------------------------------------
-
-
-def build_pristine(engine: Engine, rows: int, expired: int, cutoff: datetime) -> None:
-    """Generate ``customers_pristine`` on the server, in id order, without indexes.
-
-    Rows are ranked by a noisy score (mostly the id, +-2.5% of the table, and 2% of rows
-    anywhere); the ``expired`` lowest-ranked rows get ``closed_at`` before the cutoff,
-    spaced by ``step`` seconds with jitter, the rest at or after it. Whole seconds, so
-    a few ages repeat and the walk has to break ties on the key.
-    """
-    step = min(60.0, (AS_OF - cutoff).total_seconds() * 0.9 / max(rows - expired, 1))
-    run_sql(
-        engine,
-        "DROP TABLE IF EXISTS customers_pristine",
-        """CREATE TABLE customers_pristine (
-               id bigint NOT NULL, email text NOT NULL, status text NOT NULL,
-               closed_at timestamptz, payload text NOT NULL)""",
-    )
-    with engine.begin() as conn:
-        conn.execute(sa.text("SELECT setseed(0.42)"))
-        conn.execute(
-            sa.text(
-                """
-                INSERT INTO customers_pristine
-                WITH scored AS (
-                    SELECT i, CASE WHEN random() < 0.02 THEN random() * :rows
-                                   ELSE i + (random() - 0.5) * :rows * 0.05 END AS score
-                    FROM generate_series(1, :rows) AS i
-                ), ranked AS (
-                    SELECT i, row_number() OVER (ORDER BY score, i) AS r FROM scored
-                )
-                SELECT i,
-                       'customer' || i || '@example.com',
-                       CASE WHEN r <= :expired THEN 'closed'
-                            ELSE (ARRAY['active', 'closed', 'suspended'])[1 + i % 3] END,
-                       date_trunc('second', CAST(:cutoff AS timestamptz)
-                           + make_interval(secs => (r - :expired - 1) * :step + random() * :step)),
-                       repeat(md5(i::text), 3) || 'abcd'
-                FROM ranked
-                ORDER BY i
-                """
-            ),
-            {"rows": rows, "expired": expired, "cutoff": cutoff, "step": step},
-        )
-    run_sql(engine, "VACUUM ANALYZE customers_pristine")
-
-
-def fresh_copy(engine: Engine) -> None:
-    """(Re)create ``customers`` from the pristine copy: same rows, same heap order."""
-    run_sql(
-        engine,
-        "DROP TABLE IF EXISTS customers",
-        "CREATE TABLE customers (LIKE customers_pristine)",
-        "INSERT INTO customers SELECT * FROM customers_pristine",
-        "ALTER TABLE customers ADD PRIMARY KEY (id)",
-        "CREATE INDEX customers_closed_at_idx ON customers (closed_at)",
-        "VACUUM ANALYZE customers",
-        "CHECKPOINT",
-    )
-
-
-def verify(engine: Engine, rows: int, expired: int, cutoff: datetime) -> list[str]:
-    """What is wrong with ``customers`` after a purge (empty when it is right)."""
-    with engine.connect() as conn:
-        left, left_sum = conn.execute(sa.text("SELECT count(*), coalesce(sum(id), 0) FROM customers")).one()
-        stale = conn.execute(
-            sa.text("SELECT count(*) FROM customers WHERE closed_at < :c"), {"c": cutoff}
-        ).scalar()
-        kept, kept_sum = conn.execute(
-            sa.text("SELECT count(*), coalesce(sum(id), 0) FROM customers_pristine WHERE closed_at >= :c"),
-            {"c": cutoff},
-        ).one()
-    problems = []
-    if kept != rows - expired:
-        problems.append(f"pristine data has {kept} unexpired rows, expected {rows - expired}")
-    if left != rows - expired:
-        problems.append(f"{left} rows remain, expected {rows - expired} ({rows - left} gone, expected {expired})")
-    if stale:
-        problems.append(f"{stale} expired rows remain")
-    if left_sum != kept_sum:
-        problems.append("the remaining ids differ from the unexpired ids of the pristine copy")
-    return problems
 
 
 def measure_raw(engine: Engine, cutoff: datetime) -> dict:
@@ -247,9 +166,10 @@ def measure_engine(bench_url: URL, audit_url: URL, rule_dir: Path, cutoff: datet
         def progress(_deleted: int, rows: int, seconds: float) -> None:
             batches.append((rows, seconds))
 
-        started = time.perf_counter()
-        outcome = table.purge(run.cutoff, ledger, progress=progress)
-        seconds = time.perf_counter() - started
+        with PeakRss() as memory:
+            started = time.perf_counter()
+            outcome = table.purge(run.cutoff, ledger, progress=progress)
+            seconds = time.perf_counter() - started
         journaled = ledger.deleted()
     finally:
         engine.dispose()
@@ -261,6 +181,7 @@ def measure_engine(bench_url: URL, audit_url: URL, rule_dir: Path, cutoff: datet
         "seconds": seconds,
         "batch_seconds": [s for _, s in batches],
         "batch_rows": [r for r, _ in batches],
+        "memory": memory.figures,
     }
 
 
@@ -277,6 +198,9 @@ def summarize(name: str, runs: list[dict], expired: int) -> dict:
         # Time spent outside batch transactions: reconciling, and recounting what is left.
         out["outside_batches_s"] = round(median_of(runs, lambda r: r["seconds"] - sum(r["batch_seconds"])), 3)
         out["batch_ms_each_run"] = [[ms(s) for s in r["batch_seconds"]] for r in runs]
+        # The largest of the runs: flat from 1M to 5M rows means bounded by the batch, not the table.
+        out["rss_growth_kib"] = max(r["memory"]["growth_kib"] for r in runs)
+        out["rss_method"] = runs[0]["memory"]["method"]
     return out
 
 
@@ -311,6 +235,7 @@ def print_summary(report: dict) -> None:
     print()
     print(f"engine: rows per batch p50 {engine['batch_rows_p50']:,}, max {engine['batch_rows_max']:,}; "
           f"{engine['outside_batches_s']:.2f} s outside batches (final recount, reconcile)")
+    print(f"engine: peak RSS growth during purge {kib_as_mib(engine['rss_growth_kib'])} ({engine['rss_method']})")
     print_target("ratio engine/raw", v["ratio_engine_over_raw"], ">6.2f", ">=", TARGET_RATIO, v["ratio_pass"])
     print_target("longest batch (s)", v["longest_batch_s"], ">6.3f", "<=", TARGET_LONGEST_BATCH_S,
                  v["longest_batch_pass"])
@@ -335,11 +260,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_method(name: str, bench: Engine, args: argparse.Namespace, cutoff: datetime, measure) -> dict:
     """One timed run of a method on a fresh copy, checked afterwards."""
-    log(f"{name}: fresh copy of customers")
-    fresh_copy(bench)
-    log(f"{name}: purging")
-    result = measure()
-    problems = verify(bench, args.rows, args.expired, cutoff) + count_problems(result, args.expired, "rows")
+    result = on_fresh_copy(name, bench, measure, args.rows, args.expired, cutoff)
+    problems = result["problems"] + count_problems(result, args.expired, "rows")
     if result.get("remaining"):
         problems.append(f"purge reported {result['remaining']} expired rows remaining")
     result["problems"] = problems

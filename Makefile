@@ -60,7 +60,7 @@ typecheck: install
 
 ## Speed and memory figures, every bench script at its default size, each against its peer
 ## (not part of the tests; long on two cores). tests/test_bench_smoke.py runs them all tiny.
-BENCHES := sql_purge command_purge partition_purge shard_purge s3_purge archive_purge anonymize_purge
+BENCHES := sql_purge command_purge partition_purge shard_purge s3_purge archive_purge anonymize_purge replica_lag
 bench: install
 	@failed=""; for name in $(BENCHES); do echo "== bench/$$name.py"; \
 	  $(BIN)/python bench/$$name.py || failed="$$failed $$name"; done; \

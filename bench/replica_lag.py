@@ -196,9 +196,11 @@ def main() -> int:
     parser.add_argument("--expired", type=int, default=1_000_000)
     parser.add_argument("--limit", type=float, default=10.0)
     parser.add_argument("--backend", choices=["pg", "mariadb", "both"], default="both")
+    parser.add_argument("--save", metavar="PATH", help="also write the figures, as JSON, to PATH")
     args = parser.parse_args()
     backends = {"pg": ["postgresql"], "mariadb": ["mariadb"], "both": ["postgresql", "mariadb"]}[args.backend]
     ok = True
+    report: dict = {"backends": {}}
     with tempfile.TemporaryDirectory(prefix="lag-bench-") as tmp:
         work = Path(tmp)
         private, _ = generate_keypair(work / "keys")
@@ -206,7 +208,11 @@ def main() -> int:
         for backend in backends:
             figures = bench(backend, args.rows, args.expired, args.limit, work)
             print(json.dumps(figures), flush=True)
+            report["backends"][backend] = figures
             ok = ok and figures["left_ok"] and figures["status"] == "complete"
+    report["correct"] = ok
+    if args.save:
+        Path(args.save).write_text(json.dumps(report, indent=2))
     return 0 if ok else 1
 
 

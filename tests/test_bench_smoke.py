@@ -112,6 +112,14 @@ def _check_anonymize(report: dict) -> None:
         assert isinstance(figures["methods"]["engine"]["rss_growth_kib"], int)
 
 
+def _check_replica_lag(report: dict) -> None:
+    assert report["correct"] is True
+    assert set(report["backends"]) == {"postgresql", "mariadb"}
+    for figures in report["backends"].values():
+        assert figures["left_ok"] is True and figures["status"] == "complete"
+        assert figures["rows_per_s"] > 0 and isinstance(figures["max_lag_sampled"], (int, float))
+
+
 # script: (its tiny options, the lines its summary must print, the check of its JSON figures)
 CASES = {
     "sql_purge.py": (TINY + PG, [r"ratio engine/raw\s+\d", r"peak RSS growth during purge"], _check_sql),
@@ -128,6 +136,9 @@ CASES = {
                          _check_archive),
     "anonymize_purge.py": (["--rows", "2000", "--repeat", "1", "--mariadb", MYSQL_ADMIN] + PG,
                            [r"engine / python\s+\d", r"engine peak RSS growth"], _check_anonymize),
+    # Builds its own streaming replicas (tests/replicas.py), as tests/test_replica_lag.py does.
+    "replica_lag.py": (["--rows", "2000", "--expired", "1000", "--limit", "10"],
+                       [r'"max_lag_sampled": ', r'"status": "complete"'], _check_replica_lag),
 }
 
 
@@ -139,7 +150,7 @@ PEERLESS = {
     "no pg_partman": ("partition_purge.py", ["--rows", "2400", *PG], {"RETENTION_BENCH_WITHOUT_PEERS": "pg_partman"}),
 }
 # Started in this order, so that the longest runs do not start last.
-SLOWEST_FIRST = ["archive_purge.py", "command_purge.py", "shard_purge.py", "s3_purge.py", "partition_purge.py",
+SLOWEST_FIRST = ["replica_lag.py", "archive_purge.py", "command_purge.py", "shard_purge.py", "s3_purge.py", "partition_purge.py",
                  "anonymize_purge.py"]
 PARALLEL = 3  # bench processes at a time: a tiny run mostly waits (CREATE/DROP DATABASE, CHECKPOINT, start-up)
 

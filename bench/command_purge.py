@@ -25,7 +25,9 @@ Scenario ``pg-empty`` runs the command on a table with nothing expired: its fixe
 
 While a method runs, a monitor samples the database's open transactions every 10 ms and keeps
 the oldest one's age: the longest transaction (``longest_tx``; on MariaDB, whose transactions
-start to the second only, the longest running statement). After each method the table is
+start to the second only, the longest running statement) and, on PostgreSQL, the longest one
+that wrote (``longest_write_tx``: it holds a transaction id, so it may hold row locks; the
+plan's counts and the final recount are reads). After each method the table is
 checked (exactly ``--expired`` rows gone, the others all there); a failed check makes the
 script exit 1, whatever the timings. Ratios are the engine's throughput over the peer's
 (1.0 = as fast). Speed is reported, never asserted.
@@ -191,6 +193,9 @@ class TransactionMonitor:
         self.engine = engine
         self.database = database
         self.longest = 0.0
+        self.longest_write: float | None = None
+        """PostgreSQL: the oldest transaction that holds a transaction id (it wrote: it may hold
+        row locks); reads (the plan's counts, the final recount) take none."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -198,14 +203,24 @@ class TransactionMonitor:
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             sample = self._postgresql(conn) if self.engine.dialect.name == "postgresql" else self._mariadb(conn)
             while not self._stop.is_set():
-                self.longest = max(self.longest, sample())
+                age = sample()
+                if isinstance(age, tuple):
+                    age, wrote = age
+                    self.longest_write = max(self.longest_write or 0.0, wrote)
+                self.longest = max(self.longest, age)
                 time.sleep(0.01)
 
     def _postgresql(self, conn: sa.Connection):
-        query = sa.text("SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0) "
+        query = sa.text("SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0), "
+                        "coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)) "
+                        "FILTER (WHERE backend_xid IS NOT NULL), 0) "
                         "FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
                         "AND xact_start IS NOT NULL AND backend_type = 'client backend'")
-        return lambda: float(conn.execute(query, {"db": self.database}).scalar() or 0)
+
+        def sample() -> tuple[float, float]:
+            any_, wrote = conn.execute(query, {"db": self.database}).one()
+            return float(any_ or 0), float(wrote or 0)
+        return sample
 
     def _mariadb(self, conn: sa.Connection):
         # InnoDB keeps a transaction's start to the second only: the running statement's age
@@ -297,9 +312,11 @@ class Setup:
             if archived != expected_archive(expired):
                 problems.append(f"the archive holds {archived[0]} rows (ids summing to {archived[1]}), expected "
                                 f"{expired} (ids 1..{expired})")
-        log(f"{name}: {seconds:.3f}s, longest transaction {monitor.longest:.3f}s"
+        write = "" if monitor.longest_write is None else f" (longest writing one {monitor.longest_write:.3f}s)"
+        log(f"{name}: {seconds:.3f}s, longest transaction {monitor.longest:.3f}s{write}"
             + (f" — WRONG: {'; '.join(problems)}" if problems else ""))
-        return {"seconds": seconds, "longest_tx": monitor.longest, "problems": problems, **extra}
+        return {"seconds": seconds, "longest_tx": monitor.longest, "longest_write_tx": monitor.longest_write,
+                "problems": problems, **extra}
 
     def command(self) -> dict:
         """``retention run`` as a user types it."""
@@ -464,6 +481,8 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
         summary["methods"][method] = {
             "seconds": median_of(results, lambda r: r["seconds"]),
             "longest_tx": max(r["longest_tx"] for r in results),
+            "longest_write_tx": max((r["longest_write_tx"] for r in results if r["longest_write_tx"] is not None),
+                                    default=None),
             # The command's whole process (interpreter and imports included); the engine's growth in this one.
             "peak_rss_kib": max((r["peak_rss_kib"] for r in results if "peak_rss_kib" in r), default=None),
             "rss_growth_kib": max((r["rss_growth_kib"] for r in results if "rss_growth_kib" in r), default=None),
@@ -481,11 +500,12 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
 def print_summary(report: dict) -> None:
     for name, summary in report["scenarios"].items():
         print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows")
-        print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10} {'peak RSS':>10} "
-              f"{'RSS growth':>10}  checks")
+        print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10} {'writing tx':>10} "
+              f"{'peak RSS':>10} {'RSS growth':>10}  checks")
         for method, figures in summary["methods"].items():
             rate = f"{figures['rows_per_s']:,.0f}" if figures["rows_per_s"] else "-"
-            print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s "
+            wrote = "-" if figures["longest_write_tx"] is None else f"{figures['longest_write_tx']:.3f}s"
+            print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s {wrote:>10} "
                   f"{kib_as_mib(figures['peak_rss_kib']):>10} {kib_as_mib(figures['rss_growth_kib']):>10}  "
                   f"{'ok' if figures['correct'] else 'WRONG'}")
         for ratio, value in summary["ratios"].items():

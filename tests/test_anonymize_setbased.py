@@ -308,3 +308,31 @@ def test_two_walkers_anonymize_every_expired_row_once_set_based(backend, new_dat
         if (row["email"], row["phone"], row["anonymized_at"] is not None) != expected:
             wrong.append(i)
     assert wrong == []
+
+
+def test_the_plan_says_when_the_anonymize_rewrites_indexed_columns(db, monkeypatch, audit_db, keys, tmp_path):
+    """An index on an anonymized column (or the marker) makes every row's update write index
+    entries too (on PostgreSQL: no HOT update): the plan tells the reviewer which columns."""
+    from retention.plan.builder import build_plan
+    from retention.targets import Targets
+
+    connect(monkeypatch, "crm_db", db)
+    monkeypatch.setenv("RETENTION_HASH_KEY", SHORT_KEY)
+    create_people(db)
+    fill_people(db)
+    rule_file = load_rule_file(people_rule(tmp_path))
+
+    def index_notes() -> list[str]:
+        with Targets(from_environment) as targets:
+            notes = build_plan(rule_file, AS_OF, targets).targets[0].notes
+        return [n for n in notes if "indexed columns" in n]
+
+    assert index_notes() == []  # closed_at (the age) and id (the key) are indexed, but never rewritten
+    db.execute("CREATE INDEX people_email ON people (email)")
+    db.execute("CREATE INDEX people_seen ON people (seen_at, closed_at)")
+    if db.backend == "postgresql":  # a partial index reads the marker
+        db.execute("CREATE INDEX people_todo ON people (closed_at) WHERE anonymized_at IS NULL")
+    (note,) = index_notes()
+    expected = "email, seen_at, anonymized_at" if db.backend == "postgresql" else "email, seen_at"
+    assert f"rewrites indexed columns ({expected})" in note
+    assert ("no HOT update" in note) == (db.backend == "postgresql")

@@ -25,7 +25,8 @@ Every method's result is checked: each expired row holds exactly the values Pyth
 HMAC and redaction give, every other row is untouched (and the engine's certificate counts
 every expired row); a failed check exits 1. Printed per backend: seconds and rows/s per
 method, batches and the longest one (a transaction holding row locks), on PostgreSQL the CPU
-seconds its backends spent (``db cpu s``: steadier than wall time on a shared machine), the
+seconds its backends spent (``db cpu s``: steadier than wall time on a shared machine) and
+the CPU seconds of the engine's own process (``client cpu s``), the
 engine's speed against the Python path and against the one-statement peers, the load average
 before and after, and the rows/s target (PostgreSQL ≥ 100,000, MariaDB ≥ 50,000).
 
@@ -286,10 +287,10 @@ def engine_run(backend: Backend, url: sa.URL, rows: int, scratch: Path, *, set_b
     try:
         with Targets(from_environment) as targets:
             runner = Runner(RunJournal(open_audit(from_environment)), targets, Signer.from_environment())
-            started = time.perf_counter()
+            cpu, started = time.process_time(), time.perf_counter()
             certificate = runner.run(load_rule_file(rule_path), run_id="bench",
                                      as_of=AS_OF, progress=lambda _t, _d, _m, _rows, seconds: batches.append(seconds))
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
             if backend.name == "postgresql":  # the pool's backends, still open: every one this run used
                 db_cpu = sum(cpu_seconds(pid) for pid in backend.backend_pids(url))
     finally:
@@ -300,7 +301,8 @@ def engine_run(backend: Backend, url: sa.URL, rows: int, scratch: Path, *, set_b
         problems.append(f"certificate says {anonymized} anonymized, expected {(rows + 1) // 2}")
     method = ("engine" if workers == 1 else f"engine_w{workers}") if set_based else "python"
     log(f"{backend.label} {method}: {seconds:.2f} s, {len(batches)} batches{' — WRONG' if problems else ''}")
-    return {"seconds": seconds, "batch_seconds": batches, "db_cpu_s": db_cpu, "problems": problems}
+    return {"seconds": seconds, "batch_seconds": batches, "db_cpu_s": db_cpu, "client_cpu_s": cpu,
+            "problems": problems}
 
 
 def raw_run(backend: Backend, url: sa.URL, rows: int, peer: str = "raw") -> dict:
@@ -323,7 +325,8 @@ def raw_run(backend: Backend, url: sa.URL, rows: int, peer: str = "raw") -> dict
     if changed != (rows + 1) // 2:
         problems.append(f"updated {changed} rows, expected {(rows + 1) // 2}")
     log(f"{backend.label} {peer}: {seconds:.2f} s")
-    return {"seconds": seconds, "batch_seconds": [seconds], "db_cpu_s": db_cpu, "problems": problems}
+    return {"seconds": seconds, "batch_seconds": [seconds], "db_cpu_s": db_cpu, "client_cpu_s": None,
+            "problems": problems}
 
 
 def measure(backend: Backend, rows: int, repeat: int, scratch: Path, workers: int = 1) -> dict:
@@ -342,7 +345,8 @@ def measure(backend: Backend, rows: int, repeat: int, scratch: Path, workers: in
             measures["pgcrypto"] = lambda: raw_run(backend, url, rows, "pgcrypto")
         runs = interleave(measures, repeat)
     expired = (rows + 1) // 2
-    methods = {name: summarize_runs(name, method_runs, expired, extra={"db_cpu_s": _median_cpu(method_runs)})
+    methods = {name: summarize_runs(name, method_runs, expired, extra={"db_cpu_s": _median(method_runs, "db_cpu_s"),
+                                                          "client_cpu_s": _median(method_runs, "client_cpu_s")})
                for name, method_runs in runs.items()}
     engine_s = methods["engine"]["seconds"]
     best = min((m for m in methods.values() if m["method"].startswith("engine")), key=lambda m: m["seconds"])
@@ -362,8 +366,8 @@ def measure(backend: Backend, rows: int, repeat: int, scratch: Path, workers: in
     }
 
 
-def _median_cpu(runs: list[dict]) -> float | None:
-    values = sorted(r["db_cpu_s"] for r in runs if r.get("db_cpu_s") is not None)
+def _median(runs: list[dict], figure: str) -> float | None:
+    values = sorted(r[figure] for r in runs if r.get(figure) is not None)
     return round(values[len(values) // 2], 2) if values else None
 
 
@@ -419,8 +423,9 @@ def print_summary(report: dict) -> None:
             ("seconds", ">8.2f", "seconds"), ("rows/s", ">9,", "rows_per_s"), ("batches", ">8", "batches"),
             ("longest ms", ">11,.0f", "longest_batch_ms"), ("p95 ms", ">8,.0f", "p95_batch_ms"),
         ]
+        columns.append(("client cpu s", ">13", lambda m: _seconds(m["client_cpu_s"])))
         if name == "postgresql":
-            columns.append(("db cpu s", ">9", lambda m: "-" if m["db_cpu_s"] is None else f"{m['db_cpu_s']:.2f}"))
+            columns.append(("db cpu s", ">9", lambda m: _seconds(m["db_cpu_s"])))
         print_method_table(methods, columns)
         print_runs(methods, max(len(m) for m in methods) + 1)
         print(f"engine / python    {figures['engine_over_python']:.2f}x faster than the per-row Python path")
@@ -433,6 +438,10 @@ def print_summary(report: dict) -> None:
               f"after {', '.join(map(str, load['after']))}")
         print_target(f"{figures['best_engine']} rows/s", methods[figures["best_engine"]]["rows_per_s"], ",", ">=",
                      figures["target_rows_per_s"], figures["target_pass"], width=7)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ has seen updates or deletes; the default is a freshly loaded, full table, the sl
 Run::
 
     .venv/bin/python bench/anonymize_purge.py [--rows 200000] [--backends postgresql,mariadb] [--repeat 1]
-        [--workers N] [--fillfactor N]
+        [--workers N] [--fillfactor N] [--no-python]
         [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--mariadb mysql+pymysql://root@127.0.0.1:3306/mysql]
         [--json] [--save [PATH]]
 """
@@ -329,7 +329,8 @@ def raw_run(backend: Backend, url: sa.URL, rows: int, peer: str = "raw") -> dict
             "problems": problems}
 
 
-def measure(backend: Backend, rows: int, repeat: int, scratch: Path, workers: int = 1) -> dict:
+def measure(backend: Backend, rows: int, repeat: int, scratch: Path, workers: int = 1, *,
+            python: bool = True) -> dict:
     """Every method on one backend, interleaved; the figures, ratios, target verdict and load."""
     load_before = os.getloadavg()
     with backend.database() as url:
@@ -339,7 +340,8 @@ def measure(backend: Backend, rows: int, repeat: int, scratch: Path, workers: in
         if workers > 1:
             measures[f"engine_w{workers}"] = lambda: engine_run(backend, url, rows, scratch, set_based=True,
                                                                 workers=workers)
-        measures["python"] = lambda: engine_run(backend, url, rows, scratch, set_based=False)
+        if python:
+            measures["python"] = lambda: engine_run(backend, url, rows, scratch, set_based=False)
         measures["raw"] = lambda: raw_run(backend, url, rows)
         if backend.has_pgcrypto(url):
             measures["pgcrypto"] = lambda: raw_run(backend, url, rows, "pgcrypto")
@@ -355,7 +357,7 @@ def measure(backend: Backend, rows: int, repeat: int, scratch: Path, workers: in
     return {
         "backend": backend.name, "rows": rows, "anonymized": expired, "fillfactor": backend.fillfactor,
         "methods": methods,
-        "engine_over_python": round(methods["python"]["seconds"] / engine_s, 2) if engine_s else None,
+        "engine_over_python": round(methods["python"]["seconds"] / engine_s, 2) if engine_s and python else None,
         "engine_over_raw": round(methods["raw"]["seconds"] / engine_s, 3) if engine_s else None,
         "over_peers": {f"{m}/{peer}": round(methods[peer]["seconds"] / methods[m]["seconds"], 3)
                        for m in methods if m.startswith("engine") for peer in peers if methods[m]["seconds"]},
@@ -382,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the engine with the rule's workers: N (N > 1; default: only workers: 1)")
     parser.add_argument("--fillfactor", type=int,
                         help="PostgreSQL: seed the table WITH (fillfactor = N), 10-100 (default: none, full pages)")
+    parser.add_argument("--no-python", action="store_true",
+                        help="leave out the per-row Python path (the longest runs by far)")
     add_common(parser, repeat_order="engine, [engine_wN,] python, raw[, pgcrypto]")
     args = parser.parse_args(argv)
     check_common(parser, args)
@@ -406,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: {args.rows:,} invoices, {args.repeat} round(s)")
             fillfactor = args.fillfactor if name == "postgresql" else None
             report["backends"][name] = measure(Backend(name, admins[name], fillfactor), args.rows, args.repeat,
-                                               Path(scratch), args.workers)
+                                               Path(scratch), args.workers, python=not args.no_python)
     report["correct"] = all(all_correct(b["methods"]) for b in report["backends"].values())
     emit(report, args, print_summary)
     return 0 if report["correct"] else 1
@@ -428,7 +432,8 @@ def print_summary(report: dict) -> None:
             columns.append(("db cpu s", ">9", lambda m: _seconds(m["db_cpu_s"])))
         print_method_table(methods, columns)
         print_runs(methods, max(len(m) for m in methods) + 1)
-        print(f"engine / python    {figures['engine_over_python']:.2f}x faster than the per-row Python path")
+        if figures["engine_over_python"] is not None:
+            print(f"engine / python    {figures['engine_over_python']:.2f}x faster than the per-row Python path")
         for pair, ratio in figures["over_peers"].items():
             print(f"{pair:<19}{ratio:.2f}x the one-statement UPDATE (its seconds / the engine's)")
         if name == "postgresql" and "pgcrypto" not in methods:

@@ -250,3 +250,89 @@ def _cli(rules_dir, run_id: str, point: str | None = None) -> subprocess.Complet
          "2026-06-15T00:00:00Z", "--run-id", run_id],
         capture_output=True, text=True, env=env,
     )
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_two_walkers_anonymize_every_expired_row_once_set_based(backend, new_database, audit_db, keys, tmp_path,
+                                                                monkeypatch, caplog):
+    """``workers: 2`` (the way past one backend's speed): each expired row hashed exactly once
+    (a hash of the hash would differ), every other row untouched, both walkers used."""
+    import threading
+
+    db = new_database(backend)
+    connect(monkeypatch, "crm_db", db)
+    monkeypatch.setenv("RETENTION_HASH_KEY", SHORT_KEY)
+    db.execute(f"CREATE TABLE people (id INTEGER PRIMARY KEY, email VARCHAR(100), phone VARCHAR(30), "
+               f"closed_at {NAIVE[backend]} NOT NULL, anonymized_at {NAIVE[backend]} NULL)")
+    db.execute("CREATE INDEX people_closed_at ON people (closed_at)")
+    # 30,000 people, 24,000 closed before the cutoff (enough for two shares), many sharing a closing minute.
+    closed = (CUTOFF - timedelta(days=400)).replace(tzinfo=None)
+    with db.engine.begin() as conn:
+        if backend == "postgresql":
+            conn.exec_driver_sql(
+                "INSERT INTO people SELECT g, 'p' || g || '@example.com', '+44 ' || g, "
+                f"CASE WHEN g <= 24000 THEN timestamp '{closed}' + (g / 7) * interval '1 minute' "
+                "ELSE timestamp '2026-06-01 00:00:00' END, NULL FROM generate_series(1, 30000) g")
+        else:
+            conn.exec_driver_sql(
+                "INSERT INTO people SELECT seq, CONCAT('p', seq, '@example.com'), CONCAT('+44 ', seq), "
+                f"IF(seq <= 24000, TIMESTAMP '{closed}' + INTERVAL (seq DIV 7) MINUTE, TIMESTAMP '2026-06-01 00:00:00'), "
+                "NULL FROM seq_1_to_30000")
+    text = (
+        "category: closed_people\ndescription: d\nowner: crm\nlegal_basis: l\nretain_for: P2Y\naction: anonymize\n"
+        "targets:\n  - name: people\n    kind: sql\n    connection: crm_db\n    table: people\n    key: [id]\n"
+        "    age_column: closed_at\n    max_batch_rows: 2000\n    max_fraction: 1.0\n    workers: 2\n"
+        "    anonymize:\n      marker: anonymized_at\n      columns:\n"
+        "        email: hash\n        phone: {redact: {keep_last: 2}}\n"
+    )
+    rule_path = write_rule(tmp_path / "rules", "closed_people", text=text)
+    caplog.set_level(logging.INFO, logger="retention.targets.sql.anonymize")
+    threads = set()
+
+    certificate = runner().run(load_rule_file(rule_path), run_id="r1", as_of=AS_OF,
+                               progress=lambda *a: threads.add(threading.current_thread().name))
+
+    assert certificate.status == "complete"
+    assert certificate.data["targets"][0]["anonymized"] == 24000
+    assert _path_taken(caplog) == {"set-based"}
+    assert len({name for name in threads if name.startswith("walk-")}) == 2
+    redact = Strategy.parse({"redact": {"keep_last": 2}})
+    wrong = []
+    for i, row in snapshot(db).items():
+        email, phone = f"p{i}@example.com", f"+44 {i}"
+        if i <= 24000:
+            expected = (hmac.new(SHORT_KEY.encode(), email.encode(), hashlib.sha256).hexdigest(),
+                        Anonymizer(None).apply(redact, phone), True)
+        else:
+            expected = (email, phone, False)
+        if (row["email"], row["phone"], row["anonymized_at"] is not None) != expected:
+            wrong.append(i)
+    assert wrong == []
+
+
+def test_the_plan_says_when_the_anonymize_rewrites_indexed_columns(db, monkeypatch, audit_db, keys, tmp_path):
+    """An index on an anonymized column (or the marker) makes every row's update write index
+    entries too (on PostgreSQL: no HOT update): the plan tells the reviewer which columns."""
+    from retention.plan.builder import build_plan
+    from retention.targets import Targets
+
+    connect(monkeypatch, "crm_db", db)
+    monkeypatch.setenv("RETENTION_HASH_KEY", SHORT_KEY)
+    create_people(db)
+    fill_people(db)
+    rule_file = load_rule_file(people_rule(tmp_path))
+
+    def index_notes() -> list[str]:
+        with Targets(from_environment) as targets:
+            notes = build_plan(rule_file, AS_OF, targets).targets[0].notes
+        return [n for n in notes if "indexed columns" in n]
+
+    assert index_notes() == []  # closed_at (the age) and id (the key) are indexed, but never rewritten
+    db.execute("CREATE INDEX people_email ON people (email)")
+    db.execute("CREATE INDEX people_seen ON people (seen_at, closed_at)")
+    if db.backend == "postgresql":  # a partial index reads the marker
+        db.execute("CREATE INDEX people_todo ON people (closed_at) WHERE anonymized_at IS NULL")
+    (note,) = index_notes()
+    expected = "email, seen_at, anonymized_at" if db.backend == "postgresql" else "email, seen_at"
+    assert f"rewrites indexed columns ({expected})" in note
+    assert ("no HOT update" in note) == (db.backend == "postgresql")

@@ -20,12 +20,13 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Date, DateTime, String, bindparam, select, update
+from sqlalchemy import Date, DateTime, String, bindparam, inspect, select, update
 from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError
 
@@ -167,7 +168,19 @@ class AnonymizeRows(SqlAction):
     def notes(self, table: SqlTable) -> list[str]:
         spec = self._spec(table)
         described = ", ".join(f"{c} → {s.describe()}" for c, s in spec.columns.items())
-        return [f"anonymized in place ({described}); {spec.marker} marks rows done"]
+        notes = [f"anonymized in place ({described}); {spec.marker} marks rows done"]
+        indexed = indexed_columns(table, [*spec.columns, spec.marker])
+        if indexed:
+            names = ", ".join(indexed)
+            if table.engine.dialect.name == "postgresql":
+                # Changing an indexed column rules out a HOT update (the new row version in the
+                # old one's page, no index touched): every index of the table gets a new entry.
+                cost = "so every anonymized row also gets a new entry in every index of the table (no HOT update)"
+            else:
+                cost = "so every anonymized row also rewrites its entries in those indexes"
+            notes.append(f"the anonymize rewrites indexed columns ({names}), {cost}; "
+                         "drop indexes anonymized data no longer needs")
+        return notes
 
     def apply(self, table: SqlTable, conn: Connection, batch: Batch) -> BatchResult:
         ledger, batch_no = batch.ledger, batch.number
@@ -247,6 +260,19 @@ class AnonymizeRows(SqlAction):
             )
             conn.execute(statement, params)
         return len(rows)
+
+
+def indexed_columns(table: SqlTable, names: list[str]) -> list[str]:
+    """Which of ``names`` an index of ``table`` holds, includes, or reads in an expression or predicate."""
+    found: set[str] = set()
+    for index in inspect(table.engine).get_indexes(table.table.name, table.table.schema):
+        used = {c for c in index.get("column_names") or [] if c} | set(index.get("include_columns") or [])
+        texts = [e for e in index.get("expressions") or [] if e]
+        texts += [str(v) for k, v in (index.get("dialect_options") or {}).items() if k.endswith("_where")]
+        for text in texts:  # expression and partial indexes: the identifiers they read
+            used |= {word.strip('"') for word in re.findall(r'"[^"]+"|[A-Za-z_][A-Za-z0-9_$]*', text)}
+        found |= used & set(names)
+    return [name for name in names if name in found]
 
 
 def _as_column_value(column: Column[Any], moment: datetime) -> Any:

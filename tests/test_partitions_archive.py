@@ -23,11 +23,22 @@ from retention.evidence.chain import read_certificates
 from retention.holds import HoldRegistry
 from retention.interfaces.cli import main
 from retention.rules.loader import load_rule_file
+from test_partitions import (
+    AS_OF,
+    CUSTOMERS,
+    DAYS,
+    OLD_MONTHS,
+    _create_mariadb,
+    _create_pg,
+    _expired,
+    _fill,
+    _name,
+    _partitions,
+    pg_tables,
+)
 
 from conftest import connect, write_rule
 from sqlpurge import ids, runner
-from test_partitions import AS_OF, CUSTOMERS, DAYS, OLD_MONTHS, _create_mariadb, _create_pg, _expired, _fill, _name, \
-    _partitions, pg_tables
 
 ARCHIVE = "partarchive-archive"
 PER_PARTITION = len(DAYS) * len(CUSTOMERS)  # 9 rows: with max_batch_rows 4, three objects each
@@ -62,11 +73,11 @@ def shop(request, monkeypatch, audit_db, keys):
     return db, _fill(db), scheme
 
 
-def _rule(tmp_path, bucket: str = ARCHIVE, batch: int = 4):
+def _rule(tmp_path, bucket: str = ARCHIVE, batch: int = 4, fmt: str = "jsonl.gz"):
     text = (
         "category: customer_accounts\ndescription: Events kept two years\nowner: test-team\n"
         "legal_basis: Tests\nretain_for: P2Y\naction: archive\n"
-        f"archive:\n  connection: aws_default\n  bucket: {bucket}\n  prefix: events/\n  format: jsonl.gz\n"
+        f"archive:\n  connection: aws_default\n  bucket: {bucket}\n  prefix: events/\n  format: {fmt}\n"
         "targets:\n  - name: events\n    kind: sql\n    connection: shop_db\n    table: events\n"
         f"    key: [id, created_at]\n    age_column: created_at\n    max_fraction: 1.0\n    max_batch_rows: {batch}\n"
     )
@@ -201,3 +212,102 @@ def test_a_crash_between_upload_and_drop_settles_on_the_next_run(shop, aws_serve
     dropped = {**certificates["killed"]["targets"][0].get("partitions", {}),
                **certificates["next"]["targets"][0].get("partitions", {})}
     assert dropped == {_name(db.backend, m): PER_PARTITION for m in OLD_MONTHS}
+
+
+def test_parquet_partitions_are_read_row_by_row_and_restore_too(pg_db, aws, monkeypatch, audit_db, keys, tmp_path,
+                                                                 new_database):
+    connect(monkeypatch, "shop_db", pg_db)
+    _create_pg(pg_db)
+    rows = _fill(pg_db)
+    before = _events(pg_db)
+
+    certificate = runner().run(_rule(tmp_path, fmt="parquet"), run_id="r1", as_of=AS_OF)
+
+    expired = _expired(rows)
+    assert ids(pg_db, "events") == set(rows) - expired
+    assert certificate.data["targets"][0]["partitions"] == {_name("postgresql", m): PER_PARTITION for m in OLD_MONTHS}
+    fresh = new_database("postgresql")
+    _create_pg(fresh)
+    connect(monkeypatch, "restored_db", fresh)
+    assert main(["restore", certificate.data["archive"]["manifest"], "--into", "restored_db"]) == 0
+    assert _events(fresh) == {i: before[i] for i in expired}
+
+
+def test_an_upload_that_fails_midway_drops_nothing_and_leaves_no_object(shop, aws, tmp_path, monkeypatch):
+    db, rows, _scheme = shop
+    monkeypatch.setenv("RETENTION_FAILPOINTS", "archive.after_object=2:raise")  # January's second object
+
+    failed = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+
+    assert failed.status != "complete"
+    assert ids(db, "events") == set(rows)  # January was the first: nothing went
+    assert _name(db.backend, 1) in _partitions(db, tmp_path)
+    assert aws.list_objects_v2(Bucket=ARCHIVE, Prefix="events/customer_accounts/run=r1/events/").get("KeyCount") == 0
+    monkeypatch.delenv("RETENTION_FAILPOINTS")
+
+    certificate = runner().run(_rule(tmp_path), run_id="r2", as_of=AS_OF)
+
+    expired = _expired(rows)
+    assert ids(db, "events") == set(rows) - expired
+    assert sorted(i for obj in _archived(aws, ARCHIVE, certificate.data) for i in obj["ids"]) == sorted(expired)
+
+
+def test_on_mariadb_a_partition_changed_while_archived_is_not_dropped_but_walked(mysql_db, aws, monkeypatch, audit_db,
+                                                                                keys, tmp_path):
+    from retention.targets.sql import partitions_archive
+
+    connect(monkeypatch, "shop_db", mysql_db)
+    _create_mariadb(mysql_db)
+    rows = _fill(mysql_db)
+    january = min(rows)
+    verified = partitions_archive._PartitionArchive.verified
+
+    def edited_meanwhile(self):
+        if self.partition.name == "p2024_01":  # another session edits a row once its object is written
+            mysql_db.execute("UPDATE events SET note = 'edited' WHERE id = :id", {"id": january})
+        return verified(self)
+
+    monkeypatch.setattr(partitions_archive._PartitionArchive, "verified", edited_meanwhile)
+
+    certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+
+    expired = _expired(rows)
+    assert ids(mysql_db, "events") == set(rows) - expired
+    (target,) = certificate.data["targets"]
+    assert set(target["partitions"]) == {_name("mariadb", m) for m in OLD_MONTHS if m != 1}
+    objects = _archived(aws, ARCHIVE, certificate.data)
+    assert sorted(i for obj in objects for i in obj["ids"]) == sorted(expired)  # January's rows once, by batches
+    listed = {o["Key"] for o in aws.list_objects_v2(Bucket=ARCHIVE, Prefix="events/customer_accounts/run=r1/events/")[
+        "Contents"]}
+    assert listed == {obj["key"] for obj in objects}  # the objects of the attempt that saw the edit are gone
+    notes = {}
+    for obj in objects:
+        body = aws.get_object(Bucket=ARCHIVE, Key=obj["key"])["Body"].read()
+        notes.update({r["id"]: r["note"] for r in map(json.loads, gzip.decompress(body).splitlines())})
+    assert notes[january] == "edited"  # the archive holds the row as it was deleted
+
+
+def test_on_mariadb_a_table_another_transaction_holds_is_archived_by_batches(mysql_db, aws, monkeypatch, audit_db,
+                                                                             keys, tmp_path):
+    connect(monkeypatch, "shop_db", mysql_db)
+    _create_mariadb(mysql_db)
+    rows = _fill(mysql_db)
+    names = _partitions(mysql_db, tmp_path)
+
+    with mysql_db.engine.connect() as reader:
+        # An open transaction that read the table holds its metadata lock: the partitions are
+        # archived, but none can be dropped; their objects go and the rows go by batches.
+        reader.execute(sa.text("SELECT id FROM events WHERE created_at < '2024-02-01' LIMIT 1")).all()
+        certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+        reader.rollback()
+
+    expired = _expired(rows)
+    assert ids(mysql_db, "events") == set(rows) - expired
+    assert certificate.status == "complete"
+    assert "partitions" not in certificate.data["targets"][0]
+    assert _partitions(mysql_db, tmp_path) == names
+    objects = _archived(aws, ARCHIVE, certificate.data)
+    assert sorted(i for obj in objects for i in obj["ids"]) == sorted(expired)
+    listed = {o["Key"] for o in aws.list_objects_v2(Bucket=ARCHIVE, Prefix="events/customer_accounts/run=r1/events/")[
+        "Contents"]}
+    assert listed == {obj["key"] for obj in objects}

@@ -35,8 +35,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Table
     from sqlalchemy.engine import Connection, Row
-    from sqlalchemy.sql import Executable
-    from sqlalchemy.sql.elements import ColumnElement
+    from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
     from retention.archive.store import ArchiveStore
     from retention.targets.base import BatchLedger, PendingBatch
@@ -326,7 +325,7 @@ def _copy_deleted_as_json(conn: Connection, member: Member, condition: ColumnEle
     return copy_as_json(conn, member.table, delete(member.table).where(condition).returning(*member.table.c))
 
 
-def copy_as_json(conn: Connection, table: Table, statement: Executable) -> str:
+def copy_as_json(conn: Connection, table: Table, statement: ClauseElement) -> str:
     """``COPY (statement) TO STDOUT`` as JSON Lines of ``table``'s columns, one row a line
     (JSON escapes every newline), each value encoded as :mod:`retention.archive.codec` does."""
     compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})

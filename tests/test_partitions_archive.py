@@ -311,3 +311,18 @@ def test_on_mariadb_a_table_another_transaction_holds_is_archived_by_batches(mys
     listed = {o["Key"] for o in aws.list_objects_v2(Bucket=ARCHIVE, Prefix="events/customer_accounts/run=r1/events/")[
         "Contents"]}
     assert listed == {obj["key"] for obj in objects}
+
+
+def test_copy_output_is_cut_into_objects_of_at_most_the_batch_rows_whatever_the_writes():
+    from retention.targets.sql.partitions_archive import _Chunks
+
+    objects = []
+    chunks = _Chunks(4, lambda body, rows: objects.append((gzip.decompress(body), rows)))
+    lines = [b'{"id":%d}\n' % i for i in range(1, 12)]
+    for write in (lines[0], b"".join(lines[1:7]), lines[7], b"".join(lines[8:])):  # one row, six, one, three
+        chunks.write(write)
+    chunks.close()
+
+    assert [rows for _, rows in objects] == [4, 4, 3]
+    assert b"".join(body for body, _ in objects) == b"".join(lines)
+    assert all(body.count(b"\n") == rows for body, rows in objects)

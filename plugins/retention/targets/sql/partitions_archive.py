@@ -314,7 +314,7 @@ class _Chunks:
 
     def write(self, data: bytes) -> int:
         """Take COPY's next bytes (psycopg2 calls this once per row)."""
-        rows = data.count(b"\n")
+        taken, rows = len(data), data.count(b"\n")
         while self.rows + rows > self.limit:  # the object takes what it has room for
             room = self.limit - self.rows
             cut = _after_line(data, room)
@@ -324,7 +324,7 @@ class _Chunks:
         self._add(data, rows)
         if self.rows == self.limit:
             self._finish()
-        return len(data)
+        return taken
 
     def close(self) -> None:
         """Hand over the last, partly filled object."""

@@ -319,9 +319,9 @@ def test_copy_output_is_cut_into_objects_of_at_most_the_batch_rows_whatever_the_
     objects = []
     chunks = _Chunks(4, lambda body, rows: objects.append((gzip.decompress(body), rows)))
     lines = [b'{"id":%d}\n' % i for i in range(1, 12)]
-    for write in (lines[0], b"".join(lines[1:7]), lines[7], b"".join(lines[8:])):  # one row, six, one, three
+    for write in (lines[0], b"".join(lines[1:7]), lines[7], memoryview(b"".join(lines[8:]))):  # 1, 6, 1, 3 rows
         chunks.write(write)
-    chunks.close()
+    chunks.finish()
 
     assert [rows for _, rows in objects] == [4, 4, 3]
     assert b"".join(body for body, _ in objects) == b"".join(lines)

@@ -73,13 +73,13 @@ def shop(request, monkeypatch, audit_db, keys):
     return db, _fill(db), scheme
 
 
-def _rule(tmp_path, bucket: str = ARCHIVE, batch: int = 4, fmt: str = "jsonl.gz"):
+def _rule(tmp_path, bucket: str = ARCHIVE, batch: int = 4, fmt: str = "jsonl.gz", extra: str = ""):
     text = (
         "category: customer_accounts\ndescription: Events kept two years\nowner: test-team\n"
         "legal_basis: Tests\nretain_for: P2Y\naction: archive\n"
         f"archive:\n  connection: aws_default\n  bucket: {bucket}\n  prefix: events/\n  format: {fmt}\n"
         "targets:\n  - name: events\n    kind: sql\n    connection: shop_db\n    table: events\n"
-        f"    key: [id, created_at]\n    age_column: created_at\n    max_fraction: 1.0\n    max_batch_rows: {batch}\n"
+        f"    key: [id, created_at]\n    age_column: created_at\n    max_fraction: 1.0\n    max_batch_rows: {batch}\n{extra}"
     )
     return load_rule_file(write_rule(tmp_path / "rules", text=text))
 
@@ -326,3 +326,31 @@ def test_copy_output_is_cut_into_objects_of_at_most_the_batch_rows_whatever_the_
     assert [rows for _, rows in objects] == [4, 4, 3]
     assert b"".join(body for body, _ in objects) == b"".join(lines)
     assert all(body.count(b"\n") == rows for body, rows in objects)
+
+
+def test_on_postgresql_an_open_writer_on_the_table_sends_every_partition_to_batches(pg_db, aws, monkeypatch, audit_db,
+                                                                                  keys, tmp_path):
+    connect(monkeypatch, "shop_db", pg_db)
+    _create_pg(pg_db)
+    rows = _fill(pg_db)
+    names = _partitions(pg_db, tmp_path)
+    july = next(i for i, (_customer, at) in rows.items() if at.month == 7)
+
+    with pg_db.engine.connect() as writer:
+        # An open transaction that wrote a row the run keeps holds the parent: the detach
+        # that ends each partition's archive cannot get its lock within the lock timeout, so
+        # each partition's objects are removed and its rows archived by batches instead.
+        writer.execute(sa.text("UPDATE events SET note = 'busy' WHERE id = :id"), {"id": july})
+        certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+        writer.rollback()
+
+    expired = _expired(rows)
+    assert certificate.status == "complete"
+    assert ids(pg_db, "events") == set(rows) - expired
+    assert "partitions" not in certificate.data["targets"][0]
+    assert _partitions(pg_db, tmp_path) == names
+    objects = _archived(aws, ARCHIVE, certificate.data)
+    assert sorted(i for obj in objects for i in obj["ids"]) == sorted(expired)  # each once, by batches
+    listed = {o["Key"] for o in aws.list_objects_v2(Bucket=ARCHIVE, Prefix="events/customer_accounts/run=r1/events/")[
+        "Contents"]}
+    assert listed == {obj["key"] for obj in objects}  # the attempts at whole partitions left nothing

@@ -72,10 +72,13 @@ class ArchiveStore:
         self.spec = spec
         self.client = client
 
-    def key_for(self, category: str, run_id: str, target: str, batch_no: int, table: str) -> str:
-        """Where one batch's rows of one table go; the same inputs give the same key."""
+    def key_for(self, category: str, run_id: str, target: str, batch_no: int, table: str,
+                part: int | None = None) -> str:
+        """Where one batch's rows of one table go (``part``: one of the objects of a partition
+        archived whole, ``000007-0001``); the same inputs give the same key."""
         ext = "jsonl.gz" if self.spec.format == "jsonl.gz" else "parquet"
-        return f"{self._run_prefix(category, run_id)}{target}/{batch_no:06d}.{table}.{ext}"
+        batch = f"{batch_no:06d}" if part is None else f"{batch_no:06d}-{part:04d}"
+        return f"{self._run_prefix(category, run_id)}{target}/{batch}.{table}.{ext}"
 
     def key_for_object(self, category: str, run_id: str, target: str, bucket: str, key: str) -> str:
         """Where an archived S3 object goes: its source bucket and key under the run."""

@@ -33,8 +33,9 @@ from retention.targets.sql.family import Member, family_members
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
+    from sqlalchemy import Table
     from sqlalchemy.engine import Connection, Row
-    from sqlalchemy.sql.elements import ColumnElement
+    from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
     from retention.archive.store import ArchiveStore
     from retention.targets.base import BatchLedger, PendingBatch
@@ -321,7 +322,12 @@ def _copy_deleted_as_json(conn: Connection, member: Member, condition: ColumnEle
 
     COPY takes no parameters, so psycopg2 itself renders them into the statement.
     """
-    statement = delete(member.table).where(condition).returning(*member.table.c)
+    return copy_as_json(conn, member.table, delete(member.table).where(condition).returning(*member.table.c))
+
+
+def copy_as_json(conn: Connection, table: Table, statement: ClauseElement) -> str:
+    """``COPY (statement) TO STDOUT`` as JSON Lines of ``table``'s columns, one row a line
+    (JSON escapes every newline), each value encoded as :mod:`retention.archive.codec` does."""
     compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     cursor = _dbapi_cursor(conn)
     try:
@@ -330,7 +336,7 @@ def _copy_deleted_as_json(conn: Connection, member: Member, condition: ColumnEle
         cursor.close()
     preparer = conn.dialect.identifier_preparer
     pairs = []
-    for column in member.table.columns:
+    for column in table.columns:
         name = preparer.quote(column.name)
         value = f"d.{name}"
         codec = column_codec(column)

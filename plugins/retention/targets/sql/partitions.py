@@ -2,10 +2,11 @@
 purges every partition whose whole range is before the cutoff as a unit, before the walk
 takes the boundary partition (and whatever falls back) in batches.
 
-A partition goes whole only when nothing can keep a row of it: the action deletes (an
-archive or anonymize run walks it), the rule has no ``where`` filter, no child table
-references it, every row in it is expired and no hold protects any of them (counted),
-and the blast-radius budget grants all of its rows. Anything else falls back to batches.
+A partition goes whole only when nothing can keep a row of it: the action deletes or
+archives (an anonymize run walks it; archiving is :mod:`.partitions_archive`), the rule
+has no ``where`` filter, no child table references it, every row in it is expired and no
+hold protects any of them (counted), and the blast-radius budget grants all of its rows.
+Anything else falls back to batches.
 
 PostgreSQL detaches the partition (``CONCURRENTLY`` where it can: outside a transaction,
 so on an autocommit connection) and drops it; MariaDB and MySQL drop the partition in one
@@ -42,6 +43,7 @@ from retention.targets.sql.descriptors import BatchDescriptor, BatchRange
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
+    from sqlalchemy.sql import Select
     from sqlalchemy.sql.elements import ColumnElement
 
     from retention.targets.base import BatchLedger, PendingBatch, RecordBudget
@@ -111,7 +113,9 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
                      table.target.name, partition.qualified, rows)
             continue
         try:
-            _drop(table, partition, rows, ledger, tuple(h.id for h in holds))
+            if not _purge_whole(table, partition, rows, ledger, tuple(h.id for h in holds), check):
+                budget.settle(granted, 0)
+                continue  # it changed under the archive: walked in batches
         except DBAPIError as exc:
             budget.settle(granted, 0)
             _settle_after_error(table, expired, ledger)
@@ -154,6 +158,10 @@ def settle_partition(table: SqlTable, expired: ColumnElement[bool], pending: Pen
     detached is never dropped).
     """
     assert descriptor.partition is not None
+    if descriptor.planned is not None:  # archived whole: its verified objects decide
+        from retention.targets.sql.partitions_archive import settle_archived_partition
+
+        return settle_archived_partition(table, expired, pending, descriptor, ledger)
     state = _partition_state(table, descriptor.partition)
     if state == "attached":
         ledger.resolve(pending.batch_no, 0)
@@ -195,12 +203,25 @@ def dropped_partitions(descriptors: Iterable[str]) -> dict[str, int]:
 
 def _may_drop_whole(table: SqlTable) -> bool:
     """Whether nothing about the rule can keep a row of an expired partition."""
+    from retention.targets.sql.archive import ArchiveRows
+
     return (
         table.engine.dialect.name in ("postgresql", "mysql")
-        and type(table.action) is DeleteRows
+        and type(table.action) in (DeleteRows, ArchiveRows)
         and not table.target.where
         and not table.family.children
     )
+
+
+def _purge_whole(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: tuple[int, ...],
+                 check: ColumnElement[bool] | None) -> bool:
+    """Drop the partition (delete), or archive then drop it; False: it changed, left to batches."""
+    if type(table.action) is DeleteRows:
+        _drop(table, partition, rows, ledger, holds)
+        return True
+    from retention.targets.sql.partitions_archive import archive_partition
+
+    return archive_partition(table, partition, rows, ledger, holds, check)
 
 
 def _cutoff_bound(table: SqlTable, cutoff: datetime) -> date | datetime:
@@ -284,6 +305,14 @@ def _count(table: SqlTable, conn: Connection, partition: Partition,
            unheld: ColumnElement[bool] | None) -> tuple[int, int]:
     """The partition's rows, and how many of them are expired and unheld (``unheld`` None:
     all of them are, as its range says, so only its rows are counted)."""
+    counted: tuple[Any, ...] = tuple(conn.execute(count_query(table, partition, unheld)).one())
+    conn.rollback()
+    rows = int(counted[0])
+    return rows, rows if unheld is None else int(counted[1] or 0)
+
+
+def count_query(table: SqlTable, partition: Partition, unheld: ColumnElement[bool] | None) -> Select[Any]:
+    """SELECT the partition's rows, and (``unheld`` not None) how many are expired and unheld."""
     source = _partition_table(table, partition.schema, partition.name)
     if source is table.table:
         preparer = table.engine.dialect.identifier_preparer
@@ -295,10 +324,7 @@ def _count(table: SqlTable, conn: Connection, partition: Partition,
         unheld = None if unheld is None else _on(table.table, source, unheld)
     if unheld is not None:
         query = query.add_columns(func.sum(case((unheld, 1), else_=0)))
-    counted: tuple[Any, ...] = tuple(conn.execute(query).one())
-    conn.rollback()
-    rows = int(counted[0])
-    return rows, rows if unheld is None else int(counted[1] or 0)
+    return query
 
 
 def _partition_table(table: SqlTable, schema: str | None, name: str) -> Table:

@@ -44,12 +44,14 @@ class Batch:
 
     def cut(self, table: SqlTable, conn: Connection) -> BatchRange:
         """Find the batch's range (in the action's transaction) and remember it."""
-        # The age-only bound of PostgreSQL may take up to twice ``size`` rows, and may
-        # reach past a ceiling that names a key: exact bounds where that would matter.
-        exact = (self.cap is not None and self.cap < 2 * self.size - 1) or (
-            self.ceiling is not None and len(self.ceiling) > 1)
-        self.span = BatchRange(self.lower, upper_bound(table, conn, self.window, self.size, self.ceiling,
-                                                       exact=exact))
+        # The age-only bound of PostgreSQL may take up to twice ``size`` rows: under a cap,
+        # aim at half the cap instead (an exact bound sorts the batch's rows read from the
+        # heap). It may also reach past a ceiling that names a key: exact bounds there.
+        size = self.size
+        if self.cap is not None and table.engine.dialect.name == "postgresql":
+            size = max(1, min(size, (self.cap + 1) // 2))
+        exact = self.ceiling is not None and len(self.ceiling) > 1
+        self.span = BatchRange(self.lower, upper_bound(table, conn, self.window, size, self.ceiling, exact=exact))
         return self.span
 
     def check_cap(self, rows: int) -> None:

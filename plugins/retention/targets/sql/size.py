@@ -109,10 +109,8 @@ def estimated_rows(table: SqlTable) -> int | None:
 
 
 def estimated_matches(table: SqlTable, selection: ColumnElement[bool]) -> int | None:
-    """The rows ``selection`` takes by the planner's estimate (PostgreSQL's ``EXPLAIN``,
-    MariaDB/MySQL's), or None where there is none (SQLite, or an EXPLAIN that failed)."""
-    if table.engine.dialect.name == "mysql":
-        return _mysql_estimated_matches(table, selection)
+    """The rows ``selection`` takes by the planner's estimate (PostgreSQL's ``EXPLAIN``), or
+    None where there is none (other databases, or an EXPLAIN that failed)."""
     if table.engine.dialect.name != "postgresql":
         return None
     statement = select(literal(1)).select_from(table.table).where(selection)
@@ -131,18 +129,3 @@ def estimated_matches(table: SqlTable, selection: ColumnElement[bool]) -> int | 
         return int(plan[0]["Plan"]["Plan Rows"])
     except (KeyError, IndexError, TypeError, ValueError):
         return None
-
-
-def _mysql_estimated_matches(table: SqlTable, selection: ColumnElement[bool]) -> int | None:
-    """The rows the optimizer expects ``selection`` to read (``EXPLAIN``'s ``rows``: a range of
-    the age index is estimated by diving into it; a full scan reads as the whole table)."""
-    statement = select(literal(1)).select_from(table.table).where(selection)
-    compiled = statement.compile(dialect=table.engine.dialect)
-    try:
-        with table.engine.connect() as conn:
-            row = conn.exec_driver_sql(f"EXPLAIN {compiled}", compiled.params).mappings().first()
-    except Exception:  # noqa: BLE001 - an estimate only picks the order of two exact counts
-        log.debug("%s: no optimizer estimate of the plan's rows", table.target.name, exc_info=True)
-        return None
-    rows = None if row is None else row.get("rows")
-    return int(rows) if rows is not None else None

@@ -1,0 +1,201 @@
+"""The CLI's less-travelled commands under hostile input: every mistake or attack is one clear
+line naming the file or flag, a non-zero exit, nothing touched, never a traceback or a hang."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import rfc8785
+from sqlalchemy.exc import SAWarning
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from retention.evidence.payload import ERASURE_PAYLOAD_TYPE
+from retention.evidence.receipt import RECEIPT_TYPE
+from retention.interfaces.cli import main
+
+PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+
+
+def _signed_receipt(tmp_path: Path) -> tuple[dict, Path]:
+    """A receipt signed by a fresh key, as `erase receipt` writes it, and that key's public PEM."""
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key()
+    kid = hashlib.sha256(public.public_bytes_raw()).hexdigest()
+    payload = {"type": ERASURE_PAYLOAD_TYPE, "request": "DSR-1", "status": "partial", "seq": 4,
+               "prev_hash": "ab" * 32, "key_id": kid, "targets": [], "subject": {"type": "email", "hmac": "00"}}
+    body = rfc8785.dumps(payload)
+    receipt = {"type": RECEIPT_TYPE, "version": 1, "request": "DSR-1", "status": "partial",
+               "certificate": {"seq": 4, "payload": body.decode(), "signature": base64.b64encode(key.sign(body)).decode(),
+                               "key_id": kid, "entry_hash": hashlib.sha256(body).hexdigest(), "prev_hash": "ab" * 32}}
+    pem = tmp_path / "public.pem"
+    pem.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return receipt, pem
+
+
+def _verify(tmp_path: Path, content: str | bytes, *extra: str, pem: Path | None = None) -> int:
+    pem = pem or _signed_receipt(tmp_path)[1]
+    path = tmp_path / "receipt.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return main(["verify-receipt", str(path), "--public-key", str(pem), *extra])
+
+
+def test_a_genuine_receipt_verifies(tmp_path, capsys):
+    receipt, pem = _signed_receipt(tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps(receipt))
+    assert main(["verify-receipt", str(tmp_path / "r.json"), "--public-key", str(pem)]) == 0
+    assert "✓ receipt of DSR-1 verifies" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "42", '"receipt"'])
+def test_a_receipt_that_is_json_but_not_an_object_is_refused(tmp_path, capsys, content):
+    assert _verify(tmp_path, content) == 1
+    assert "not an erasure receipt" in capsys.readouterr().err
+
+
+def test_a_deeply_nested_receipt_is_refused_without_a_traceback(tmp_path, capsys):
+    assert _verify(tmp_path, "[" * 200_000) == 2
+    err = capsys.readouterr().err
+    assert "receipt.json" in err and "nested" in err
+
+
+def test_a_receipt_that_is_not_json_names_the_file_and_line(tmp_path, capsys):
+    assert _verify(tmp_path, '{\n  "type": "retention/erasure-receipt",\n  "certificate": {') == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"configuration: receipt {tmp_path / 'receipt.json'}:3: not JSON")
+    assert "public key" not in err
+
+
+def test_a_receipt_larger_than_any_receipt_is_refused_unread(tmp_path, capsys):
+    receipt, _ = _signed_receipt(tmp_path)
+    receipt["padding"] = "x" * (17 << 20)
+    assert _verify(tmp_path, json.dumps(receipt)) == 2
+    assert "larger than" in capsys.readouterr().err
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own, with a time and memory budget: an endless read fails, never hangs."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    env = dict(os.environ, PYTHONPATH=str(PLUGINS))
+    return subprocess.run([sys.executable, "-m", "retention.interfaces.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60, preexec_fn=limit)
+
+
+def test_a_receipt_that_is_a_symlink_to_dev_zero_is_refused(tmp_path):
+    _, pem = _signed_receipt(tmp_path)
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    done = _cli("verify-receipt", "zero.json", "--public-key", str(pem), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "zero.json" in done.stderr and "larger than" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["verify"], ["report", "--since", "2026-01-01", "--until", "2026-02-01"]])
+@pytest.mark.parametrize("flag", ["--public-key", "--keyring"])
+def test_a_key_file_that_is_dev_zero_is_refused(tmp_path, command, flag):
+    done = _cli(*command, flag, "/dev/zero", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "/dev/zero" in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--public-key", "--keyring"])
+def test_a_key_file_that_is_a_directory_is_refused(tmp_path, capsys, flag):
+    assert main(["verify", flag, str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_verify_receipt_with_a_public_key_that_is_a_directory_names_it(tmp_path, capsys):
+    receipt, _ = _signed_receipt(tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps(receipt))
+    assert main(["verify-receipt", str(tmp_path / "r.json"), "--public-key", str(tmp_path)]) == 2
+    assert f"public key {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hash_key", ["missing-file", "."])
+def test_a_hash_key_file_that_cannot_be_read_is_a_clear_error(tmp_path, capsys, hash_key):
+    receipt, pem = _signed_receipt(tmp_path)
+    path = str(tmp_path / hash_key)
+    assert _verify(tmp_path, json.dumps(receipt), "--identity", "email=a@b.c", "--hash-key-file", path, pem=pem) == 2
+    assert f"--hash-key-file {path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("forge", [
+    lambda r: r.update(status="done"),
+    lambda r: r.update(request="DSR-2"),
+    lambda r: r["certificate"].update(seq=9),
+    lambda r: r["certificate"].update(prev_hash="cd" * 32),
+])
+def test_unsigned_fields_that_contradict_the_signed_payload_fail(tmp_path, capsys, forge):
+    receipt, pem = _signed_receipt(tmp_path)
+    assert _verify(tmp_path, json.dumps(receipt), pem=pem) == 0
+    capsys.readouterr()
+    forge(receipt)
+    assert _verify(tmp_path, json.dumps(receipt), pem=pem) == 1
+    assert "✗" in capsys.readouterr().err
+
+
+@pytest.fixture
+def subjects_dir(tmp_path, monkeypatch):
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "_subjects.yaml").write_text("identities:\n  customer_id:\n    description: customer number\n")
+    monkeypatch.setenv("RETENTION_HASH_KEY", "0123456789abcdef0123456789abcdef")
+    return rules
+
+
+@pytest.mark.parametrize("request_id", ["DSR\x1b[31mRED", "DSR\nINFO filed", "DSR\rX", "DSR\u202eevil",
+                                        "DSR\u200b1", " DSR-1", "DSR-1 "])
+def test_a_request_id_with_control_characters_or_edge_spaces_is_refused(
+        audit_db, subjects_dir, capsys, request_id):
+    code = main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3",
+                 "--request", request_id])
+    assert code == 2
+    assert "--request" in capsys.readouterr().err
+    assert main(["erase", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_request_id_with_letters_of_any_script_is_filed(audit_db, subjects_dir, capsys):
+    assert main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3",
+                 "--request", "DSR-ü-2026"]) == 0
+
+
+@pytest.mark.parametrize("flag, value", [("--case", "CASE\x1b[2J"), ("--reason", "dispute\nINFO released"),
+                                         ("--case", "CASE\u202e1")])
+def test_a_hold_with_control_characters_is_refused(audit_db, tmp_path, capsys, flag, value):
+    args = {"--case": "CASE-1", "--reason": "dispute"} | {flag: value}
+    code = main(["hold", "add", "--category", "orders", "--force", "--rules", str(tmp_path),
+                 "--case", args["--case"], "--reason", args["--reason"]])
+    assert code == 2
+    assert flag in capsys.readouterr().err
+    assert main(["hold", "list", "--all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_certificates_with_a_negative_limit_is_a_usage_error(audit_db, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["certificates", "--limit", "-5"])
+    assert exit_.value.code == 2
+    assert "--limit" in capsys.readouterr().err
+
+
+def test_certificates_until_before_since_is_refused(audit_db, capsys):
+    assert main(["certificates", "--since", "2026-12-01", "--until", "2026-01-01"]) == 2
+    assert "--until 2026-01-01" in capsys.readouterr().err
+
+
+def test_reading_certificates_warns_of_nothing(audit_db, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SAWarning)
+        assert main(["certificates"]) == 0

@@ -161,7 +161,7 @@ def test_a_request_id_with_control_characters_or_edge_spaces_is_refused(
     code = main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3",
                  "--request", request_id])
     assert code == 2
-    assert "--request" in capsys.readouterr().err
+    assert "request id" in capsys.readouterr().err
     assert main(["erase", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
@@ -178,7 +178,7 @@ def test_a_hold_with_control_characters_is_refused(audit_db, tmp_path, capsys, f
     code = main(["hold", "add", "--category", "orders", "--force", "--rules", str(tmp_path),
                  "--case", args["--case"], "--reason", args["--reason"]])
     assert code == 2
-    assert flag in capsys.readouterr().err
+    assert {"--case": "case id", "--reason": "reason"}[flag] in capsys.readouterr().err
     assert main(["hold", "list", "--all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
@@ -199,3 +199,12 @@ def test_reading_certificates_warns_of_nothing(audit_db, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SAWarning)
         assert main(["certificates"]) == 0
+
+
+def test_a_release_reason_with_control_characters_is_refused(audit_db, tmp_path, capsys):
+    assert main(["hold", "add", "--category", "orders", "--force", "--rules", str(tmp_path),
+                 "--case", "CASE-1", "--reason", "dispute"]) == 0
+    assert main(["hold", "release", "1", "--reason", "settled\x1b[1A\x1b[2K"]) == 2
+    assert "reason" in capsys.readouterr().err
+    assert main(["hold", "list", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1

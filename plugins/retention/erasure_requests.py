@@ -27,7 +27,7 @@ from retention.clock import utc_iso
 from retention.errors import ConfigError
 from retention.evidence.audit import erasure_request_events, erasure_requests
 from retention.evidence.receipt import identity_hmac
-from retention.identity import who
+from retention.identity import check_typed_text, who
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -114,6 +114,8 @@ class ErasureRegistry:
         """Record a new request, pending; ConfigError if its id is taken."""
         if not request_id.strip() or len(request_id) > 100:
             raise ConfigError("a request id is 1 to 100 characters, e.g. DSR-2026-0042")
+        check_typed_text("request id", request_id, an_id=True)
+        check_typed_text("reason", reason)
         if self.find_one(request_id) is not None:
             raise ConfigError(f"request {request_id} is already filed; give each request its own id")
         by = by or who()

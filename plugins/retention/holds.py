@@ -29,7 +29,7 @@ from sqlalchemy import insert, or_, select, update
 from retention.clock import utc_iso
 from retention.errors import ConfigError
 from retention.evidence.audit import legal_hold_events, legal_holds, purge_certificates, purge_runs
-from retention.identity import who
+from retention.identity import check_typed_text, who
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -122,6 +122,8 @@ class HoldRegistry:
         check_match(match)
         if not case_id.strip() or not reason.strip():
             raise ConfigError("a hold needs a case id and a reason")
+        check_typed_text("case id", case_id, an_id=True)
+        check_typed_text("reason", reason)
         today = self.now().date()
         if until is not None and until < today:
             raise ConfigError(f"--until {until} is in the past (today is {today} UTC): such a hold would protect "
@@ -150,6 +152,7 @@ class HoldRegistry:
             raise ConfigError(f"hold {hold_id} was already released at {hold.released_at} by {hold.released_by}")
         if not reason.strip():
             raise ConfigError("a release needs a reason")
+        check_typed_text("reason", reason)
         by = by or who()
         _check_lengths({"released by": by})
         now = utc_iso(self._clock())

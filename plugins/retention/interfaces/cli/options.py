@@ -45,6 +45,13 @@ def instant_argument(text: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def count_argument(text: str) -> int:
+    """A whole number from 0, as a command-line argument."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0")
+    return int(text)
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)

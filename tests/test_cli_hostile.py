@@ -22,6 +22,8 @@ from retention.evidence.payload import ERASURE_PAYLOAD_TYPE
 from retention.evidence.receipt import RECEIPT_TYPE
 from retention.interfaces.cli import main
 
+from conftest import connect
+
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 
 
@@ -208,3 +210,31 @@ def test_a_release_reason_with_control_characters_is_refused(audit_db, tmp_path,
     assert "reason" in capsys.readouterr().err
     assert main(["hold", "list", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
+
+
+@pytest.mark.parametrize("out", ["missing-dir/receipt.json", ".", "/dev/full"])
+def test_a_receipt_out_path_that_cannot_be_written_is_a_clear_error(
+        audit_db, keys, subjects_dir, sqlite_db, monkeypatch, tmp_path, capsys, out):
+    sqlite_db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, closed_at TIMESTAMP NULL)")
+    sqlite_db.execute("INSERT INTO customers VALUES (3, NULL)")
+    connect(monkeypatch, "crm_db", sqlite_db)
+    (subjects_dir / "customer_accounts.yaml").write_text(
+        "category: customer_accounts\ndescription: closed accounts\nowner: crm\nlegal_basis: disputes\n"
+        "retain_for: P2Y\naction: delete\ntargets:\n  - {name: customers, kind: sql, connection: crm_db, "
+        "table: customers, key: [id], age_column: closed_at, subject: {customer_id: id}}\n")
+    rules = ["--rules", str(subjects_dir)]
+    assert main(["erase", "request", *rules, "--subject", "customer_id=3", "--request", "DSR-1"]) == 0
+    assert main(["erase", "run", *rules, "DSR-1"]) == 0
+    capsys.readouterr()
+    path = out if out.startswith("/") else str(tmp_path / out)
+    assert main(["erase", "receipt", "DSR-1", "--out", path]) == 2
+    assert f"--out {path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reason", ["", " "])
+def test_a_request_without_a_reason_is_refused(audit_db, subjects_dir, capsys, reason):
+    assert main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3",
+                 "--request", "DSR-1", "--reason", reason]) == 2
+    assert "reason" in capsys.readouterr().err
+    assert main(["erase", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

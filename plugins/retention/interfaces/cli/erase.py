@@ -214,8 +214,12 @@ def cmd_erase_receipt(args: argparse.Namespace) -> int:
     certificate = next(read_certificates(registry.engine, seq=request.certificate_seq))
     text = json.dumps(build_receipt(certificate), indent=2, sort_keys=True) + "\n"
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        try:
+            with open(args.out, "w", encoding="utf-8") as stream:
+                stream.write(text)
+        except OSError as exc:
+            raise ConfigError(f"--out {args.out}: cannot write ({exc.strerror or type(exc).__name__}); "
+                              "choose a writable path") from None
         print(f"wrote the receipt of {request.request_id} (certificate {certificate.seq}) to {args.out}")
     else:
         print(text, end="")

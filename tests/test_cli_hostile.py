@@ -238,3 +238,12 @@ def test_a_request_without_a_reason_is_refused(audit_db, subjects_dir, capsys, r
     assert "reason" in capsys.readouterr().err
     assert main(["erase", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize("command", [["hold", "list"], ["erase", "list"], ["certificates"], ["erase", "receipt", "X"]])
+def test_an_unreachable_audit_database_is_one_line_without_the_password(monkeypatch, capsys, command):
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_AUDIT", "postgres://postgres:Hunter2Secret@127.0.0.1:1/audit")
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("database error: ") and "port 1" in err
+    assert err.count("\n") == 1 and "Hunter2Secret" not in err

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from sqlalchemy.exc import SQLAlchemyError
 
         if isinstance(exc, SQLAlchemyError):
-            _err(f"database error: {getattr(exc, 'orig', exc)}")
+            _err("database error: " + " ".join(str(getattr(exc, "orig", exc)).split()))  # one line, as every error
             return EXIT_FAILED
         raise
 

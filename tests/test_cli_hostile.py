@@ -247,3 +247,17 @@ def test_an_unreachable_audit_database_is_one_line_without_the_password(monkeypa
     err = capsys.readouterr().err
     assert err.startswith("database error: ") and "port 1" in err
     assert err.count("\n") == 1 and "Hunter2Secret" not in err
+
+
+@pytest.mark.parametrize("backend", ["sqlite_db", "pg_db", "mysql_db"])
+def test_request_ids_that_differ_only_in_case_are_one_id_on_every_backend(
+        backend, subjects_dir, monkeypatch, capsys, request):
+    connect(monkeypatch, "retention_audit", request.getfixturevalue(backend))
+    rules = ["--rules", str(subjects_dir)]
+    assert main(["erase", "request", *rules, "--subject", "customer_id=3", "--request", "DSR-Ü-1"]) == 0
+    assert main(["erase", "request", *rules, "--subject", "customer_id=4", "--request", "dsr-ü-1"]) == 2
+    assert "DSR-Ü-1" in capsys.readouterr().err
+    assert main(["erase", "plan", *rules, "dsr-ü-1"]) == 2  # a lookup is exact too (MariaDB's collation is not)
+    assert "no erasure request 'dsr-ü-1'" in capsys.readouterr().err
+    assert main(["erase", "list", "--json"]) == 0
+    assert [r["request_id"] for r in json.loads(capsys.readouterr().out)] == ["DSR-Ü-1"]

@@ -116,8 +116,10 @@ class ErasureRegistry:
             raise ConfigError("a request id is 1 to 100 characters, e.g. DSR-2026-0042")
         check_typed_text("request id", request_id, an_id=True)
         check_typed_text("reason", reason)
-        if self.find_one(request_id) is not None:
-            raise ConfigError(f"request {request_id} is already filed; give each request its own id")
+        taken = self._filed_as(request_id)
+        if taken is not None:
+            also = "" if taken == request_id else f" as {taken} (ids that differ only in case are one id)"
+            raise ConfigError(f"request {request_id} is already filed{also}; give each request its own id")
         by = by or who()
         now = utc_iso(self._clock())
         pairs = sorted(set(identities) | {(subject_type, subject_hmac)})
@@ -154,10 +156,18 @@ class ErasureRegistry:
         return self.get(request_id)
 
     def find_one(self, request_id: str) -> ErasureRequest | None:
-        """The request with this id, or None."""
+        """The request with exactly this id, or None (MariaDB's collation would match 'dsr-1' to 'DSR-1')."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(erasure_requests).where(erasure_requests.c.request_id == request_id)).mappings().first()
+            rows = conn.execute(select(erasure_requests).where(erasure_requests.c.request_id == request_id)).mappings()
+            row = next((r for r in rows if r["request_id"] == request_id), None)
         return _request(row) if row is not None else None
+
+    def _filed_as(self, request_id: str) -> str | None:
+        """The id of a filed request that is ``request_id`` but for case, or None: one id on every backend."""
+        wanted = request_id.casefold()
+        with self.engine.connect() as conn:
+            return next((filed for filed in conn.execute(select(erasure_requests.c.request_id)).scalars()
+                         if filed.casefold() == wanted), None)
 
     def get(self, request_id: str) -> ErasureRequest:
         """The request with this id; ConfigError when there is none."""

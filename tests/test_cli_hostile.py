@@ -83,15 +83,15 @@ def test_a_receipt_larger_than_any_receipt_is_refused_unread(tmp_path, capsys):
     assert "larger than" in capsys.readouterr().err
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """The CLI in a process of its own, with a time and memory budget: an endless read fails, never hangs."""
     import resource
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
-    env = dict(os.environ, PYTHONPATH=str(PLUGINS))
-    return subprocess.run([sys.executable, "-m", "retention.interfaces.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "retention.interfaces.cli", *args], cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=str(PLUGINS), **env),
                           capture_output=True, text=True, timeout=60, preexec_fn=limit)
 
 
@@ -212,9 +212,9 @@ def test_a_release_reason_with_control_characters_is_refused(audit_db, tmp_path,
     assert len(json.loads(capsys.readouterr().out)) == 1
 
 
-@pytest.mark.parametrize("out", ["missing-dir/receipt.json", ".", "/dev/full"])
-def test_a_receipt_out_path_that_cannot_be_written_is_a_clear_error(
-        audit_db, keys, subjects_dir, sqlite_db, monkeypatch, tmp_path, capsys, out):
+@pytest.fixture
+def erased(audit_db, keys, subjects_dir, sqlite_db, monkeypatch, capsys) -> Path:
+    """A chain of one certificate: request DSR-1 erased from a SQLite customers table."""
     sqlite_db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, closed_at TIMESTAMP NULL)")
     sqlite_db.execute("INSERT INTO customers VALUES (3, NULL)")
     connect(monkeypatch, "crm_db", sqlite_db)
@@ -226,9 +226,42 @@ def test_a_receipt_out_path_that_cannot_be_written_is_a_clear_error(
     assert main(["erase", "request", *rules, "--subject", "customer_id=3", "--request", "DSR-1"]) == 0
     assert main(["erase", "run", *rules, "DSR-1"]) == 0
     capsys.readouterr()
+    return subjects_dir
+
+
+@pytest.mark.parametrize("out", ["missing-dir/receipt.json", ".", "/dev/full"])
+def test_a_receipt_out_path_that_cannot_be_written_is_a_clear_error(erased, tmp_path, capsys, out):
     path = out if out.startswith("/") else str(tmp_path / out)
     assert main(["erase", "receipt", "DSR-1", "--out", path]) == 2
     assert f"--out {path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("to", ["/dev/full", "a-file"])
+def test_a_checkpoint_to_a_path_that_is_not_a_directory_is_a_clear_error(erased, tmp_path, capsys, to):
+    path = to if to.startswith("/") else str(tmp_path / to)
+    if not to.startswith("/"):
+        Path(path).write_text("x")
+    assert main(["checkpoint", "--to", path]) == 2
+    assert path in capsys.readouterr().err
+
+
+AWS_UNREACHABLE = json.dumps({"conn_type": "aws", "login": "AKIAHOSTILE", "password": "AwsSecretHostile",
+                              "extra": {"endpoint_url": "http://127.0.0.1:1", "region_name": "us-east-1"}})
+
+
+def test_checkpoints_in_an_unreachable_s3_are_one_line_without_the_secret(erased, keys, monkeypatch, capsys):
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", AWS_UNREACHABLE)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert main(["verify", "--public-key", str(keys[1]), "--checkpoint", "s3://checkpoints/retention"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "127.0.0.1:1" in err and "AwsSecretHostile" not in err
+
+
+def test_restoring_a_local_manifest_that_is_dev_zero_is_refused(audit_db, tmp_path):
+    (tmp_path / "manifest.json").symlink_to("/dev/zero")
+    done = _cli("restore", "manifest.json", "--into", "crm_db", cwd=tmp_path, AIRFLOW_CONN_AWS_DEFAULT=AWS_UNREACHABLE)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "manifest.json" in done.stderr
 
 
 @pytest.mark.parametrize("reason", ["", " "])

@@ -78,7 +78,7 @@ class DirectoryStore:
 
     def put(self, name: str, note: bytes) -> None:
         """Create ``name`` in the directory; CheckpointError if it holds a different checkpoint."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_writable()
         self._sweep()
         target = self.path / name
         # Written whole to a temporary file, then linked into place: link never replaces,

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, SQLAlchemyError):
             _err("database error: " + " ".join(str(getattr(exc, "orig", exc)).split()))  # one line, as every error
             return EXIT_FAILED
+        if type(exc).__module__.startswith("botocore."):  # S3 unreachable or refusing: no import of botocore here
+            _err(f"S3 error: {' '.join(str(exc).split())}")
+            return EXIT_FAILED
         raise
 
 

@@ -294,3 +294,13 @@ def test_request_ids_that_differ_only_in_case_are_one_id_on_every_backend(
     assert "no erasure request 'dsr-ü-1'" in capsys.readouterr().err
     assert main(["erase", "list", "--json"]) == 0
     assert [r["request_id"] for r in json.loads(capsys.readouterr().out)] == ["DSR-Ü-1"]
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999999", "-9223372036854775809", "NaN", "-Infinity"])
+def test_a_hold_match_value_no_column_can_hold_is_refused(audit_db, tmp_path, capsys, value):
+    code = main(["hold", "add", "--category", "orders", "--force", "--rules", str(tmp_path),
+                 "--match", '{"customer_id": %s}' % value, "--case", "CASE-1", "--reason", "dispute"])
+    assert code == 2
+    assert "--match 'customer_id'" in capsys.readouterr().err
+    assert main(["hold", "list", "--all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

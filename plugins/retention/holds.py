@@ -20,6 +20,7 @@ row and shows the near matches.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,10 @@ def check_match(match: Any) -> None:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"--match {column!r}: give a string, a number, true/false or null, "
                               f"not {json.dumps(value)} (a hold compares values exactly)")
+        if (isinstance(value, float) and not math.isfinite(value)) or (
+                isinstance(value, int) and not -(2**63) <= value < 2**63):
+            raise ConfigError(f"--match {column!r}: {json.dumps(value)[:40]} is a number no database column holds "
+                              "(integers are 64-bit, numbers finite)")
 
 
 

@@ -304,3 +304,14 @@ def test_a_hold_match_value_no_column_can_hold_is_refused(audit_db, tmp_path, ca
     assert "--match 'customer_id'" in capsys.readouterr().err
     assert main(["hold", "list", "--all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_tables_show_control_characters_written_into_the_audit_database_escaped(audit_db, tmp_path, capsys):
+    assert main(["hold", "add", "--category", "orders", "--force", "--rules", str(tmp_path),
+                 "--case", "CASE-1", "--reason", "dispute"]) == 0
+    audit_db.execute("UPDATE legal_holds SET case_id = :c, reason = :r", {"c": "CASE\x1b[2J", "r": "a\nFAKE ROW"})
+    capsys.readouterr()
+    assert main(["hold", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "FAKE ROW" in out and len(out.strip().splitlines()) == 3
+    assert "CASE\\x1b[2J" in out

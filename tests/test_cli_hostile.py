@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import rfc8785
-from sqlalchemy.exc import SAWarning
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.exc import SAWarning
 
 from retention.evidence.payload import ERASURE_PAYLOAD_TYPE
 from retention.evidence.receipt import RECEIPT_TYPE

@@ -315,3 +315,14 @@ def test_tables_show_control_characters_written_into_the_audit_database_escaped(
     out = capsys.readouterr().out
     assert "\x1b" not in out and "FAKE ROW" in out and len(out.strip().splitlines()) == 3
     assert "CASE\\x1b[2J" in out
+
+
+@pytest.mark.parametrize("payload", ["not json", '{"type": "retention/purge-certificate"}'])
+def test_a_receipt_of_a_tampered_certificate_is_refused_naming_it(erased, audit_db, capsys, payload):
+    for (trigger,) in audit_db.rows("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                                    "AND tbl_name = 'purge_certificates'"):
+        audit_db.execute(f"DROP TRIGGER {trigger}")
+    audit_db.execute("UPDATE purge_certificates SET payload = :p", {"p": payload})
+    assert main(["erase", "receipt", "DSR-1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "certificate 1" in captured.err and "retention verify" in captured.err

@@ -7,7 +7,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from retention.errors import ConfigError
+from retention.errors import ConfigError, RetentionError
 from retention.interfaces.cli.options import DEFAULT_RULES_DIR, EXIT_FAILED, EXIT_OK, _day, _err, audit_option
 from retention.interfaces.render import table
 
@@ -211,8 +211,14 @@ def cmd_erase_receipt(args: argparse.Namespace) -> int:
     if request.certificate_seq is None:
         raise ConfigError(f"request {request.request_id} is {request.state}: it has no certificate yet "
                           f"(`retention erase run {request.request_id}`)")
-    certificate = next(read_certificates(registry.engine, seq=request.certificate_seq))
-    text = json.dumps(build_receipt(certificate), indent=2, sort_keys=True) + "\n"
+    certificate = next(read_certificates(registry.engine, seq=request.certificate_seq), None)
+    try:
+        if certificate is None or certificate.problem is not None:
+            raise ValueError(f"certificate {request.certificate_seq} is "
+                             + ("missing" if certificate is None else f"unreadable: {certificate.problem}"))
+        text = json.dumps(build_receipt(certificate), indent=2, sort_keys=True) + "\n"
+    except ValueError as exc:  # the audit database was edited: no receipt vouches for what it holds now
+        raise RetentionError(f"request {request.request_id}: {exc}; run `retention verify`") from None
     if args.out:
         try:
             with open(args.out, "w", encoding="utf-8") as stream:

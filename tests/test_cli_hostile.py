@@ -213,8 +213,8 @@ def test_a_release_reason_with_control_characters_is_refused(audit_db, tmp_path,
 
 
 @pytest.fixture
-def erased(audit_db, keys, subjects_dir, sqlite_db, monkeypatch, capsys) -> Path:
-    """A chain of one certificate: request DSR-1 erased from a SQLite customers table."""
+def customers_rule(subjects_dir, sqlite_db, monkeypatch) -> Path:
+    """A rule on a SQLite customers table whose subject is customer_id, beside _subjects.yaml."""
     sqlite_db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, closed_at TIMESTAMP NULL)")
     sqlite_db.execute("INSERT INTO customers VALUES (3, NULL)")
     connect(monkeypatch, "crm_db", sqlite_db)
@@ -222,11 +222,17 @@ def erased(audit_db, keys, subjects_dir, sqlite_db, monkeypatch, capsys) -> Path
         "category: customer_accounts\ndescription: closed accounts\nowner: crm\nlegal_basis: disputes\n"
         "retain_for: P2Y\naction: delete\ntargets:\n  - {name: customers, kind: sql, connection: crm_db, "
         "table: customers, key: [id], age_column: closed_at, subject: {customer_id: id}}\n")
-    rules = ["--rules", str(subjects_dir)]
+    return subjects_dir
+
+
+@pytest.fixture
+def erased(audit_db, keys, customers_rule, capsys) -> Path:
+    """A chain of one certificate: request DSR-1 erased from a SQLite customers table."""
+    rules = ["--rules", str(customers_rule)]
     assert main(["erase", "request", *rules, "--subject", "customer_id=3", "--request", "DSR-1"]) == 0
     assert main(["erase", "run", *rules, "DSR-1"]) == 0
     capsys.readouterr()
-    return subjects_dir
+    return customers_rule
 
 
 @pytest.mark.parametrize("out", ["missing-dir/receipt.json", ".", "/dev/full"])
@@ -326,3 +332,20 @@ def test_a_receipt_of_a_tampered_certificate_is_refused_naming_it(erased, audit_
     assert main(["erase", "receipt", "DSR-1"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "certificate 1" in captured.err and "retention verify" in captured.err
+
+
+@pytest.mark.parametrize("column, value", [("identities", "garbage"), ("identities", '{"a": 1}'), ("due", "soon"),
+                                           ("state", "bogus")])
+@pytest.mark.parametrize("command", [["erase", "list"], ["erase", "run", "DSR-1"], ["status"]])
+def test_a_request_row_edited_in_the_audit_database_is_an_error_naming_it(
+        audit_db, keys, customers_rule, capsys, column, value, command):
+    subjects_dir = customers_rule
+    assert main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3", "--request", "DSR-1"]) == 0
+    for (trigger,) in audit_db.rows("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+        audit_db.execute(f"DROP TRIGGER {trigger}")
+    audit_db.execute(f"UPDATE erasure_requests SET {column} = :v", {"v": value})
+    capsys.readouterr()
+    assert main([*command, "--rules", str(subjects_dir)] if command[0] != "erase" or command[1] != "list"
+                else command) == 1
+    err = capsys.readouterr().err
+    assert "erasure request 'DSR-1'" in err and column in err

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import insert, select, update
 
 from retention.clock import utc_iso
-from retention.errors import ConfigError
+from retention.errors import ConfigError, TerminalError
 from retention.evidence.audit import erasure_request_events, erasure_requests
 from retention.evidence.receipt import identity_hmac
 from retention.identity import check_typed_text, who
@@ -204,10 +204,23 @@ class ErasureRegistry:
 
 
 def _request(row: Any) -> ErasureRequest:
+    """The row as a request; TerminalError naming it and the column when it was edited past reading."""
+    column = "identities"
+    try:
+        identities = tuple((str(kind), str(digest)) for kind, digest in json.loads(row["identities"]))
+        column = "due"
+        due = date.fromisoformat(row["due"])
+        column = "state"
+        if row["state"] not in STATES:
+            raise ValueError(row["state"])
+    except (TypeError, ValueError):  # JSONDecodeError is a ValueError; a wrong shape fails to unpack
+        raise TerminalError(f"erasure request {row['request_id']!r} in the audit database is unreadable: its {column} "
+                            f"is not what retention writes (edited outside it?); `retention verify` and the request's "
+                            "history say more") from None
     return ErasureRequest(
         request_id=row["request_id"], subject_type=row["subject_type"], subject_hmac=row["subject_hmac"],
-        identities=tuple((kind, digest) for kind, digest in json.loads(row["identities"])),
+        identities=identities,
         key_id=row["key_id"], reason=row["reason"], received_at=row["received_at"],
-        due=date.fromisoformat(row["due"]), filed_by=row["filed_by"], state=row["state"],
+        due=due, filed_by=row["filed_by"], state=row["state"],
         updated_at=row["updated_at"], certificate_seq=row["certificate_seq"],
     )

@@ -349,3 +349,18 @@ def test_a_request_row_edited_in_the_audit_database_is_an_error_naming_it(
                 else command) == 1
     err = capsys.readouterr().err
     assert "erasure request 'DSR-1'" in err and column in err
+
+
+@pytest.mark.parametrize("column, value", [("match", "garbage"), ("match", "[1, 2]"), ("until", "never")])
+@pytest.mark.parametrize("command", [["hold", "list"], ["plan"]])
+def test_a_hold_row_edited_in_the_audit_database_is_an_error_naming_it(
+        audit_db, customers_rule, capsys, column, value, command):
+    assert main(["hold", "add", "--category", "customer_accounts", "--match", '{"id": 3}', "--rules", str(customers_rule),
+                 "--case", "CASE-1", "--reason", "dispute"]) == 0
+    for (trigger,) in audit_db.rows("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+        audit_db.execute(f"DROP TRIGGER {trigger}")
+    audit_db.execute(f"UPDATE legal_holds SET {column} = :v", {"v": value})
+    capsys.readouterr()
+    assert main([*command, "--rules", str(customers_rule)] if command == ["plan"] else command) == 1
+    err = capsys.readouterr().err
+    assert "hold 1" in err and column in err

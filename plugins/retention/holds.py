@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import insert, or_, select, update
 
 from retention.clock import utc_iso
-from retention.errors import ConfigError
+from retention.errors import ConfigError, TerminalError
 from retention.evidence.audit import legal_hold_events, legal_holds, purge_certificates, purge_runs
 from retention.identity import check_typed_text, who
 
@@ -223,11 +223,23 @@ class HoldRegistry:
 
 
 def _hold(row) -> Hold:
+    """The row as a hold; TerminalError naming it and the column when it was edited past reading
+    (runs then stop: a hold that cannot be read protects what it may)."""
+    column = "match"
+    try:
+        match = json.loads(row["match"]) if row["match"] else None
+        if match is not None and not isinstance(match, dict):
+            raise ValueError(match)
+        column = "until"
+        until = date.fromisoformat(row["until"]) if row["until"] else None
+    except ValueError:
+        raise TerminalError(f"hold {row['id']} in the audit database is unreadable: its {column} is not what "
+                            "retention writes (edited outside it?); no run can honour it until it is repaired") from None
     return Hold(
         id=row["id"], category=row["category"], target=row["target"],
-        match=json.loads(row["match"]) if row["match"] else None, prefix=row["prefix"],
+        match=match, prefix=row["prefix"],
         case_id=row["case_id"], reason=row["reason"],
-        until=date.fromisoformat(row["until"]) if row["until"] else None,
+        until=until,
         placed_at=row["placed_at"], placed_by=row["placed_by"], released_at=row["released_at"],
         released_by=row["released_by"], release_reason=row["release_reason"],
     )

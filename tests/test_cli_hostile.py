@@ -364,3 +364,11 @@ def test_a_hold_row_edited_in_the_audit_database_is_an_error_naming_it(
     assert main([*command, "--rules", str(customers_rule)] if command == ["plan"] else command) == 1
     err = capsys.readouterr().err
     assert "hold 1" in err and column in err
+
+
+def test_a_signing_key_that_is_a_device_is_refused_as_not_a_key(audit_db, customers_rule, tmp_path):
+    (tmp_path / "key.pem").symlink_to("/dev/zero")
+    done = _cli("erase", "run", "--rules", str(customers_rule), cwd=tmp_path,
+                RETENTION_SIGNING_KEY=str(tmp_path / "key.pem"))
+    assert done.returncode == 2, done.stderr
+    assert "not a regular file" in done.stderr and "chmod" not in done.stderr

@@ -82,6 +82,9 @@ def _read_private(path: Path) -> bytes:
     """
     with path.open("rb") as handle:
         mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):  # /dev/zero, a FIFO: not a key, and no chmod would make it one
+            raise ConfigError(f"signing key {path} is not a regular file; point {SIGNING_KEY_ENV} at the PEM "
+                              "`retention keygen` wrote")
         if os.name == "posix" and mode & 0o077:
             raise ConfigError(
                 f"signing key {path} is accessible to others (mode {stat.S_IMODE(mode):04o}): anyone who can "

@@ -372,3 +372,13 @@ def test_a_signing_key_that_is_a_device_is_refused_as_not_a_key(audit_db, custom
                 RETENTION_SIGNING_KEY=str(tmp_path / "key.pem"))
     assert done.returncode == 2, done.stderr
     assert "not a regular file" in done.stderr and "chmod" not in done.stderr
+
+
+@pytest.mark.parametrize("run_id", ["run\x1b[2J", "run\n1", " run-1"])
+def test_a_run_id_with_control_characters_is_refused_before_anything_is_touched(
+        audit_db, keys, customers_rule, sqlite_db, capsys, run_id):
+    assert main(["run", "--rules", str(customers_rule), "--run-id", run_id]) == 2
+    assert "--run-id" in capsys.readouterr().err
+    assert sqlite_db.scalar("SELECT count(*) FROM customers") == 1
+    assert main(["certificates", "--json"]) == 0
+    assert capsys.readouterr().out == ""

@@ -382,3 +382,15 @@ def test_a_run_id_with_control_characters_is_refused_before_anything_is_touched(
     assert sqlite_db.scalar("SELECT count(*) FROM customers") == 1
     assert main(["certificates", "--json"]) == 0
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("command", [["certificates", "--seq", "99999999999999999999"],
+                                     ["certificates", "--limit", "99999999999999999999"],
+                                     ["certificates", "--seq", "0"],
+                                     ["hold", "release", "99999999999999999999999", "--reason", "r"],
+                                     ["restore", "--seq", "99999999999999999999", "--into", "crm_db"]])
+def test_numbers_past_64_bits_are_usage_errors(audit_db, capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    assert exit_.value.code == 2
+    assert "whole number" in capsys.readouterr().err

@@ -45,11 +45,16 @@ def instant_argument(text: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-def count_argument(text: str) -> int:
-    """A whole number from 0, as a command-line argument."""
-    if not (text.isascii() and text.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0")
+def count_argument(text: str, *, least: int = 0) -> int:
+    """A whole number from ``least`` that a database's 64-bit integer holds, as a command-line argument."""
+    if not (text.isascii() and text.isdigit()) or not least <= int(text) < 2**63:
+        raise argparse.ArgumentTypeError(f"{text[:30]!r} is not a whole number from {least} to 2^63-1")
     return int(text)
+
+
+def id_argument(text: str) -> int:
+    """A seq or hold id: a whole number from 1 (SQLite raises OverflowError past 64 bits)."""
+    return count_argument(text, least=1)
 
 
 def _day(text: str) -> date:

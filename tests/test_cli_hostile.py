@@ -394,3 +394,13 @@ def test_numbers_past_64_bits_are_usage_errors(audit_db, capsys, command):
         main(command)
     assert exit_.value.code == 2
     assert "whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("instant", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+@pytest.mark.parametrize("command", [["plan", "--as-of"], ["run", "--as-of"], ["certificates", "--since"],
+                                     ["report", "--until", "2026-01-01", "--since"]])
+def test_an_instant_outside_the_calendar_in_utc_is_a_usage_error(tmp_path, capsys, instant, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, instant])
+    assert exit_.value.code == 2
+    assert instant in capsys.readouterr().err

@@ -42,7 +42,10 @@ def instant_argument(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or timestamp") from None
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset such as +02:00")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59-01:00 is in year 10000 in UTC
+        raise argparse.ArgumentTypeError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def count_argument(text: str, *, least: int = 0) -> int:

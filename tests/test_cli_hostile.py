@@ -404,3 +404,11 @@ def test_an_instant_outside_the_calendar_in_utc_is_a_usage_error(tmp_path, capsy
         main([*command, instant])
     assert exit_.value.code == 2
     assert instant in capsys.readouterr().err
+
+
+def test_a_request_reason_longer_than_its_column_is_refused_naming_it(audit_db, subjects_dir, capsys):
+    assert main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3",
+                 "--request", "DSR-1", "--reason", "r" * 201]) == 2
+    assert "reason is 201 characters; it may be at most 200" in capsys.readouterr().err
+    assert main(["erase", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

@@ -121,6 +121,11 @@ class ErasureRegistry:
             also = "" if taken == request_id else f" as {taken} (ids that differ only in case are one id)"
             raise ConfigError(f"request {request_id} is already filed{also}; give each request its own id")
         by = by or who()
+        for name, value in {"reason": reason, "subject_type": subject_type, "filed_by": by}.items():
+            limit = getattr(erasure_requests.c[name].type, "length", None)  # PostgreSQL and MariaDB refuse more, SQLite keeps it
+            if limit is not None and len(value) > limit:
+                raise ConfigError(f"the request's {name.replace('_', ' ')} is {len(value)} characters; "
+                                  f"it may be at most {limit}")
         now = utc_iso(self._clock())
         pairs = sorted(set(identities) | {(subject_type, subject_hmac)})
         values = {"request_id": request_id, "subject_type": subject_type, "subject_hmac": subject_hmac,

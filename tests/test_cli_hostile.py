@@ -412,3 +412,16 @@ def test_a_request_reason_longer_than_its_column_is_refused_naming_it(audit_db, 
     assert "reason is 201 characters; it may be at most 200" in capsys.readouterr().err
     assert main(["erase", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize("planted", ["dev-zero", "directory"])
+def test_a_checkpoint_directory_with_a_planted_entry_is_a_clear_error(erased, keys, tmp_path, planted):
+    store = tmp_path / "checkpoints"
+    store.mkdir()
+    if planted == "dev-zero":
+        (store / "000001.checkpoint").symlink_to("/dev/zero")
+    else:
+        (store / "000001.checkpoint").mkdir()
+    done = _cli("verify", "--public-key", str(keys[1]), "--checkpoint", str(store), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "000001.checkpoint" in done.stderr

@@ -425,3 +425,19 @@ def test_a_checkpoint_directory_with_a_planted_entry_is_a_clear_error(erased, ke
     done = _cli("verify", "--public-key", str(keys[1]), "--checkpoint", str(store), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "000001.checkpoint" in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--category", "--target"])
+def test_a_forced_hold_on_a_name_with_control_characters_is_refused(audit_db, tmp_path, capsys, flag):
+    names = {"--category": "orders", "--target": "orders"} | {flag: "ord\x1b[2Jers"}
+    assert main(["hold", "add", "--category", names["--category"], "--target", names["--target"], "--force",
+                 "--rules", str(tmp_path), "--case", "CASE-1", "--reason", "dispute"]) == 2
+    assert main(["hold", "list", "--all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_errors_show_control_characters_of_what_was_typed_escaped(audit_db, subjects_dir, capsys):
+    assert main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer\x1b[2J_id=3",
+                 "--request", "DSR-1"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "customer\\x1b[2J_id" in err

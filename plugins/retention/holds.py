@@ -128,6 +128,8 @@ class HoldRegistry:
         if not case_id.strip() or not reason.strip():
             raise ConfigError("a hold needs a case id and a reason")
         check_typed_text("case id", case_id, an_id=True)
+        check_typed_text("category", category)  # --force places a hold on names it cannot check, not on these
+        check_typed_text("target", target or "")
         check_typed_text("reason", reason)
         today = self.now().date()
         if until is not None and until < today:

@@ -73,5 +73,7 @@ def _now() -> datetime:
 
 def _err(message: str) -> None:
     from retention.connections import redact
+    from retention.interfaces.render import shown
 
-    print(redact(message), file=sys.stderr)
+    # What the operator typed comes back in messages: its control characters are shown, not obeyed.
+    print("\n".join(shown(line) for line in redact(message).split("\n")), file=sys.stderr)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import insert, select, update
 
 from retention.clock import utc_iso
-from retention.errors import ConfigError
+from retention.errors import ConfigError, TerminalError
 from retention.evidence.audit import erasure_request_events, erasure_requests
 from retention.evidence.receipt import identity_hmac
-from retention.identity import who
+from retention.identity import check_typed_text, who
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -114,9 +114,18 @@ class ErasureRegistry:
         """Record a new request, pending; ConfigError if its id is taken."""
         if not request_id.strip() or len(request_id) > 100:
             raise ConfigError("a request id is 1 to 100 characters, e.g. DSR-2026-0042")
-        if self.find_one(request_id) is not None:
-            raise ConfigError(f"request {request_id} is already filed; give each request its own id")
+        check_typed_text("request id", request_id, an_id=True)
+        check_typed_text("reason", reason)
+        taken = self._filed_as(request_id)
+        if taken is not None:
+            also = "" if taken == request_id else f" as {taken} (ids that differ only in case are one id)"
+            raise ConfigError(f"request {request_id} is already filed{also}; give each request its own id")
         by = by or who()
+        for name, value in {"reason": reason, "subject_type": subject_type, "filed_by": by}.items():
+            limit = getattr(erasure_requests.c[name].type, "length", None)  # PostgreSQL and MariaDB refuse more, SQLite keeps it
+            if limit is not None and len(value) > limit:
+                raise ConfigError(f"the request's {name.replace('_', ' ')} is {len(value)} characters; "
+                                  f"it may be at most {limit}")
         now = utc_iso(self._clock())
         pairs = sorted(set(identities) | {(subject_type, subject_hmac)})
         values = {"request_id": request_id, "subject_type": subject_type, "subject_hmac": subject_hmac,
@@ -152,10 +161,18 @@ class ErasureRegistry:
         return self.get(request_id)
 
     def find_one(self, request_id: str) -> ErasureRequest | None:
-        """The request with this id, or None."""
+        """The request with exactly this id, or None (MariaDB's collation would match 'dsr-1' to 'DSR-1')."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(erasure_requests).where(erasure_requests.c.request_id == request_id)).mappings().first()
+            rows = conn.execute(select(erasure_requests).where(erasure_requests.c.request_id == request_id)).mappings()
+            row = next((r for r in rows if r["request_id"] == request_id), None)
         return _request(row) if row is not None else None
+
+    def _filed_as(self, request_id: str) -> str | None:
+        """The id of a filed request that is ``request_id`` but for case, or None: one id on every backend."""
+        wanted = request_id.casefold()
+        with self.engine.connect() as conn:
+            return next((filed for filed in conn.execute(select(erasure_requests.c.request_id)).scalars()
+                         if filed.casefold() == wanted), None)
 
     def get(self, request_id: str) -> ErasureRequest:
         """The request with this id; ConfigError when there is none."""
@@ -192,10 +209,23 @@ class ErasureRegistry:
 
 
 def _request(row: Any) -> ErasureRequest:
+    """The row as a request; TerminalError naming it and the column when it was edited past reading."""
+    column = "identities"
+    try:
+        identities = tuple((str(kind), str(digest)) for kind, digest in json.loads(row["identities"]))
+        column = "due"
+        due = date.fromisoformat(row["due"])
+        column = "state"
+        if row["state"] not in STATES:
+            raise ValueError(row["state"])
+    except (TypeError, ValueError):  # JSONDecodeError is a ValueError; a wrong shape fails to unpack
+        raise TerminalError(f"erasure request {row['request_id']!r} in the audit database is unreadable: its {column} "
+                            f"is not what retention writes (edited outside it?); `retention verify` and the request's "
+                            "history say more") from None
     return ErasureRequest(
         request_id=row["request_id"], subject_type=row["subject_type"], subject_hmac=row["subject_hmac"],
-        identities=tuple((kind, digest) for kind, digest in json.loads(row["identities"])),
+        identities=identities,
         key_id=row["key_id"], reason=row["reason"], received_at=row["received_at"],
-        due=date.fromisoformat(row["due"]), filed_by=row["filed_by"], state=row["state"],
+        due=due, filed_by=row["filed_by"], state=row["state"],
         updated_at=row["updated_at"], certificate_seq=row["certificate_seq"],
     )

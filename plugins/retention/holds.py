@@ -20,6 +20,7 @@ row and shows the near matches.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -27,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import insert, or_, select, update
 
 from retention.clock import utc_iso
-from retention.errors import ConfigError
+from retention.errors import ConfigError, TerminalError
 from retention.evidence.audit import legal_hold_events, legal_holds, purge_certificates, purge_runs
-from retention.identity import who
+from retention.identity import check_typed_text, who
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -97,6 +98,10 @@ def check_match(match: Any) -> None:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"--match {column!r}: give a string, a number, true/false or null, "
                               f"not {json.dumps(value)} (a hold compares values exactly)")
+        if (isinstance(value, float) and not math.isfinite(value)) or (
+                isinstance(value, int) and not -(2**63) <= value < 2**63):
+            raise ConfigError(f"--match {column!r}: {json.dumps(value)[:40]} is a number no database column holds "
+                              "(integers are 64-bit, numbers finite)")
 
 
 
@@ -122,6 +127,10 @@ class HoldRegistry:
         check_match(match)
         if not case_id.strip() or not reason.strip():
             raise ConfigError("a hold needs a case id and a reason")
+        check_typed_text("case id", case_id, an_id=True)
+        check_typed_text("category", category)  # --force places a hold on names it cannot check, not on these
+        check_typed_text("target", target or "")
+        check_typed_text("reason", reason)
         today = self.now().date()
         if until is not None and until < today:
             raise ConfigError(f"--until {until} is in the past (today is {today} UTC): such a hold would protect "
@@ -150,6 +159,7 @@ class HoldRegistry:
             raise ConfigError(f"hold {hold_id} was already released at {hold.released_at} by {hold.released_by}")
         if not reason.strip():
             raise ConfigError("a release needs a reason")
+        check_typed_text("reason", reason)
         by = by or who()
         _check_lengths({"released by": by})
         now = utc_iso(self._clock())
@@ -215,11 +225,23 @@ class HoldRegistry:
 
 
 def _hold(row) -> Hold:
+    """The row as a hold; TerminalError naming it and the column when it was edited past reading
+    (runs then stop: a hold that cannot be read protects what it may)."""
+    column = "match"
+    try:
+        match = json.loads(row["match"]) if row["match"] else None
+        if match is not None and not isinstance(match, dict):
+            raise ValueError(match)
+        column = "until"
+        until = date.fromisoformat(row["until"]) if row["until"] else None
+    except ValueError:
+        raise TerminalError(f"hold {row['id']} in the audit database is unreadable: its {column} is not what "
+                            "retention writes (edited outside it?); no run can honour it until it is repaired") from None
     return Hold(
         id=row["id"], category=row["category"], target=row["target"],
-        match=json.loads(row["match"]) if row["match"] else None, prefix=row["prefix"],
+        match=match, prefix=row["prefix"],
         case_id=row["case_id"], reason=row["reason"],
-        until=date.fromisoformat(row["until"]) if row["until"] else None,
+        until=until,
         placed_at=row["placed_at"], placed_by=row["placed_by"], released_at=row["released_at"],
         released_by=row["released_by"], release_reason=row["release_reason"],
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
@@ -275,6 +277,8 @@ def manifest_bytes(location: str, s3_client_for: Callable[[], Any]) -> bytes:
         return body
     try:
         with open(location, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # /dev/zero would be read until memory ends
+                raise ConfigError(f"cannot read manifest {location}: not a regular file")
             return handle.read()
     except OSError as exc:
         raise ConfigError(f"cannot read manifest {location}: {exc.strerror}") from None

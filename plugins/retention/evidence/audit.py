@@ -64,6 +64,7 @@ class _MySQLVariant(TypeDecorator[Any]):
 class _Timestamp(_MySQLVariant):
     """A timestamp with its zone; on MariaDB/MySQL ``DATETIME(6)`` (microseconds kept)."""
 
+    cache_ok = True  # read from each class's own __dict__, not inherited: without it every query warns on stderr
     impl = DateTime(timezone=True)
     cache_ok = True
     mysql_type = "DATETIME"
@@ -72,6 +73,7 @@ class _Timestamp(_MySQLVariant):
 class _LongText(_MySQLVariant):
     """Text; on MariaDB/MySQL ``LONGTEXT`` (``TEXT`` holds only 64 KiB)."""
 
+    cache_ok = True
     impl = Text
     cache_ok = True
     mysql_type = "LONGTEXT"

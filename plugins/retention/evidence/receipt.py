@@ -83,7 +83,7 @@ def check_receipt(receipt: Any, public_key: Ed25519PublicKey, *, identity: tuple
     """Check a receipt against a public key (and, given both, an identity and the hash key)."""
     check = ReceiptCheck()
     certificate = receipt.get("certificate") if isinstance(receipt, dict) else None
-    if receipt.get("type") != RECEIPT_TYPE or not isinstance(certificate, dict):
+    if not isinstance(certificate, dict) or receipt.get("type") != RECEIPT_TYPE:
         check.problems.append("not an erasure receipt")
         return check
     body = str(certificate.get("payload", "")).encode("utf-8")
@@ -102,6 +102,9 @@ def check_receipt(receipt: Any, public_key: Ed25519PublicKey, *, identity: tuple
     except ValueError:
         check.problems.append("the payload is not JSON")
         return check
+    if not isinstance(payload, dict):
+        check.problems.append("the payload is not a JSON object")
+        return check
     check.payload = payload
     if rfc8785.dumps(payload) != body:
         check.problems.append("the payload is not in RFC 8785 canonical form")
@@ -109,6 +112,7 @@ def check_receipt(receipt: Any, public_key: Ed25519PublicKey, *, identity: tuple
         check.problems.append("entry_hash is not the SHA-256 of the payload")
     if payload.get("type") != ERASURE_PAYLOAD_TYPE or payload.get("request") != receipt.get("request"):
         check.problems.append("the signed payload is not the erasure certificate of this receipt's request")
+    check.problems.extend(_unsigned_contradictions(receipt, certificate, payload))
     if identity is not None and hash_key is not None:
         kind, value = identity
         subject = payload.get("subject") or {}
@@ -117,3 +121,10 @@ def check_receipt(receipt: Any, public_key: Ed25519PublicKey, *, identity: tuple
                 str(subject.get("hmac", "")), identity_hmac(hash_key, kind, value)):
             check.problems.append(f"the certificate's subject is not {kind} {value!r} under this hash key")
     return check
+
+
+def _unsigned_contradictions(receipt: dict[str, Any], certificate: dict[str, Any], payload: dict[str, Any]) -> list[str]:
+    """The receipt's unsigned copies of signed fields that say otherwise: a reader trusts them at a glance."""
+    copies = {"status": receipt.get("status"), "seq": certificate.get("seq"), "prev_hash": certificate.get("prev_hash")}
+    return [f"the receipt says {name} {value!r}, but the signed payload says {payload.get(name)!r}"
+            for name, value in copies.items() if value != payload.get(name)]

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from retention.errors import ConfigError
 
 SIGNING_KEY_ENV = "RETENTION_SIGNING_KEY"
+PUBLIC_KEY_LIMIT, KEYRING_LIMIT = 64 << 10, 4 << 20
+"""The most a PEM public key or a keyring file may hold: a file past it is not one (or /dev/zero)."""
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -80,6 +82,9 @@ def _read_private(path: Path) -> bytes:
     """
     with path.open("rb") as handle:
         mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):  # /dev/zero, a FIFO: not a key, and no chmod would make it one
+            raise ConfigError(f"signing key {path} is not a regular file; point {SIGNING_KEY_ENV} at the PEM "
+                              "`retention keygen` wrote")
         if os.name == "posix" and mode & 0o077:
             raise ConfigError(
                 f"signing key {path} is accessible to others (mode {stat.S_IMODE(mode):04o}): anyone who can "
@@ -111,10 +116,8 @@ class PublicKeys:
         """
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise ConfigError(f"keyring {path} does not exist") from None
-        except (OSError, UnicodeDecodeError):
+            text = read_local_file(path, what="keyring", limit=KEYRING_LIMIT).decode("utf-8-sig")
+        except UnicodeDecodeError:
             raise ConfigError(f"keyring {path} cannot be read as UTF-8 text") from None
         keys: dict[str, Ed25519PublicKey] = {}
         ranges: dict[str, tuple[int, int | None]] = {}
@@ -157,9 +160,7 @@ class PublicKeys:
         keys: dict[str, Ed25519PublicKey] = {}
         for path in paths:
             try:
-                key = serialization.load_pem_public_key(Path(path).read_bytes())
-            except FileNotFoundError:
-                raise ConfigError(f"public key {path} does not exist") from None
+                key = serialization.load_pem_public_key(read_local_file(path, what="public key", limit=PUBLIC_KEY_LIMIT))
             except ValueError as exc:
                 raise ConfigError(f"public key {path} is not a PEM public key: {exc}") from None
             if not isinstance(key, Ed25519PublicKey):
@@ -186,6 +187,24 @@ class PublicKeys:
             key.verify(signature, data)
         except (InvalidSignature, ValueError):
             raise SignatureRejected("signature does not match the payload (payload edited or signature forged)") from None
+
+
+def read_local_file(path: str | Path, *, what: str, limit: int) -> bytes:
+    """The bytes of a file an operator names, read no further than ``limit``; ConfigError naming
+    it when it is missing, a directory, unreadable or larger (a symlink to /dev/zero ends there)."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(limit + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory; give the file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit >> 10} KiB, more than any {what} holds; "
+                          "check the path")
+    return data
 
 
 def keyring_line(public_key: Ed25519PublicKey, first: str = "FIRST_SEQ") -> str:

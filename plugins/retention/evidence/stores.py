@@ -25,9 +25,11 @@ from retention.aws import TRANSIENT_CODES, s3_error_code
 from retention.errors import ConfigError, TransientError
 from retention.evidence.checkpoints import CHECKPOINTS_ENV, SUFFIX, CheckpointError, log_identity
 from retention.evidence.notes import note_text
+from retention.evidence.signing import read_local_file
 
 CHECKPOINTS_CONN_ENV = "RETENTION_CHECKPOINTS_CONN"
 STALE_TEMP_S = 600  # a checkpoint's temporary file older than this was left by a killed writer
+CHECKPOINT_LIMIT = 64 << 10  # a signed note is a few hundred bytes; past this a file is not one
 READERS = 8  # parallel GETs when reading checkpoints from S3 (boto3's default pool holds 10)
 
 
@@ -78,7 +80,7 @@ class DirectoryStore:
 
     def put(self, name: str, note: bytes) -> None:
         """Create ``name`` in the directory; CheckpointError if it holds a different checkpoint."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_writable()
         self._sweep()
         target = self.path / name
         # Written whole to a temporary file, then linked into place: link never replaces,
@@ -117,12 +119,12 @@ class DirectoryStore:
     def notes(self) -> Iterator[tuple[str, bytes]]:
         """Every ``*.checkpoint`` in the directory by name, or the one file the location names."""
         if self.path.is_file():
-            yield str(self.path), self.path.read_bytes()
+            yield str(self.path), read_local_file(self.path, what="checkpoint", limit=CHECKPOINT_LIMIT)
             return
         if not self.path.is_dir():
             raise ConfigError(f"checkpoints: {self.path} is neither a file nor a directory")
-        for path in sorted(self.path.glob(f"*{SUFFIX}")):
-            yield str(path), path.read_bytes()
+        for path in sorted(self.path.glob(f"*{SUFFIX}")):  # an entry planted there (/dev/zero, a directory) is named
+            yield str(path), read_local_file(path, what="checkpoint", limit=CHECKPOINT_LIMIT)
 
 
 class S3Store:

@@ -10,7 +10,7 @@ from retention.evidence.payload import ERASURE_PAYLOAD_TYPE
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[int] = ()) -> str:
     """An aligned plain-text table; columns listed in ``right`` are right-aligned."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [["" if c is None else shown(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for number, row in enumerate(cells):
@@ -21,6 +21,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Se
         if number == 0:
             lines.append("  ".join("─" * w for w in widths))
     return "\n".join(lines)
+
+
+def shown(text: str) -> str:
+    """``text`` with control and invisible characters escaped (``\\x1b``): a value read from the audit
+    database must not move the terminal's cursor, clear it or start a new line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
 
 
 def count(n: int | None, unit: str = "record") -> str:

@@ -266,8 +266,10 @@ def file_erasure_request(registry: ErasureRegistry, subjects: SubjectsFile, *, s
     identity_type, sep, value = subject.partition("=")
     if not sep or not value.strip() or not identity_type.strip():
         raise ConfigError("a subject is TYPE=VALUE, e.g. email=ana@example.com")
-    identities = resolve_identities(subjects, identity_type.strip(), value, targets, key)
     received = registry.today()
+    if not reason.strip():
+        raise ConfigError("a request needs a reason, e.g. --reason consent-withdrawn")
+    identities = resolve_identities(subjects, identity_type.strip(), value, targets, key)
     within = subjects.config.due_within
     if due is None:
         import pendulum

@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from sqlalchemy.exc import SQLAlchemyError
 
         if isinstance(exc, SQLAlchemyError):
-            _err(f"database error: {getattr(exc, 'orig', exc)}")
+            _err("database error: " + " ".join(str(getattr(exc, "orig", exc)).split()))  # one line, as every error
+            return EXIT_FAILED
+        if type(exc).__module__.startswith("botocore."):  # S3 unreachable or refusing: no import of botocore here
+            _err(f"S3 error: {' '.join(str(exc).split())}")
             return EXIT_FAILED
         raise
 

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from retention.errors import ConfigError
-from retention.interfaces.cli.options import EXIT_FAILED, EXIT_OK, _err, audit_option
+from retention.interfaces.cli.options import EXIT_FAILED, EXIT_OK, _err, audit_option, id_argument
 from retention.interfaces.render import count, table
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("manifest", metavar="MANIFEST", nargs="?",
                      help="s3://bucket/key of a run's manifest.json, or a file (default with --seq: the one "
                           "its certificate records); only a manifest a certificate records is restored")
-    cmd.add_argument("--seq", type=int, metavar="N", help="the certificate that records the manifest "
+    cmd.add_argument("--seq", type=id_argument, metavar="N", help="the certificate that records the manifest "
                                                         "(default: the one holding its SHA-256)")
     audit_option(cmd)
     cmd.add_argument("--public-key", action="append", default=[], metavar="PEM",

@@ -7,9 +7,12 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from retention.errors import ConfigError
+from retention.errors import ConfigError, RetentionError
 from retention.interfaces.cli.options import DEFAULT_RULES_DIR, EXIT_FAILED, EXIT_OK, _day, _err, audit_option
 from retention.interfaces.render import table
+
+RECEIPT_LIMIT, HASH_KEY_LIMIT = 16 << 20, 64 << 10
+"""The most a receipt (one certificate and its signature) or a hash key file holds: past it, refused unread."""
 
 if TYPE_CHECKING:
     from retention.erasure_requests import ErasureRegistry
@@ -208,11 +211,21 @@ def cmd_erase_receipt(args: argparse.Namespace) -> int:
     if request.certificate_seq is None:
         raise ConfigError(f"request {request.request_id} is {request.state}: it has no certificate yet "
                           f"(`retention erase run {request.request_id}`)")
-    certificate = next(read_certificates(registry.engine, seq=request.certificate_seq))
-    text = json.dumps(build_receipt(certificate), indent=2, sort_keys=True) + "\n"
+    certificate = next(read_certificates(registry.engine, seq=request.certificate_seq), None)
+    try:
+        if certificate is None or certificate.problem is not None:
+            raise ValueError(f"certificate {request.certificate_seq} is "
+                             + ("missing" if certificate is None else f"unreadable: {certificate.problem}"))
+        text = json.dumps(build_receipt(certificate), indent=2, sort_keys=True) + "\n"
+    except ValueError as exc:  # the audit database was edited: no receipt vouches for what it holds now
+        raise RetentionError(f"request {request.request_id}: {exc}; run `retention verify`") from None
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        try:
+            with open(args.out, "w", encoding="utf-8") as stream:
+                stream.write(text)
+        except OSError as exc:
+            raise ConfigError(f"--out {args.out}: cannot write ({exc.strerror or type(exc).__name__}); "
+                              "choose a writable path") from None
         print(f"wrote the receipt of {request.request_id} (certificate {certificate.seq}) to {args.out}")
     else:
         print(text, end="")
@@ -220,27 +233,17 @@ def cmd_erase_receipt(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_receipt(args: argparse.Namespace) -> int:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     from retention.evidence.receipt import check_receipt
+    from retention.evidence.signing import PublicKeys, read_local_file
 
-    try:
-        with open(args.file, encoding="utf-8") as stream:
-            receipt = json.load(stream)
-        with open(args.public_key, "rb") as stream:
-            public_key = serialization.load_pem_public_key(stream.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the receipt or the public key: {exc}") from None
-    if not isinstance(public_key, Ed25519PublicKey):
-        raise ConfigError(f"{args.public_key} is not an Ed25519 public key")
+    receipt = _read_receipt(args.file)
+    public_key = next(iter(PublicKeys.from_pem_files([args.public_key]).by_id.values()))
     identity, hash_key = None, None
     if args.identity:
         kind, sep, value = args.identity.partition("=")
         if not sep or not args.hash_key_file:
             raise ConfigError("--identity takes TYPE=VALUE and needs --hash-key-file")
-        with open(args.hash_key_file, "rb") as stream:
-            hash_key = stream.read().rstrip(b"\r\n")
+        hash_key = read_local_file(args.hash_key_file, what="--hash-key-file", limit=HASH_KEY_LIMIT).rstrip(b"\r\n")
         identity = (kind.strip(), value)
     check = check_receipt(receipt, public_key, identity=identity, hash_key=hash_key)
     if not check.ok:
@@ -253,6 +256,22 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
     for entry in payload["targets"]:
         print(f"  {entry['name']:<32} {_outcome_text(entry)}")
     return EXIT_OK
+
+
+def _read_receipt(path: str):
+    """The receipt at ``path`` as JSON; ConfigError naming the file (and the line) when it is not one."""
+    from retention.evidence.signing import read_local_file
+
+    data = read_local_file(path, what="receipt", limit=RECEIPT_LIMIT)
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"receipt {path}: not UTF-8 text; give the JSON `retention erase receipt` wrote") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"receipt {path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno}); give the JSON "
+                          "`retention erase receipt` wrote") from None
+    except RecursionError:
+        raise ConfigError(f"receipt {path}: nested too deeply to be a receipt") from None
 
 
 def warn_erased_after_restore(engine, category: str, rules_dir: str | None = None) -> None:

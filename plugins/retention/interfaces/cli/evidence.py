@@ -7,7 +7,15 @@ import json
 import os
 
 from retention.errors import ConfigError
-from retention.interfaces.cli.options import EXIT_FAILED, EXIT_OK, _err, audit_option, instant_argument
+from retention.interfaces.cli.options import (
+    EXIT_FAILED,
+    EXIT_OK,
+    _err,
+    audit_option,
+    count_argument,
+    id_argument,
+    instant_argument,
+)
 from retention.interfaces.render import count, describe_certificate, moment, size, table
 
 
@@ -16,10 +24,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     cmd = commands.add_parser("certificates", help="list purge certificates")
     audit_option(cmd)
     cmd.add_argument("--category")
-    cmd.add_argument("--limit", type=int, help="newest N (default 50, or all with --since/--until; 0 for all)")
+    cmd.add_argument("--limit", type=count_argument, help="newest N (default 50, or all with --since/--until; 0 for all)")
     cmd.add_argument("--since", type=instant_argument, metavar="T", help="issued at or after T (a date, or a timestamp with zone)")
     cmd.add_argument("--until", type=instant_argument, metavar="T", help="issued before T")
-    cmd.add_argument("--seq", type=int, metavar="N", help="show certificate N in full: its targets, tables, "
+    cmd.add_argument("--seq", type=id_argument, metavar="N", help="show certificate N in full: its targets, tables, "
                                                         "holds, approval and archive manifest")
     cmd.add_argument("--json", action="store_true", help="print the payloads as JSON lines")
     cmd.set_defaults(handler=cmd_certificates)
@@ -64,6 +72,9 @@ def cmd_certificates(args: argparse.Namespace) -> int:
     from retention.evidence.audit import open_audit
     from retention.evidence.chain import read_certificates
 
+    if args.since and args.until and args.until <= args.since:
+        raise ConfigError(f"--until {args.until.isoformat()} is not after --since {args.since.isoformat()}: "
+                          "no certificate can be issued in between")
     engine = open_audit(from_environment, args.audit)
     if args.seq is not None:
         certificate = next((c for c in read_certificates(engine, seq=args.seq)), None)

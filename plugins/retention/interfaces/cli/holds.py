@@ -7,7 +7,7 @@ import json
 import os
 
 from retention.errors import ConfigError, RuleError
-from retention.interfaces.cli.options import DEFAULT_RULES_DIR, EXIT_OK, _day, _err, audit_option
+from retention.interfaces.cli.options import DEFAULT_RULES_DIR, EXIT_OK, _day, _err, audit_option, id_argument
 from retention.interfaces.render import count, table
 
 
@@ -39,7 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=cmd_hold_list)
     release = holds.add_parser("release", help="release a hold (recorded; the next run purges its records)")
     audit_option(release)
-    release.add_argument("id", type=int)
+    release.add_argument("id", type=id_argument)
     release.add_argument("--reason", required=True, metavar="TEXT")
     release.set_defaults(handler=cmd_hold_release)
 

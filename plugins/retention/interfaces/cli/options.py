@@ -42,7 +42,22 @@ def instant_argument(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or timestamp") from None
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset such as +02:00")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59-01:00 is in year 10000 in UTC
+        raise argparse.ArgumentTypeError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
+
+
+def count_argument(text: str, *, least: int = 0) -> int:
+    """A whole number from ``least`` that a database's 64-bit integer holds, as a command-line argument."""
+    if not (text.isascii() and text.isdigit()) or not least <= int(text) < 2**63:
+        raise argparse.ArgumentTypeError(f"{text[:30]!r} is not a whole number from {least} to 2^63-1")
+    return int(text)
+
+
+def id_argument(text: str) -> int:
+    """A seq or hold id: a whole number from 1 (SQLite raises OverflowError past 64 bits)."""
+    return count_argument(text, least=1)
 
 
 def _day(text: str) -> date:
@@ -58,5 +73,7 @@ def _now() -> datetime:
 
 def _err(message: str) -> None:
     from retention.connections import redact
+    from retention.interfaces.render import shown
 
-    print(redact(message), file=sys.stderr)
+    # What the operator typed comes back in messages: its control characters are shown, not obeyed.
+    print("\n".join(shown(line) for line in redact(message).split("\n")), file=sys.stderr)

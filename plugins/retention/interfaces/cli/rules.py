@@ -124,6 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("Dry run: nothing was changed and no certificate was written.")
         return EXIT_OK
     check_as_of(as_of, _now())  # Runner.start checks too; this stops before the signer and the audit database
+    if args.run_id is not None:  # it is printed, listed and signed: it must read as it is
+        from retention.identity import check_typed_text
+
+        check_typed_text("--run-id", args.run_id, an_id=True)
     signer = Signer.from_environment()  # before anything is touched: an uncertifiable run must not start
     base_id = args.run_id or f"cli__{as_of.strftime('%Y%m%dT%H%M%SZ')}__{uuid.uuid4().hex[:8]}"
     certificates, errors = [], 0

@@ -44,7 +44,6 @@ DEFAULT_AUDIT_CONNECTION = "retention_audit"
 metadata = MetaData()
 
 
-
 class _MySQLVariant(TypeDecorator[Any]):
     """A generic type that is a MySQL-specific one on MariaDB/MySQL, imported only there:
     ``sqlalchemy.dialects.mysql`` costs a PostgreSQL or SQLite command ~40 ms of start-up."""
@@ -66,7 +65,6 @@ class _Timestamp(_MySQLVariant):
 
     cache_ok = True  # read from each class's own __dict__, not inherited: without it every query warns on stderr
     impl = DateTime(timezone=True)
-    cache_ok = True
     mysql_type = "DATETIME"
 
 
@@ -75,7 +73,6 @@ class _LongText(_MySQLVariant):
 
     cache_ok = True
     impl = Text
-    cache_ok = True
     mysql_type = "LONGTEXT"
 
 

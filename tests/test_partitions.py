@@ -229,8 +229,16 @@ CRASHES = [("postgresql", point) for point in ("sql.partition_pending=1", "sql.p
 @pytest.mark.parametrize(("shop", "point"), CRASHES, indirect=["shop"])
 def test_a_crash_during_a_drop_settles_on_the_next_run(shop, tmp_path, point):
     db, rows = shop
-    rules_dir = _rule(tmp_path).path.parent
+    certificates = killed_then_finished(db, rows, _rule(tmp_path).path.parent, point, tmp_path)
+    dropped = {**certificates["killed"]["targets"][0].get("partitions", {}),
+               **certificates["next"]["targets"][0].get("partitions", {})}
+    assert dropped == {_name(db.backend, m): len(DAYS) * len(CUSTOMERS) for m in OLD_MONTHS}
 
+
+def killed_then_finished(db, rows, rules_dir, point: str, tmp_path) -> dict[str, dict]:
+    """A run killed at ``point``, then the next one: every expired row gone (the old months'
+    partitions with them, no detached table left), every other row there, and the two
+    certificates' deletions adding up to the expired rows exactly. Their payloads by run id."""
     killed = _cli_run(rules_dir, "killed", point)
     assert killed.returncode == -9, killed.stderr
     finished = _cli_run(rules_dir, "next")
@@ -244,9 +252,7 @@ def test_a_crash_during_a_drop_settles_on_the_next_run(shop, tmp_path, point):
     certificates = {c.run_id: c.data for c in read_certificates(open_audit(from_environment))}
     deleted = [certificates[run]["targets"][0]["deleted"] for run in ("killed", "next")]
     assert sum(deleted) == len(expired)  # nothing lost, nothing counted twice
-    dropped = {**certificates["killed"]["targets"][0].get("partitions", {}),
-               **certificates["next"]["targets"][0].get("partitions", {})}
-    assert dropped == {_name(db.backend, m): len(DAYS) * len(CUSTOMERS) for m in OLD_MONTHS}
+    return certificates
 
 
 def pg_tables(db) -> set[str]:

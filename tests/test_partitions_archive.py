@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 import uuid
 
 import boto3
@@ -19,7 +16,6 @@ from moto import mock_aws
 
 from retention.connections import from_environment
 from retention.evidence.audit import open_audit, purge_batches
-from retention.evidence.chain import read_certificates
 from retention.holds import HoldRegistry
 from retention.interfaces.cli import main
 from retention.rules.loader import load_rule_file
@@ -34,7 +30,7 @@ from test_partitions import (
     _fill,
     _name,
     _partitions,
-    pg_tables,
+    killed_then_finished,
 )
 
 from conftest import connect, write_rule
@@ -165,15 +161,6 @@ def test_a_hold_inside_an_old_partition_keeps_that_partition_to_batches(shop, aw
     assert sorted(i for obj in _archived(aws, ARCHIVE, certificate.data) for i in obj["ids"]) == sorted(expired)
 
 
-def _cli_run(rules_dir, run_id: str, point: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if point:
-        env["RETENTION_FAILPOINTS"] = f"{point}:kill"
-    return subprocess.run(
-        [sys.executable, "-m", "retention.interfaces.cli", "run", "--rules", str(rules_dir), "--as-of",
-         AS_OF.isoformat(), "--run-id", run_id], capture_output=True, text=True, env=env)
-
-
 # After the second object of a partition, after its objects verified (before the drop), between
 # PostgreSQL's detach and drop (one transaction), and after the drop before the journal knew.
 CRASHES = [(backend, point) for backend in ("postgresql", "mariadb", "mariadb-to_days")
@@ -186,20 +173,8 @@ def test_a_crash_between_upload_and_drop_settles_on_the_next_run(shop, aws_serve
     db, rows, _scheme = shop
     bucket = f"partarchive-{uuid.uuid4().hex[:12]}"  # the moto server is shared by the session
     aws_server.create_bucket(Bucket=bucket)
-    rules_dir = _rule(tmp_path, bucket).path.parent
-
-    killed = _cli_run(rules_dir, "killed", point)
-    assert killed.returncode == -9, killed.stderr
-    finished = _cli_run(rules_dir, "next")
-    assert finished.returncode == 0, finished.stderr
-
+    certificates = killed_then_finished(db, rows, _rule(tmp_path, bucket).path.parent, point, tmp_path)
     expired = _expired(rows)
-    assert ids(db, "events") == set(rows) - expired
-    assert not {_name(db.backend, m) for m in OLD_MONTHS} & _partitions(db, tmp_path)
-    if db.backend == "postgresql":  # no detached table is left behind
-        assert pg_tables(db) == {"events_2024_06", "events_2024_07", "events_2024_08", "events_later"}
-    certificates = {c.run_id: c.data for c in read_certificates(open_audit(from_environment))}
-    assert sum(certificates[run]["targets"][0]["deleted"] for run in ("killed", "next")) == len(expired)
     archived, keys = [], set()
     for run in ("killed", "next"):
         for obj in _archived(aws_server, bucket, certificates[run]):

@@ -441,3 +441,16 @@ def test_errors_show_control_characters_of_what_was_typed_escaped(audit_db, subj
                  "--request", "DSR-1"]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "customer\\x1b[2J_id" in err
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    # `retention … | head` closes the pipe before the command has written: the command stops
+    # quietly (non-zero: its output was not all delivered), as other Unix tools do.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "plugins")}
+    child = subprocess.Popen([sys.executable, "-m", "retention.interfaces.cli", "schema"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    stderr = child.stderr.read().decode()
+    assert child.wait() != 0
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from types import ModuleType
 
@@ -41,6 +42,18 @@ log = logging.getLogger("retention")
 __all__ = ["COMMAND_GROUPS", "main"]
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _fd, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or no poll here
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``retention`` console script."""
     parser = build_parser(command_groups(sys.argv[1:] if argv is None else argv))
@@ -63,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _err(f"configuration: {exc}")
         return EXIT_INVALID
+    except BrokenPipeError as exc:
+        if not _stdout_gone():  # a connection closed under a write: say so, in one line
+            _err(f"error: a connection was closed while writing to it ({exc.strerror})")
+            return EXIT_FAILED
+        # Whoever read the output went away (`retention ... | head`): stop quietly, and keep
+        # the interpreter's final flush of stdout from failing the same way.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except RetentionError as exc:
         _err(f"error: {exc}")
         return EXIT_FAILED

@@ -235,6 +235,21 @@ def test_item01_init_steps_migrate_create_pools_keys_schema_and_buckets(compose)
     assert re.search(rf"mc retention set --default COMPLIANCE \d+d local/{bucket}$", buckets, re.M)
 
 
+def test_item01_the_init_steps_python_imports_what_the_package_has(compose):
+    # The init step's inline Python ran `from retention.audit import ensure_schema` after the
+    # package moved the audit schema to retention.evidence.audit: every deployment's first
+    # start would have stopped there. Each of its imports must resolve in this package.
+    import importlib
+
+    script = "\n".join(compose["services"]["airflow-init"]["command"])
+    imports = re.findall(r"^\s*from (retention[\w.]*) import ([\w, ]+)$", script, re.M)
+    assert imports, "the init step imports nothing from retention any more: update this test"
+    for module, names in imports:
+        loaded = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(loaded, name), f"{module} has no {name}"
+
+
 def test_item01_demo_seed_creates_every_table_a_rule_names_where_its_connection_points(compose):
     from retention.rules.loader import scan_rules
 

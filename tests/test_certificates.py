@@ -373,6 +373,7 @@ def test_an_emptied_checkpoint_store_fails_verify(chain, keys, tmp_path, capsys)
 
 
 def test_before_the_first_certificate_an_empty_checkpoint_store_is_fine(audit_db, keys, tmp_path, capsys):
+    ensure_schema(audit_db.engine)  # a deployment's init step makes the audit tables before any run
     (tmp_path / "checkpoints").mkdir()
 
     code, output = verify(capsys, keys[1], tmp_path / "checkpoints")
@@ -458,3 +459,22 @@ def test_an_s3_checkpoint_is_written_once_and_never_replaced(aws_server, keys, t
 
     assert list(store.notes()) == [("s3://audit-checkpoints/retention/prod/000000000001.checkpoint",
                                     sign(head, signer))]
+
+
+@pytest.mark.parametrize("command", [["verify"], ["certificates"], ["checkpoint", "--to", "{dir}"]])
+def test_evidence_read_from_a_database_without_audit_tables_is_refused_and_nothing_is_created(
+        audit_db, keys, tmp_path, capsys, command):
+    # Pointed at the wrong database, `verify` said "no certificates to verify yet" (exit 0, a
+    # green for an auditor) and left ten empty audit tables there.
+    (tmp_path / "checkpoints").mkdir()
+    args = [a.replace("{dir}", str(tmp_path / "checkpoints")) for a in command]
+    if command[0] == "verify":
+        args += ["--public-key", str(keys[1])]
+    if command[0] == "checkpoint":
+        args += ["--public-key", str(keys[1])]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert "retention_audit" in captured.err and "no audit tables" in captured.err
+    assert "✓" not in captured.out
+    assert sa.inspect(audit_db.engine).get_table_names() == []

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
+    inspect,
     text,
 )
 from sqlalchemy.exc import DBAPIError
@@ -32,6 +33,7 @@ from sqlalchemy.types import TypeDecorator
 
 from retention import retry
 from retention.connections import ConnectionResolver, create_sql_engine
+from retention.errors import ConfigError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect, Engine
@@ -368,8 +370,19 @@ def _add_missing_columns(conn) -> None:
                 conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
 
 
-def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CONNECTION) -> Engine:
-    """An engine on the audit database, with the schema in place."""
+def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CONNECTION, *,
+               create: bool = True) -> Engine:
+    """An engine on the audit database, with the schema in place.
+
+    ``create=False`` (commands that only read the evidence): a database without any audit
+    table is refused rather than given empty ones, so that ``verify`` pointed at the wrong
+    database says so instead of "no certificates yet". (A deployment's init step, and any
+    run, hold or erasure request, create the tables.)
+    """
     engine = create_sql_engine(connections(conn_id))
+    if not create and not inspect(engine).has_table("purge_certificates"):
+        engine.dispose()
+        raise ConfigError(f"connection {conn_id} holds no audit tables: nothing was ever certified there. "
+                          "Is it the audit database? (a run, or the deployment's init step, creates them)")
     ensure_schema(engine)
     return engine

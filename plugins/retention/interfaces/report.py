@@ -190,7 +190,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except RuleError as exc:  # the report is about what happened; say what could not be read
         log.warning("rules not read (%s): categories show no legal basis", exc.problems[0] if exc.problems else exc)
         rules = []
-    engine = open_audit(from_environment, args.audit)
+    engine = open_audit(from_environment, args.audit, create=False)
     checkpoints = {}
     if args.checkpoint and keys is not None:  # without keys it was refused above
         stores = [open_store(w, s3_client_from_environment, args.checkpoint_connection) for w in args.checkpoint]

@@ -75,7 +75,7 @@ def cmd_certificates(args: argparse.Namespace) -> int:
     if args.since and args.until and args.until <= args.since:
         raise ConfigError(f"--until {args.until.isoformat()} is not after --since {args.since.isoformat()}: "
                           "no certificate can be issued in between")
-    engine = open_audit(from_environment, args.audit)
+    engine = open_audit(from_environment, args.audit, create=False)
     if args.seq is not None:
         certificate = next((c for c in read_certificates(engine, seq=args.seq)), None)
         if certificate is None:
@@ -157,7 +157,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from retention.interfaces.verification import verify_everything
 
     keys = _trusted_keys(args)
-    engine = open_audit(from_environment, args.audit)
+    engine = open_audit(from_environment, args.audit, create=False)
     stores = [open_store(where, s3_client_from_environment, args.checkpoint_connection) for where in args.checkpoint]
     found = verify_everything(
         engine, keys, stores, log_identity(args.log_id),
@@ -245,7 +245,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     else:
         keys = PublicKeys({**PublicKeys.from_pem_files(args.public_key).by_id,
                            signer.key_id: signer.private_key.public_key()})
-    engine = open_audit(from_environment, args.audit)
+    engine = open_audit(from_environment, args.audit, create=False)
     result = verify_chain(engine, keys)
     if not result.ok:
         _err(f"✗ not signing a chain that does not verify: certificate seq {result.bad_seq}: {result.reason}")

@@ -35,8 +35,27 @@ def _as_user(user: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
         command = ["runuser", "-u", user, "--", *command]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:1])} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(args[:1])} failed ({result.returncode}):\n"
+                           f"{(result.stdout + result.stderr)[-2000:]}")
     return result
+
+
+def _install_mariadb(data: Path, root: Path, attempts: int = 3) -> None:
+    """A new MariaDB data directory. ``--no-defaults``: not the machine server's my.cnf (its
+    error log, its /tmp), so a failure is told here; the bootstrap's temporary tables go to
+    this pair's own directory. MariaDB 10.11's bootstrap was seen to fail once in a while
+    ('Could not remove temporary table ... Unknown table mysql.tmp_user_sys'): it is tried
+    again on a clean directory, and the last failure is raised with its output."""
+    for attempt in range(attempts):
+        shutil.rmtree(data, ignore_errors=True)
+        try:
+            _as_user("mysql", "mariadb-install-db", "--no-defaults", f"--datadir={data}", f"--tmpdir={root}",
+                     "--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve",
+                     cwd=str(root))
+            return
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
 
 
 def _need(program: str, package: str) -> None:
@@ -120,8 +139,7 @@ def mariadb_pair() -> Iterator[Pair]:
     try:
         for index, port in enumerate(ports):
             data = root / f"data{index}"
-            _as_user("mysql", "mariadb-install-db", f"--datadir={data}", "--auth-root-authentication-method=normal",
-                     "--skip-test-db", "--skip-name-resolve", cwd=str(root))
+            _install_mariadb(data, root)
             args = ["mariadbd", "--no-defaults", f"--datadir={data}", f"--port={port}", "--bind-address=127.0.0.1",
                     f"--socket={root}/s{index}.sock", f"--pid-file={root}/s{index}.pid", f"--server-id={index + 1}",
                     "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=48M",

@@ -51,15 +51,17 @@ class _MySQLVariant(TypeDecorator[Any]):
     ``sqlalchemy.dialects.mysql`` costs a PostgreSQL or SQLite command ~40 ms of start-up."""
 
     cache_ok = True
-    mysql_type = ""
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "mysql":
             from sqlalchemy.dialects import mysql
 
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6) if self.mysql_type == "DATETIME"
-                                           else mysql.LONGTEXT())
+            return dialect.type_descriptor(self.on_mysql(mysql))
         return self.impl_instance
+
+    def on_mysql(self, mysql: Any) -> TypeEngine[Any]:
+        """The type on MariaDB/MySQL, from the ``sqlalchemy.dialects.mysql`` module given."""
+        raise NotImplementedError
 
 
 class _Timestamp(_MySQLVariant):
@@ -67,7 +69,9 @@ class _Timestamp(_MySQLVariant):
 
     cache_ok = True  # read from each class's own __dict__, not inherited: without it every query warns on stderr
     impl = DateTime(timezone=True)
-    mysql_type = "DATETIME"
+
+    def on_mysql(self, mysql: Any) -> TypeEngine[Any]:
+        return mysql.DATETIME(fsp=6)
 
 
 class _LongText(_MySQLVariant):
@@ -75,7 +79,9 @@ class _LongText(_MySQLVariant):
 
     cache_ok = True
     impl = Text
-    mysql_type = "LONGTEXT"
+
+    def on_mysql(self, mysql: Any) -> TypeEngine[Any]:
+        return mysql.LONGTEXT()
 
 
 purge_runs = Table(

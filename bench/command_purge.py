@@ -23,6 +23,12 @@ fresh copy of that table, interleaved over ``--repeat`` rounds:
 
 Scenario ``pg-empty`` runs the command on a table with nothing expired: its fixed cost.
 
+The ``floor`` (scenarios pg-empty and pg-delete) is what the stack costs before any of this
+engine's code runs: a fresh Python process that imports SQLAlchemy with its psycopg2 dialect
+and pydantic, validates a one-field model and runs one ``SELECT 1`` on the bench database.
+Every command pays it, so ``best command/raw`` (raw over raw + floor) is the ratio the whole
+command could reach if everything of ours cost nothing.
+
 While a method runs, a monitor samples the database's open transactions every 10 ms and keeps
 the oldest one's age: the longest transaction (``longest_tx``; on MariaDB, whose transactions
 start to the second only, the longest running statement) and, on PostgreSQL, the longest one
@@ -51,6 +57,7 @@ import gzip
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -430,6 +437,36 @@ def archived_in_bucket(endpoint: str) -> tuple[int, int]:
     return rows, id_sum
 
 
+FLOOR_SCRIPT = """\
+import sys
+import pydantic
+import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql.psycopg2  # noqa: F401
+
+
+class Probe(pydantic.BaseModel):
+    x: int
+
+
+Probe(x=1)
+engine = sa.create_engine(sys.argv[1])
+with engine.connect() as conn:
+    conn.execute(sa.text("SELECT 1"))
+"""
+
+
+def measure_floor(url: sa.URL, repeat: int) -> float:
+    """The stack's own start-up (see the module's docstring): the median of ``repeat`` runs, seconds."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, url.render_as_string(hide_password=False)], check=True)
+        times.append(time.perf_counter() - started)
+    floor = statistics.median(times)
+    log(f"floor (SQLAlchemy + psycopg2 dialect + pydantic + one SELECT 1, nothing of ours): {floor:.3f}s")
+    return floor
+
+
 def expected_archive(expired: int) -> tuple[int, int]:
     """What archiving the expired rows must give: they are ids 1 to ``expired`` (see the pristine tables)."""
     return expired, expired * (expired + 1) // 2
@@ -474,9 +511,11 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
                 peer_missing(peers, "pt-archiver", "apt-get install percona-toolkit")
         try:
             runs = interleave(methods, args.repeat)
+            floor = measure_floor(url, max(3, args.repeat)) if name in ("pg-empty", "pg-delete") else None
         finally:
             setup.engine.dispose()
-    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}, "peers_missing": peers}
+    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}, "peers_missing": peers,
+                     "floor_seconds": floor}
     for method, results in runs.items():
         summary["methods"][method] = {
             "seconds": median_of(results, lambda r: r["seconds"]),
@@ -494,6 +533,8 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
     summary["ratios"] = {f"{m}/{peer}": seconds[peer] / seconds[m]
                          for m in ("command", "engine") if m in seconds
                          for peer in ("raw", "pt-archiver", "raw-archive") if peer in seconds}
+    if floor is not None and "raw" in seconds:
+        summary["best_command_ratio"] = seconds["raw"] / (seconds["raw"] + floor)
     return summary
 
 
@@ -508,8 +549,13 @@ def print_summary(report: dict) -> None:
             print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s {wrote:>10} "
                   f"{kib_as_mib(figures['peak_rss_kib']):>10} {kib_as_mib(figures['rss_growth_kib']):>10}  "
                   f"{'ok' if figures['correct'] else 'WRONG'}")
+        if summary.get("floor_seconds") is not None:
+            share = f" ({summary['floor_seconds'] / summary['methods']['command']['seconds']:.0%} of the command)"
+            print(f"  floor (the stack's start-up, nothing of ours): {summary['floor_seconds']:.3f}s{share}")
         for ratio, value in summary["ratios"].items():
             print(f"  {ratio}: {value:.2f}x")
+        if summary.get("best_command_ratio") is not None:
+            print(f"  best command/raw (raw / (raw + floor)): {summary['best_command_ratio']:.2f}x")
         for peer, why in summary["peers_missing"].items():
             print(f"  {peer}: {why}; no ratio against it")
 

@@ -60,6 +60,9 @@ def _check_command(report: dict) -> None:
         assert scenario["methods"]["command"]["peak_rss_kib"] > 10 * 1024, name
     assert set(scenarios["pg-delete"]["ratios"]) == {"command/raw", "engine/raw"}
     assert isinstance(scenarios["pg-delete"]["methods"]["engine"]["rss_growth_kib"], int)
+    # The stack's floor is measured where it bounds a ratio, and bounds it below 1.
+    assert scenarios["pg-empty"]["floor_seconds"] > 0 and scenarios["pg-delete"]["floor_seconds"] > 0
+    assert 0 < scenarios["pg-delete"]["best_command_ratio"] < 1
     if "mariadb" in scenarios:
         peers = {"command/raw"} | ({"command/pt-archiver"} if shutil.which("pt-archiver") else set())
         assert set(scenarios["mariadb"]["ratios"]) == peers
@@ -124,7 +127,8 @@ def _check_replica_lag(report: dict) -> None:
 CASES = {
     "sql_purge.py": (TINY + PG, [r"ratio engine/raw\s+\d", r"peak RSS growth during purge"], _check_sql),
     "command_purge.py": (TINY + PG + ["--mysql", MYSQL_ADMIN, "--scenario", *COMMAND_SCENARIOS],
-                         [r"command/raw: \d", r"engine/raw: \d", r"peak RSS"], _check_command),
+                         [r"command/raw: \d", r"engine/raw: \d", r"peak RSS", r"floor \(the stack's start-up",
+                          r"best command/raw \(raw / \(raw \+ floor\)\): \d"], _check_command),
     "partition_purge.py": (["--rows", "2400", "--repeat", "1"] + PG,
                            [r"engine_vs_raw: \d", r"peak RSS \d"], _check_partition),
     "shard_purge.py": (TINY + PG + ["--shard-rows", "500"], [r"speed-up \(sharded rows/s over single\): \d", r"workers' peak RSS \d"],

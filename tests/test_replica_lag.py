@@ -516,3 +516,62 @@ def test_a_failed_upkeep_is_a_note_not_a_failed_purge(pg_db, monkeypatch, audit_
     upkeep = certificate.data["targets"][0]["maintenance"]
     assert upkeep["status"] == "failed" and upkeep["statement"] == "VACUUM (ANALYZE)"
     assert "55P03" in upkeep["error"]  # lock_not_available: a code, never data
+
+
+# -- the plan (a rule PR's dry run) shows the lag it would pause on ----------------------
+
+
+def _lag_notes(rule_file) -> list[str]:
+    from retention.plan.builder import build_plan
+    from retention.targets import Targets
+
+    with Targets(from_environment) as targets:
+        notes = build_plan(rule_file, AS_OF, targets).targets[0].notes
+    return [n for n in notes if "replica lag" in n]
+
+
+def test_pg_the_plan_shows_the_replicas_lag_now_and_the_limit(pg_replicas, pg_primary_db, monkeypatch, tmp_path):
+    db = pg_primary_db
+    connect(monkeypatch, "crm_db", db)
+    _customers(db)
+    (note,) = _lag_notes(_rule(tmp_path, max_replica_lag=7))
+    assert note.startswith("replica lag now ") and "batches pause while it is over 7s" in note, note
+
+
+def test_pg_the_plan_says_when_the_lag_cannot_be_read(pg_replicas, pg_primary_db, monkeypatch, tmp_path):
+    db = pg_primary_db
+    _customers(db)
+    role = f"lag_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role} LOGIN")
+    db.execute(f"GRANT ALL ON customers TO {role}")
+    try:
+        url = db.url
+        monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"postgres://{role}@{url.host}:{url.port}/{url.database}")
+        (note,) = _lag_notes(_rule(tmp_path))
+        assert "replica lag cannot be read" in note and "GRANT pg_monitor TO it" in note
+        assert "the run would stop before its first batch" in note
+    finally:
+        db.engine.dispose()
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
+
+
+def test_mariadb_the_plan_shows_a_stopped_replica_as_unknown_lag(maria_replicas, maria_primary_db, monkeypatch,
+                                                                tmp_path):
+    db = maria_primary_db
+    _maria_connections(monkeypatch, db, maria_replicas)
+    _customers(db)
+    (note,) = _lag_notes(_rule(tmp_path))
+    assert note.startswith("replica lag now ") and "over 10s" in note, note
+    _replica_sql(maria_replicas, "STOP SLAVE")
+    (note,) = _lag_notes(_rule(tmp_path))
+    assert "unknown" in note and "crm_replica" in note and "batches would pause" in note, note
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_plans_say_nothing_of_replica_lag_where_there_is_no_replica(backend, sqlite_db, pg_db, monkeypatch,
+                                                                    tmp_path):
+    db = {"sqlite": sqlite_db, "postgresql": pg_db}[backend]  # this machine's PostgreSQL has no replica
+    connect(monkeypatch, "crm_db", db)
+    make_customers(db)
+    assert _lag_notes(_rule(tmp_path)) == []

@@ -78,7 +78,7 @@ class Replicas:
         return dialect == "postgresql" or (dialect == "mysql" and bool(self.specs))
 
     def read(self) -> Lag:
-        """The worst lag now (0 with no replica)."""
+        """The worst lag now (0 on no replica, named "", when there is none)."""
         if self.primary.dialect.name == "postgresql":
             return _pg_lag(self.primary)
         worst = Lag(0.0, "")
@@ -86,7 +86,7 @@ class Replicas:
             lag = self._mysql_lag(spec)
             if lag.seconds is None:
                 return lag
-            if worst.seconds is not None and lag.seconds > worst.seconds:
+            if not worst.replica or (worst.seconds is not None and lag.seconds > worst.seconds):
                 worst = lag
         return worst
 
@@ -137,7 +137,7 @@ def _pg_lag(engine: Engine) -> Lag:
                 f"{engine.url.username or 'the connection user'} cannot read the replicas' lag in "
                 "pg_stat_replication: GRANT pg_monitor TO it (batches pause on replica lag)", "connection")
         lag = float(seconds or 0.0)
-        if worst.seconds is not None and lag > worst.seconds:
+        if not worst.replica or (worst.seconds is not None and lag > worst.seconds):
             worst = Lag(lag, str(name))
     return worst
 
@@ -211,6 +211,25 @@ class LagThrottle:
             return False
         log.info("%s: replica lag back under %gs after %.1fs; resuming", self.name, self.limit, seconds)
         return True
+
+    def describe_now(self) -> str | None:
+        """What a plan tells its reviewer: the replicas' lag now against the limit, or why it
+        cannot be read (None: there is nothing to read)."""
+        if not self.replicas.any:
+            return None
+        budget = f"(for at most {self.budget:g}s in all, then the run ends partial)"
+        try:
+            lag = self.replicas.read()
+        except TargetError as exc:
+            return f"replica lag cannot be read: {exc}; the run would stop before its first batch"
+        if not lag.replica:
+            return None  # a PostgreSQL primary with no replica connected now
+        where = f" on {lag.replica}"
+        if lag.seconds is None:
+            return (f"replica lag now unknown{where} (replication stopped, or the replica cannot be reached): "
+                    f"batches would pause until it is back under {self.limit:g}s {budget}")
+        return (f"replica lag now {lag.seconds:.1f}s{where}: batches pause while it is over {self.limit:g}s "
+                f"{budget}")
 
     @property
     def reason(self) -> str:

@@ -186,6 +186,9 @@ class SqlTable:
         notes += self.action.notes(self)
         holds = self.current_holds()
         notes += [f"{'paused by' if h.whole else 'protected by'} {h.describe()}: {h.reason}" for h in holds]
+        if self.throttle is not None:
+            lag = self.throttle.describe_now()
+            notes += [lag] if lag else []
         expired = self.expired(cutoff)
         held_condition = self.held(holds)
         held = 0 if held_condition is None else self.with_retries(

@@ -289,6 +289,21 @@ def test_an_unreachable_audit_database_is_one_line_without_the_password(monkeypa
     err = capsys.readouterr().err
     assert err.startswith("database error: ") and "port 1" in err
     assert err.count("\n") == 1 and "Hunter2Secret" not in err
+    assert "connection retention_audit" in err  # which connection failed
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_a_database_error_names_the_connection_that_failed_and_never_its_password(
+        audit_db, customers_rule, monkeypatch, backend):
+    # The audit database answers; the target's connection crm_db does not: the message must say
+    # which one of them failed, without the URI's password, in one line.
+    assert main(["erase", "request", "--rules", str(customers_rule), "--subject", "customer_id=3",
+                 "--request", "DSR-1"]) == 0
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"{backend}://crm:Hunter2Secret@127.0.0.1:1/crm")
+    done = _cli("erase", "plan", "--rules", str(customers_rule), "DSR-1", cwd=customers_rule)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("database error: connection crm_db: "), done.stderr
+    assert done.stderr.count("\n") == 1 and "Hunter2Secret" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite_db", "pg_db", "mysql_db"])

@@ -503,7 +503,7 @@ def test_an_unreachable_audit_database_is_a_clear_503_without_its_password(token
             answer = fresh.get(path, headers=bearer(tokens["viewer"]))
 
             assert answer.status_code == 503, (path, answer.text[:300])
-            assert "audit database" in answer.text and "s3cr3t-pw" not in answer.text
+            assert "connection retention_audit failed" in answer.text and "s3cr3t-pw" not in answer.text
 
 
 def test_an_empty_chain_shows_empty_pages(tokens, audit_db, keys, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from retention.evidence.payload import ERASURE_PAYLOAD_TYPE
 from retention.evidence.receipt import RECEIPT_TYPE
 from retention.interfaces.cli import main
 
-from conftest import connect
+from conftest import connect, write_rule
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 
@@ -85,7 +85,7 @@ def test_a_receipt_larger_than_any_receipt_is_refused_unread(tmp_path, capsys):
     assert "larger than" in capsys.readouterr().err
 
 
-def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     """The CLI in a process of its own, with a time and memory budget: an endless read fails, never hangs."""
     import resource
 
@@ -94,7 +94,7 @@ def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 
     return subprocess.run([sys.executable, "-m", "retention.interfaces.cli", *args], cwd=cwd,
                           env=dict(os.environ, PYTHONPATH=str(PLUGINS), **env),
-                          capture_output=True, text=True, timeout=60, preexec_fn=limit)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
 
 
 def test_a_receipt_that_is_a_symlink_to_dev_zero_is_refused(tmp_path):
@@ -102,7 +102,36 @@ def test_a_receipt_that_is_a_symlink_to_dev_zero_is_refused(tmp_path):
     (tmp_path / "zero.json").symlink_to("/dev/zero")
     done = _cli("verify-receipt", "zero.json", "--public-key", str(pem), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr and "zero.json" in done.stderr and "larger than" in done.stderr
+    assert "Traceback" not in done.stderr and "zero.json" in done.stderr and "not a regular file" in done.stderr
+
+
+@pytest.mark.parametrize("read", ["receipt", "public-key", "hash-key-file", "keyring", "signing-key", "rule-file",
+                                  "manifest", "checkpoint"])
+def test_a_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, read):
+    # open() on a FIFO waits for a writer: `verify-receipt` on one hung forever.
+    receipt, pem = _signed_receipt(tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps(receipt))
+    fifo = tmp_path / {"rule-file": "fifo.yaml", "checkpoint": "checkpoints/000001.checkpoint"}.get(read, "fifo")
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    rules = write_rule(tmp_path / "rules").parent
+    command, env = {
+        "receipt": (["verify-receipt", str(fifo), "--public-key", str(pem)], {}),
+        "public-key": (["verify-receipt", "r.json", "--public-key", str(fifo)], {}),
+        "hash-key-file": (["verify-receipt", "r.json", "--public-key", str(pem), "--identity", "email=a@b.c",
+                           "--hash-key-file", str(fifo)], {}),
+        "keyring": (["verify", "--keyring", str(fifo)], {}),
+        "signing-key": (["run", "--rules", str(rules)], {"RETENTION_SIGNING_KEY": str(fifo)}),
+        "rule-file": (["validate", str(tmp_path)], {}),
+        "manifest": (["restore", str(fifo), "--into", "crm_db"], {"AIRFLOW_CONN_AWS_DEFAULT": AWS_UNREACHABLE}),
+        "checkpoint": (["verify", "--public-key", str(pem), "--checkpoint", str(fifo.parent)], {}),
+    }[read]
+    if read in ("signing-key", "manifest", "checkpoint"):
+        env["AIRFLOW_CONN_RETENTION_AUDIT"] = '{"conn_type": "sqlite", "host": "%s"}' % (tmp_path / "audit.db")
+        ensure_schema(sa.create_engine(f"sqlite:///{tmp_path / 'audit.db'}"))
+    done = _cli(*command, cwd=tmp_path, timeout=20, **env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and str(fifo) in done.stderr and "not a regular file" in done.stderr
 
 
 @pytest.mark.parametrize("command", [["verify"], ["report", "--since", "2026-01-01", "--until", "2026-02-01"]])

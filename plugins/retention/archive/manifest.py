@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 from retention.archive.codec import CODECS, TableShape
 from retention.errors import ConfigError, TerminalError
+from retention.localfiles import open_regular
 
 MANIFEST_TYPE = "retention/archive-manifest"
 MANIFEST_VERSION = 1
@@ -276,9 +275,7 @@ def manifest_bytes(location: str, s3_client_for: Callable[[], Any]) -> bytes:
         body: bytes = s3_client_for().get_object(Bucket=bucket, Key=key)["Body"].read()
         return body
     try:
-        with open(location, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # /dev/zero would be read until memory ends
-                raise ConfigError(f"cannot read manifest {location}: not a regular file")
+        with open_regular(location) as handle:  # /dev/zero would be read until memory ends; a FIFO waited on
             return handle.read()
     except OSError as exc:
         raise ConfigError(f"cannot read manifest {location}: {exc.strerror}") from None

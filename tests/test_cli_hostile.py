@@ -302,6 +302,18 @@ def test_restoring_a_local_manifest_that_is_dev_zero_is_refused(audit_db, tmp_pa
     assert "Traceback" not in done.stderr and "manifest.json" in done.stderr
 
 
+@pytest.mark.parametrize("seq, problem", [(99, "no certificate with seq 99"),
+                                          (1, "certificate seq 1 records no archive manifest")])
+def test_restore_of_a_seq_that_is_no_archive_certificate_is_refused_before_any_s3_connection(
+        erased, monkeypatch, capsys, seq, problem):
+    # It asked for the aws_default connection first: "connection aws_default is not defined" hid
+    # that seq 99 does not exist (or is an erasure, not an archive run).
+    monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT", raising=False)
+    assert main(["restore", "--seq", str(seq), "--into", "crm_db"]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "aws_default" not in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("reason", ["", " "])
 def test_a_request_without_a_reason_is_refused(audit_db, subjects_dir, capsys, reason):
     assert main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3",

@@ -486,6 +486,17 @@ def test_a_checkpoint_directory_with_a_planted_entry_is_a_clear_error(erased, ke
     assert "Traceback" not in done.stderr and "000001.checkpoint" in done.stderr
 
 
+def test_a_checkpoint_written_where_a_fifo_was_planted_is_refused_without_waiting(erased, tmp_path):
+    # Writing found the name taken and read what was there to compare: a FIFO made it wait forever.
+    store = tmp_path / "checkpoints"
+    store.mkdir()
+    os.mkfifo(store / "000000000001.checkpoint")
+    done = _cli("checkpoint", "--to", str(store), cwd=tmp_path, timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "000000000001.checkpoint" in done.stderr
+    assert "not a regular file" in done.stderr
+
+
 @pytest.mark.parametrize("flag", ["--category", "--target"])
 def test_a_forced_hold_on_a_name_with_control_characters_is_refused(audit_db, tmp_path, capsys, flag):
     names = {"--category": "orders", "--target": "orders"} | {flag: "ord\x1b[2Jers"}

@@ -178,3 +178,21 @@ def test_read_manifest_checks_the_sha256_the_certificate_recorded(tmp_path):
         read_manifest(str(path), never, sha256=hashlib.sha256(OBJECTS_MANIFEST).hexdigest())
     with pytest.raises(ConfigError, match="cannot read manifest"):
         read_manifest(str(tmp_path / "missing.json"), never)
+
+
+def test_a_manifest_object_larger_than_any_manifest_is_refused_naming_its_key(aws_server, monkeypatch, tmp_path):
+    # A crafted huge object at the manifest's key was read whole into memory.
+    from retention.archive import manifest as manifest_module
+
+    assert manifest_module.MANIFEST_LIMIT == 64 << 20  # generous: a run's manifest lists its objects, a few MiB
+    monkeypatch.setattr(manifest_module, "MANIFEST_LIMIT", 1 << 20)  # a test-sized bound, the same code path
+    aws_server.create_bucket(Bucket="crafted")
+    aws_server.put_object(Bucket="crafted", Key="runs/r1/manifest.json", Body=ROWS_MANIFEST + b" " * (1 << 20))
+    with pytest.raises(TerminalError, match=r"manifest s3://crafted/runs/r1/manifest.json is larger than 1 MiB"):
+        read_manifest("s3://crafted/runs/r1/manifest.json", lambda: aws_server)
+    aws_server.put_object(Bucket="crafted", Key="runs/r2/manifest.json", Body=ROWS_MANIFEST)
+    assert read_manifest("s3://crafted/runs/r2/manifest.json", lambda: aws_server).run_id == "r 1"  # under it: read
+    local = tmp_path / "manifest.json"
+    local.write_bytes(ROWS_MANIFEST + b" " * (1 << 20))
+    with pytest.raises(ConfigError, match=f"manifest {local} is larger than 1 MiB"):
+        read_manifest(str(local), lambda: aws_server)

@@ -461,13 +461,16 @@ def test_an_s3_checkpoint_is_written_once_and_never_replaced(aws_server, keys, t
                                     sign(head, signer))]
 
 
-@pytest.mark.parametrize("command", [["verify"], ["certificates"], ["checkpoint", "--to", "{dir}"]])
+@pytest.mark.parametrize("command", [["verify"], ["certificates"], ["checkpoint", "--to", "{dir}"],
+                                     ["status", "--rules", "{rules}"]])
 def test_evidence_read_from_a_database_without_audit_tables_is_refused_and_nothing_is_created(
         audit_db, keys, tmp_path, capsys, command):
     # Pointed at the wrong database, `verify` said "no certificates to verify yet" (exit 0, a
-    # green for an auditor) and left ten empty audit tables there.
+    # green for an auditor) and left ten empty audit tables there; `status` did the same.
     (tmp_path / "checkpoints").mkdir()
-    args = [a.replace("{dir}", str(tmp_path / "checkpoints")) for a in command]
+    write_rule(tmp_path / "rules")
+    args = [a.replace("{dir}", str(tmp_path / "checkpoints")).replace("{rules}", str(tmp_path / "rules"))
+            for a in command]
     if command[0] == "verify":
         args += ["--public-key", str(keys[1])]
     if command[0] == "checkpoint":

@@ -24,7 +24,7 @@ from retention.evidence.payload import ERASURE_PAYLOAD_TYPE
 from retention.evidence.receipt import RECEIPT_TYPE
 from retention.interfaces.cli import main
 
-from conftest import connect
+from conftest import connect, write_rule
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 
@@ -85,7 +85,7 @@ def test_a_receipt_larger_than_any_receipt_is_refused_unread(tmp_path, capsys):
     assert "larger than" in capsys.readouterr().err
 
 
-def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     """The CLI in a process of its own, with a time and memory budget: an endless read fails, never hangs."""
     import resource
 
@@ -94,7 +94,7 @@ def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 
     return subprocess.run([sys.executable, "-m", "retention.interfaces.cli", *args], cwd=cwd,
                           env=dict(os.environ, PYTHONPATH=str(PLUGINS), **env),
-                          capture_output=True, text=True, timeout=60, preexec_fn=limit)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
 
 
 def test_a_receipt_that_is_a_symlink_to_dev_zero_is_refused(tmp_path):
@@ -102,7 +102,36 @@ def test_a_receipt_that_is_a_symlink_to_dev_zero_is_refused(tmp_path):
     (tmp_path / "zero.json").symlink_to("/dev/zero")
     done = _cli("verify-receipt", "zero.json", "--public-key", str(pem), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr and "zero.json" in done.stderr and "larger than" in done.stderr
+    assert "Traceback" not in done.stderr and "zero.json" in done.stderr and "not a regular file" in done.stderr
+
+
+@pytest.mark.parametrize("read", ["receipt", "public-key", "hash-key-file", "keyring", "signing-key", "rule-file",
+                                  "manifest", "checkpoint"])
+def test_a_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, read):
+    # open() on a FIFO waits for a writer: `verify-receipt` on one hung forever.
+    receipt, pem = _signed_receipt(tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps(receipt))
+    fifo = tmp_path / {"rule-file": "fifo.yaml", "checkpoint": "checkpoints/000001.checkpoint"}.get(read, "fifo")
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    rules = write_rule(tmp_path / "rules").parent
+    command, env = {
+        "receipt": (["verify-receipt", str(fifo), "--public-key", str(pem)], {}),
+        "public-key": (["verify-receipt", "r.json", "--public-key", str(fifo)], {}),
+        "hash-key-file": (["verify-receipt", "r.json", "--public-key", str(pem), "--identity", "email=a@b.c",
+                           "--hash-key-file", str(fifo)], {}),
+        "keyring": (["verify", "--keyring", str(fifo)], {}),
+        "signing-key": (["run", "--rules", str(rules)], {"RETENTION_SIGNING_KEY": str(fifo)}),
+        "rule-file": (["validate", str(tmp_path)], {}),
+        "manifest": (["restore", str(fifo), "--into", "crm_db"], {"AIRFLOW_CONN_AWS_DEFAULT": AWS_UNREACHABLE}),
+        "checkpoint": (["verify", "--public-key", str(pem), "--checkpoint", str(fifo.parent)], {}),
+    }[read]
+    if read in ("signing-key", "manifest", "checkpoint"):
+        env["AIRFLOW_CONN_RETENTION_AUDIT"] = '{"conn_type": "sqlite", "host": "%s"}' % (tmp_path / "audit.db")
+        ensure_schema(sa.create_engine(f"sqlite:///{tmp_path / 'audit.db'}"))
+    done = _cli(*command, cwd=tmp_path, timeout=20, **env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and str(fifo) in done.stderr and "not a regular file" in done.stderr
 
 
 @pytest.mark.parametrize("command", [["verify"], ["report", "--since", "2026-01-01", "--until", "2026-02-01"]])
@@ -273,6 +302,18 @@ def test_restoring_a_local_manifest_that_is_dev_zero_is_refused(audit_db, tmp_pa
     assert "Traceback" not in done.stderr and "manifest.json" in done.stderr
 
 
+@pytest.mark.parametrize("seq, problem", [(99, "no certificate with seq 99"),
+                                          (1, "certificate seq 1 records no archive manifest")])
+def test_restore_of_a_seq_that_is_no_archive_certificate_is_refused_before_any_s3_connection(
+        erased, monkeypatch, capsys, seq, problem):
+    # It asked for the aws_default connection first: "connection aws_default is not defined" hid
+    # that seq 99 does not exist (or is an erasure, not an archive run).
+    monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT", raising=False)
+    assert main(["restore", "--seq", str(seq), "--into", "crm_db"]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "aws_default" not in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("reason", ["", " "])
 def test_a_request_without_a_reason_is_refused(audit_db, subjects_dir, capsys, reason):
     assert main(["erase", "request", "--rules", str(subjects_dir), "--subject", "customer_id=3",
@@ -289,6 +330,21 @@ def test_an_unreachable_audit_database_is_one_line_without_the_password(monkeypa
     err = capsys.readouterr().err
     assert err.startswith("database error: ") and "port 1" in err
     assert err.count("\n") == 1 and "Hunter2Secret" not in err
+    assert "connection retention_audit" in err  # which connection failed
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_a_database_error_names_the_connection_that_failed_and_never_its_password(
+        audit_db, customers_rule, monkeypatch, backend):
+    # The audit database answers; the target's connection crm_db does not: the message must say
+    # which one of them failed, without the URI's password, in one line.
+    assert main(["erase", "request", "--rules", str(customers_rule), "--subject", "customer_id=3",
+                 "--request", "DSR-1"]) == 0
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"{backend}://crm:Hunter2Secret@127.0.0.1:1/crm")
+    done = _cli("erase", "plan", "--rules", str(customers_rule), "DSR-1", cwd=customers_rule)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("database error: connection crm_db: "), done.stderr
+    assert done.stderr.count("\n") == 1 and "Hunter2Secret" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite_db", "pg_db", "mysql_db"])
@@ -428,6 +484,17 @@ def test_a_checkpoint_directory_with_a_planted_entry_is_a_clear_error(erased, ke
     done = _cli("verify", "--public-key", str(keys[1]), "--checkpoint", str(store), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "000001.checkpoint" in done.stderr
+
+
+def test_a_checkpoint_written_where_a_fifo_was_planted_is_refused_without_waiting(erased, tmp_path):
+    # Writing found the name taken and read what was there to compare: a FIFO made it wait forever.
+    store = tmp_path / "checkpoints"
+    store.mkdir()
+    os.mkfifo(store / "000000000001.checkpoint")
+    done = _cli("checkpoint", "--to", str(store), cwd=tmp_path, timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "000000000001.checkpoint" in done.stderr
+    assert "not a regular file" in done.stderr
 
 
 @pytest.mark.parametrize("flag", ["--category", "--target"])

@@ -179,7 +179,7 @@ def test_a_subject_is_erased_everywhere_a_hold_wins_and_one_certificate_says_so(
     assert plan["exports"]["matched"] == 2 and plan["tickets"]["matched"] == 1
     before = _counts(world)
 
-    assert main(["erase", "run", "--rules", rules]) == 0
+    assert main(["erase", "run", "--rules", rules]) == 1  # partial: a hold kept one of Ana's orders
     out = capsys.readouterr().out
     assert "DSR-1: partial" in out and "retained under legal hold CASE-123" in out
     after = _counts(world)
@@ -210,7 +210,7 @@ def test_a_subject_is_erased_everywhere_a_hold_wins_and_one_certificate_says_so(
     assert len(listed) == 1 and " Z " not in listed[0] and not listed[0].split()[-3].endswith("Z"), listed
 
     # A rerun changes nothing: the request is answered (partial means it is taken up again).
-    assert main(["erase", "run", "DSR-1", "--rules", rules]) == 0
+    assert main(["erase", "run", "DSR-1", "--rules", rules]) == 1  # still partial: the hold still holds
     assert _counts(world) == after
     assert world["audit"].scalar("SELECT count(*) FROM purge_certificates") == 2
     second = json.loads(world["audit"].scalar("SELECT payload FROM purge_certificates WHERE seq = 2"))
@@ -223,6 +223,26 @@ def test_a_subject_is_erased_everywhere_a_hold_wins_and_one_certificate_says_so(
     # The audit database never holds the email or the name in clear.
     dump = "\n".join(world["audit"].engine.raw_connection().driver_connection.iterdump()).lower()
     assert "ana@example.com" not in dump and "ana lima" not in dump and "ana" + "@" not in dump
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("json_output", [False, True])
+def test_a_partial_erasure_exits_non_zero_and_says_why(world, capsys, json_output):
+    # A legal hold keeps one of Ana's orders: the erasure is partial, so the command must not
+    # report success (as `retention run` exits 1 on a partial purge).
+    rules = world["rules"]
+    assert main(["hold", "add", "--category", "orders", "--target", "orders", "--match",
+                 json.dumps({"id": 2 * ANA}), "--case", "CASE-123", "--reason", "chargeback", "--rules", rules]) == 0
+    assert main(["erase", "request", "--subject", "email=ana@example.com", "--request", "DSR-1", "--rules", rules]) == 0
+    capsys.readouterr()
+    assert main(["erase", "run", "DSR-1", "--rules", rules, *(["--json"] if json_output else [])]) == 1
+    captured = capsys.readouterr()
+    assert "DSR-1" in captured.err and "partial" in captured.err
+    assert "orders/orders" in captured.err and "legal hold CASE-123" in captured.err
+    assert captured.err.count("\n") == 1
+    if json_output:
+        assert json.loads(captured.out)[0]["state"] == "partial"
+    assert ErasureRegistry(world["audit"].engine).get("DSR-1").state == "partial"
 
 
 def _verify_offline(receipt: dict, public_pem: bytes, identity: str, hash_key: bytes) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from test_airflow_dags import airflow_db  # noqa: F401 - the migrated Airflow metadata database
-from test_erasure import HASH_KEY, SUBJECTS, _counts, world  # noqa: F401 - the erasure world fixture
+from test_erasure import ANA, HASH_KEY, SUBJECTS, _counts, world  # noqa: F401 - the erasure world fixture
 
 pytestmark = pytest.mark.airflow
 
@@ -44,3 +44,22 @@ def test_a_request_filed_through_the_dag_conf_is_erased_and_certified(airflow_db
     payload = json.loads(world["audit"].scalar("SELECT payload FROM purge_certificates"))
     assert payload["request"] == "DSR-AF-1" and payload["status"] == "done"
     assert world["audit"].scalar("SELECT state FROM erasure_requests") == "done"
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_a_partial_erasure_fails_its_task(airflow_db, world, monkeypatch, capsys):  # noqa: F811
+    from airflow.utils.state import DagRunState
+
+    from retention.interfaces.airflow_erasure import build_erasure_dag
+    from retention.interfaces.cli import main
+
+    assert main(["hold", "add", "--category", "orders", "--target", "orders", "--match", json.dumps({"id": 2 * ANA}),
+                 "--case", "CASE-123", "--reason", "chargeback", "--rules", world["rules"]]) == 0
+    monkeypatch.setenv("RETENTION_RULES_DIR", world["rules"])
+    dag = build_erasure_dag(world["rules"])
+    dag_run = dag.test(logical_date=datetime(2026, 6, 15, tzinfo=timezone.utc),
+                       run_conf={"subject": "email=ana@example.com", "request": "DSR-AF-2"})
+    assert dag_run.state == DagRunState.FAILED  # a partial erasure is no green run
+    payload = json.loads(world["audit"].scalar("SELECT payload FROM purge_certificates"))
+    assert payload["request"] == "DSR-AF-2" and payload["status"] == "partial"
+    assert world["audit"].scalar("SELECT state FROM erasure_requests") == "partial"

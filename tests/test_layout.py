@@ -3,7 +3,7 @@ no import cycle, and ``import retention`` pulls in no Airflow.
 
 Layers, lowest first; a module may import only from its own layer or a lower one:
 
-    core        errors, failpoints, clock, identity, retry, connections, aws
+    core        errors, failpoints, clock, identity, retry, connections, aws, localfiles
     rules       rules/: fields, models, loader, problems, YAML with line numbers
     evidence    evidence/: audit schema, signing, payloads, the chain, verification, checkpoints
     holds       legal holds and erasure requests (inputs beside the rules, kept in the audit database)
@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugins" / "retention"
 
 LAYERS = ["core", "rules", "evidence", "holds", "archive", "targets", "plan", "run", "interfaces"]
 CORE = {"retention", "retention.errors", "retention.failpoints", "retention.clock", "retention.identity",
-        "retention.retry", "retention.connections", "retention.aws"}
+        "retention.retry", "retention.connections", "retention.aws", "retention.localfiles"}
 AIRFLOW_INTERFACE = "retention.interfaces.airflow"
 BESIDE_HOLDS = {"retention.erasure_requests"}
 """Top-level modules of the holds layer besides retention.holds: requests that, like holds, are kept

@@ -18,7 +18,7 @@ from moto import mock_aws
 
 from retention.connections import from_environment
 from retention.errors import ConfigError, OverLimit, TerminalError, TransientError
-from retention.evidence.audit import open_audit
+from retention.evidence.audit import ensure_schema, open_audit
 from retention.evidence.chain import find_certificate
 from retention.holds import HoldRegistry
 from retention.interfaces.cli import main
@@ -326,7 +326,8 @@ def test_a_terminal_database_error_fails_at_once(crm, tmp_path):
 # -- retention lag ---------------------------------------------------------------------------
 
 
-def test_status_shows_how_far_behind_retention_is(crm, tmp_path, capsys):
+def test_status_shows_how_far_behind_retention_is(crm, audit_db, tmp_path, capsys):
+    ensure_schema(audit_db.engine)  # a deployment's init step: audit tables, no run yet (status reads, never creates)
     rules_dir = rule(tmp_path).path.parent
     assert main(["status", "--rules", str(rules_dir), "--as-of", AS_OF.isoformat(), "--json"]) == 1
     before = json.loads(capsys.readouterr().out)[0]

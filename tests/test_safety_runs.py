@@ -12,7 +12,7 @@ from moto import mock_aws
 
 from retention.connections import from_environment
 from retention.errors import RuleError, TerminalError, TransientError
-from retention.evidence.audit import open_audit
+from retention.evidence.audit import ensure_schema, open_audit
 from retention.evidence.chain import count_certificates, find_certificate, read_certificates
 from retention.evidence.signing import Signer
 from retention.interfaces.cli import main
@@ -217,7 +217,8 @@ def test_item09_the_cli_run_and_certificates_show_a_plan_failure_not_nothing_due
     assert payload["targets"][0]["counted"] is False
 
 
-def test_item09_status_shows_every_target_even_when_one_is_broken(crm, monkeypatch, tmp_path, capsys):
+def test_item09_status_shows_every_target_even_when_one_is_broken(crm, audit_db, monkeypatch, tmp_path, capsys):
+    ensure_schema(audit_db.engine)  # a deployment's init step: audit tables, no run yet (status reads, never creates)
     unreachable(monkeypatch, "broken_db")
     rules = tmp_path / "rules"
     write_rule(rules, targets=[{"where": "{status: closed}"}])

@@ -16,7 +16,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from retention.evidence.audit import ensure_schema
 from retention.evidence.chain import read_certificates
 from retention.evidence.checkpoints import CHECKPOINTS_ENV
 from retention.evidence.signing import PublicKeys
@@ -501,7 +503,7 @@ def test_an_unreachable_audit_database_is_a_clear_503_without_its_password(token
             answer = fresh.get(path, headers=bearer(tokens["viewer"]))
 
             assert answer.status_code == 503, (path, answer.text[:300])
-            assert "audit database" in answer.text and "s3cr3t-pw" not in answer.text
+            assert "connection retention_audit failed" in answer.text and "s3cr3t-pw" not in answer.text
 
 
 def test_an_empty_chain_shows_empty_pages(tokens, audit_db, keys, tmp_path, monkeypatch):
@@ -515,11 +517,35 @@ def test_an_empty_chain_shows_empty_pages(tokens, audit_db, keys, tmp_path, monk
     monkeypatch.setenv("RETENTION_PUBLIC_KEYS", str(keys[1]))
     monkeypatch.delenv(CHECKPOINTS_ENV, raising=False)
     viewer = bearer(tokens["viewer"])
+    ensure_schema(audit_db.engine)  # a deployment's init step: the audit tables, no run yet
     with TestClient(create_app()) as fresh:
+        assert "never run" in fresh.get("/status", headers=viewer).text
         assert "No certificates match" in fresh.get("/", headers=viewer).text
         assert "No certificates to verify yet" in fresh.get("/verify?run=true", headers=viewer).text
         assert "No holds in force" in fresh.get("/holds", headers=viewer).text
         assert fresh.get("/certificates/1", headers=viewer).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/status", "/", "/holds", "/verify?run=true"])
+def test_a_database_without_audit_tables_is_a_clear_503_and_nothing_is_created(tokens, audit_db, keys, tmp_path,
+                                                                               monkeypatch, path):
+    # Pointed at the wrong database, the status page created the ten audit tables there (as
+    # `retention status` did) and showed every target "never run".
+    from fastapi.testclient import TestClient
+
+    from retention.interfaces.airflow_plugin import create_app
+
+    rules = tmp_path / "rules"
+    write_rule(rules)
+    monkeypatch.setenv("RETENTION_RULES_DIR", str(rules))
+    monkeypatch.setenv("RETENTION_PUBLIC_KEYS", str(keys[1]))
+    monkeypatch.delenv(CHECKPOINTS_ENV, raising=False)
+    with TestClient(create_app()) as fresh:
+        answer = fresh.get(path, headers=bearer(tokens["viewer"]))
+
+    assert answer.status_code == 503, answer.text[:300]
+    assert "retention_audit" in answer.text and "no audit tables" in answer.text
+    assert sa.inspect(audit_db.engine).get_table_names() == []
 
 
 def test_no_keys_configured_is_a_clear_message_on_every_page_that_needs_them(client, tokens, monkeypatch):

@@ -214,6 +214,7 @@ def create_sql_engine(spec: ConnectionSpec) -> Engine:
     elif backend == "sqlite":
         kwargs["connect_args"] = {"timeout": 30}
     engine = create_engine(url, **kwargs)
+    _name_the_connection(engine, spec.conn_id)
     if backend == "postgresql":
         @event.listens_for(engine, "connect")
         def _utc(dbapi_connection, _record):  # pragma: no branch - trivial
@@ -234,6 +235,33 @@ def create_sql_engine(spec: ConnectionSpec) -> Engine:
 
 
 
+
+
+_CONN_ID_ATTRIBUTE = "retention_conn_id"
+
+
+def _name_the_connection(engine: Engine, conn_id: str) -> None:
+    """Mark every error of ``engine`` (connecting too) with the connection id it came from, so a
+    message can say which database failed; only the id: the URL may hold a password."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "handle_error")
+    def _mark(context: Any) -> None:
+        for error in (context.sqlalchemy_exception, context.original_exception):
+            if error is not None and not hasattr(error, _CONN_ID_ATTRIBUTE):
+                try:
+                    setattr(error, _CONN_ID_ATTRIBUTE, conn_id)
+                except (AttributeError, TypeError):  # an exception type without a __dict__
+                    pass
+
+
+def failed_connection(exc: BaseException) -> str | None:
+    """The id of the connection whose engine raised ``exc`` (see :func:`create_sql_engine`), if known."""
+    for error in (exc, getattr(exc, "orig", None), exc.__cause__, exc.__context__):
+        conn_id = getattr(error, _CONN_ID_ATTRIBUTE, None)
+        if isinstance(conn_id, str):
+            return conn_id
+    return None
 
 
 _DRIVER_OPTIONS = {

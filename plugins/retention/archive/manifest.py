@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 from retention.archive.codec import CODECS, TableShape
 from retention.errors import ConfigError, TerminalError
+from retention.localfiles import open_regular
+
+MANIFEST_LIMIT = 64 << 20
+"""The most a manifest may be (64 MiB), generous for a run's manifest (an entry per archive object); a
+larger object at a manifest's key is refused on its size, never read into memory."""
 
 MANIFEST_TYPE = "retention/archive-manifest"
 MANIFEST_VERSION = 1
@@ -270,18 +273,32 @@ def read_manifest(location: str, s3_client_for: Callable[[], Any], *, sha256: st
 
 
 def manifest_bytes(location: str, s3_client_for: Callable[[], Any]) -> bytes:
-    """The bytes at ``s3://bucket/key`` (S3's errors propagate) or in a local file."""
+    """The bytes at ``s3://bucket/key`` (S3's errors propagate) or in a local file, at most
+    :data:`MANIFEST_LIMIT`: a larger one is refused unread (TerminalError in S3, ConfigError locally)."""
+    limit = MANIFEST_LIMIT
     if location.startswith("s3://"):
         bucket, _, key = location[5:].partition("/")
-        body: bytes = s3_client_for().get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = s3_client_for().get_object(Bucket=bucket, Key=key)
+        stream = response["Body"]
+        try:
+            size = response.get("ContentLength")
+            # Refused on its stated size before a byte is read; bounded read in case it is not stated.
+            body: bytes = b"" if isinstance(size, int) and size > limit else stream.read(limit + 1)
+        finally:
+            stream.close()
+        if len(body) > limit or (isinstance(size, int) and size > limit):
+            raise TerminalError(f"manifest {location} is larger than {limit >> 20} MiB, more than any run's "
+                                "manifest holds: it is not the one a run wrote; refused")
         return body
     try:
-        with open(location, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # /dev/zero would be read until memory ends
-                raise ConfigError(f"cannot read manifest {location}: not a regular file")
-            return handle.read()
+        with open_regular(location) as handle:  # /dev/zero would be read until memory ends; a FIFO waited on
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read manifest {location}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise ConfigError(f"manifest {location} is larger than {limit >> 20} MiB, more than any run's manifest "
+                          "holds; check the path")
+    return data
 
 
 # -- reading the JSON ---------------------------------------------------------------------------

@@ -69,11 +69,13 @@ def certified_manifest(engine: Engine, location: str | None, s3_client_for: Call
     certificate: Certificate | None = None
     if seq is not None:
         certificate = next(iter(read_certificates(engine, seq=seq)), None)
+        # A seq that names no archive run is a mistake in the command (ConfigError), found before
+        # anything (S3 included) is asked for.
         if certificate is None:
-            raise TerminalError(f"no certificate with seq {seq}; `retention certificates` lists them")
+            raise ConfigError(f"no certificate with seq {seq}; `retention certificates` lists them")
         recorded = certificate.data.get("archive") or {}
         if not recorded.get("manifest"):
-            raise TerminalError(f"certificate seq {seq} records no archive manifest "
+            raise ConfigError(f"certificate seq {seq} records no archive manifest "
                                 f"(run {certificate.run_id} of {certificate.category} is not an archive run)")
         location = location or recorded["manifest"]
     if not location:

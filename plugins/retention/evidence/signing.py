@@ -80,11 +80,15 @@ def _read_private(path: Path) -> bytes:
 
     The mode is read from the open file, so a file swapped in between cannot slip past.
     """
-    with path.open("rb") as handle:
+    from retention.localfiles import NotARegularFile, open_regular
+
+    try:
+        handle = open_regular(path)  # never blocks on a FIFO
+    except NotARegularFile:  # /dev/zero, a FIFO: not a key, and no chmod would make it one
+        raise ConfigError(f"signing key {path} is not a regular file; point {SIGNING_KEY_ENV} at the PEM "
+                          "`retention keygen` wrote") from None
+    with handle:
         mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):  # /dev/zero, a FIFO: not a key, and no chmod would make it one
-            raise ConfigError(f"signing key {path} is not a regular file; point {SIGNING_KEY_ENV} at the PEM "
-                              "`retention keygen` wrote")
         if os.name == "posix" and mode & 0o077:
             raise ConfigError(
                 f"signing key {path} is accessible to others (mode {stat.S_IMODE(mode):04o}): anyone who can "
@@ -191,14 +195,17 @@ class PublicKeys:
 
 def read_local_file(path: str | Path, *, what: str, limit: int) -> bytes:
     """The bytes of a file an operator names, read no further than ``limit``; ConfigError naming
-    it when it is missing, a directory, unreadable or larger (a symlink to /dev/zero ends there)."""
+    it when it is missing, a directory, not a regular file (a FIFO, /dev/zero), unreadable or larger."""
+    from retention.localfiles import NotARegularFile, read_regular
+
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(limit + 1)
+        data = read_regular(path, limit)  # a FIFO is refused, never waited on
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"{what} {path} is a directory; give the file") from None
+    except NotARegularFile:
+        raise ConfigError(f"{what} {path} is not a regular file (a FIFO, device or socket); give the file") from None
     except OSError as exc:
         raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     if len(data) > limit:

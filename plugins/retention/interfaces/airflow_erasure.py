@@ -107,7 +107,7 @@ def _erase(path: str, request_id: str) -> dict[str, Any]:
     from retention.evidence.signing import Signer
     from retention.holds import HoldRegistry
     from retention.rules.loader import load_rules
-    from retention.run.erase import erase_request
+    from retention.run.erase import erase_request, partial_reasons
     from retention.targets import Targets
 
     context = get_current_context()
@@ -119,4 +119,11 @@ def _erase(path: str, request_id: str) -> dict[str, Any]:
                                key=SubjectKey.from_environment(), signer=Signer.from_environment())
     seq = result.certificate.seq if result.certificate else None
     log.info("erasure request %s: %s (certificate %s)", request_id, result.request.state, seq)
+    if result.certificate is not None and result.certificate.status != "done":
+        # Not every record of the subject is gone: the task fails, as a partial purge's certify task
+        # does (no retry: a hold or a refusal does not go away by trying again; the certificate and
+        # the request's state are written already).
+        reasons = partial_reasons(result.certificate) or ["not every target finished"]
+        raise AirflowFailException(f"erasure request {request_id} is {result.certificate.status} "
+                                   f"(certificate {seq}): " + "; ".join(reasons))
     return {"request": request_id, "state": result.request.state, "certificate": seq}

@@ -91,7 +91,8 @@ def checkpoint_stores() -> list[CheckpointStore]:
 
 
 class _AuditEngine:
-    """The audit database's engine, opened (schema checked) on first use and kept; a failure is retried."""
+    """The audit database's engine, opened (schema checked, never created) on first use and kept; a failure
+    (the database down, or without audit tables) is retried."""
 
     def __init__(self, conn_id: str):
         self.conn_id = conn_id
@@ -104,7 +105,9 @@ class _AuditEngine:
 
         with self._lock:
             if self._engine is None:
-                self._engine = open_audit(airflow_connection, self.conn_id)
+                # The page reads the evidence: pointed at a database without audit tables it says
+                # so (ConfigError: a 503 naming the connection) instead of creating them there.
+                self._engine = open_audit(airflow_connection, self.conn_id, create=False)
             return self._engine
 
 

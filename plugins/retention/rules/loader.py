@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from retention.errors import RuleError, RuleProblem
+from retention.localfiles import read_regular
 from retention.rules.fields import parse_category, parse_schedule
 from retention.rules.models import RetentionRule, RuleFile
 from retention.rules.problems import dotted_path, validation_problems
@@ -33,8 +34,7 @@ def load_rule_file(path: str | os.PathLike[str]) -> RuleFile:
     """Load and validate one rule file; raise :class:`RuleError` naming file:line:field."""
     path = Path(path)
     try:
-        with path.open("rb") as stream:
-            raw = stream.read(MAX_RULE_FILE_BYTES + 1)  # never read an unbounded file into memory
+        raw = read_regular(path, MAX_RULE_FILE_BYTES)  # never an unbounded read, never a wait on a FIFO
     except OSError as exc:
         raise RuleError([RuleProblem(str(path), None, None, f"cannot read: {exc.strerror}")]) from None
     if len(raw) > MAX_RULE_FILE_BYTES:
@@ -125,7 +125,8 @@ def scan_rules(directory: str | os.PathLike[str]) -> tuple[list[RuleFile], list[
         return [], [RuleProblem(str(directory), None, None, "rules directory does not exist")]
     files = sorted(
         p for p in directory.iterdir()
-        if p.suffix in (".yaml", ".yml") and not p.name.startswith("_") and p.is_file()
+        # Anything but a directory: a FIFO or a device named *.yaml is a problem of its own, not a rule skipped.
+        if p.suffix in (".yaml", ".yml") and not p.name.startswith("_") and not p.is_dir()
     )
     if not files:
         return [], [RuleProblem(str(directory), None, None, "no rule files (*.yaml) in this directory")]
@@ -179,8 +180,7 @@ def salvage_fields(path: str | os.PathLike[str]) -> SalvagedFields:
     a typo keeps failing where people were looking. Never raises.
     """
     try:
-        with Path(path).open("rb") as stream:
-            raw = stream.read(MAX_RULE_FILE_BYTES + 1)
+        raw = read_regular(path, MAX_RULE_FILE_BYTES)
         if len(raw) > MAX_RULE_FILE_BYTES:
             return SalvagedFields()
         data = load_located(raw.decode("utf-8")).data

@@ -20,6 +20,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retention.errors import RuleError, RuleProblem
+from retention.localfiles import read_regular
 from retention.rules.fields import (
     ConnectionId,
     Identifier,
@@ -99,7 +100,10 @@ def load_subjects(directory: str | os.PathLike[str]) -> SubjectsFile | None:
     path = Path(directory) / SUBJECTS_FILE
     if not path.is_file():
         return None
-    raw = path.read_bytes()[: MAX_SUBJECTS_FILE_BYTES + 1]
+    try:
+        raw = read_regular(path, MAX_SUBJECTS_FILE_BYTES)  # never an unbounded read, never a wait on a FIFO
+    except OSError as exc:
+        raise RuleError([RuleProblem(str(path), None, None, f"cannot read: {exc.strerror}")]) from None
     if len(raw) > MAX_SUBJECTS_FILE_BYTES:
         raise RuleError([RuleProblem(str(path), None, None, f"larger than {MAX_SUBJECTS_FILE_BYTES // 1024} KiB")])
     try:

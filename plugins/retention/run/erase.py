@@ -54,6 +54,19 @@ class ErasureResult:
     certificate: Certificate | None
 
 
+def partial_reasons(certificate: Certificate) -> list[str]:
+    """Why an erasure certificate is partial, one phrase per target that kept some of the subject's
+    records: held under a legal hold, refused, or failed. Empty for a done certificate."""
+    reasons = []
+    for entry in certificate.data.get("targets", []):
+        if entry.get("holds"):
+            cases = ", ".join(hold["case"] for hold in entry["holds"])
+            reasons.append(f"{entry['name']}: {entry.get('held', 0)} record(s) retained under legal hold {cases}")
+        if entry.get("outcome") in ("refused", "failed"):
+            reasons.append(f"{entry['name']}: {entry['outcome']}" + (f" ({entry['error']})" if entry.get("error") else ""))
+    return reasons
+
+
 def erase_request(request_id: str, *, rules: list[RuleFile], registry: ErasureRegistry, holds: HoldRegistry,
                   targets: Targets, key: SubjectKey, signer: Signer, replay: bool = False) -> ErasureResult:
     """Erase one request's subject everywhere the rules reach, certify it, and close the request.

@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         from sqlalchemy.exc import SQLAlchemyError
 
         if isinstance(exc, SQLAlchemyError):
-            _err("database error: " + " ".join(str(getattr(exc, "orig", exc)).split()))  # one line, as every error
+            from retention.connections import failed_connection
+
+            conn_id = failed_connection(exc)  # which database: its id, never its URI
+            _err("database error: " + (f"connection {conn_id}: " if conn_id else "")
+                 + " ".join(str(getattr(exc, "orig", exc)).split()))  # one line, as every error
             return EXIT_FAILED
         if type(exc).__module__.startswith("botocore."):  # S3 unreachable or refusing: no import of botocore here
             _err(f"S3 error: {' '.join(str(exc).split())}")

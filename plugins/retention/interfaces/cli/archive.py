@@ -50,8 +50,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise ConfigError(f"--into {args.into}: {exc}") from None
     engine = open_audit(from_environment, args.audit)
     with Targets(from_environment) as targets:
+        # The S3 client only when the manifest is read: --seq is checked (it exists, it records an
+        # archive) before the archive's connection is asked for.
+        manifest, certificate = certified_manifest(engine, args.manifest,
+                                                   lambda: targets.s3_client(args.archive_connection),
+                                                   seq=args.seq, keys=keys)
         client = targets.s3_client(args.archive_connection)
-        manifest, certificate = certified_manifest(engine, args.manifest, lambda: client, seq=args.seq, keys=keys)
         if args.into.startswith("s3://"):
             return _restore_objects(manifest, client, args.into)
         result = restore(manifest, client, targets.sql_engine(conn_id), certificate=certificate,

@@ -179,7 +179,7 @@ def _erase(args: argparse.Namespace, registry: ErasureRegistry, ids: list[str], 
     if getattr(args, "json", False):
         print(json.dumps([{"request": r.request.request_id, "state": r.request.state,
                            "certificate": r.certificate.data if r.certificate else None} for r in results], indent=2))
-        return EXIT_OK
+        return _partial_exit(results)
     if not results:
         print("No pending erasure requests.")
     for result in results:
@@ -189,7 +189,20 @@ def _erase(args: argparse.Namespace, registry: ErasureRegistry, ids: list[str], 
         print(f"{result.request.request_id}: {result.request.state}, certificate {result.certificate.seq}")
         for entry in result.certificate.data["targets"]:
             print(f"  {entry['name']:<32} {_outcome_text(entry)}")
-    return EXIT_OK
+    return _partial_exit(results)
+
+
+def _partial_exit(results: list) -> int:
+    """EXIT_FAILED, saying why on stderr, when an erasure ended partial: the subject's records
+    are not all gone, so the run is not a success (as `retention run` on a partial purge)."""
+    from retention.run.erase import partial_reasons
+
+    partial = [r for r in results if r.certificate is not None and r.certificate.status != "done"]
+    for result in partial:
+        reasons = partial_reasons(result.certificate) or ["not every target finished"]
+        _err(f"{result.request.request_id}: erasure {result.certificate.status} (certificate {result.certificate.seq}): "
+             + "; ".join(reasons))
+    return EXIT_FAILED if partial else EXIT_OK
 
 
 def _outcome_text(entry: dict) -> str:

@@ -179,7 +179,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rules = load_rules(args.rules, category=args.category)
     now = args.as_of or _now()
-    engine = open_audit(from_environment, args.audit)
+    engine = open_audit(from_environment, args.audit, create=False)  # a reader: the wrong database is refused
     skipped: list[str] = []
     with Targets(from_environment) as targets:
         report = retention_status(rules, engine, targets, now=now, skipped=skipped)

@@ -397,11 +397,15 @@ def _unreachable_handlers(app: FastAPI, pages: _Pages) -> None:
 
     async def database(request: Request, exc: Exception) -> Response:
         log.warning("retention page: a database failed: %s", exc)
+        from retention.connections import failed_connection
+
         cause = getattr(exc, "orig", None) or exc
-        # Which one is in the driver's line (host, port); a hold's scope check also reads its target's table.
+        conn_id = failed_connection(exc)
+        # Which one: its connection id, and the driver's line (host, port); a hold's scope check also
+        # reads its target's table.
+        which = f"connection {conn_id}" if conn_id else "the audit database (or the target a hold is checked against)"
         return pages.render(request, "error.html", 503, title="A database cannot be reached",
-                            message=f"the audit database (or the target a hold is checked against) failed: "
-                                    f"{_one_line(cause)}", login="")
+                            message=f"{which} failed: {_one_line(cause)}", login="")
 
     async def storage(request: Request, exc: Exception) -> Response:
         log.warning("retention page: S3 failed: %s", exc)

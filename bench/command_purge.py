@@ -45,7 +45,7 @@ method's peak over its RSS before the purge. A peer that is not installed is rep
 Run::
 
     /work/main/.venv/bin/python bench/command_purge.py [--scenario pg-delete pg-empty mariadb pg-archive]
-        [--rows 2000000] [--expired 1000000] [--repeat 3] [--pg URL] [--mysql URL] [--json] [--save [PATH]]
+        [--rows 2000000] [--expired 1000000] [--workers 1] [--repeat 3] [--pg URL] [--mysql URL] [--json] [--save [PATH]]
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ targets:
     key: [id]
     age_column: created_at
     max_fraction: 0.6
+    workers: {workers}
 {archive}"""
 BUCKET = "bench-archive"
 ARCHIVE_YAML = f"""\
@@ -304,7 +305,8 @@ class Setup:
         self.rules = workdir / f"rules-{action}"
         self.rules.mkdir(exist_ok=True)
         archive = ARCHIVE_YAML if s3_endpoint else ""
-        (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive))
+        (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive,
+                                                                                   workers=args.workers))
         key = workdir / "keys" / "retention-signing.pem"
         if not key.exists():
             generate_keypair(workdir / "keys")
@@ -509,7 +511,7 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
             runs = interleave(methods, args.repeat)
         finally:
             setup.engine.dispose()
-    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}, "peers_missing": peers}
+    summary: dict = {"rows": args.rows, "expired": expired, "workers": args.workers, "methods": {}, "peers_missing": peers}
     for method, results in runs.items():
         summary["methods"][method] = {
             "seconds": median_of(results, lambda r: r["seconds"]),
@@ -535,7 +537,7 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
 
 def print_summary(report: dict) -> None:
     for name, summary in report["scenarios"].items():
-        print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows")
+        print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows, workers {summary['workers']}")
         print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10} {'writing tx':>10} "
               f"{'peak RSS':>10} {'RSS growth':>10}  {'checks':<6}  CPU s")
         for method, figures in summary["methods"].items():
@@ -559,6 +561,8 @@ def main() -> int:
     parser.add_argument("--expired", type=int, default=None, help="expired rows (default: half of --rows)")
     parser.add_argument("--mysql", default=os.environ.get("RETENTION_BENCH_MYSQL", DEFAULT_MYSQL),
                         help=f"MariaDB server URL (default $RETENTION_BENCH_MYSQL or {DEFAULT_MYSQL})")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the rule's workers: parallel walkers of the expired rows (default 1, the rule default)")
     add_common(parser, repeat_order="command, engine, peers")
     parser.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)  # the S3 child process
     args = parser.parse_args()

@@ -29,6 +29,11 @@ and pydantic, validates a one-field model and runs one ``SELECT 1`` on the bench
 Every command pays it, so ``best command/raw`` (raw over raw + floor) is the ratio the whole
 command could reach if everything of ours cost nothing.
 
+CPU seconds (``cpu s``) of each method are shown split by process: ``client`` (the method's own
+child processes: the command, or psql and gzip; for ``engine``, this process), ``pg`` (the PostgreSQL backends of the bench and
+audit databases, read from ``/proc`` by the monitor every 10 ms, so a backend's last 10 ms may be
+missed) and, in scenario ``pg-archive``, ``moto`` (the S3 server's process).
+
 While a method runs, a monitor samples the database's open transactions every 10 ms and keeps
 the oldest one's age: the longest transaction (``longest_tx``; on MariaDB, whose transactions
 start to the second only, the longest running statement) and, on PostgreSQL, the longest one
@@ -46,7 +51,7 @@ method's peak over its RSS before the purge. A peer that is not installed is rep
 Run::
 
     /work/main/.venv/bin/python bench/command_purge.py [--scenario pg-delete pg-empty mariadb pg-archive]
-        [--rows 2000000] [--expired 1000000] [--repeat 3] [--pg URL] [--mysql URL] [--json] [--save [PATH]]
+        [--rows 2000000] [--expired 1000000] [--workers 1] [--repeat 3] [--pg URL] [--mysql URL] [--json] [--save [PATH]]
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ from harness import (  # noqa: E402
     server_url,
     throwaway_database,
 )
-from moto_process import CREDENTIALS, REGION, plain_client  # noqa: E402
+from moto_process import CREDENTIALS, REGION, cpu_seconds, plain_client  # noqa: E402
 
 from retention.evidence.signing import generate_keypair  # noqa: E402
 
@@ -120,6 +125,7 @@ targets:
     key: [id]
     age_column: created_at
     max_fraction: 0.6
+    workers: {workers}
 {archive}"""
 BUCKET = "bench-archive"
 ARCHIVE_YAML = f"""\
@@ -196,9 +202,11 @@ def _naive(moment: datetime) -> datetime:
 class TransactionMonitor:
     """Samples the oldest open transaction in the bench database every 10 ms, from a thread."""
 
-    def __init__(self, engine: sa.Engine, database: str):
+    def __init__(self, engine: sa.Engine, database: str, others: tuple[str, ...] = ()):
         self.engine = engine
         self.database = database
+        self.databases = [database, *others]  # whose backends' CPU is summed (PostgreSQL)
+        self._cpu: dict[int, list[float]] = {}  # backend pid: [CPU when first seen, CPU last seen]
         self.longest = 0.0
         self.longest_write: float | None = None
         """PostgreSQL: the oldest transaction that holds a transaction id (it wrote: it may hold
@@ -224,10 +232,26 @@ class TransactionMonitor:
                         "FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
                         "AND xact_start IS NOT NULL AND backend_type = 'client backend'")
 
+        backends = sa.text("SELECT pid FROM pg_stat_activity WHERE datname = ANY(:dbs) AND pid <> pg_backend_pid()")
+        first = True
+
         def sample() -> tuple[float, float]:
+            nonlocal first
             any_, wrote = conn.execute(query, {"db": self.database}).one()
+            for (pid,) in conn.execute(backends, {"dbs": self.databases}):
+                used = cpu_seconds(pid)
+                # A backend there before the method ran (the bench's own pool) counts from now.
+                self._cpu.setdefault(pid, [used if first else 0.0, used])[1] = used
+            first = False
             return float(any_ or 0), float(wrote or 0)
         return sample
+
+    @property
+    def backend_cpu(self) -> float | None:
+        """CPU seconds the databases' backends used while the monitor ran (PostgreSQL only)."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        return sum(last - start for start, last in self._cpu.values())
 
     def _mariadb(self, conn: sa.Connection):
         # InnoDB keeps a transaction's start to the second only: the running statement's age
@@ -275,19 +299,21 @@ class Setup:
     """What every method of one scenario shares: the database, the rule, the command's environment."""
 
     def __init__(self, args: argparse.Namespace, kind: str, url: sa.URL, audit_url: sa.URL, workdir: Path,
-                 s3_endpoint: str | None = None):
+                 s3_server: dict | None = None):
         self.args = args
         self.kind = kind
         self.url = url
         self.engine = sa.create_engine(url)
         self.audit_url = audit_url
         self.workdir = workdir
-        self.s3_endpoint = s3_endpoint  # scenario pg-archive: the rule archives to this moto server
+        self.s3_server = s3_server  # scenario pg-archive: the rule archives to this moto server
+        s3_endpoint = self.s3_endpoint = s3_server["endpoint"] if s3_server else None
         action = "archive" if s3_endpoint else "delete"
         self.rules = workdir / f"rules-{action}"
         self.rules.mkdir(exist_ok=True)
         archive = ARCHIVE_YAML if s3_endpoint else ""
-        (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive))
+        (self.rules / "bench_events.yaml").write_text(RULE_YAML.format(action=action, archive=archive,
+                                                                                   workers=args.workers))
         key = workdir / "keys" / "retention-signing.pem"
         if not key.exists():
             generate_keypair(workdir / "keys")
@@ -307,11 +333,19 @@ class Setup:
     def measure(self, name: str, work) -> dict:
         """Fresh table, then ``work()`` timed under the transaction monitor, then the checks."""
         self.fresh()
-        with TransactionMonitor(self.engine, self.url.database or "") as monitor:
+        moto = self.s3_server["pid"] if self.s3_server else None
+        with TransactionMonitor(self.engine, self.url.database or "", (self.audit_url.database or "",)) as monitor:
+            moto_before, children = cpu_seconds(moto) if moto else 0.0, os.times()
             started = time.perf_counter()
             extra = work() or {}
             # The engine alone is timed from inside (its reflection and journal set-up are the plan's).
             seconds = extra.pop("purge_seconds", time.perf_counter() - started)
+            after = os.times()
+            # The engine method runs in this process (its figure includes the monitor thread's CPU).
+            own = after.user - children.user + after.system - children.system if name == "engine" else 0.0
+            cpu = {"client": own + after.children_user - children.children_user
+                   + after.children_system - children.children_system,
+                   "pg": monitor.backend_cpu, "moto": cpu_seconds(moto) - moto_before if moto else None}
         expired = 0 if self.args.scenario_now == "pg-empty" else self.args.expired
         problems = check_table(self.engine, self.args.rows, expired)
         if self.s3_endpoint:
@@ -320,10 +354,11 @@ class Setup:
                 problems.append(f"the archive holds {archived[0]} rows (ids summing to {archived[1]}), expected "
                                 f"{expired} (ids 1..{expired})")
         write = "" if monitor.longest_write is None else f" (longest writing one {monitor.longest_write:.3f}s)"
-        log(f"{name}: {seconds:.3f}s, longest transaction {monitor.longest:.3f}s{write}"
+        log(f"{name}: {seconds:.3f}s, longest transaction {monitor.longest:.3f}s{write}, CPU s "
+            + ", ".join(f"{who} {used:.2f}" for who, used in cpu.items() if used is not None)
             + (f" — WRONG: {'; '.join(problems)}" if problems else ""))
         return {"seconds": seconds, "longest_tx": monitor.longest, "longest_write_tx": monitor.longest_write,
-                "problems": problems, **extra}
+                "cpu_s": cpu, "problems": problems, **extra}
 
     def command(self) -> dict:
         """``retention run`` as a user types it."""
@@ -479,7 +514,7 @@ def archive_server(name: str):
         yield None
         return
     with moto_process.moto_server([os.path.abspath(__file__), "--serve-moto"], 120) as server:
-        yield server["endpoint"]
+        yield server
 
 
 def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Path) -> dict:
@@ -488,9 +523,9 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
     admin = admin_url(args.pg)
     peers: dict[str, str] = {}
     server = server_url(args.mysql, "--mysql (or $RETENTION_BENCH_MYSQL)", DEFAULT_MYSQL) if name == "mariadb" else admin
-    with throwaway_database(server, "bench_cmd") as url, archive_server(name) as s3_endpoint:
+    with throwaway_database(server, "bench_cmd") as url, archive_server(name) as s3_server:
         kind = "mysql" if name == "mariadb" else "postgresql"
-        setup = Setup(args, kind, url, audit_url, workdir, s3_endpoint)
+        setup = Setup(args, kind, url, audit_url, workdir, s3_server)
         expired = 0 if name == "pg-empty" else args.expired
         log(f"{name}: building {args.rows:,} rows, {expired:,} expired")
         (my_pristine if kind == "mysql" else pg_pristine)(setup.engine, args.rows, expired)
@@ -514,8 +549,8 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
             floor = measure_floor(url, max(3, args.repeat)) if name in ("pg-empty", "pg-delete") else None
         finally:
             setup.engine.dispose()
-    summary: dict = {"rows": args.rows, "expired": expired, "methods": {}, "peers_missing": peers,
-                     "floor_seconds": floor}
+    summary: dict = {"rows": args.rows, "expired": expired, "workers": args.workers, "methods": {},
+                     "peers_missing": peers, "floor_seconds": floor}
     for method, results in runs.items():
         summary["methods"][method] = {
             "seconds": median_of(results, lambda r: r["seconds"]),
@@ -525,6 +560,9 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
             # The command's whole process (interpreter and imports included); the engine's growth in this one.
             "peak_rss_kib": max((r["peak_rss_kib"] for r in results if "peak_rss_kib" in r), default=None),
             "rss_growth_kib": max((r["rss_growth_kib"] for r in results if "rss_growth_kib" in r), default=None),
+            # Median CPU seconds per process kind.
+            "cpu_s": {who: median_of(results, lambda r, who=who: r["cpu_s"][who])
+                      for who in ("client", "pg", "moto") if all(r["cpu_s"][who] is not None for r in results)},
             "rows_per_s": expired / median_of(results, lambda r: r["seconds"]) if expired else None,
             "correct": not any(r["problems"] for r in results),
             "runs": results,
@@ -540,15 +578,16 @@ def scenario(args: argparse.Namespace, name: str, audit_url: sa.URL, workdir: Pa
 
 def print_summary(report: dict) -> None:
     for name, summary in report["scenarios"].items():
-        print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows")
+        print(f"\n{name}: {summary['expired']:,} expired of {summary['rows']:,} rows, workers {summary['workers']}")
         print(f"  {'method':<12} {'seconds':>8} {'rows/s':>10} {'longest tx':>10} {'writing tx':>10} "
-              f"{'peak RSS':>10} {'RSS growth':>10}  checks")
+              f"{'peak RSS':>10} {'RSS growth':>10}  {'checks':<6}  CPU s")
         for method, figures in summary["methods"].items():
             rate = f"{figures['rows_per_s']:,.0f}" if figures["rows_per_s"] else "-"
             wrote = "-" if figures["longest_write_tx"] is None else f"{figures['longest_write_tx']:.3f}s"
             print(f"  {method:<12} {figures['seconds']:>8.3f} {rate:>10} {figures['longest_tx']:>9.3f}s {wrote:>10} "
                   f"{kib_as_mib(figures['peak_rss_kib']):>10} {kib_as_mib(figures['rss_growth_kib']):>10}  "
-                  f"{'ok' if figures['correct'] else 'WRONG'}")
+                  f"{'ok' if figures['correct'] else 'WRONG':<6}  "
+                  + ", ".join(f"{who} {used:.2f}" for who, used in figures["cpu_s"].items()))
         if summary.get("floor_seconds") is not None:
             share = f" ({summary['floor_seconds'] / summary['methods']['command']['seconds']:.0%} of the command)"
             print(f"  floor (the stack's start-up, nothing of ours): {summary['floor_seconds']:.3f}s{share}")
@@ -568,6 +607,8 @@ def main() -> int:
     parser.add_argument("--expired", type=int, default=None, help="expired rows (default: half of --rows)")
     parser.add_argument("--mysql", default=os.environ.get("RETENTION_BENCH_MYSQL", DEFAULT_MYSQL),
                         help=f"MariaDB server URL (default $RETENTION_BENCH_MYSQL or {DEFAULT_MYSQL})")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the rule's workers: parallel walkers of the expired rows (default 1, the rule default)")
     add_common(parser, repeat_order="command, engine, peers")
     parser.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)  # the S3 child process
     args = parser.parse_args()

@@ -69,6 +69,14 @@ def _check_command(report: dict) -> None:
     pipeline = shutil.which("psql") and shutil.which("gzip")
     assert set(scenarios["pg-archive"]["ratios"]) == ({"command/raw-archive"} if pipeline else set())
     assert all(value > 0 for s in scenarios.values() for value in s["ratios"].values())
+    # CPU seconds by process: the method's client always; PostgreSQL's backends on PostgreSQL;
+    # moto only where the command archives to it.
+    for name, scenario in scenarios.items():
+        for method, figures in scenario["methods"].items():
+            expected = {"client"} | ({"pg"} if name != "mariadb" else set()) | ({"moto"} if name == "pg-archive" else set())
+            assert set(figures["cpu_s"]) == expected, (name, method)
+            assert all(used >= 0 for used in figures["cpu_s"].values()), (name, method)
+        assert scenario["workers"] == 1
 
 
 def _check_partition(report: dict) -> None:

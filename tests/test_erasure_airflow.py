@@ -47,7 +47,8 @@ def test_a_request_filed_through_the_dag_conf_is_erased_and_certified(airflow_db
 
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
-def test_a_partial_erasure_fails_its_task(airflow_db, world, monkeypatch, capsys):  # noqa: F811
+def test_an_erasure_a_hold_keeps_partial_succeeds_and_the_next_run_after_the_release_finishes_it(
+        airflow_db, world, monkeypatch, capsys):  # noqa: F811
     from airflow.utils.state import DagRunState
 
     from retention.interfaces.airflow_erasure import build_erasure_dag
@@ -59,7 +60,13 @@ def test_a_partial_erasure_fails_its_task(airflow_db, world, monkeypatch, capsys
     dag = build_erasure_dag(world["rules"])
     dag_run = dag.test(logical_date=datetime(2026, 6, 15, tzinfo=timezone.utc),
                        run_conf={"subject": "email=ana@example.com", "request": "DSR-AF-2"})
-    assert dag_run.state == DagRunState.FAILED  # a partial erasure is no green run
+    assert dag_run.state == DagRunState.SUCCESS  # the hold beat the erasure, as the law says it must
     payload = json.loads(world["audit"].scalar("SELECT payload FROM purge_certificates"))
     assert payload["request"] == "DSR-AF-2" and payload["status"] == "partial"
     assert world["audit"].scalar("SELECT state FROM erasure_requests") == "partial"
+
+    assert main(["hold", "release", "1", "--reason", "dispute settled"]) == 0
+    dag_run = dag.test(logical_date=datetime(2026, 6, 16, tzinfo=timezone.utc))
+    assert dag_run.state == DagRunState.SUCCESS
+    assert world["audit"].scalar("SELECT state FROM erasure_requests") == "done"
+    assert world["audit"].scalar("SELECT count(*) FROM purge_certificates") == 2

@@ -24,10 +24,8 @@ def test_the_demo_files_two_requests_one_partly_held_and_both_receipts_verify(tm
         if name not in os.environ or os.environ[name] != value:
             monkeypatch.setenv(name, value)
     (first, _), (second, _) = demo_customers(env)
-    steps = erasure_steps(demo, env)
-    codes = [main(command) for command, _ in steps]
-    assert codes == [expected for _, expected in steps]
-    assert [expected for command, expected in steps if command == ["erase", "run"]] == [1]  # the held request
+    codes = [main(command) for command in erasure_steps(demo, env)]
+    assert codes == [0] * len(codes)
     out = capsys.readouterr().out
     assert "retained under legal hold CASE-123" in out and out.count("✓ receipt of") == 2
     receipts = sorted((demo / "receipts").glob("*.json"))

@@ -78,6 +78,7 @@ def _audit():
 def _file(path: str) -> list[str]:
     """The file task: the conf's request filed (once: a retry finds it), then the ids to erase."""
     from retention.erasure_requests import SubjectKey
+    from retention.holds import HoldRegistry
     from retention.run.erase import file_erasure_request, pending_requests
     from retention.targets import Targets
 
@@ -96,7 +97,7 @@ def _file(path: str) -> list[str]:
                                      due=date.fromisoformat(params["due"]) if params.get("due") else None,
                                      targets=targets, key=SubjectKey.from_environment())
             log.info("filed erasure request %s", params["request"])
-    pending = pending_requests(registry)
+    pending = pending_requests(registry, HoldRegistry(registry.engine))
     log.info("%d erasure request(s) to run: %s", len(pending), ", ".join(pending))
     return pending
 
@@ -107,7 +108,7 @@ def _erase(path: str, request_id: str) -> dict[str, Any]:
     from retention.evidence.signing import Signer
     from retention.holds import HoldRegistry
     from retention.rules.loader import load_rules
-    from retention.run.erase import erase_request, partial_reasons
+    from retention.run.erase import erase_request, failed_reasons, held_reasons
     from retention.targets import Targets
 
     context = get_current_context()
@@ -120,10 +121,15 @@ def _erase(path: str, request_id: str) -> dict[str, Any]:
     seq = result.certificate.seq if result.certificate else None
     log.info("erasure request %s: %s (certificate %s)", request_id, result.request.state, seq)
     if result.certificate is not None and result.certificate.status != "done":
-        # Not every record of the subject is gone: the task fails, as a partial purge's certify task
-        # does (no retry: a hold or a refusal does not go away by trying again; the certificate and
-        # the request's state are written already).
-        reasons = partial_reasons(result.certificate) or ["not every target finished"]
-        raise AirflowFailException(f"erasure request {request_id} is {result.certificate.status} "
-                                   f"(certificate {seq}): " + "; ".join(reasons))
+        failures = failed_reasons(result.certificate)
+        if failures:
+            # A target refused or failed: the subject's records are not all gone and someone must
+            # look; the task fails, with no retry (the certificate and the request's state are
+            # written; the next run tries a failed target again).
+            raise AirflowFailException(f"erasure request {request_id} is {result.certificate.status} "
+                                       f"(certificate {seq}): " + "; ".join(failures + held_reasons(result.certificate)))
+        # Only legal holds kept records: the hold beats the erasure (the task succeeds, as a purge
+        # whose held rows stay does); the run after the hold is released takes them.
+        log.warning("erasure request %s is partial (certificate %s): %s; the next run takes them once the hold "
+                    "is released", request_id, seq, "; ".join(held_reasons(result.certificate)))
     return {"request": request_id, "state": result.request.state, "certificate": seq}

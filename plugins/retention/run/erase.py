@@ -23,7 +23,7 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from retention import failpoints
 from retention.clock import utc_iso
 from retention.evidence.audit import erasure_steps
-from retention.evidence.chain import append_certificate
+from retention.evidence.chain import append_certificate, read_certificates
 from retention.evidence.payload import ERASURE_CATEGORY, ErasureCertificatePayload, ErasureOutcome
 from retention.identity import who
 from retention.plan.erasure import build_erasure_plan, erasable, subject_condition
@@ -54,16 +54,27 @@ class ErasureResult:
     certificate: Certificate | None
 
 
-def partial_reasons(certificate: Certificate) -> list[str]:
-    """Why an erasure certificate is partial, one phrase per target that kept some of the subject's
-    records: held under a legal hold, refused, or failed. Empty for a done certificate."""
+def held_reasons(certificate: Certificate) -> list[str]:
+    """The targets where a legal hold kept some of the subject's records (the hold beats the
+    erasure: the law working, not a failure), one phrase each."""
     reasons = []
     for entry in certificate.data.get("targets", []):
         if entry.get("holds"):
             cases = ", ".join(hold["case"] for hold in entry["holds"])
             reasons.append(f"{entry['name']}: {entry.get('held', 0)} record(s) retained under legal hold {cases}")
-        if entry.get("outcome") in ("refused", "failed"):
-            reasons.append(f"{entry['name']}: {entry['outcome']}" + (f" ({entry['error']})" if entry.get("error") else ""))
+    return reasons
+
+
+def failed_reasons(certificate: Certificate) -> list[str]:
+    """The targets the erasure did not finish (refused by its guard, or failed): failures someone
+    must look at, one phrase each."""
+    reasons = []
+    for entry in certificate.data.get("targets", []):
+        outcome = entry.get("outcome")
+        if outcome in ("refused", "failed"):
+            error = str(entry.get("error") or "")
+            detail = error if error.startswith(f"{outcome}:") else f"{outcome}" + (f": {error}" if error else "")
+            reasons.append(f"{entry['name']}: {detail}")
     return reasons
 
 
@@ -243,9 +254,34 @@ class _StepJournal:
                                                           step=step, **values))
 
 
-def pending_requests(registry: ErasureRegistry) -> list[str]:
-    """Ids of the requests a run takes on: pending, and interrupted (in progress)."""
-    return [r.request_id for r in registry.find() if r.state in ("pending", "in_progress")]
+def pending_requests(registry: ErasureRegistry, holds: HoldRegistry | None = None) -> list[str]:
+    """Ids of the requests a run takes on: pending, interrupted (in progress) and, with ``holds``,
+    partial ones that are due again (:func:`due_again`)."""
+    due = []
+    for request in registry.find():
+        if request.state in ("pending", "in_progress") or (
+                holds is not None and request.state == "partial" and due_again(registry, holds, request)):
+            due.append(request.request_id)
+    return due
+
+
+def due_again(registry: ErasureRegistry, holds: HoldRegistry, request: ErasureRequest) -> bool:
+    """Whether a partial request has work a new attempt could do: a target of its last attempt
+    failed, or records kept under legal holds none of which is in force any more (released, or
+    lapsed). One refused by the erasure guard waits for a person (``erase run ID``)."""
+    if request.certificate_seq is None:
+        return False
+    certificate = next(read_certificates(registry.engine, seq=request.certificate_seq), None)
+    if certificate is None:
+        return False
+    entries = certificate.data.get("targets", [])
+    if any(entry.get("outcome") == "failed" for entry in entries):
+        return True
+    kept = sorted({int(hold["id"]) for entry in entries for hold in entry.get("holds") or ()})
+    if not kept:
+        return False
+    now = holds.now()
+    return not any(hold.in_force(now) for hold in holds.by_ids(kept))
 
 
 def replayable_requests(registry: ErasureRegistry, since: date) -> list[str]:

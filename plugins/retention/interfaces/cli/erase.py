@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from retention.errors import ConfigError, RetentionError
@@ -145,10 +146,12 @@ def cmd_erase_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_erase_run(args: argparse.Namespace) -> int:
+    from retention.holds import HoldRegistry
     from retention.run.erase import pending_requests
 
     registry = _registry(args)
-    return _erase(args, registry, [args.id] if args.id else pending_requests(registry), replay=False)
+    due = [args.id] if args.id else pending_requests(registry, HoldRegistry(registry.engine))
+    return _erase(args, registry, due, replay=False)
 
 
 def cmd_erase_replay(args: argparse.Namespace) -> int:
@@ -179,7 +182,7 @@ def _erase(args: argparse.Namespace, registry: ErasureRegistry, ids: list[str], 
     if getattr(args, "json", False):
         print(json.dumps([{"request": r.request.request_id, "state": r.request.state,
                            "certificate": r.certificate.data if r.certificate else None} for r in results], indent=2))
-        return _partial_exit(results)
+        return _partial_exit(results, quiet=True)
     if not results:
         print("No pending erasure requests.")
     for result in results:
@@ -192,17 +195,29 @@ def _erase(args: argparse.Namespace, registry: ErasureRegistry, ids: list[str], 
     return _partial_exit(results)
 
 
-def _partial_exit(results: list) -> int:
-    """EXIT_FAILED, saying why on stderr, when an erasure ended partial: the subject's records
-    are not all gone, so the run is not a success (as `retention run` on a partial purge)."""
-    from retention.run.erase import partial_reasons
+def _partial_exit(results: list, *, quiet: bool = False) -> int:
+    """Say why each erasure ended partial; EXIT_FAILED when a target was refused or failed (the
+    subject's records are not all gone and someone must look), EXIT_OK when only legal holds kept
+    records (the hold beats the erasure, as held rows stay in a complete purge; the next erase
+    run takes them once the hold is released). ``quiet``: the reasons go to stderr only."""
+    from retention.interfaces.render import shown
+    from retention.run.erase import failed_reasons, held_reasons
 
-    partial = [r for r in results if r.certificate is not None and r.certificate.status != "done"]
-    for result in partial:
-        reasons = partial_reasons(result.certificate) or ["not every target finished"]
-        _err(f"{result.request.request_id}: erasure {result.certificate.status} (certificate {result.certificate.seq}): "
-             + "; ".join(reasons))
-    return EXIT_FAILED if partial else EXIT_OK
+    failed = False
+    for result in results:
+        certificate = result.certificate
+        if certificate is None or certificate.status == "done":
+            continue
+        head = f"{result.request.request_id}: erasure {certificate.status} (certificate {certificate.seq}): "
+        failures = failed_reasons(certificate)
+        if failures:
+            failed = True
+            _err(head + "; ".join(failures + held_reasons(certificate)))
+            continue
+        kept = held_reasons(certificate) or ["not every target finished"]
+        print(shown(head + "; ".join(kept) + "; the next erase run takes them once the hold is released"),
+              file=sys.stderr if quiet else sys.stdout)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _outcome_text(entry: dict) -> str:

@@ -458,3 +458,21 @@ def test_requests_are_never_deleted_and_their_history_never_rewritten(backend, t
     assert [e["event"] for e in registry.history("DSR-9")] == ["pending", "denied"]
     with pytest.raises(Exception, match="cannot become"):
         registry.transition("DSR-9", "in_progress")
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_a_refused_erasure_waits_for_a_person_even_after_its_hold_is_released(world, capsys):
+    # Refused on tickets and held on orders: releasing the hold does not make the nightly run
+    # retry what the guard refused; `erase run ID` by a person does.
+    for i in range(1000, 1040):
+        world["shop"].execute("INSERT INTO tickets VALUES (:i, :c, NULL)", {"i": i, "c": ANA})
+    rules = world["rules"]
+    _hold_anas_second_order(rules)
+    assert main(["erase", "request", "--subject", "email=ana@example.com", "--request", "DSR-1", "--rules", rules]) == 0
+    assert main(["erase", "run", "--rules", rules]) == 1
+    assert main(["hold", "release", "1", "--reason", "dispute settled"]) == 0
+    capsys.readouterr()
+    assert main(["erase", "run", "--rules", rules]) == 0
+    assert "No pending erasure requests." in capsys.readouterr().out
+    assert main(["erase", "run", "DSR-1", "--rules", rules]) == 1  # still refused: the person checks the identity
+    assert _counts(world)["ana_orders"] == 0  # but the released order went with that attempt

@@ -266,17 +266,18 @@ def pending_requests(registry: ErasureRegistry, holds: HoldRegistry | None = Non
 
 
 def due_again(registry: ErasureRegistry, holds: HoldRegistry, request: ErasureRequest) -> bool:
-    """Whether a partial request has work a new attempt could do: a target of its last attempt
-    failed, or records kept under legal holds none of which is in force any more (released, or
-    lapsed). One refused by the erasure guard waits for a person (``erase run ID``)."""
+    """Whether a partial request has work a new attempt could do: records its last attempt kept
+    under legal holds none of which is in force any more (released, or lapsed). One refused by the
+    erasure guard waits for a person (``erase run ID``); a target that fails raises, leaving the
+    request in progress, which every run takes up again."""
     if request.certificate_seq is None:
         return False
     certificate = next(read_certificates(registry.engine, seq=request.certificate_seq), None)
     if certificate is None:
         return False
     entries = certificate.data.get("targets", [])
-    if any(entry.get("outcome") == "failed" for entry in entries):
-        return True
+    if any(entry.get("outcome") in ("refused", "failed") for entry in entries):
+        return False
     kept = sorted({int(hold["id"]) for entry in entries for hold in entry.get("holds") or ()})
     if not kept:
         return False

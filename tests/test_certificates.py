@@ -481,3 +481,27 @@ def test_evidence_read_from_a_database_without_audit_tables_is_refused_and_nothi
     assert "retention_audit" in captured.err and "no audit tables" in captured.err
     assert "✓" not in captured.out
     assert sa.inspect(audit_db.engine).get_table_names() == []
+
+
+@pytest.mark.parametrize("command", [["erase", "list"], ["erase", "receipt", "DSR-1"], ["hold", "list"]])
+def test_other_readers_of_a_database_without_audit_tables_refuse_and_create_nothing(audit_db, capsys, command):
+    code = main(command)
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert "retention_audit" in captured.err and "no audit tables" in captured.err
+    assert sa.inspect(audit_db.engine).get_table_names() == []
+
+
+@pytest.mark.parametrize("command", [["plan"], ["run", "--dry-run"]])
+def test_a_plan_against_an_audit_database_without_tables_creates_none(pg_db, monkeypatch, audit_db, keys, tmp_path,
+                                                                     capsys, command):
+    # A dry run changes nothing, the audit database included: with no audit tables there is no
+    # hold anywhere, and the plan says so.
+    connect(monkeypatch, "crm_db", pg_db)
+    make_customers(pg_db)
+    write_rule(tmp_path / "rules")
+    code = main([*command, "--rules", str(tmp_path / "rules")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "no legal holds: audit connection retention_audit has no audit tables yet" in captured.err
+    assert sa.inspect(audit_db.engine).get_table_names() == []

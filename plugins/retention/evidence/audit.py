@@ -376,6 +376,10 @@ def _add_missing_columns(conn) -> None:
                 conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
 
 
+class NoAuditTables(ConfigError):
+    """The audit connection's database has none of the audit tables (see :func:`open_audit`)."""
+
+
 def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CONNECTION, *,
                create: bool = True) -> Engine:
     """An engine on the audit database, with the schema in place.
@@ -388,7 +392,7 @@ def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CON
     engine = create_sql_engine(connections(conn_id))
     if not create and not inspect(engine).has_table("purge_certificates"):
         engine.dispose()
-        raise ConfigError(f"connection {conn_id} holds no audit tables: nothing was ever certified there. "
+        raise NoAuditTables(f"connection {conn_id} holds no audit tables: nothing was ever certified there. "
                           "Is it the audit database? (a run, or the deployment's init step, creates them)")
     ensure_schema(engine)
     return engine

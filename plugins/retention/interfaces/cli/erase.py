@@ -70,12 +70,14 @@ def _common(cmd: argparse.ArgumentParser) -> None:
                      help="rules directory, with _subjects.yaml")
 
 
-def _registry(args: argparse.Namespace) -> ErasureRegistry:
+def _registry(args: argparse.Namespace, *, create: bool = True) -> ErasureRegistry:
+    """The requests in the audit database; ``create=False`` (a command that only reads them): a
+    database without audit tables is refused, and none are created."""
     from retention.connections import from_environment
     from retention.erasure_requests import ErasureRegistry
     from retention.evidence.audit import open_audit
 
-    return ErasureRegistry(open_audit(from_environment, args.audit))
+    return ErasureRegistry(open_audit(from_environment, args.audit, create=create))
 
 
 def _subjects(rules_dir: str):
@@ -106,7 +108,7 @@ def cmd_erase_request(args: argparse.Namespace) -> int:
 
 
 def cmd_erase_list(args: argparse.Namespace) -> int:
-    registry = _registry(args)
+    registry = _registry(args, create=False)
     requests = registry.find(state=args.state, overdue=args.overdue)
     today = registry.today()
     if args.json:
@@ -130,7 +132,7 @@ def cmd_erase_plan(args: argparse.Namespace) -> int:
     from retention.rules.loader import load_rules
     from retention.targets import Targets
 
-    registry = _registry(args)
+    registry = _registry(args, create=False)
     request = registry.get(args.id)
     rules = load_rules(args.rules)
     with Targets(from_environment) as targets:
@@ -234,7 +236,7 @@ def cmd_erase_receipt(args: argparse.Namespace) -> int:
     from retention.evidence.chain import read_certificates
     from retention.evidence.receipt import build_receipt
 
-    registry = _registry(args)
+    registry = _registry(args, create=False)
     request = registry.get(args.id)
     if request.certificate_seq is None:
         raise ConfigError(f"request {request.request_id} is {request.state}: it has no certificate yet "

@@ -44,12 +44,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     release.set_defaults(handler=cmd_hold_release)
 
 
-def _holds(args: argparse.Namespace):
+def _holds(args: argparse.Namespace, *, create: bool = True):
+    """The legal holds; ``create=False`` (listing them): a database without audit tables is
+    refused, and none are created."""
     from retention.connections import from_environment
     from retention.evidence.audit import open_audit
     from retention.holds import HoldRegistry
 
-    return HoldRegistry(open_audit(from_environment, args.audit))
+    return HoldRegistry(open_audit(from_environment, args.audit, create=create))
 
 
 def cmd_hold_add(args: argparse.Namespace) -> int:
@@ -203,7 +205,7 @@ def _did_you_mean(word: str, choices) -> str:
 
 
 def cmd_hold_list(args: argparse.Namespace) -> int:
-    registry = _holds(args)
+    registry = _holds(args, create=False)
     now = registry.now()  # a dated hold lapses by the clock, so "in force" is judged by it too
     holds = registry.find(category=args.category, include_released=args.all)
     if not args.all:

@@ -93,15 +93,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _hold_registry_if_any(audit: str):
-    """The legal holds, when an audit database is configured; a plan can be made without one."""
+    """The legal holds, when an audit database is configured; a plan can be made without one.
+    A plan changes nothing: an audit database without its tables has no hold, and gets none."""
     from retention.connections import env_var_name, from_environment
-    from retention.evidence.audit import open_audit
+    from retention.evidence.audit import NoAuditTables, open_audit
     from retention.holds import HoldRegistry
 
     if not os.environ.get(env_var_name(audit)):
         print(f"(legal holds not checked: no audit connection {audit})", file=sys.stderr)
         return None
-    return HoldRegistry(open_audit(from_environment, audit))
+    try:
+        return HoldRegistry(open_audit(from_environment, audit, create=False))
+    except NoAuditTables:
+        print(f"(no legal holds: audit connection {audit} has no audit tables yet)", file=sys.stderr)
+        return None
+
 
 
 def cmd_run(args: argparse.Namespace) -> int:

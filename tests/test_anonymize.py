@@ -126,6 +126,18 @@ def test_foreign_keys_and_hash_joins_survive(crm, tmp_path):
     assert joined == len(expired)  # the same key hashed the same email in both tables
 
 
+def test_a_run_reflects_each_table_once(crm, tmp_path, monkeypatch):
+    """The purge reuses the plan's reflection, though the journal keeps the target's columns sorted."""
+    from retention.targets.sql.table import SqlTable
+
+    reflected: list[str] = []
+    original = SqlTable._reflect
+    monkeypatch.setattr(SqlTable, "_reflect", lambda self: reflected.append(self.target.name) or original(self))
+    fill_crm(crm)
+    runner().run(anonymize_rule(tmp_path), run_id="r1", as_of=AS_OF)
+    assert sorted(reflected) == ["customers", "newsletter"]
+
+
 def test_a_rerun_is_a_no_op(crm, tmp_path):
     fill_crm(crm)
     rule_file = anonymize_rule(tmp_path)

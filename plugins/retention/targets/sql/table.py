@@ -11,6 +11,7 @@ Time is an input: the cutoff is computed once per run and passed in.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -100,7 +101,11 @@ class SqlTable:
         action reflected (and checked) in this process."""
         if self._shapes is None:
             return reflect()
-        key = (part, id(self.engine), self.target.model_dump_json(), self.action.removes_rows)
+        # Keys sorted: the run journal keeps a target with sorted keys, so the purge's copy of
+        # it would otherwise differ from the plan's in the order of a mapping (the columns
+        # an anonymize rewrites) and reflect the same table again.
+        target = json.dumps(self.target.model_dump(mode="json"), sort_keys=True)
+        key = (part, id(self.engine), target, self.action.removes_rows)
         if key not in self._shapes:
             self._shapes[key] = reflect()
         return self._shapes[key]

@@ -367,8 +367,7 @@ def test_a_hold_match_value_no_column_can_hold_is_refused(audit_db, tmp_path, ca
                  "--match", '{"customer_id": %s}' % value, "--case", "CASE-1", "--reason", "dispute"])
     assert code == 2
     assert "--match 'customer_id'" in capsys.readouterr().err
-    assert main(["hold", "list", "--all", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == []
+    assert sa.inspect(audit_db.engine).get_table_names() == []  # refused before anything was touched
 
 
 def test_tables_show_control_characters_written_into_the_audit_database_escaped(audit_db, tmp_path, capsys):

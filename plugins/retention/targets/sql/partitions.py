@@ -104,6 +104,23 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
         # also takes NULL ages, so there the rows are always checked.
         check = None if held is None and table.engine.dialect.name == "postgresql" else unheld
 
+        ceiling = _ceiling(table, partition) if check is None and type(table.action) is DeleteRows else None
+        if ceiling is not None:
+            # Nothing to check row by row, and the drop counts the table exactly under its lock:
+            # the limit only needs to grant what the partition can hold at most (its pages full
+            # of the smallest rows). Where it grants less, the partition is counted first.
+            if ceiling == 0:
+                continue  # nothing to purge: the schema is left as it is
+            granted = budget.reserve(ceiling)
+            if granted == ceiling:
+                outcome = _purge_safely(table, partition, ceiling, ledger, holds, unheld, check, budget,
+                                        concurrently, expired, granted, exact=False)
+                if outcome is not None:
+                    tally(outcome, time.perf_counter() - started)
+                    dropped += outcome
+                continue
+            budget.settle(granted, 0)
+
         def count(conn: Connection, partition: Partition = partition,
                   check: ColumnElement[bool] | None = check) -> tuple[int, int]:
             return _count(table, conn, partition, check)
@@ -121,32 +138,60 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
             log.info("%s: partition %s (%d rows) is over what is left of the limit; walking it in batches",
                      table.target.name, partition.qualified, rows)
             continue
-        try:
-            purged = _purge_whole(table, partition, rows, ledger, holds, unheld, check, budget, concurrently)
-            if purged is None:
-                budget.settle(granted, 0)
-                continue  # it changed under the archive: walked in batches
-        except DBAPIError as exc:
-            budget.settle(granted, 0)
-            _settle_after_error(table, expired, ledger)
-            if not is_transient(exc):
-                raise
-            # Another transaction holds the table longer than the lock timeout: its rows are
-            # walked in batches instead, which wait on rows, not on the whole table.
-            log.warning("%s: could not drop partition %s now (%s); walking it in batches",
-                        table.target.name, partition.qualified, str(exc.orig).strip().splitlines()[0][:200])
-            continue
-        except PartitionLeftDetached:
-            budget.settle(granted, 0)
-            raise  # not settled now: it says why it was left
-        except BaseException:
-            budget.settle(granted, 0)
-            _settle_after_error(table, expired, ledger)
-            raise
-        budget.settle(granted, min(purged, rows))  # more than counted: _drop reserved the rest
-        tally(purged, time.perf_counter() - started)
-        dropped += purged
+        purged = _purge_safely(table, partition, rows, ledger, holds, unheld, check, budget, concurrently, expired,
+                               granted, exact=True)
+        if purged is not None:
+            tally(purged, time.perf_counter() - started)
+            dropped += purged
     return dropped
+
+
+def _purge_safely(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: list[Hold],
+                  unheld: ColumnElement[bool], check: ColumnElement[bool] | None, budget: RecordBudget,
+                  concurrently: bool, expired: ColumnElement[bool], granted: int, *, exact: bool) -> int | None:
+    """:func:`_purge_whole`, its reservation settled whatever happens: the rows purged, or None
+    (left to the walk). ``rows``: counted (``exact``) or the most the partition can hold."""
+    try:
+        purged = _purge_whole(table, partition, rows, ledger, holds, unheld, check, budget, concurrently, exact)
+        if purged is None:
+            budget.settle(granted, 0)
+            return None  # it changed under the archive: walked in batches
+    except DBAPIError as exc:
+        budget.settle(granted, 0)
+        _settle_after_error(table, expired, ledger)
+        if not is_transient(exc):
+            raise
+        # Another transaction holds the table longer than the lock timeout: its rows are
+        # walked in batches instead, which wait on rows, not on the whole table.
+        log.warning("%s: could not drop partition %s now (%s); walking it in batches",
+                    table.target.name, partition.qualified, str(exc.orig).strip().splitlines()[0][:200])
+        return None
+    except PartitionLeftDetached:
+        budget.settle(granted, 0)
+        raise  # not settled now: it says why it was left
+    except BaseException:
+        budget.settle(granted, 0)
+        _settle_after_error(table, expired, ledger)
+        raise
+    budget.settle(granted, min(purged, rows))  # more than reserved: _drop reserved the rest
+    return purged
+
+
+def _ceiling(table: SqlTable, partition: Partition) -> int | None:
+    """The most rows a PostgreSQL partition can hold now: its heap pages, each full of the
+    smallest tuples (MaxHeapTuplesPerPage); 0 when it holds none (None: no such table)."""
+    preparer = table.engine.dialect.identifier_preparer
+    name = preparer.format_table(_partition_table(table, partition.schema, partition.name))
+
+    def read(conn: Connection) -> int | None:
+        row = conn.execute(text(
+            f"SELECT EXISTS (SELECT 1 FROM {name}), pg_relation_size(to_regclass(:name)) / "
+            "current_setting('block_size')::int * ((current_setting('block_size')::int - 24) / 28)"),
+            {"name": name}).one()
+        conn.rollback()
+        return None if row[1] is None else (int(row[1]) if row[0] else 0)
+
+    return table.with_retries(read)
 
 
 def list_partitions(table: SqlTable) -> list[Partition]:
@@ -194,7 +239,9 @@ def settle_partition(table: SqlTable, expired: ColumnElement[bool], pending: Pen
         _finish_drop(table, detached, state)
     log.warning("%s: partition %s was dropped by an interrupted run; counting its %d rows as purged",
                 table.target.name, descriptor.partition, rows)
-    ledger.resolve(pending.batch_no, rows, tables={table.family.name: rows})
+    # The descriptor's rows too: the certificate reads a dropped partition's rows from it.
+    ledger.resolve(pending.batch_no, rows, tables={table.family.name: rows},
+                   descriptor=dataclasses.replace(descriptor, tables={table.family.name: rows}).encode())
     return rows
 
 
@@ -228,12 +275,12 @@ def _may_drop_whole(table: SqlTable) -> bool:
 
 def _purge_whole(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: list[Hold],
                  unheld: ColumnElement[bool], check: ColumnElement[bool] | None, budget: RecordBudget,
-                 concurrently: bool) -> int | None:
+                 concurrently: bool, exact: bool = True) -> int | None:
     """Drop the partition (delete), or archive then drop it: the rows purged; None: it changed,
     left to batches."""
     ids = tuple(h.id for h in holds)
     if type(table.action) is DeleteRows:
-        return _drop(table, partition, rows, ledger, ids, unheld, budget, concurrently)
+        return _drop(table, partition, rows, ledger, ids, unheld, budget, concurrently, exact)
     from retention.targets.sql.partitions_archive import archive_partition
 
     return rows if archive_partition(table, partition, rows, ledger, ids, check) else None
@@ -365,8 +412,10 @@ def _on(parent: Table, partition: Table, condition: ColumnElement[bool]) -> Colu
 
 
 def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: tuple[int, ...],
-          unheld: ColumnElement[bool], budget: RecordBudget, concurrently: bool) -> int:
-    """Journal the drop pending, drop the partition, journal it done; return the rows dropped."""
+          unheld: ColumnElement[bool], budget: RecordBudget, concurrently: bool, exact: bool = True) -> int:
+    """Journal the drop pending, drop the partition, journal it done; return the rows dropped.
+    ``rows``: counted (``exact``), or (PostgreSQL) the most the partition can hold, corrected
+    by the exact count taken under its lock before the drop commits."""
     batch_no = ledger.next_batch_no()
     descriptor = BatchDescriptor(BatchRange(None, None), tables={table.family.name: rows}, holds=holds,
                                  partition=partition.qualified)
@@ -381,7 +430,7 @@ def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger,
             conn.execute(text(f"ALTER TABLE {parent} DETACH PARTITION {preparer.format_table(detached)}{mode}"))
             failpoints.hit("sql.partition_detached")
             rows = _drop_detached(table, conn, partition, detached, rows, ledger, batch_no, descriptor, unheld,
-                                  budget)
+                                  budget, exact)
     else:
         with _autocommit(table) as conn:
             conn.execute(text(f"ALTER TABLE {parent} DROP PARTITION {preparer.quote(partition.name)}"))
@@ -397,7 +446,7 @@ class PartitionLeftDetached(TargetError):
 
 def _drop_detached(table: SqlTable, conn: Connection, partition: Partition, detached: Table, rows: int,
                    ledger: BatchLedger, batch_no: int, descriptor: BatchDescriptor, unheld: ColumnElement[bool],
-                   budget: RecordBudget) -> int:
+                   budget: RecordBudget, exact: bool) -> int:
     """Drop a partition just detached, in one transaction that first locks it and counts it
     again (nothing can write into it any more): the rows dropped, exactly.
 
@@ -415,19 +464,20 @@ def _drop_detached(table: SqlTable, conn: Connection, partition: Partition, deta
             count_query(table, Partition(partition.schema, partition.name, None), unheld)).one())
         there, matched = int(counted[0]), int(counted[1] or 0)
         if there != matched:
-            raise PartitionLeftDetached(f"{where} was given {there - matched} rows that are not expired or are held after "
-                                "it was counted; it is left in place: re-attach it or drop it by hand, then run "
-                                "again", "table")
+            raise PartitionLeftDetached(
+                f"{where} was given {there - matched} rows that are not expired or are held after it was counted; "
+                "it is left in place: re-attach it or drop it by hand, then run again", "table")
         if there > rows:
             extra = budget.reserve(there - rows, wait=False)  # this drop holds a reservation
             if there > rows + extra:
-                raise PartitionLeftDetached(f"{where} was given {there - rows} rows after it was counted, more than is "
-                                    "left of the limit; it is left in place (the next run drops it) or re-attach "
-                                    "it by hand", "table")
-        if there != rows:
+                raise PartitionLeftDetached(
+                    f"{where} was given {there - rows} rows after it was counted, more than is left of the limit; "
+                    "it is left in place (the next run drops it) or re-attach it by hand", "table")
+        if there != rows and exact:
             log.warning("%s: partition %s holds %d rows, not the %d counted before it was detached (a writer in "
                         "between); dropping and counting %d", table.target.name, partition.qualified, there, rows,
                         there)
+        if there != rows:
             ledger.update_pending(batch_no, there, dataclasses.replace(
                 descriptor, tables={table.family.name: there}).encode())
         conn.execute(DropTable(detached))

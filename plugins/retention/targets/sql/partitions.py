@@ -179,14 +179,18 @@ def _purge_safely(table: SqlTable, partition: Partition, rows: int, ledger: Batc
 
 def _ceiling(table: SqlTable, partition: Partition) -> int | None:
     """The most rows a PostgreSQL partition can hold now: its heap pages, each full of the
-    smallest tuples (MaxHeapTuplesPerPage); 0 when it holds none (None: no such table)."""
+    smallest tuples it can store (a 24-byte header, a 4-byte line pointer and its NOT NULL
+    fixed-width columns, alignment left out so it can only overstate; never more than
+    MaxHeapTuplesPerPage); 0 when it holds none (None: no such table)."""
     preparer = table.engine.dialect.identifier_preparer
     name = preparer.format_table(_partition_table(table, partition.schema, partition.name))
 
     def read(conn: Connection) -> int | None:
         row = conn.execute(text(
-            f"SELECT EXISTS (SELECT 1 FROM {name}), pg_relation_size(to_regclass(:name)) / "
-            "current_setting('block_size')::int * ((current_setting('block_size')::int - 24) / 28)"),
+            f"SELECT EXISTS (SELECT 1 FROM {name}), pg_relation_size(to_regclass(:name)) / b.size "
+            "* ((b.size - 24) / (28 + coalesce((SELECT sum(a.attlen) FROM pg_attribute a WHERE a.attrelid = "
+            "to_regclass(:name) AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull AND a.attlen > 0), 0))) "
+            "FROM (SELECT current_setting('block_size')::int AS size) b"),
             {"name": name}).one()
         conn.rollback()
         return None if row[1] is None else (int(row[1]) if row[0] else 0)

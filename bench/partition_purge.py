@@ -14,6 +14,12 @@ Every method gets its own copy (``CREATE DATABASE … TEMPLATE``), VACUUM ANALYZ
   timed) and ``retention`` set to the same cutoff. Its retention drops whole partitions only:
   the boundary partition's expired rows stay (reported as ``left_expired``).
 
+The engine's fixed cost is measured beside it (printed as the ``floor`` line): the same
+command run again on its own copy once purged (nothing left to purge: start-up, the plan's
+count of the rows left, the certificate), and the import of SQLAlchemy, its psycopg2
+dialect and pydantic alone (the interpreter and libraries no run can do without). No
+engine can beat the raw DELETE by more than raw / floor.
+
 Checks: after ``engine`` and ``raw`` no row before the cutoff is left and every other row is;
 the engine's certificate counts exactly the expired rows. A failed check exits 1. Without
 the pg_partman extension on the server that peer is reported as unavailable.
@@ -145,10 +151,15 @@ def counts(url: sa.URL) -> tuple[int, int, int]:
     return int(before), int(after), int(parts)
 
 
+IMPORT_FLOOR = "import sqlalchemy, sqlalchemy.dialects.postgresql.psycopg2, psycopg2, pydantic"
+"""What every run imports whatever it does: the floor under the command's start-up."""
+
+
 def run_engine(url: sa.URL, expired: int, kept: int, *, rule: str = RULE, method: str = "engine",
-               extra_env: dict[str, str] | None = None, prelude: str = "", check=None) -> dict:
+               extra_env: dict[str, str] | None = None, prelude: str = "", check=None, floor: bool = False) -> dict:
     """The whole `retention run` command in a subprocess, then its certificate and the table checked
-    (``prelude``: Python the child runs first; ``check``: more checks, told the certificate)."""
+    (``prelude``: Python the child runs first; ``check``: more checks, told the certificate;
+    ``floor``: then the same command again, with nothing left to purge, and the imports alone, timed)."""
     with tempfile.TemporaryDirectory(prefix="retention-bench-part-") as scratch:
         rules = Path(scratch) / "rules"
         rules.mkdir()
@@ -173,6 +184,7 @@ def run_engine(url: sa.URL, expired: int, kept: int, *, rule: str = RULE, method
         with audit.connect() as conn:
             payload = conn.execute(sa.text("SELECT payload FROM purge_certificates ORDER BY seq DESC LIMIT 1")).scalar()
         audit.dispose()
+        floors = _floors(argv, env) if floor and returncode == 0 else {}  # after its certificate is read
     problems = [] if returncode == 0 else [f"exit {returncode}: {stderr.strip()[-300:]}"]
     data = json.loads(payload) if payload else {}
     target = data["targets"][0] if data else {}
@@ -182,7 +194,20 @@ def run_engine(url: sa.URL, expired: int, kept: int, *, rule: str = RULE, method
         problems += check(data, expired)
     return _checked(method, url, seconds, expired, kept, problems,
                     partitions_dropped=len(target.get("partitions", {})),
-                    rows_in_dropped=sum(target.get("partitions", {}).values()), peak_rss_kib=peak_kib)
+                    rows_in_dropped=sum(target.get("partitions", {}).values()), peak_rss_kib=peak_kib, **floors)
+
+
+def _floors(argv: list[str], env: dict[str, str]) -> dict:
+    """The command again (its run id changed: a new run), nothing left to purge; then the imports alone."""
+    again = [*argv[:argv.index("--run-id")], "--run-id", "bench-floor"]
+    started = time.perf_counter()
+    done, _ = run_measured(again, env=env)
+    empty = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"the empty run failed: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    started = time.perf_counter()
+    run_measured([sys.executable, "-c", IMPORT_FLOOR], env=env)
+    return {"floor_empty_seconds": empty, "floor_import_seconds": time.perf_counter() - started}
 
 
 def run_raw(url: sa.URL, expired: int, kept: int) -> dict:
@@ -340,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"seeding {args.rows:,} rows in {MONTHS} monthly partitions")
         seed(template_url, args.rows)
         expired, kept, _ = counts(template_url)
-        methods = {"engine": run_engine, "raw": run_raw}
+        methods = {"engine": partial(run_engine, floor=True), "raw": run_raw}
         peers: dict[str, str] = {}
         if args.archive:
             methods = {"archive": run_archive, "batches": partial(run_archive, whole=False), "raw_copy": run_raw_copy}
@@ -366,17 +391,24 @@ def summarize(rows: int, expired: int, runs: dict[str, list[dict]]) -> dict:
     import statistics
 
     methods = {}
+    medians = ("seconds", "floor_empty_seconds", "floor_import_seconds")
     for name, results in runs.items():
         last = results[-1]
-        methods[name] = {**{k: v for k, v in last.items() if k not in ("seconds", "problems")},
-                         "seconds": round(statistics.median(r["seconds"] for r in results), 3),
+        methods[name] = {**{k: v for k, v in last.items() if k not in ("problems", *medians)},
+                         **{k: round(statistics.median(r[k] for r in results), 3) for k in medians if k in last},
                          "runs": len(results), "problems": [p for r in results for p in r["problems"]]}
     first = next(iter(methods))  # engine, or with --archive: archive
     engine = methods[first]["seconds"]
     ratios = {f"{first}_vs_{name}": round(m["seconds"] / engine, 2) for name, m in methods.items() if name != first}
     # Issue 14: a delete at ≥ 3x the raw DELETE; an archive at ≥ 0.7x raw COPY (DELETE …) | gzip.
     peer, goal = ("raw_copy", 0.7) if first == "archive" else ("raw", 3.0)
+    floor = {}
+    if "floor_empty_seconds" in methods[first] and peer in methods:
+        empty, imports = methods[first]["floor_empty_seconds"], methods[first]["floor_import_seconds"]
+        floor = {"empty_run_seconds": empty, "import_seconds": imports,
+                 f"best_{first}_vs_{peer}": round(methods[peer]["seconds"] / empty, 2) if empty else None}
     return {"rows": rows, "expired": expired, "months": MONTHS, "methods": methods, "ratios": ratios,
+            "floor": floor,
             "target": {f"{first}_vs_{peer}": goal, "met": ratios.get(f"{first}_vs_{peer}", 0) >= goal}}
 
 
@@ -394,6 +426,11 @@ def print_summary(report: dict) -> None:
         print(f"{name}: {value:.2f}x (peer seconds / engine seconds)")
     print_missing_peers(report)
     print(f"engine (the whole command): peak RSS {kib_as_mib(report['methods']['engine']['peak_rss_kib'])}")
+    floor = report.get("floor")
+    if floor:
+        (best_name, best), = ((k, v) for k, v in floor.items() if k.startswith("best_"))
+        print(f"floor: an empty run {floor['empty_run_seconds']:.2f} s (the same command, nothing left to purge), "
+              f"imports alone {floor['import_seconds']:.2f} s; at best {best_name[5:]} = {best:.2f}x (raw / empty run)")
     target = report["target"]
     (name, goal), = ((k, v) for k, v in target.items() if k != "met")
     print(f"target {name} ≥ {goal}x: {'met' if target['met'] else 'NOT met'}")

@@ -87,6 +87,9 @@ def _check_partition(report: dict) -> None:
     assert report["ratios"]["engine_vs_raw"] >= 0
     assert ("partman" in methods) == ("pg_partman" not in report["peers_missing"])
     assert ("engine_vs_partman" in report["ratios"]) == ("partman" in methods)
+    floor = report["floor"]  # the command's fixed cost: what ratio is reachable at best
+    assert 0 < floor["import_seconds"] and 0 < floor["empty_run_seconds"]
+    assert floor["best_engine_vs_raw"] >= 0
 
 
 def _check_shard(report: dict) -> None:
@@ -138,7 +141,7 @@ CASES = {
                          [r"command/raw: \d", r"engine/raw: \d", r"peak RSS", r"floor \(the stack's start-up",
                           r"best command/raw \(raw / \(raw \+ floor\)\): \d"], _check_command),
     "partition_purge.py": (["--rows", "2400", "--repeat", "1"] + PG,
-                           [r"engine_vs_raw: \d", r"peak RSS \d"], _check_partition),
+                           [r"engine_vs_raw: \d", r"peak RSS \d", r"floor: an empty run \d"], _check_partition),
     "shard_purge.py": (TINY + PG + ["--shard-rows", "500"], [r"speed-up \(sharded rows/s over single\): \d", r"workers' peak RSS \d"],
                        _check_shard),
     "s3_purge.py": (["--objects", "1500", "--repeat", "1", "--concurrency", "4"], [r"ratio engine/raw\s+\d", r"peak RSS growth during purge \d"],

@@ -302,3 +302,95 @@ def test_a_partition_drop_is_journaled_by_name_and_read_back_byte_for_byte():
     rows = BatchDescriptor(BatchRange(None, (5,)), tables={"events": 3}, holds=()).encode()
     assert "partition" not in rows  # batches of rows keep the bytes they always had
     assert dropped_partitions([text, rows, '{"scrubbed": true}']) == {"public.events_2024_01": 9}
+
+
+def test_a_row_written_into_a_partition_between_its_count_and_its_drop_is_counted(pg_db, monkeypatch, audit_db,
+                                                                                  keys, tmp_path):
+    # A late writer (an old event replayed) adds a row to January after the partition was
+    # counted and journaled, before it is detached: the drop takes it, and the certificate
+    # and the journal say so; nothing goes uncounted.
+    from retention import failpoints
+
+    db = pg_db
+    connect(monkeypatch, "shop_db", db)
+    _create_pg(db)
+    rows = _fill(db)
+    hit = failpoints.hit
+    late = datetime(2024, 1, 25, tzinfo=UTC)
+    written = []
+
+    def writer(name: str) -> None:
+        if name == "sql.partition_pending" and not written:
+            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')", {"at": late})
+            written.append(10_000)
+        hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", writer)
+    certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+
+    assert ids(db, "events") == set(rows) - _expired(rows)
+    (target,) = certificate.data["targets"]
+    per_partition = len(DAYS) * len(CUSTOMERS)
+    assert target["partitions"][_name("postgresql", 1)] == per_partition + 1
+    assert target["deleted"] == len(_expired(rows)) + 1
+    assert sum(_batches("r1")) == len(_expired(rows)) + 1
+
+
+def test_a_detached_partition_given_a_young_row_before_its_drop_is_left_in_place(pg_db, monkeypatch, audit_db,
+                                                                                 keys, tmp_path):
+    # Detached without CONCURRENTLY (beside a default partition), a partition keeps no
+    # range: a row written into it by name could be anything. One that is not expired stops
+    # the drop; the table is left for a person. (CONCURRENTLY leaves its range as a CHECK.)
+    from retention import failpoints
+
+    db = pg_db
+    connect(monkeypatch, "shop_db", db)
+    _create_pg(db, default=True)
+    _fill(db)
+    hit = failpoints.hit
+    written = []
+
+    def writer(name: str) -> None:
+        if name == "sql.partition_detached" and not written:
+            db.execute("INSERT INTO events_2024_01 VALUES (10000, 1, :at, 'young')", {"at": AS_OF})
+            written.append(10_000)
+        hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", writer)
+    certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
+    (target,) = certificate.data["targets"]
+    assert target["status"] == "failed"
+    assert "not expired or are held" in target["error"] and "left in place" in target["error"]
+    assert db.scalar("SELECT count(*) FROM events_2024_01 WHERE id = 10000") == 1
+    assert db.scalar("SELECT count(*) FROM events_2024_01") == len(DAYS) * len(CUSTOMERS) + 1
+
+
+def test_rows_written_before_the_detach_beyond_the_limit_leave_the_partition_detached(pg_db, monkeypatch, audit_db,
+                                                                                      keys, tmp_path):
+    # January's 9 rows fit a limit of 9; a late row makes 10: the limit is not passed, the
+    # partition is left detached (the pending batch says so), nothing is dropped.
+    from retention import failpoints
+    from retention.targets.sql.partitions import PartitionLeftDetached
+
+    db = pg_db
+    connect(monkeypatch, "shop_db", db)
+    _create_pg(db)
+    _fill(db)
+    hit = failpoints.hit
+    written = []
+
+    def writer(name: str) -> None:
+        if name == "sql.partition_pending" and not written:
+            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')", {"at": datetime(2024, 1, 25, tzinfo=UTC)})
+            written.append(10_000)
+        hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", writer)
+    rule_file = _rule(tmp_path)
+    r = runner()
+    run, _ = r.start(rule_file, run_id="r1", as_of=AS_OF)
+    table = r.targets.open(rule_file.rule.target("events"))
+    with pytest.raises(PartitionLeftDetached, match="more than is left of the limit"):
+        table.purge(run.cutoff, r.journal.ledger(run, "events"), limit=RecordLimit(9, "max_records 9"))
+    assert db.scalar("SELECT count(*) FROM events_2024_01") == len(DAYS) * len(CUSTOMERS) + 1
+    assert _batches("r1") == []

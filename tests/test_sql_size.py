@@ -121,3 +121,37 @@ def test_a_wrong_estimate_only_changes_the_order_of_the_counts(server, monkeypat
         monkeypatch.setattr(size, "estimated_matches", lambda table, selection, wrong=wrong: wrong)
         survey = table(tmp_path, server, 0.5).survey(AS_OF - timedelta(days=365))
         assert (survey.matched, survey.total) == (300, 1000)
+
+
+
+def test_a_partitioned_table_is_estimated_by_its_partitions_and_counted_in_one_scan(pg_db, monkeypatch, audit_db,
+                                                                                     keys, tmp_path):
+    # A partitioned table has no statistics of its own (no pages): its leaf partitions' are
+    # summed (an empty one adds nothing), so a plan near the limit counts its rows and the
+    # table's in one scan, not two.
+    import sqlalchemy as sa
+
+    server = pg_db
+    connect(monkeypatch, "crm_db", server)
+    monkeypatch.setattr(size, "EXACT_COUNT_BELOW", 50)
+    server.execute("CREATE TABLE customers (id INTEGER NOT NULL, email VARCHAR(100), status VARCHAR(20) NOT NULL, "
+                   "closed_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (id, closed_at)) PARTITION BY RANGE (closed_at)")
+    server.execute("CREATE TABLE customers_old PARTITION OF customers FOR VALUES FROM (MINVALUE) TO ('2025-01-01')")
+    server.execute("CREATE TABLE customers_new PARTITION OF customers FOR VALUES FROM ('2025-01-01') TO ('2030-01-01')")
+    server.execute("CREATE TABLE customers_later PARTITION OF customers FOR VALUES FROM ('2030-01-01') TO (MAXVALUE)")
+    fill(server, expired=300, young=700)
+    rule_file = load_rule_file(write_rule(tmp_path / "rules", targets=[{"max_fraction": 0.5,
+                                                                        "key": "[id, closed_at]"}]))
+    from retention.connections import create_sql_engine, from_environment
+
+    handle = SqlTable(rule_file.rule.target("customers"), create_sql_engine(from_environment("crm_db")))
+    assert size.estimated_rows(handle) is None  # never analysed: no estimate
+    analyze(server)
+    assert size.estimated_rows(handle) == 1000
+    counts: list[str] = []
+    sa.event.listen(handle.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, *a: counts.append(statement)
+                    if "count(" in statement.lower() else None)
+    survey = handle.survey(AS_OF - timedelta(days=365))
+    assert (survey.matched, survey.total) == (300, 1000)
+    assert len(counts) == 1, counts

@@ -199,8 +199,9 @@ class SharedBudget(RecordBudget):
                 self._claim(conn, int(done), absolute=True)
                 self.used = self._claims(conn)
 
-    def reserve(self, wanted: int) -> int:
-        """Up to ``wanted`` records this batch may purge, claimed in the journal; 0 at the limit."""
+    def reserve(self, wanted: int, *, wait: bool = True) -> int:
+        """Up to ``wanted`` records this batch may purge, claimed in the journal; 0 at the limit
+        (``wait`` False: at once, not after waiting for claims other shards may give back)."""
         if self.limit is None:
             return wanted
         deadline = time.monotonic() + self.wait
@@ -219,7 +220,7 @@ class SharedBudget(RecordBudget):
             self.used = claimed
             with self._cond:
                 mine = self._reserved
-            if claimed - purged - mine <= 0 or time.monotonic() >= deadline:
+            if not wait or claimed - purged - mine <= 0 or time.monotonic() >= deadline:
                 return 0  # nothing anyone holds can come back, or waited long enough
             time.sleep(self.poll)
 

@@ -64,10 +64,12 @@ class RecordBudget:
         self._reserved = 0
         self._cond = threading.Condition()
 
-    def reserve(self, wanted: int) -> int:
+    def reserve(self, wanted: int, *, wait: bool = True) -> int:
         """Up to ``wanted`` records this batch may purge; 0 once the limit is reached.
 
-        While other batches hold reservations that may come back, waits for them.
+        While other batches hold reservations that may come back, waits for them (``wait``
+        False: a caller holding a reservation of its own, which would wait for itself, is
+        told 0 instead).
         """
         if self.limit is None:
             return wanted
@@ -78,7 +80,7 @@ class RecordBudget:
                     granted = min(wanted, free)
                     self._reserved += granted
                     return granted
-                if self._reserved == 0:
+                if self._reserved == 0 or not wait:
                     return 0
                 self._cond.wait()
 

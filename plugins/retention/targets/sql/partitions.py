@@ -11,7 +11,12 @@ Anything else falls back to batches.
 PostgreSQL detaches the partition (``CONCURRENTLY`` where it can: outside a transaction,
 so on an autocommit connection) and drops it; MariaDB and MySQL drop the partition in one
 statement. A drop is journaled as a batch: *pending* with the partition's name and its
-rows counted before, *done* after. A crash between PostgreSQL's detach and its drop
+rows counted before, *done* after. On PostgreSQL the detached partition is counted again
+in the transaction that drops it, under its ACCESS EXCLUSIVE lock, so a row written into
+it after the first count (a late writer) is counted too (the pending batch corrected
+before the drop commits, the limit reserved for it) and a row that may not go (not
+expired, or held by the holds the drop was journaled with) stops the drop, leaving the
+detached table in place. A crash between PostgreSQL's detach and its drop
 leaves a detached table that no application reads any more; settling finishes the purge
 (drops it) rather than re-attaching it: every row in it was expired and unheld when the
 batch was journaled, and re-attaching would re-validate its range under a lock on the
@@ -20,6 +25,7 @@ parent while a newer partition may by now cover part of it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import Select
     from sqlalchemy.sql.elements import ColumnElement
 
+    from retention.holds import Hold
     from retention.targets.base import BatchLedger, PendingBatch, RecordBudget
     from retention.targets.sql.table import SqlTable
 
@@ -80,6 +87,8 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
     partitions = [p for p in list_partitions(table) if p.upper is not None and _not_after(p.upper, bound)]
     expired = table.expired(cutoff)
     dropped = 0
+    # Read once: DETACH … CONCURRENTLY is refused beside a default partition.
+    concurrently = bool(partitions) and table.engine.dialect.name == "postgresql" and not _has_default_partition(table)
     for partition in partitions:
         started = time.perf_counter()
         # Holds are read for every partition, as the walk reads them for every batch.
@@ -94,6 +103,23 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
         # default partition), so without holds each one has expired; MariaDB's first range
         # also takes NULL ages, so there the rows are always checked.
         check = None if held is None and table.engine.dialect.name == "postgresql" else unheld
+
+        ceiling = _ceiling(table, partition) if check is None and type(table.action) is DeleteRows else None
+        if ceiling is not None:
+            # Nothing to check row by row, and the drop counts the table exactly under its lock:
+            # the limit only needs to grant what the partition can hold at most (its pages full
+            # of the smallest rows). Where it grants less, the partition is counted first.
+            if ceiling == 0:
+                continue  # nothing to purge: the schema is left as it is
+            granted = budget.reserve(ceiling)
+            if granted == ceiling:
+                outcome = _purge_safely(table, partition, ceiling, ledger, holds, unheld, check, budget,
+                                        concurrently, expired, granted, exact=False)
+                if outcome is not None:
+                    tally(outcome, time.perf_counter() - started)
+                    dropped += outcome
+                continue
+            budget.settle(granted, 0)
 
         def count(conn: Connection, partition: Partition = partition,
                   check: ColumnElement[bool] | None = check) -> tuple[int, int]:
@@ -112,28 +138,64 @@ def drop_expired_partitions(table: SqlTable, cutoff: datetime, ledger: BatchLedg
             log.info("%s: partition %s (%d rows) is over what is left of the limit; walking it in batches",
                      table.target.name, partition.qualified, rows)
             continue
-        try:
-            if not _purge_whole(table, partition, rows, ledger, tuple(h.id for h in holds), check):
-                budget.settle(granted, 0)
-                continue  # it changed under the archive: walked in batches
-        except DBAPIError as exc:
-            budget.settle(granted, 0)
-            _settle_after_error(table, expired, ledger)
-            if not is_transient(exc):
-                raise
-            # Another transaction holds the table longer than the lock timeout: its rows are
-            # walked in batches instead, which wait on rows, not on the whole table.
-            log.warning("%s: could not drop partition %s now (%s); walking it in batches",
-                        table.target.name, partition.qualified, str(exc.orig).strip().splitlines()[0][:200])
-            continue
-        except BaseException:
-            budget.settle(granted, 0)
-            _settle_after_error(table, expired, ledger)
-            raise
-        budget.settle(granted, rows)
-        tally(rows, time.perf_counter() - started)
-        dropped += rows
+        purged = _purge_safely(table, partition, rows, ledger, holds, unheld, check, budget, concurrently, expired,
+                               granted, exact=True)
+        if purged is not None:
+            tally(purged, time.perf_counter() - started)
+            dropped += purged
     return dropped
+
+
+def _purge_safely(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: list[Hold],
+                  unheld: ColumnElement[bool], check: ColumnElement[bool] | None, budget: RecordBudget,
+                  concurrently: bool, expired: ColumnElement[bool], granted: int, *, exact: bool) -> int | None:
+    """:func:`_purge_whole`, its reservation settled whatever happens: the rows purged, or None
+    (left to the walk). ``rows``: counted (``exact``) or the most the partition can hold."""
+    try:
+        purged = _purge_whole(table, partition, rows, ledger, holds, unheld, check, budget, concurrently, exact)
+        if purged is None:
+            budget.settle(granted, 0)
+            return None  # it changed under the archive: walked in batches
+    except DBAPIError as exc:
+        budget.settle(granted, 0)
+        _settle_after_error(table, expired, ledger)
+        if not is_transient(exc):
+            raise
+        # Another transaction holds the table longer than the lock timeout: its rows are
+        # walked in batches instead, which wait on rows, not on the whole table.
+        log.warning("%s: could not drop partition %s now (%s); walking it in batches",
+                    table.target.name, partition.qualified, str(exc.orig).strip().splitlines()[0][:200])
+        return None
+    except PartitionLeftDetached:
+        budget.settle(granted, 0)
+        raise  # not settled now: it says why it was left
+    except BaseException:
+        budget.settle(granted, 0)
+        _settle_after_error(table, expired, ledger)
+        raise
+    budget.settle(granted, min(purged, rows))  # more than reserved: _drop reserved the rest
+    return purged
+
+
+def _ceiling(table: SqlTable, partition: Partition) -> int | None:
+    """The most rows a PostgreSQL partition can hold now: its heap pages, each full of the
+    smallest tuples it can store (a 24-byte header, a 4-byte line pointer and its NOT NULL
+    fixed-width columns, alignment left out so it can only overstate; never more than
+    MaxHeapTuplesPerPage); 0 when it holds none (None: no such table)."""
+    preparer = table.engine.dialect.identifier_preparer
+    name = preparer.format_table(_partition_table(table, partition.schema, partition.name))
+
+    def read(conn: Connection) -> int | None:
+        row = conn.execute(text(
+            f"SELECT EXISTS (SELECT 1 FROM {name}), pg_relation_size(to_regclass(:name)) / b.size "
+            "* ((b.size - 24) / (28 + coalesce((SELECT sum(a.attlen) FROM pg_attribute a WHERE a.attrelid = "
+            "to_regclass(:name) AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull AND a.attlen > 0), 0))) "
+            "FROM (SELECT current_setting('block_size')::int AS size) b"),
+            {"name": name}).one()
+        conn.rollback()
+        return None if row[1] is None else (int(row[1]) if row[0] else 0)
+
+    return table.with_retries(read)
 
 
 def list_partitions(table: SqlTable) -> list[Partition]:
@@ -181,7 +243,9 @@ def settle_partition(table: SqlTable, expired: ColumnElement[bool], pending: Pen
         _finish_drop(table, detached, state)
     log.warning("%s: partition %s was dropped by an interrupted run; counting its %d rows as purged",
                 table.target.name, descriptor.partition, rows)
-    ledger.resolve(pending.batch_no, rows, tables={table.family.name: rows})
+    # The descriptor's rows too: the certificate reads a dropped partition's rows from it.
+    ledger.resolve(pending.batch_no, rows, tables={table.family.name: rows},
+                   descriptor=dataclasses.replace(descriptor, tables={table.family.name: rows}).encode())
     return rows
 
 
@@ -213,15 +277,17 @@ def _may_drop_whole(table: SqlTable) -> bool:
     )
 
 
-def _purge_whole(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: tuple[int, ...],
-                 check: ColumnElement[bool] | None) -> bool:
-    """Drop the partition (delete), or archive then drop it; False: it changed, left to batches."""
+def _purge_whole(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: list[Hold],
+                 unheld: ColumnElement[bool], check: ColumnElement[bool] | None, budget: RecordBudget,
+                 concurrently: bool, exact: bool = True) -> int | None:
+    """Drop the partition (delete), or archive then drop it: the rows purged; None: it changed,
+    left to batches."""
+    ids = tuple(h.id for h in holds)
     if type(table.action) is DeleteRows:
-        _drop(table, partition, rows, ledger, holds)
-        return True
+        return _drop(table, partition, rows, ledger, ids, unheld, budget, concurrently, exact)
     from retention.targets.sql.partitions_archive import archive_partition
 
-    return archive_partition(table, partition, rows, ledger, holds, check)
+    return rows if archive_partition(table, partition, rows, ledger, ids, check) else None
 
 
 def _cutoff_bound(table: SqlTable, cutoff: datetime) -> date | datetime:
@@ -349,8 +415,11 @@ def _on(parent: Table, partition: Table, condition: ColumnElement[bool]) -> Colu
 # -- dropping ------------------------------------------------------------------------
 
 
-def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: tuple[int, ...]) -> None:
-    """Journal the drop pending, drop the partition, journal it done."""
+def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: tuple[int, ...],
+          unheld: ColumnElement[bool], budget: RecordBudget, concurrently: bool, exact: bool = True) -> int:
+    """Journal the drop pending, drop the partition, journal it done; return the rows dropped.
+    ``rows``: counted (``exact``), or (PostgreSQL) the most the partition can hold, corrected
+    by the exact count taken under its lock before the drop commits."""
     batch_no = ledger.next_batch_no()
     descriptor = BatchDescriptor(BatchRange(None, None), tables={table.family.name: rows}, holds=holds,
                                  partition=partition.qualified)
@@ -360,17 +429,69 @@ def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger,
     parent = preparer.format_table(table.table)
     if table.engine.dialect.name == "postgresql":
         detached = _partition_table(table, partition.schema, partition.name)
-        mode = "" if _has_default_partition(table) else " CONCURRENTLY"  # not allowed beside a default
+        mode = " CONCURRENTLY" if concurrently else ""  # not allowed beside a default partition
         with _autocommit(table) as conn:
             conn.execute(text(f"ALTER TABLE {parent} DETACH PARTITION {preparer.format_table(detached)}{mode}"))
-        failpoints.hit("sql.partition_detached")
-        _finish_drop(table, detached, "detached")
+            failpoints.hit("sql.partition_detached")
+            rows = _drop_detached(table, conn, partition, detached, rows, ledger, batch_no, descriptor, unheld,
+                                  budget, exact)
     else:
         with _autocommit(table) as conn:
             conn.execute(text(f"ALTER TABLE {parent} DROP PARTITION {preparer.quote(partition.name)}"))
     failpoints.hit("sql.partition_dropped")
-    ledger.done(batch_no, tables={table.family.name: rows})
+    ledger.done(batch_no, rows=rows, tables={table.family.name: rows})
     log.info("%s: dropped partition %s (%d rows)", table.target.name, partition.qualified, rows)
+    return rows
+
+
+class PartitionLeftDetached(TargetError):
+    """A partition detached but not dropped, on purpose: left for a person (or the next run)."""
+
+
+def _drop_detached(table: SqlTable, conn: Connection, partition: Partition, detached: Table, rows: int,
+                   ledger: BatchLedger, batch_no: int, descriptor: BatchDescriptor, unheld: ColumnElement[bool],
+                   budget: RecordBudget, exact: bool) -> int:
+    """Drop a partition just detached, in one transaction that first locks it and counts it
+    again (nothing can write into it any more): the rows dropped, exactly.
+
+    A count other than the one journaled (a writer between the first count and the detach)
+    corrects the pending batch before the drop commits, once the limit grants any rows
+    more. A row that may not go, or rows more than the limit grants, stop the drop and
+    leave the detached table in place."""
+    preparer = table.engine.dialect.identifier_preparer
+    where = f"{partition.qualified}, detached from {table.target.location},"
+    extra = 0
+    conn.exec_driver_sql("BEGIN")  # an autocommit connection: the transaction is ours to open
+    try:
+        conn.execute(text(f"LOCK TABLE {preparer.format_table(detached)} IN ACCESS EXCLUSIVE MODE"))
+        counted: tuple[Any, ...] = tuple(conn.execute(
+            count_query(table, Partition(partition.schema, partition.name, None), unheld)).one())
+        there, matched = int(counted[0]), int(counted[1] or 0)
+        if there != matched:
+            raise PartitionLeftDetached(
+                f"{where} was given {there - matched} rows that are not expired or are held after it was counted; "
+                "it is left in place: re-attach it or drop it by hand, then run again", "table")
+        if there > rows:
+            extra = budget.reserve(there - rows, wait=False)  # this drop holds a reservation
+            if there > rows + extra:
+                raise PartitionLeftDetached(
+                    f"{where} was given {there - rows} rows after it was counted, more than is left of the limit; "
+                    "it is left in place (the next run drops it) or re-attach it by hand", "table")
+        if there != rows and exact:
+            log.warning("%s: partition %s holds %d rows, not the %d counted before it was detached (a writer in "
+                        "between); dropping and counting %d", table.target.name, partition.qualified, there, rows,
+                        there)
+        if there != rows:
+            ledger.update_pending(batch_no, there, dataclasses.replace(
+                descriptor, tables={table.family.name: there}).encode())
+        conn.execute(DropTable(detached))
+        conn.exec_driver_sql("COMMIT")
+    except BaseException:
+        conn.exec_driver_sql("ROLLBACK")
+        budget.settle(extra, 0)
+        raise
+    budget.settle(extra, extra)
+    return there
 
 
 def _finish_drop(table: SqlTable, detached: Table, state: str) -> None:

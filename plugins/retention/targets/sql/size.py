@@ -86,26 +86,36 @@ def estimated_rows(table: SqlTable) -> int | None:
     dialect = table.engine.dialect.name
     schema, name = table.table.schema, table.table.name
     if dialect == "postgresql":
-        # As the planner does: the density ANALYZE/VACUUM measured, over the pages there are now.
+        # As the planner does: the density ANALYZE/VACUUM measured, over the pages there are now;
+        # a partitioned table (no storage of its own) by its leaf partitions', one row each.
         query = text(
-            "SELECT c.reltuples, c.relpages, pg_relation_size(c.oid) / current_setting('block_size')::int "
-            "FROM pg_class c WHERE c.oid = to_regclass(format('%I.%I', coalesce(:schema, current_schema()), "
-            ":name)) AND c.relkind = 'r'")
+            "WITH t AS (SELECT to_regclass(format('%I.%I', coalesce(:schema, current_schema()), :name)) AS oid) "
+            "SELECT c.reltuples, c.relpages, pg_relation_size(c.oid) / current_setting('block_size')::int, "
+            "c.oid <> (SELECT oid FROM t) FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = (SELECT oid FROM t) OR c.oid IN ("
+            "SELECT p.relid FROM pg_partition_tree((SELECT oid FROM t)) p WHERE p.isleaf "
+            "AND EXISTS (SELECT 1 FROM pg_class r WHERE r.oid = (SELECT oid FROM t) AND r.relkind = 'p')))")
     elif dialect == "mysql":
-        query = text("SELECT TABLE_ROWS, NULL, NULL FROM information_schema.TABLES "
+        query = text("SELECT TABLE_ROWS, NULL, NULL, FALSE FROM information_schema.TABLES "
                      "WHERE TABLE_SCHEMA = coalesce(:schema, DATABASE()) AND TABLE_NAME = :name")
     else:
         return None
     with table.engine.connect() as conn:
-        row = conn.execute(query, {"schema": schema, "name": name}).first()
-    if row is None or row[0] is None or row[0] < 0:
+        rows = conn.execute(query, {"schema": schema, "name": name}).all()
+    if not rows:
         return None
-    tuples, pages, now = float(row[0]), row[1], row[2]
-    if pages is not None and now is not None:
-        if pages <= 0:
+    total = 0.0
+    for row in rows:  # every leaf must have statistics, or there is no estimate
+        if row[0] is None or row[0] < 0:
             return None
-        tuples = tuples / pages * now
-    return int(tuples)
+        tuples, pages, now, leaf = float(row[0]), row[1], row[2], bool(row[3])
+        if pages is not None and now is not None:
+            if pages <= 0:
+                if not leaf or now > 0 or tuples > 0:
+                    return None  # never measured, or written since ANALYZE saw it empty: no density
+                continue  # a leaf partition ANALYZE saw empty, and empty still
+            tuples = tuples / pages * now
+        total += tuples
+    return int(total)
 
 
 def estimated_matches(table: SqlTable, selection: ColumnElement[bool]) -> int | None:

@@ -304,24 +304,21 @@ def test_a_partition_drop_is_journaled_by_name_and_read_back_byte_for_byte():
     assert dropped_partitions([text, rows, '{"scrubbed": true}']) == {"public.events_2024_01": 9}
 
 
-def test_a_row_written_into_a_partition_between_its_count_and_its_drop_is_counted(pg_db, monkeypatch, audit_db,
-                                                                                  keys, tmp_path):
+def test_a_row_written_into_a_partition_between_its_count_and_its_drop_is_counted(shop, monkeypatch, tmp_path):
     # A late writer (an old event replayed) adds a row to January after the partition was
-    # counted and journaled, before it is detached: the drop takes it, and the certificate
-    # and the journal say so; nothing goes uncounted.
+    # counted and journaled, before it is detached (PostgreSQL) or dropped (MariaDB): the
+    # drop takes it, and the certificate and the journal say so; nothing goes uncounted.
     from retention import failpoints
 
-    db = pg_db
-    connect(monkeypatch, "shop_db", db)
-    _create_pg(db)
-    rows = _fill(db)
+    db, rows = shop
     hit = failpoints.hit
     late = datetime(2024, 1, 25, tzinfo=UTC)
     written = []
 
     def writer(name: str) -> None:
         if name == "sql.partition_pending" and not written:
-            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')", {"at": late})
+            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')",
+                       {"at": late if db.backend == "postgresql" else late.replace(tzinfo=None)})
             written.append(10_000)
         hit(name)
 
@@ -331,7 +328,7 @@ def test_a_row_written_into_a_partition_between_its_count_and_its_drop_is_counte
     assert ids(db, "events") == set(rows) - _expired(rows)
     (target,) = certificate.data["targets"]
     per_partition = len(DAYS) * len(CUSTOMERS)
-    assert target["partitions"][_name("postgresql", 1)] == per_partition + 1
+    assert target["partitions"][_name(db.backend, 1)] == per_partition + 1
     assert target["deleted"] == len(_expired(rows)) + 1
     assert sum(_batches("r1")) == len(_expired(rows)) + 1
 
@@ -394,3 +391,35 @@ def test_rows_written_before_the_detach_beyond_the_limit_leave_the_partition_det
         table.purge(run.cutoff, r.journal.ledger(run, "events"), limit=RecordLimit(9, "max_records 9"))
     assert db.scalar("SELECT count(*) FROM events_2024_01") == len(DAYS) * len(CUSTOMERS) + 1
     assert _batches("r1") == []
+
+
+def test_mariadb_rows_written_before_the_drop_beyond_the_limit_leave_the_partition_to_the_walk(
+        mysql_db, monkeypatch, audit_db, keys, tmp_path):
+    # On MariaDB nothing is detached first: a partition given rows beyond the limit between its
+    # count and its drop (counted again under LOCK TABLES) is left in place, and the walk, batch
+    # by batch, stops at the limit.
+    from retention import failpoints
+
+    db = mysql_db
+    connect(monkeypatch, "shop_db", db)
+    _create_mariadb(db)
+    _fill(db)
+    hit = failpoints.hit
+    written = []
+
+    def writer(name: str) -> None:
+        if name == "sql.partition_pending" and not written:
+            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')", {"at": datetime(2024, 1, 25)})
+            written.append(10_000)
+        hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", writer)
+    rule_file = _rule(tmp_path)
+    r = runner()
+    run, _ = r.start(rule_file, run_id="r1", as_of=AS_OF)
+    table = r.targets.open(rule_file.rule.target("events"))
+    outcome = table.purge(run.cutoff, r.journal.ledger(run, "events"), limit=RecordLimit(9, "max_records 9"))
+    assert outcome.deleted == 9 and outcome.stopped is not None
+    assert "p2024_01" in {p.split(".")[-1] for p in _partitions(db, tmp_path)}  # not dropped whole
+    assert db.scalar("SELECT count(*) FROM events WHERE created_at < '2024-02-01'") == 10  # all still there
+    assert sum(_batches("r1")) == 9  # what the limit allowed went instead (a later month, whole)

@@ -9,8 +9,10 @@ hold protects any of them (counted), and the blast-radius budget grants all of i
 Anything else falls back to batches.
 
 PostgreSQL detaches the partition (``CONCURRENTLY`` where it can: outside a transaction,
-so on an autocommit connection) and drops it; MariaDB and MySQL drop the partition in one
-statement. A drop is journaled as a batch: *pending* with the partition's name and its
+so on an autocommit connection) and drops it; MariaDB and MySQL count the partition again
+under ``LOCK TABLES … WRITE`` and drop it in one statement under that lock (a writer that
+added rows since the first count is counted; a held row, or rows past the limit, leave the
+partition to the walk). A drop is journaled as a batch: *pending* with the partition's name and its
 rows counted before, *done* after. On PostgreSQL the detached partition is counted again
 in the transaction that drops it, under its ACCESS EXCLUSIVE lock, so a row written into
 it after the first count (a late writer) is counted too (the pending batch corrected
@@ -416,10 +418,11 @@ def _on(parent: Table, partition: Table, condition: ColumnElement[bool]) -> Colu
 
 
 def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger, holds: tuple[int, ...],
-          unheld: ColumnElement[bool], budget: RecordBudget, concurrently: bool, exact: bool = True) -> int:
-    """Journal the drop pending, drop the partition, journal it done; return the rows dropped.
-    ``rows``: counted (``exact``), or (PostgreSQL) the most the partition can hold, corrected
-    by the exact count taken under its lock before the drop commits."""
+          unheld: ColumnElement[bool], budget: RecordBudget, concurrently: bool, exact: bool = True) -> int | None:
+    """Journal the drop pending, drop the partition, journal it done; return the rows dropped
+    (None: on MariaDB/MySQL, the partition changed before its lock; nothing dropped, the walk
+    takes it). ``rows``: counted (``exact``), or (PostgreSQL) the most the partition can hold,
+    corrected by the exact count taken under its lock before the drop commits."""
     batch_no = ledger.next_batch_no()
     descriptor = BatchDescriptor(BatchRange(None, None), tables={table.family.name: rows}, holds=holds,
                                  partition=partition.qualified)
@@ -437,11 +440,56 @@ def _drop(table: SqlTable, partition: Partition, rows: int, ledger: BatchLedger,
                                   budget, exact)
     else:
         with _autocommit(table) as conn:
-            conn.execute(text(f"ALTER TABLE {parent} DROP PARTITION {preparer.quote(partition.name)}"))
+            locked = _drop_locked(table, conn, partition, rows, ledger, batch_no, descriptor, unheld, budget)
+        if locked is None:
+            ledger.resolve(batch_no, 0)  # nothing was dropped: the walk takes the partition
+            return None
+        rows = locked
     failpoints.hit("sql.partition_dropped")
     ledger.done(batch_no, rows=rows, tables={table.family.name: rows})
     log.info("%s: dropped partition %s (%d rows)", table.target.name, partition.qualified, rows)
     return rows
+
+
+def _drop_locked(table: SqlTable, conn: Connection, partition: Partition, rows: int, ledger: BatchLedger,
+                 batch_no: int, descriptor: BatchDescriptor, unheld: ColumnElement[bool],
+                 budget: RecordBudget) -> int | None:
+    """MariaDB/MySQL: drop the partition under ``LOCK TABLES … WRITE``, counted again under that
+    lock (no writer can add to it any more), so the rows dropped are exactly the rows counted.
+
+    Rows a writer added since the first count are counted (the pending batch corrected) when the
+    limit grants them; a row that may not go (held) or rows more than the limit grants leave the
+    partition in place (None: the walk takes it in batches)."""
+    preparer = table.engine.dialect.identifier_preparer
+    parent = preparer.format_table(table.table)
+    extra = 0
+    conn.execute(text(f"LOCK TABLES {parent} WRITE"))
+    try:
+        there, matched = (int(n or 0) for n in conn.execute(count_query(table, partition, unheld)).one())
+        if there != matched:
+            log.info("%s: partition %s was given %d rows that are held since it was counted; walking it in batches",
+                     table.target.name, partition.qualified, there - matched)
+            return None
+        if there > rows:
+            extra = budget.reserve(there - rows, wait=False)  # this drop holds a reservation
+            if there > rows + extra:
+                log.info("%s: partition %s was given %d rows since it was counted, more than is left of the "
+                         "limit; walking it in batches", table.target.name, partition.qualified, there - rows)
+                budget.settle(extra, 0)
+                return None
+            log.warning("%s: partition %s holds %d rows, not the %d counted before (a writer in between); "
+                        "dropping and counting %d", table.target.name, partition.qualified, there, rows, there)
+        if there != rows:
+            ledger.update_pending(batch_no, there, dataclasses.replace(
+                descriptor, tables={table.family.name: there}).encode())
+        conn.execute(text(f"ALTER TABLE {parent} DROP PARTITION {preparer.quote(partition.name)}"))
+    except BaseException:
+        budget.settle(extra, 0)
+        raise
+    finally:
+        conn.execute(text("UNLOCK TABLES"))
+    budget.settle(extra, extra)
+    return there
 
 
 class PartitionLeftDetached(TargetError):

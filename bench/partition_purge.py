@@ -425,7 +425,8 @@ def print_summary(report: dict) -> None:
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x (peer seconds / engine seconds)")
     print_missing_peers(report)
-    print(f"engine (the whole command): peak RSS {kib_as_mib(report['methods']['engine']['peak_rss_kib'])}")
+    first = next(iter(report["methods"]))  # engine, or with --archive: archive
+    print(f"{first} (the whole command): peak RSS {kib_as_mib(report['methods'][first]['peak_rss_kib'])}")
     floor = report.get("floor")
     if floor:
         (best_name, best), = ((k, v) for k, v in floor.items() if k.startswith("best_"))

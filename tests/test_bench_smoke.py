@@ -163,6 +163,8 @@ PEERLESS = {
     "no pt-archiver": ("command_purge.py", [*TINY, *PG, "--mysql", MYSQL_ADMIN, "--scenario", "mariadb", "--json"],
                        {"PATH": str(Path(sys.executable).parent)}),
     "no pg_partman": ("partition_purge.py", ["--rows", "2400", *PG], {"RETENTION_BENCH_WITHOUT_PEERS": "pg_partman"}),
+    # The archive-by-partition mode of the same script (its own methods and ratios).
+    "partition archive": ("partition_purge.py", ["--rows", "2400", "--repeat", "1", "--archive", *PG], None),
 }
 # Started in this order, so that the longest runs do not start last.
 SLOWEST_FIRST = ["replica_lag.py", "archive_purge.py", "command_purge.py", "shard_purge.py", "s3_purge.py", "partition_purge.py",
@@ -311,3 +313,10 @@ def test_the_command_bench_monitor_sees_a_long_statement(backend, new_database):
     finally:
         monitor_engine.dispose()
         other.dispose()
+
+
+@pytest.mark.parametrize("run", ["partition archive"])
+def test_the_partition_bench_in_archive_mode_prints_its_figures(run, bench_runs):
+    out = _succeeded(bench_runs[run][0].result())
+    assert re.search(r"archive_vs_raw_copy: \d", out) and re.search(r"archive_vs_batches: \d", out), out
+    assert re.search(r"archive \(the whole command\): peak RSS \d", out), out

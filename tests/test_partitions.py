@@ -18,7 +18,7 @@ from retention.evidence.chain import read_certificates
 from retention.holds import HoldRegistry
 from retention.rules.loader import load_rule_file
 from retention.targets.base import RecordLimit
-from retention.targets.sql.partitions import list_partitions
+from retention.targets.sql.partition_catalog import list_partitions
 
 from conftest import connect, write_rule
 from sqlpurge import ids, runner

@@ -42,15 +42,15 @@ from retention.archive.store import ArchivedObject, ArchiveExists, ArchiveFailed
 from retention.errors import TargetError
 from retention.targets.sql.archive import ArchiveRows, _dbapi_cursor, copy_as_json
 from retention.targets.sql.descriptors import BatchDescriptor, BatchRange
-from retention.targets.sql.partitions import (
+from retention.targets.sql.partition_catalog import (
     Partition,
     _autocommit,
     _count,
-    _finish_drop,
     _partition_state,
     _partition_table,
     count_query,
 )
+from retention.targets.sql.partitions import _finish_drop
 
 if TYPE_CHECKING:
     from sqlalchemy import Table

@@ -63,7 +63,7 @@ def _run(table: SqlTable, statement: str, target: Table) -> None:
             conn.exec_driver_sql(f"{statement} {name}")
             conn.commit()
         return
-    from retention.targets.sql.partitions import _autocommit  # the one autocommit connection, with timeouts
+    from retention.targets.sql.partition_catalog import _autocommit  # the one autocommit connection, with timeouts
 
     # VACUUM cannot run inside a transaction block; OPTIMIZE needs none either.
     with _autocommit(table) as conn:

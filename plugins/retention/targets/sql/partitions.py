@@ -321,32 +321,49 @@ def _drop_locked(table: SqlTable, conn: Connection, partition: Partition, rows: 
     partition in place (None: the walk takes it in batches)."""
     preparer = table.engine.dialect.identifier_preparer
     parent = preparer.format_table(table.table)
-    extra = 0
     conn.execute(text(f"LOCK TABLES {parent} WRITE"))
     try:
-        there, matched = (int(n or 0) for n in conn.execute(count_query(table, partition, unheld)).one())
-        if there != matched:
-            log.info("%s: partition %s was given %d rows that are held since it was counted; walking it in batches",
-                     table.target.name, partition.qualified, there - matched)
+        dropped = _count_and_drop_locked(table, conn, partition, rows, ledger, batch_no, descriptor, unheld, budget)
+    except BaseException:
+        try:
+            conn.execute(text("UNLOCK TABLES"))
+        except DBAPIError:  # a broken connection: closing it releases its locks; the first error matters
+            log.warning("%s: could not unlock %s after an error; its connection is closed", table.target.name,
+                        table.target.location)
+        raise
+    conn.execute(text("UNLOCK TABLES"))
+    return dropped
+
+
+def _count_and_drop_locked(table: SqlTable, conn: Connection, partition: Partition, rows: int,
+                           ledger: BatchLedger, batch_no: int, descriptor: BatchDescriptor,
+                           unheld: ColumnElement[bool], budget: RecordBudget) -> int | None:
+    """:func:`_drop_locked`'s work, under the table's write lock: count, correct, drop."""
+    preparer = table.engine.dialect.identifier_preparer
+    there, matched = (int(n or 0) for n in conn.execute(count_query(table, partition, unheld)).one())
+    if there != matched:
+        log.info("%s: partition %s was given %d rows that are held since it was counted; walking it in batches",
+                 table.target.name, partition.qualified, there - matched)
+        return None
+    extra = 0
+    if there > rows:
+        extra = budget.reserve(there - rows, wait=False)  # this drop holds a reservation
+        if there > rows + extra:
+            log.info("%s: partition %s was given %d rows since it was counted, more than is left of the "
+                     "limit; walking it in batches", table.target.name, partition.qualified, there - rows)
+            budget.settle(extra, 0)
             return None
-        if there > rows:
-            extra = budget.reserve(there - rows, wait=False)  # this drop holds a reservation
-            if there > rows + extra:
-                log.info("%s: partition %s was given %d rows since it was counted, more than is left of the "
-                         "limit; walking it in batches", table.target.name, partition.qualified, there - rows)
-                budget.settle(extra, 0)
-                return None
-            log.warning("%s: partition %s holds %d rows, not the %d counted before (a writer in between); "
-                        "dropping and counting %d", table.target.name, partition.qualified, there, rows, there)
+        log.warning("%s: partition %s holds %d rows, not the %d counted before (a writer in between); "
+                    "dropping and counting %d", table.target.name, partition.qualified, there, rows, there)
+    try:
         if there != rows:
             ledger.update_pending(batch_no, there, dataclasses.replace(
                 descriptor, tables={table.family.name: there}).encode())
-        conn.execute(text(f"ALTER TABLE {parent} DROP PARTITION {preparer.quote(partition.name)}"))
+        conn.execute(text(f"ALTER TABLE {preparer.format_table(table.table)} "
+                          f"DROP PARTITION {preparer.quote(partition.name)}"))
     except BaseException:
         budget.settle(extra, 0)
         raise
-    finally:
-        conn.execute(text("UNLOCK TABLES"))
     budget.settle(extra, extra)
     return there
 

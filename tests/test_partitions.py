@@ -106,6 +106,21 @@ def _partitions(db, tmp_path, **target) -> set[str]:
         return {p.qualified for p in list_partitions(targets.open(rule.target("events")))}
 
 
+def _write_once_at(monkeypatch, point: str, db, statement: str, params: dict) -> None:
+    """Another writer runs ``statement`` on ``db`` once, when the purge reaches failpoint ``point``."""
+    from retention import failpoints
+
+    hit, written = failpoints.hit, []
+
+    def writer(name: str) -> None:
+        if name == point and not written:
+            db.execute(statement, params)
+            written.append(name)
+        hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", writer)
+
+
 def _batches(run_id: str) -> list[int]:
     """Rows of each done batch of ``run_id`` (a partition drop is one)."""
     with open_audit(from_environment).connect() as conn:
@@ -308,21 +323,11 @@ def test_a_row_written_into_a_partition_between_its_count_and_its_drop_is_counte
     # A late writer (an old event replayed) adds a row to January after the partition was
     # counted and journaled, before it is detached (PostgreSQL) or dropped (MariaDB): the
     # drop takes it, and the certificate and the journal say so; nothing goes uncounted.
-    from retention import failpoints
 
     db, rows = shop
-    hit = failpoints.hit
     late = datetime(2024, 1, 25, tzinfo=UTC)
-    written = []
-
-    def writer(name: str) -> None:
-        if name == "sql.partition_pending" and not written:
-            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')",
-                       {"at": late if db.backend == "postgresql" else late.replace(tzinfo=None)})
-            written.append(10_000)
-        hit(name)
-
-    monkeypatch.setattr(failpoints, "hit", writer)
+    _write_once_at(monkeypatch, "sql.partition_pending", db, "INSERT INTO events VALUES (10000, 1, :at, 'late')",
+                   {"at": late if db.backend == "postgresql" else late.replace(tzinfo=None)})
     certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
 
     assert ids(db, "events") == set(rows) - _expired(rows)
@@ -338,22 +343,12 @@ def test_a_detached_partition_given_a_young_row_before_its_drop_is_left_in_place
     # Detached without CONCURRENTLY (beside a default partition), a partition keeps no
     # range: a row written into it by name could be anything. One that is not expired stops
     # the drop; the table is left for a person. (CONCURRENTLY leaves its range as a CHECK.)
-    from retention import failpoints
-
     db = pg_db
     connect(monkeypatch, "shop_db", db)
     _create_pg(db, default=True)
     _fill(db)
-    hit = failpoints.hit
-    written = []
-
-    def writer(name: str) -> None:
-        if name == "sql.partition_detached" and not written:
-            db.execute("INSERT INTO events_2024_01 VALUES (10000, 1, :at, 'young')", {"at": AS_OF})
-            written.append(10_000)
-        hit(name)
-
-    monkeypatch.setattr(failpoints, "hit", writer)
+    _write_once_at(monkeypatch, "sql.partition_detached", db,
+                   "INSERT INTO events_2024_01 VALUES (10000, 1, :at, 'young')", {"at": AS_OF})
     certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
     (target,) = certificate.data["targets"]
     assert target["status"] == "failed"
@@ -366,23 +361,14 @@ def test_rows_written_before_the_detach_beyond_the_limit_leave_the_partition_det
                                                                                       keys, tmp_path):
     # January's 9 rows fit a limit of 9; a late row makes 10: the limit is not passed, the
     # partition is left detached (the pending batch says so), nothing is dropped.
-    from retention import failpoints
     from retention.targets.sql.partitions import PartitionLeftDetached
 
     db = pg_db
     connect(monkeypatch, "shop_db", db)
     _create_pg(db)
     _fill(db)
-    hit = failpoints.hit
-    written = []
-
-    def writer(name: str) -> None:
-        if name == "sql.partition_pending" and not written:
-            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')", {"at": datetime(2024, 1, 25, tzinfo=UTC)})
-            written.append(10_000)
-        hit(name)
-
-    monkeypatch.setattr(failpoints, "hit", writer)
+    _write_once_at(monkeypatch, "sql.partition_pending", db, "INSERT INTO events VALUES (10000, 1, :at, 'late')",
+                   {"at": datetime(2024, 1, 25, tzinfo=UTC)})
     rule_file = _rule(tmp_path)
     r = runner()
     run, _ = r.start(rule_file, run_id="r1", as_of=AS_OF)
@@ -398,22 +384,12 @@ def test_mariadb_rows_written_before_the_drop_beyond_the_limit_leave_the_partiti
     # On MariaDB nothing is detached first: a partition given rows beyond the limit between its
     # count and its drop (counted again under LOCK TABLES) is left in place, and the walk, batch
     # by batch, stops at the limit.
-    from retention import failpoints
-
     db = mysql_db
     connect(monkeypatch, "shop_db", db)
     _create_mariadb(db)
     _fill(db)
-    hit = failpoints.hit
-    written = []
-
-    def writer(name: str) -> None:
-        if name == "sql.partition_pending" and not written:
-            db.execute("INSERT INTO events VALUES (10000, 1, :at, 'late')", {"at": datetime(2024, 1, 25)})
-            written.append(10_000)
-        hit(name)
-
-    monkeypatch.setattr(failpoints, "hit", writer)
+    _write_once_at(monkeypatch, "sql.partition_pending", db, "INSERT INTO events VALUES (10000, 1, :at, 'late')",
+                   {"at": datetime(2024, 1, 25)})
     rule_file = _rule(tmp_path)
     r = runner()
     run, _ = r.start(rule_file, run_id="r1", as_of=AS_OF)

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -228,17 +229,24 @@ def test_pg_a_user_that_cannot_see_the_replicas_lag_stops_with_advice(
         pg_replicas, pg_primary_db, monkeypatch, audit_db, keys, tmp_path):
     db = pg_primary_db
     _customers(db)
-    role = f"lag_{uuid.uuid4().hex[:8]}"
-    db.execute(f"CREATE ROLE {role} LOGIN")
-    db.execute(f"GRANT ALL ON customers TO {role}")
-    try:
-        url = db.url.set(username=role)
-        monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"postgres://{role}@{url.host}:{url.port}/{url.database}")
+    with _crm_as_a_role_without_pg_monitor(db, monkeypatch):
         certificate = runner().run(_rule(tmp_path), run_id="r1", as_of=AS_OF)
         assert certificate.status == "failed"
         assert "cannot read the replicas' lag in pg_stat_replication: GRANT pg_monitor TO it" in (
             certificate.data["targets"][0]["error"])
         assert len(ids(db)) == ROWS + 1  # nothing was purged blind
+
+
+@contextmanager
+def _crm_as_a_role_without_pg_monitor(db: Database, monkeypatch) -> Iterator[None]:
+    """crm_db as a login role that may purge customers but not read pg_stat_replication's lag."""
+    role = f"lag_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role} LOGIN")
+    db.execute(f"GRANT ALL ON customers TO {role}")
+    try:
+        url = db.url
+        monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"postgres://{role}@{url.host}:{url.port}/{url.database}")
+        yield
     finally:
         db.engine.dispose()
         db.execute(f"DROP OWNED BY {role}")
@@ -541,19 +549,10 @@ def test_pg_the_plan_shows_the_replicas_lag_now_and_the_limit(pg_replicas, pg_pr
 def test_pg_the_plan_says_when_the_lag_cannot_be_read(pg_replicas, pg_primary_db, monkeypatch, tmp_path):
     db = pg_primary_db
     _customers(db)
-    role = f"lag_{uuid.uuid4().hex[:8]}"
-    db.execute(f"CREATE ROLE {role} LOGIN")
-    db.execute(f"GRANT ALL ON customers TO {role}")
-    try:
-        url = db.url
-        monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"postgres://{role}@{url.host}:{url.port}/{url.database}")
+    with _crm_as_a_role_without_pg_monitor(db, monkeypatch):
         (note,) = _lag_notes(_rule(tmp_path))
         assert "replica lag cannot be read" in note and "GRANT pg_monitor TO it" in note
         assert "the run would stop before its first batch" in note
-    finally:
-        db.engine.dispose()
-        db.execute(f"DROP OWNED BY {role}")
-        db.execute(f"DROP ROLE {role}")
 
 
 def test_mariadb_the_plan_shows_a_stopped_replica_as_unknown_lag(maria_replicas, maria_primary_db, monkeypatch,

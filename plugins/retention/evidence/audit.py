@@ -380,26 +380,6 @@ class NoAuditTables(ConfigError):
     """The audit connection's database has none of the audit tables (see :func:`open_audit`)."""
 
 
-def _write_ahead_log(engine: Engine) -> None:
-    """A SQLite audit database commits through a write-ahead log, each commit synced.
-
-    The journal commits twice per batch (pending, done). SQLite's default rollback journal
-    syncs three times per commit and creates and deletes a file (3–6 ms here, tens of ms on
-    a busy disk); in WAL mode with ``synchronous = FULL`` a commit is one sync of the log,
-    and durable as before. The mode is kept in the file (readers need write access to its
-    directory for the ``-wal`` and ``-shm`` files beside it, and the file must be on a
-    local disk, as for any SQLite database written by more than one process).
-    """
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _wal(dbapi_connection: Any, _record: Any) -> None:
-        if engine.url.database in (None, "", ":memory:"):
-            return
-        dbapi_connection.execute("PRAGMA journal_mode = WAL")
-        dbapi_connection.execute("PRAGMA synchronous = FULL")
-
-
 def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CONNECTION, *,
                create: bool = True) -> Engine:
     """An engine on the audit database, with the schema in place.
@@ -410,8 +390,6 @@ def open_audit(connections: ConnectionResolver, conn_id: str = DEFAULT_AUDIT_CON
     run, hold or erasure request, create the tables.)
     """
     engine = create_sql_engine(connections(conn_id))
-    if create and engine.dialect.name == "sqlite":
-        _write_ahead_log(engine)
     if not create and not inspect(engine).has_table("purge_certificates"):
         engine.dispose()
         raise NoAuditTables(f"connection {conn_id} holds no audit tables: nothing was ever certified there. "

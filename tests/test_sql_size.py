@@ -90,7 +90,6 @@ def test_statistics_that_overstate_the_table_fall_back_to_an_exact_count(pg_db, 
 def test_a_plan_the_planner_expects_near_the_limit_counts_both_in_one_scan(pg_db, monkeypatch, audit_db, keys, tmp_path):
     # Near the limit the table is counted exactly anyway: with the planner's estimate saying
     # so beforehand, the plan's rows and the table's come from one scan, not two.
-    import sqlalchemy as sa
 
     server = pg_db
     connect(monkeypatch, "crm_db", server)
@@ -104,10 +103,7 @@ def test_a_plan_the_planner_expects_near_the_limit_counts_both_in_one_scan(pg_db
     rule_file = load_rule_file(write_rule(tmp_path / "rules", targets=[
         {"max_fraction": 0.5, "where": "{status: closed}"}]))
     handle = SqlTable(rule_file.rule.target("customers"), create_sql_engine(from_environment("crm_db")))
-    counts: list[str] = []
-    sa.event.listen(handle.engine, "before_cursor_execute",
-                    lambda conn, cursor, statement, *a: counts.append(statement)
-                    if "count(" in statement.lower() else None)
+    counts = _count_statements(handle.engine)
     survey = handle.survey(AS_OF - timedelta(days=365))
     assert (survey.matched, survey.total) == (300, 1001)
     assert len(counts) == 1, counts
@@ -123,13 +119,11 @@ def test_a_wrong_estimate_only_changes_the_order_of_the_counts(server, monkeypat
         assert (survey.matched, survey.total) == (300, 1000)
 
 
-
 def test_a_partitioned_table_is_estimated_by_its_partitions_and_counted_in_one_scan(pg_db, monkeypatch, audit_db,
                                                                                      keys, tmp_path):
     # A partitioned table has no statistics of its own (no pages): its leaf partitions' are
     # summed (an empty one adds nothing), so a plan near the limit counts its rows and the
     # table's in one scan, not two.
-    import sqlalchemy as sa
 
     server = pg_db
     connect(monkeypatch, "crm_db", server)
@@ -148,10 +142,18 @@ def test_a_partitioned_table_is_estimated_by_its_partitions_and_counted_in_one_s
     assert size.estimated_rows(handle) is None  # never analysed: no estimate
     analyze(server)
     assert size.estimated_rows(handle) == 1000
-    counts: list[str] = []
-    sa.event.listen(handle.engine, "before_cursor_execute",
-                    lambda conn, cursor, statement, *a: counts.append(statement)
-                    if "count(" in statement.lower() else None)
+    counts = _count_statements(handle.engine)
     survey = handle.survey(AS_OF - timedelta(days=365))
     assert (survey.matched, survey.total) == (300, 1000)
     assert len(counts) == 1, counts
+
+
+def _count_statements(engine) -> list[str]:
+    """The count statements ``engine`` sends from now on, as they are sent."""
+    import sqlalchemy as sa
+
+    counts: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, *a: counts.append(statement)
+                    if "count(" in statement.lower() else None)
+    return counts
